@@ -1,0 +1,290 @@
+"""The engine: one pass over the blocks, a tree merge of sparse partials, and finalization.
+
+::
+
+    blocks of (labels, image) ──map──► per-block partials ──tree-merge──► partials ──finalize──► stats
+
+Every statistic asked for, and the set of labels itself, comes out of one read of each block.
+The kernel for a block is chosen by the block's type when the task runs, so one graph serves
+NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, which is all a
+``dask.distributed`` cluster needs.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from itertools import product
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.delayed import Delayed, delayed
+from numpy.typing import ArrayLike, NDArray
+
+from .kernels import array_backend, kernel_for
+from .partials import Needs, Partials, concat_channels, merge
+from .stats import finalize, needs_of, validate_stats
+
+__all__ = ["Aggregation", "aggregate", "locate", "prepare_index"]
+
+#: How many partials one merge task combines.
+SPLIT_EVERY = 8
+#: Upper bound on the image bytes one task reads: channel chunks of a spatial block are grouped
+#: up to this size, so that the labels are encoded once per group rather than once per chunk.
+GROUP_BYTES = 256 * 2**20
+#: Rows of the result per task when results are lazy.
+ROWS_PER_CHUNK = 2**20
+#: Pixels per block when NumPy or CuPy inputs are split for the threads.
+BLOCK_PIXELS = 2**22
+
+
+@dataclass
+class Aggregation:
+    """Per-label statistics.
+
+    Attributes
+    ----------
+    labels
+        The label ids, one per row of every result.
+    values
+        One array per statistic, with one row per label: NumPy arrays, or dask arrays when the
+        call was lazy.
+    """
+
+    labels: NDArray[np.integer]
+    values: dict[str, Any]
+
+
+def aggregate(
+    labels: Any,
+    image: Any | None,
+    stats: str | Iterable[str],
+    *,
+    index: ArrayLike | None = None,
+    background: int | None = None,
+    skipna: bool = False,
+    split_every: int = SPLIT_EVERY,
+) -> Aggregation:
+    """Compute per-label statistics of ``image`` over ``labels`` in one pass.
+
+    Parameters
+    ----------
+    labels
+        Label mask ``(z, y, x)`` of any integer dtype: a NumPy, CuPy or dask array.
+    image
+        Image ``(c, z, y, x)`` over the same pixels, of the same array type, or None when only
+        ``count`` and ``center_of_mass`` are asked for.
+    stats
+        Names of the statistics, see :data:`~xr_rasteragg.stats.StatName`.
+    index
+        Label ids to report, in this order (absent ids get count 0, sum 0 and NaN otherwise).
+        None reports every label present, sorted.
+    background
+        A label to leave out when ``index`` is None (its pixels are skipped). It is kept when
+        ``index`` names it.
+    skipna
+        Ignore NaN pixels; by default they make their label's statistics NaN, as in NumPy.
+    split_every
+        How many partials one merge task combines.
+
+    Returns
+    -------
+    Aggregation
+        The labels and one array per statistic. With dask inputs and an ``index`` the arrays are
+        dask arrays and nothing has been computed; otherwise the pass has run.
+    """
+    stats = validate_stats(stats)
+    lazy = isinstance(labels, da.Array) and index is not None
+    labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
+    labels, image = _check_inputs(labels, image, stats)
+    wanted = None if index is None else prepare_index(index)
+    skip = background
+    if wanted is not None and background is not None and np.any(wanted == background):
+        skip = None
+    merged = _merged_partials(labels, image, needs_of(stats, skipna), skip, split_every)
+
+    if wanted is None:
+        (parts,) = dask.compute(merged)
+        every = np.arange(parts.size)
+        return Aggregation(parts.labels, finalize(parts, stats, every, np.ones(parts.size, bool)))
+    if not lazy:
+        (parts,) = dask.compute(merged)
+        rows, found = locate(parts.labels, wanted)
+        return Aggregation(wanted, finalize(parts, stats, rows, found))
+    return Aggregation(wanted, _lazy_values(merged, wanted, stats, image))
+
+
+def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
+    """Check a list of label ids and return it as a 1-D integer array.
+
+    Raises
+    ------
+    TypeError
+        If the ids are not integers.
+    ValueError
+        If ``index`` is not one-dimensional.
+    """
+    values = np.atleast_1d(np.asarray(index))
+    if values.ndim != 1:
+        raise ValueError(f"'index' must be a 1-D sequence of label ids; got an array of shape {values.shape}")
+    if values.size == 0:
+        return values.astype(np.int64)
+    if values.dtype.kind not in "iu":
+        raise TypeError(f"'index' must hold integer label ids; got dtype {values.dtype}")
+    return values
+
+
+def locate(ids: NDArray[np.integer], index: NDArray[np.integer]) -> tuple[NDArray[np.intp], NDArray[np.bool_]]:
+    """Rows of ``index``'s ids in the sorted ``ids``, and whether each one is there.
+
+    Comparisons are exact across signed and unsigned dtypes: an id that the dtype of ``ids``
+    cannot hold is simply not found.
+    """
+    info = np.iinfo(ids.dtype)
+    fits = (index >= info.min) & (index <= info.max)
+    wanted = np.where(fits, index, 0).astype(ids.dtype)
+    rows = np.minimum(np.searchsorted(ids, wanted), max(ids.shape[0] - 1, 0))
+    found = fits & (ids[rows] == wanted) if ids.shape[0] else np.zeros(index.shape, bool)
+    return rows, found
+
+
+def _as_dask(array: Any, name: str) -> da.Array:
+    """A dask array over ``array``; NumPy and CuPy arrays are split into blocks for the threads."""
+    if isinstance(array, da.Array):
+        return array
+    if not hasattr(array, "shape") or not hasattr(array, "dtype"):
+        array = np.asarray(array)
+    spatial = _spatial_chunks(array.shape[-3:])
+    chunks = (array.shape[0], *spatial) if array.ndim == 4 else spatial
+    if array.ndim not in (3, 4):
+        chunks = "auto"
+    return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{dask.base.tokenize(array)}")
+
+
+def _spatial_chunks(shape: Sequence[int]) -> tuple[int, ...]:
+    """Blocks of about :data:`BLOCK_PIXELS` pixels, whole rows first."""
+    if len(shape) != 3:
+        return tuple(shape)
+    nz, ny, nx = shape
+    side = max(1, int(BLOCK_PIXELS**0.5))
+    cy, cx = min(ny, side), min(nx, side)
+    cz = max(1, min(nz, BLOCK_PIXELS // max(1, cy * cx)))
+    return cz, cy, cx
+
+
+def _check_inputs(
+    labels: da.Array, image: da.Array | None, stats: Sequence[str]
+) -> tuple[da.Array, da.Array | None]:
+    """Validate the engine's inputs and put the labels on the image's spatial chunks."""
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+    if labels.ndim != 3:
+        raise ValueError(f"'labels' must be 3-D (z, y, x); got {labels.ndim} dimensions, shape {labels.shape}")
+    if image is None:
+        per_channel = [name for name in stats if name not in ("count", "center_of_mass")]
+        if per_channel:
+            raise ValueError(f"statistics {per_channel} need an image; 'image' is None")
+        return labels, None
+    if image.ndim != 4:
+        raise ValueError(f"'image' must be 4-D (c, z, y, x); got {image.ndim} dimensions, shape {image.shape}")
+    if image.shape[1:] != labels.shape:
+        raise ValueError(
+            f"'image' and 'labels' must cover the same pixels; got image (z, y, x) shape "
+            f"{image.shape[1:]} and labels shape {labels.shape}"
+        )
+    if image.dtype.kind == "b":
+        image = image.astype(np.uint8)
+    elif image.dtype == np.float16:
+        image = image.astype(np.float32)
+    elif image.dtype.kind not in "iuf":
+        raise TypeError(f"'image' must have a real numeric dtype; got {image.dtype}")
+    if array_backend(labels) != array_backend(image):
+        raise TypeError(
+            f"'labels' and 'image' must live on the same device; got {array_backend(labels)} labels "
+            f"and a {array_backend(image)} image"
+        )
+    if labels.chunks != image.chunks[1:]:
+        labels = labels.rechunk(image.chunks[1:])
+    return labels, image
+
+
+def _block_task(
+    labels: Any, image: list[Any], offset: tuple[int, int, int], needs: Needs, skip: int | None
+) -> Partials:
+    """Partials of one spatial block over a group of channel chunks (a dask task)."""
+    backends = {array_backend(labels), *(array_backend(chunk) for chunk in image)}
+    if len(backends) > 1:
+        raise TypeError(f"a block mixes arrays from {sorted(backends)}; put labels and image on one device")
+    return kernel_for(labels)(labels, image or None, offset, needs, skip)
+
+
+def _channel_groups(image: da.Array | None) -> list[list[int]]:
+    """Channel-chunk indices grouped so that one task reads at most :data:`GROUP_BYTES`."""
+    if image is None:
+        return [[]]
+    block_bytes = image.dtype.itemsize * int(np.prod([max(c) for c in image.chunks[1:]]))
+    groups: list[list[int]] = [[]]
+    size = 0
+    for i, channels in enumerate(image.chunks[0]):
+        chunk_bytes = block_bytes * channels
+        if groups[-1] and size + chunk_bytes > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += chunk_bytes
+    return groups
+
+
+def _merged_partials(
+    labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int
+) -> Delayed:
+    """The graph of the pass: block tasks, a tree merge per channel group, and the join."""
+    label_blocks = labels.to_delayed(optimize_graph=False)
+    image_blocks = None if image is None else image.to_delayed(optimize_graph=False)
+    starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
+    block_task = delayed(_block_task, pure=True)
+    merge_task = delayed(merge, pure=True)
+    merged = []
+    for group in _channel_groups(image):
+        parts = []
+        for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
+            chunks = [] if image_blocks is None else [image_blocks[c, iz, iy, ix] for c in group]
+            offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
+            parts.append(block_task(label_blocks[iz, iy, ix], chunks, offset, needs, skip))
+        while len(parts) > 1:
+            parts = [merge_task(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+        merged.append(parts[0])
+    if len(merged) == 1:
+        return merged[0]
+    result: Delayed = delayed(concat_channels, pure=True)(merged)
+    return result
+
+
+def _finalize_rows(parts: Partials, index: NDArray[np.integer], stats: Sequence[str]) -> dict[str, Any]:
+    rows, found = locate(parts.labels, index)
+    return finalize(parts, stats, rows, found)
+
+
+def _lazy_values(
+    merged: Delayed, index: NDArray[np.integer], stats: Sequence[str], image: da.Array | None
+) -> dict[str, da.Array]:
+    """Dask arrays of the statistics for ``index``, row chunk by row chunk, all from one pass."""
+    nchan = 0 if image is None else image.shape[0]
+    pieces: dict[str, list[da.Array]] = {name: [] for name in stats}
+    finalize_task = delayed(_finalize_rows, pure=True)
+    for start in range(0, max(index.shape[0], 1), ROWS_PER_CHUNK):
+        part = index[start : start + ROWS_PER_CHUNK]
+        table = finalize_task(merged, part, stats)
+        for name in stats:
+            width: tuple[int, ...] = ()
+            if name == "center_of_mass":
+                width = (3,)
+            elif name != "count":
+                width = (nchan,)
+            dtype = np.int64 if name == "count" else np.float64
+            value = delayed(operator.getitem, pure=True)(table, name)
+            pieces[name].append(da.from_delayed(value, (part.shape[0], *width), dtype=dtype))
+    return {name: da.concatenate(arrays) for name, arrays in pieces.items()}

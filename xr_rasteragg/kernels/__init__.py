@@ -1,0 +1,72 @@
+"""Per-block kernels, dispatched on the type of the block.
+
+A kernel turns one block of labels ``(z, y, x)`` and, optionally, the image over the same pixels
+(a list of channel chunks, each ``(c_i, z, y, x)``) into the :class:`~xr_rasteragg.partials.Partials` of the labels it contains.
+Kernels are registered by the top-level module of the array type and imported lazily, so that
+CuPy is imported only when CuPy data arrive (as dask-image does).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from ..partials import Needs, Partials
+
+__all__ = ["BlockKernel", "array_backend", "kernel_for", "register_kernel"]
+
+
+class BlockKernel(Protocol):
+    """Signature every block kernel implements."""
+
+    def __call__(
+        self,
+        labels: Any,
+        image: Sequence[Any] | None,
+        offset: tuple[int, int, int],
+        needs: Needs,
+        skip: int | None = None,
+    ) -> Partials: ...
+
+
+_KERNELS: dict[str, str] = {
+    "numpy": "xr_rasteragg.kernels.numba",
+    "cupy": "xr_rasteragg.kernels.xp",
+}
+_LOADED: dict[str, BlockKernel] = {}
+
+
+def array_backend(array: Any) -> str:
+    """Name of the array library that holds ``array``'s data (``"numpy"``, ``"cupy"``, ...).
+
+    Dask arrays are looked through to the type of their blocks (``_meta``).
+    """
+    meta = getattr(array, "_meta", array)
+    return type(meta).__module__.split(".")[0]
+
+
+def register_kernel(backend: str, module: str) -> None:
+    """Use the ``block_partials`` function of ``module`` for blocks of ``backend``'s arrays."""
+    _KERNELS[backend] = module
+    _LOADED.pop(backend, None)
+
+
+def kernel_for(array: Any) -> BlockKernel:
+    """The block kernel for arrays of the type of ``array``.
+
+    Raises
+    ------
+    TypeError
+        If no kernel is registered for the array type.
+    """
+    backend = array_backend(array)
+    if backend not in _LOADED:
+        if backend not in _KERNELS:
+            raise TypeError(
+                f"no kernel for arrays of type {type(array).__name__!r} from {backend!r}; "
+                f"expected one of {sorted(_KERNELS)}"
+            )
+        function: Callable[..., Partials] = importlib.import_module(_KERNELS[backend]).block_partials
+        _LOADED[backend] = function
+    return _LOADED[backend]

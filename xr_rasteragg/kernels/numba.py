@@ -1,0 +1,320 @@
+"""Compiled CPU kernel for NumPy blocks.
+
+The kernel walks the label block once, row by row, and encodes it as runs of equal labels
+(start, length, local id). Label ids are discovered in the same walk with an open-addressing hash
+table, so nothing is ever allocated by the size of the largest id. The runs then drive one sweep
+per channel that accumulates sums and extrema in registers along each run, and, when central
+moments are needed, a second sweep over the block in memory that accumulates powers of the
+deviation from the block mean of each label (the two-pass algorithm inside the block).
+
+All loops are compiled with Numba (``nogil``, cached on disk) and specialise on the label and
+image dtypes; the statistics to compute are run-time flags.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numba as nb
+import numpy as np
+from numpy.typing import NDArray
+
+from ..partials import Needs, Partials
+
+__all__ = ["block_partials"]
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _slot(key, mask):  # type: ignore[no-untyped-def]
+    h = np.uint64(np.int64(key)) * _GOLDEN
+    h ^= h >> np.uint64(29)
+    return np.int64(h & np.uint64(mask))
+
+
+@nb.njit(nogil=True, cache=True)
+def _grow(table, keys, k):  # type: ignore[no-untyped-def]
+    """Rehash the ids ``keys[:k]`` into a table of twice the size."""
+    table = np.full(2 * table.shape[0], -1, np.int64)
+    mask = table.shape[0] - 1
+    for i in range(k):
+        s = _slot(keys[i], mask)
+        while table[s] >= 0:
+            s = (s + 1) & mask
+        table[s] = i
+    return table
+
+
+@nb.njit(nogil=True, cache=True)
+def _count_runs(labels):  # type: ignore[no-untyped-def]
+    """Number of runs of equal labels along the rows of a (z, y, x) block."""
+    nz, ny, nx = labels.shape
+    n = 0
+    for z in range(nz):
+        for y in range(ny):
+            row = labels[z, y]
+            n += 1
+            for x in range(1, nx):
+                if row[x] != row[x - 1]:
+                    n += 1
+    return n
+
+
+@nb.njit(nogil=True, cache=True)
+def _encode_runs(labels, nmax, skip, use_skip):  # type: ignore[no-untyped-def]
+    """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
+
+    Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
+    the runs as flat start positions, lengths and ids (as positions in the returned id array).
+    ``nmax`` bounds the number of runs. Runs of the label ``skip`` are dropped when ``use_skip``
+    is set.
+    """
+    nz, ny, nx = labels.shape
+    table = np.full(1024, -1, np.int64)
+    keys = np.empty(nmax, labels.dtype)
+    count = np.zeros(nmax, np.int64)
+    coords = np.zeros((nmax, 3), np.float64)
+    run_start = np.empty(nmax, np.int64)
+    run_len = np.empty(nmax, np.int32)
+    run_id = np.empty(nmax, np.int32)
+    k = 0
+    nruns = 0
+    last_key = skip
+    last_id = -1
+    for z in range(nz):
+        for y in range(ny):
+            row = labels[z, y]
+            x0 = 0
+            while x0 < nx:
+                key = row[x0]
+                x1 = x0 + 1
+                while x1 < nx and row[x1] == key:
+                    x1 += 1
+                if not (use_skip and key == skip):
+                    if key != last_key or last_id < 0:
+                        mask = table.shape[0] - 1
+                        s = _slot(key, mask)
+                        while table[s] >= 0 and keys[table[s]] != key:
+                            s = (s + 1) & mask
+                        if table[s] >= 0:
+                            last_id = table[s]
+                        else:
+                            keys[k] = key
+                            table[s] = k
+                            last_id = k
+                            k += 1
+                            if 2 * k > table.shape[0]:
+                                table = _grow(table, keys, k)
+                        last_key = key
+                    length = x1 - x0
+                    run_start[nruns] = (z * ny + y) * nx + x0
+                    run_len[nruns] = length
+                    run_id[nruns] = last_id
+                    nruns += 1
+                    count[last_id] += length
+                    coords[last_id, 0] += z * length
+                    coords[last_id, 1] += y * length
+                    coords[last_id, 2] += 0.5 * (x0 + x1 - 1) * length
+                x0 = x1
+    return keys[:k], count[:k], coords[:k], run_start[:nruns], run_len[:nruns], run_id[:nruns]
+
+
+@nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+def _sweep(img, run_start, run_len, run_id, acc0, order, extrema, skipna, done, nvalid, sums, mean, m2, m3, m4, lo, hi):  # type: ignore[no-untyped-def]
+    """Accumulate one block's image into per-label partials, run by run.
+
+    For each run and channel the pixels (then in L1 cache) are read twice: once for the sum (in
+    the type of ``acc0``: exact int64 for small integers), the extrema and the valid count; once
+    for the central moments about the run's own mean. The run's moments are then merged into the
+    label's running moments with the pairwise formulas of Pébay (2008), so accuracy never rests
+    on power sums that cancel.
+    """
+    nchan = img.shape[0]
+    for r in range(run_start.shape[0]):
+        i = run_id[r]
+        a = run_start[r]
+        b = a + run_len[r]
+        na_all = done[i]
+        nb_all = b - a
+        for c in range(nchan):
+            row = img[c]
+            acc = acc0
+            nb_ = nb_all
+            if skipna:
+                nb_ = 0
+                for p in range(a, b):
+                    x = row[p]
+                    if x == x:
+                        acc += x
+                        nb_ += 1
+                na = nvalid[i, c]
+                nvalid[i, c] = na + nb_
+            else:
+                for p in range(a, b):
+                    acc += row[p]
+                na = na_all
+            sums[i, c] += acc
+            if extrema:
+                mn = lo[i, c]
+                mx = hi[i, c]
+                for p in range(a, b):
+                    x = row[p]
+                    mn = min(mn, x)
+                    mx = max(mx, x)
+                if not skipna and acc != acc:
+                    # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+                    for p in range(a, b):
+                        if row[p] != row[p]:
+                            mn = row[p]
+                            mx = row[p]
+                            break
+                lo[i, c] = mn
+                hi[i, c] = mx
+            if order < 2 or nb_ == 0:
+                continue
+            mb = acc / nb_
+            t2 = 0.0
+            t3 = 0.0
+            t4 = 0.0
+            if order == 2:
+                for p in range(a, b):
+                    x = row[p]
+                    if not (skipna and x != x):
+                        d = x - mb
+                        t2 += d * d
+            else:
+                for p in range(a, b):
+                    x = row[p]
+                    if not (skipna and x != x):
+                        d = x - mb
+                        d2 = d * d
+                        t2 += d2
+                        t3 += d2 * d
+                        t4 += d2 * d2
+            if na == 0:
+                mean[i, c] = mb
+                m2[i, c] = t2
+                m3[i, c] = t3
+                m4[i, c] = t4
+                continue
+            n = na + nb_
+            delta = mb - mean[i, c]
+            dn = delta / n
+            ab = float(na) * nb_
+            a2 = m2[i, c]
+            mean[i, c] += dn * nb_
+            m2[i, c] = a2 + t2 + delta * dn * ab
+            if order >= 3:
+                a3 = m3[i, c]
+                m3[i, c] = a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
+                if order >= 4:
+                    m4[i, c] = (
+                        m4[i, c]
+                        + t4
+                        + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
+                        + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
+                        + 4.0 * dn * (na * t3 - nb_ * a3)
+                    )
+        done[i] = na_all + nb_all
+
+
+def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
+    """Initial (min, max) accumulators: the largest and smallest value of the dtype."""
+    if np.issubdtype(dtype, np.floating):
+        return dtype.type(np.inf), dtype.type(-np.inf)
+    info = np.iinfo(dtype)
+    return dtype.type(info.max), dtype.type(info.min)
+
+
+def _run_accumulator(dtype: np.dtype) -> np.generic:
+    """Zero in the type that sums one run exactly and fast: int64 for small integers."""
+    if np.issubdtype(dtype, np.integer) and dtype.itemsize <= 4:
+        return np.int64(0)
+    return np.float64(0.0)
+
+
+def block_partials(
+    labels: NDArray[np.integer],
+    image: Sequence[NDArray[np.number]] | None,
+    offset: tuple[int, int, int],
+    needs: Needs,
+    skip: int | None = None,
+) -> Partials:
+    """Partials of one block with the compiled CPU kernel.
+
+    Parameters
+    ----------
+    labels
+        Label block, shape ``(z, y, x)``, any integer dtype.
+    image
+        The image over the same pixels as chunks of channels, each of shape ``(c_i, z, y, x)``
+        and of one dtype; or None when only counts and coordinates are needed.
+    offset
+        Global (z, y, x) index of the block's first pixel.
+    needs
+        What the partials must carry.
+    skip
+        A label whose pixels are ignored entirely (the background), or None.
+
+    Returns
+    -------
+    Partials
+        The partials of the labels present in the block, sorted by id.
+    """
+    labels = np.ascontiguousarray(labels)
+    use_skip, skip_value = _as_label_value(skip, labels.dtype)
+    nmax = _count_runs(labels) if labels.size else 0
+    keys, count, coords, run_start, run_len, run_id = _encode_runs(labels, nmax, skip_value, use_skip)
+    order = np.argsort(keys, kind="stable")
+    rank = np.empty_like(order, dtype=np.int32)
+    rank[order] = np.arange(order.shape[0], dtype=np.int32)
+    run_id = rank[run_id]
+    coords = coords[order] + np.asarray(offset, dtype=np.float64) * count[order, None]
+    parts = Partials(labels=keys[order], count=count[order], coords=coords)
+    if image is None or needs.order == 0 and not needs.extrema:
+        return parts
+
+    dtype = image[0].dtype
+    k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
+    skipna = needs.skipna and np.issubdtype(dtype, np.floating)
+    nvalid = np.zeros((k, nchan), np.int64)
+    sums = np.zeros((k, nchan), np.float64)
+    lo_init, hi_init = _extrema_init(dtype)
+    lo = np.full((k, nchan), lo_init, dtype)
+    hi = np.full((k, nchan), hi_init, dtype)
+    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
+    c0 = 0
+    for chunk in image:
+        img = np.ascontiguousarray(chunk).reshape(chunk.shape[0], -1)
+        cols = slice(c0, c0 + img.shape[0])
+        c0 = cols.stop
+        _sweep(
+            img, run_start, run_len, run_id, _run_accumulator(dtype), needs.order, needs.extrema, skipna,
+            np.zeros(k, np.int64), nvalid[:, cols], sums[:, cols], *(m[:, cols] for m in moments),
+            lo[:, cols], hi[:, cols],
+        )
+    if needs.skipna:
+        parts.nvalid = nvalid if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
+    if needs.extrema:
+        parts.min, parts.max = lo, hi
+    if needs.order >= 1:
+        parts.sum = sums
+    if needs.order >= 2:
+        parts.m2 = moments[1]
+    if needs.order >= 3:
+        parts.m3 = moments[2]
+    if needs.order >= 4:
+        parts.m4 = moments[3]
+    return parts
+
+
+def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generic]:
+    """``value`` in the label dtype, and whether it can occur there at all."""
+    zero = dtype.type(0)
+    if value is None:
+        return False, zero
+    info = np.iinfo(dtype)
+    if not info.min <= value <= info.max:
+        return False, zero
+    return True, dtype.type(value)
