@@ -137,7 +137,9 @@ def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
     return values
 
 
-def locate(ids: NDArray[np.integer], index: NDArray[np.integer]) -> tuple[NDArray[np.intp], NDArray[np.bool_]]:
+def locate(
+    ids: NDArray[np.integer], index: NDArray[np.integer]
+) -> tuple[NDArray[np.intp], NDArray[np.bool_]]:
     """Rows of ``index``'s ids in the sorted ``ids``, and whether each one is there.
 
     Comparisons are exact across signed and unsigned dtypes: an id that the dtype of ``ids``
@@ -157,10 +159,9 @@ def _as_dask(array: Any, name: str) -> da.Array:
         return array
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
         array = np.asarray(array)
-    spatial = _spatial_chunks(array.shape[-3:])
-    chunks = (array.shape[0], *spatial) if array.ndim == 4 else spatial
-    if array.ndim not in (3, 4):
-        chunks = "auto"
+    chunks: Any = "auto"
+    if array.ndim in (3, 4):
+        chunks = (*array.shape[:-3], *_spatial_chunks(array.shape[-3:]))
     return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{dask.base.tokenize(array)}")
 
 
@@ -182,14 +183,14 @@ def _check_inputs(
     if labels.dtype.kind not in "iu":
         raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
     if labels.ndim != 3:
-        raise ValueError(f"'labels' must be 3-D (z, y, x); got {labels.ndim} dimensions, shape {labels.shape}")
+        raise ValueError(f"'labels' must be 3-D (z, y, x); got shape {labels.shape}")
     if image is None:
         per_channel = [name for name in stats if name not in ("count", "center_of_mass")]
         if per_channel:
             raise ValueError(f"statistics {per_channel} need an image; 'image' is None")
         return labels, None
     if image.ndim != 4:
-        raise ValueError(f"'image' must be 4-D (c, z, y, x); got {image.ndim} dimensions, shape {image.shape}")
+        raise ValueError(f"'image' must be 4-D (c, z, y, x); got shape {image.shape}")
     if image.shape[1:] != labels.shape:
         raise ValueError(
             f"'image' and 'labels' must cover the same pixels; got image (z, y, x) shape "

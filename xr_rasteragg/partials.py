@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -70,23 +71,23 @@ class Partials:
         Per-channel extrema, shape ``(k, C)``, in the image dtype (so merges are exact).
     """
 
-    labels: NDArray[np.integer]
-    count: NDArray[np.int64]
-    coords: NDArray[np.float64]
-    nvalid: NDArray[np.int64] | None = None
-    sum: NDArray[np.float64] | None = None
-    m2: NDArray[np.float64] | None = None
-    m3: NDArray[np.float64] | None = None
-    m4: NDArray[np.float64] | None = None
-    min: NDArray[np.generic] | None = None
-    max: NDArray[np.generic] | None = None
+    labels: NDArray[Any]
+    count: NDArray[Any]
+    coords: NDArray[Any]
+    nvalid: NDArray[Any] | None = None
+    sum: NDArray[Any] | None = None
+    m2: NDArray[Any] | None = None
+    m3: NDArray[Any] | None = None
+    m4: NDArray[Any] | None = None
+    min: NDArray[Any] | None = None
+    max: NDArray[Any] | None = None
 
     @property
     def size(self) -> int:
         """Number of labels held."""
         return int(self.labels.shape[0])
 
-    def channel_arrays(self) -> dict[str, NDArray[np.generic]]:
+    def channel_arrays(self) -> dict[str, NDArray[Any]]:
         """The per-channel arrays that are present, by field name."""
         out = {}
         for name in CHANNEL_FIELDS:
@@ -95,13 +96,13 @@ class Partials:
                 out[name] = value
         return out
 
-    def n(self) -> NDArray[np.int64]:
+    def n(self) -> NDArray[Any]:
         """Number of pixels entering the moments, shape ``(k, C)`` or ``(k, 1)``."""
         if self.nvalid is not None:
             return self.nvalid
         return self.count[:, None]
 
-    def take(self, rows: NDArray[np.intp]) -> Partials:
+    def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
         channel = {name: value[rows] for name, value in self.channel_arrays().items()}
         return replace(
@@ -146,7 +147,7 @@ def merge(parts: Sequence[Partials]) -> Partials:
     stacked = _concat(parts).take(order)
     inverse = inverse[order]
 
-    def segment_sum(values: NDArray[np.generic]) -> NDArray[np.generic]:
+    def segment_sum(values: NDArray[Any]) -> NDArray[Any]:
         return np.add.reduceat(values, starts, axis=0)
 
     merged = Partials(
@@ -168,9 +169,8 @@ def merge(parts: Sequence[Partials]) -> Partials:
     n_i = stacked.n().astype(np.float64)
     n = merged.n().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, merged.sum / n, 0.0)
-        d = np.where(n_i > 0, stacked.sum / n_i, 0.0) - mean[inverse]
-    d = np.where(n_i > 0, d, 0.0)
+        mean = merged.sum / n
+        d = np.where(n_i > 0, stacked.sum / n_i - mean[inverse], 0.0)
     m2_i = stacked.m2
     merged.m2 = segment_sum(m2_i + n_i * d**2)
     if stacked.m3 is not None:
@@ -199,8 +199,7 @@ def concat_channels(parts: Sequence[Partials]) -> Partials:
         if not np.array_equal(p.labels, first.labels):
             raise ValueError("channel groups of the same pixels must hold the same labels")
     channel = {
-        name: np.concatenate([getattr(p, name) for p in parts], axis=1)
-        for name in first.channel_arrays()
+        name: np.concatenate([getattr(p, name) for p in parts], axis=1) for name in first.channel_arrays()
     }
     return replace(first, **channel)
 
@@ -209,8 +208,7 @@ def _concat(parts: Sequence[Partials]) -> Partials:
     """Stack partials row-wise, without merging repeated labels."""
     first = parts[0]
     channel = {
-        name: np.concatenate([getattr(p, name) for p in parts], axis=0)
-        for name in first.channel_arrays()
+        name: np.concatenate([getattr(p, name) for p in parts], axis=0) for name in first.channel_arrays()
     }
     return replace(
         first,

@@ -18,9 +18,7 @@ from .partials import Needs, Partials
 
 __all__ = ["STATISTICS", "StatName", "Statistic", "finalize", "needs_of", "validate_stats"]
 
-StatName = Literal[
-    "count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"
-]
+StatName = Literal["count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"]
 
 #: Relative size of the variance below which a label counts as constant (as in scipy.stats).
 _CONSTANT = np.finfo(np.float64).resolution
@@ -98,9 +96,7 @@ STATISTICS: dict[str, Statistic] = {
     "kurtosis": Statistic(Needs(4), lambda p: _standardized(p, p.m4, 2.0) - 3.0, np.nan),
     "min": Statistic(Needs(0, extrema=True), lambda p: _extremum(p.min, p), np.nan),
     "max": Statistic(Needs(0, extrema=True), lambda p: _extremum(p.max, p), np.nan),
-    "center_of_mass": Statistic(
-        Needs(0), lambda p: p.coords / p.count[:, None], np.nan, per_channel=False
-    ),
+    "center_of_mass": Statistic(Needs(0), lambda p: p.coords / p.count[:, None], np.nan, per_channel=False),
 }
 
 assert set(STATISTICS) == set(get_args(StatName))

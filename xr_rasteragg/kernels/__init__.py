@@ -1,7 +1,8 @@
 """Per-block kernels, dispatched on the type of the block.
 
 A kernel turns one block of labels ``(z, y, x)`` and, optionally, the image over the same pixels
-(a list of channel chunks, each ``(c_i, z, y, x)``) into the :class:`~xr_rasteragg.partials.Partials` of the labels it contains.
+(a list of channel chunks, each ``(c_i, z, y, x)``) into the
+:class:`~xr_rasteragg.partials.Partials` of the labels it contains.
 Kernels are registered by the top-level module of the array type and imported lazily, so that
 CuPy is imported only when CuPy data arrive (as dask-image does).
 """

@@ -27,14 +27,14 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _slot(key, mask):  # type: ignore[no-untyped-def]
+def _slot(key, mask):
     h = np.uint64(np.int64(key)) * _GOLDEN
     h ^= h >> np.uint64(29)
     return np.int64(h & np.uint64(mask))
 
 
 @nb.njit(nogil=True, cache=True)
-def _grow(table, keys, k):  # type: ignore[no-untyped-def]
+def _grow(table, keys, k):
     """Rehash the ids ``keys[:k]`` into a table of twice the size."""
     table = np.full(2 * table.shape[0], -1, np.int64)
     mask = table.shape[0] - 1
@@ -47,7 +47,7 @@ def _grow(table, keys, k):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(nogil=True, cache=True)
-def _count_runs(labels):  # type: ignore[no-untyped-def]
+def _count_runs(labels):
     """Number of runs of equal labels along the rows of a (z, y, x) block."""
     nz, ny, nx = labels.shape
     n = 0
@@ -62,7 +62,7 @@ def _count_runs(labels):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_runs(labels, nmax, skip, use_skip):  # type: ignore[no-untyped-def]
+def _encode_runs(labels, nmax, skip, use_skip):
     """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
 
     Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
@@ -121,7 +121,25 @@ def _encode_runs(labels, nmax, skip, use_skip):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _sweep(img, run_start, run_len, run_id, acc0, order, extrema, skipna, done, nvalid, sums, mean, m2, m3, m4, lo, hi):  # type: ignore[no-untyped-def]
+def _sweep(
+    img,
+    run_start,
+    run_len,
+    run_id,
+    acc0,
+    order,
+    extrema,
+    skipna,
+    done,
+    nvalid,
+    sums,
+    mean,
+    m2,
+    m3,
+    m4,
+    lo,
+    hi,
+):
     """Accumulate one block's image into per-label partials, run by run.
 
     For each run and channel the pixels (then in L1 cache) are read twice: once for the sum (in
@@ -272,7 +290,7 @@ def block_partials(
     run_id = rank[run_id]
     coords = coords[order] + np.asarray(offset, dtype=np.float64) * count[order, None]
     parts = Partials(labels=keys[order], count=count[order], coords=coords)
-    if image is None or needs.order == 0 and not needs.extrema:
+    if image is None or (needs.order == 0 and not needs.extrema):
         return parts
 
     dtype = image[0].dtype
@@ -289,10 +307,21 @@ def block_partials(
         img = np.ascontiguousarray(chunk).reshape(chunk.shape[0], -1)
         cols = slice(c0, c0 + img.shape[0])
         c0 = cols.stop
-        _sweep(
-            img, run_start, run_len, run_id, _run_accumulator(dtype), needs.order, needs.extrema, skipna,
-            np.zeros(k, np.int64), nvalid[:, cols], sums[:, cols], *(m[:, cols] for m in moments),
-            lo[:, cols], hi[:, cols],
+        _sweep(  # type: ignore[call-arg]
+            img,
+            run_start,
+            run_len,
+            run_id,
+            _run_accumulator(dtype),
+            needs.order,
+            needs.extrema,
+            skipna,
+            np.zeros(k, np.int64),
+            nvalid[:, cols],
+            sums[:, cols],
+            *(m[:, cols] for m in moments),
+            lo[:, cols],
+            hi[:, cols],
         )
     if needs.skipna:
         parts.nvalid = nvalid if skipna else np.repeat(parts.count[:, None], nchan, axis=1)

@@ -63,7 +63,7 @@ def block_partials(
         The partials of the labels present in the block, sorted by id, as NumPy arrays.
     """
     xp = namespace(labels)
-    nz, ny, nx = labels.shape
+    _, ny, nx = labels.shape
     flat = labels.reshape(-1)
     position = xp.arange(flat.shape[0], dtype=xp.int64)
     info = np.iinfo(labels.dtype)
@@ -82,7 +82,7 @@ def block_partials(
     index_sums = [per_label(axis.astype(xp.float64)) for axis in (z, rest // nx, rest % nx)]
     coords = xp.stack(index_sums, axis=1) + xp.asarray(offset, dtype=xp.float64) * count[:, None]
     parts = Partials(labels=to_numpy(uniq), count=to_numpy(count), coords=to_numpy(coords))
-    if image is None or needs.order == 0 and not needs.extrema:
+    if image is None or (needs.order == 0 and not needs.extrema):
         return parts
 
     dtype = image[0].dtype
