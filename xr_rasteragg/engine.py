@@ -128,6 +128,8 @@ def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
         If ``index`` is not one-dimensional.
     """
     values = np.atleast_1d(np.asarray(index))
+    if values.dtype.kind in "fO" and isinstance(index, Sequence):
+        values = _integer_ids(index, values)
     if values.ndim != 1:
         raise ValueError(f"'index' must be a 1-D sequence of label ids; got an array of shape {values.shape}")
     if values.size == 0:
@@ -135,6 +137,17 @@ def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
     if values.dtype.kind not in "iu":
         raise TypeError(f"'index' must hold integer label ids; got dtype {values.dtype}")
     return values
+
+
+def _integer_ids(items: Sequence[Any], values: NDArray[Any]) -> NDArray[Any]:
+    """Python ints that NumPy could not fit in one dtype (such as 2**64 - 1 next to 1) as an array."""
+    if not all(isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) for v in items):
+        return values
+    if all(v >= 0 for v in items):
+        return np.array(items, dtype=np.uint64)
+    if all(v <= np.iinfo(np.int64).max for v in items):
+        return np.array(items, dtype=np.int64)
+    raise ValueError("'index' mixes negative ids with ids of 2**63 or more; no integer dtype holds both")
 
 
 def locate(

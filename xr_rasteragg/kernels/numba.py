@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numba as nb
 import numpy as np
+from numba.typed import List
 from numpy.typing import NDArray
 
 from ..partials import Needs, Partials
@@ -66,7 +67,7 @@ def _encode_runs(labels, nmax, skip, use_skip):
     """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
 
     Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
-    the runs as flat start positions, lengths and ids (as positions in the returned id array).
+    the runs as (z, y, x) start, length and id (as a position in the returned id array).
     ``nmax`` bounds the number of runs. Runs of the label ``skip`` are dropped when ``use_skip``
     is set.
     """
@@ -75,7 +76,9 @@ def _encode_runs(labels, nmax, skip, use_skip):
     keys = np.empty(nmax, labels.dtype)
     count = np.zeros(nmax, np.int64)
     coords = np.zeros((nmax, 3), np.float64)
-    run_start = np.empty(nmax, np.int64)
+    run_z = np.empty(nmax, np.int32)
+    run_y = np.empty(nmax, np.int32)
+    run_x = np.empty(nmax, np.int32)
     run_len = np.empty(nmax, np.int32)
     run_id = np.empty(nmax, np.int32)
     k = 0
@@ -108,7 +111,9 @@ def _encode_runs(labels, nmax, skip, use_skip):
                                 table = _grow(table, keys, k)
                         last_key = key
                     length = x1 - x0
-                    run_start[nruns] = (z * ny + y) * nx + x0
+                    run_z[nruns] = z
+                    run_y[nruns] = y
+                    run_x[nruns] = x0
                     run_len[nruns] = length
                     run_id[nruns] = last_id
                     nruns += 1
@@ -117,13 +122,16 @@ def _encode_runs(labels, nmax, skip, use_skip):
                     coords[last_id, 1] += y * length
                     coords[last_id, 2] += 0.5 * (x0 + x1 - 1) * length
                 x0 = x1
-    return keys[:k], count[:k], coords[:k], run_start[:nruns], run_len[:nruns], run_id[:nruns]
+    runs = (run_z[:nruns], run_y[:nruns], run_x[:nruns], run_len[:nruns], run_id[:nruns])
+    return keys[:k], count[:k], coords[:k], runs
 
 
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _sweep(
-    img,
-    run_start,
+    chunks,
+    run_z,
+    run_y,
+    run_x,
     run_len,
     run_id,
     acc0,
@@ -142,99 +150,104 @@ def _sweep(
 ):
     """Accumulate one block's image into per-label partials, run by run.
 
+    ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other.
     For each run and channel the pixels (then in L1 cache) are read twice: once for the sum (in
     the type of ``acc0``: exact int64 for small integers), the extrema and the valid count; once
     for the central moments about the run's own mean. The run's moments are then merged into the
     label's running moments with the pairwise formulas of Pébay (2008), so accuracy never rests
     on power sums that cancel.
     """
-    nchan = img.shape[0]
-    for r in range(run_start.shape[0]):
-        i = run_id[r]
-        a = run_start[r]
-        b = a + run_len[r]
-        na_all = done[i]
-        nb_all = b - a
-        for c in range(nchan):
-            row = img[c]
-            acc = acc0
-            nb_ = nb_all
-            if skipna:
-                nb_ = 0
-                for p in range(a, b):
-                    x = row[p]
-                    if x == x:
-                        acc += x
-                        nb_ += 1
-                na = nvalid[i, c]
-                nvalid[i, c] = na + nb_
-            else:
-                for p in range(a, b):
-                    acc += row[p]
-                na = na_all
-            sums[i, c] += acc
-            if extrema:
-                mn = lo[i, c]
-                mx = hi[i, c]
-                for p in range(a, b):
-                    x = row[p]
-                    mn = min(mn, x)
-                    mx = max(mx, x)
-                if not skipna and acc != acc:
-                    # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+    c0 = 0
+    for chunk in chunks:
+        done[:] = 0
+        for r in range(run_id.shape[0]):
+            i = run_id[r]
+            a = run_x[r]
+            b = a + run_len[r]
+            na_all = done[i]
+            nb_all = b - a
+            for cc in range(chunk.shape[0]):
+                c = c0 + cc
+                row = chunk[cc, run_z[r], run_y[r]]
+                acc = acc0
+                nb_ = nb_all
+                if skipna:
+                    nb_ = 0
                     for p in range(a, b):
-                        if row[p] != row[p]:
-                            mn = row[p]
-                            mx = row[p]
-                            break
-                lo[i, c] = mn
-                hi[i, c] = mx
-            if order < 2 or nb_ == 0:
-                continue
-            mb = acc / nb_
-            t2 = 0.0
-            t3 = 0.0
-            t4 = 0.0
-            if order == 2:
-                for p in range(a, b):
-                    x = row[p]
-                    if not (skipna and x != x):
-                        d = x - mb
-                        t2 += d * d
-            else:
-                for p in range(a, b):
-                    x = row[p]
-                    if not (skipna and x != x):
-                        d = x - mb
-                        d2 = d * d
-                        t2 += d2
-                        t3 += d2 * d
-                        t4 += d2 * d2
-            if na == 0:
-                mean[i, c] = mb
-                m2[i, c] = t2
-                m3[i, c] = t3
-                m4[i, c] = t4
-                continue
-            n = na + nb_
-            delta = mb - mean[i, c]
-            dn = delta / n
-            ab = float(na) * nb_
-            a2 = m2[i, c]
-            mean[i, c] += dn * nb_
-            m2[i, c] = a2 + t2 + delta * dn * ab
-            if order >= 3:
-                a3 = m3[i, c]
-                m3[i, c] = a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
-                if order >= 4:
-                    m4[i, c] = (
-                        m4[i, c]
-                        + t4
-                        + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
-                        + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
-                        + 4.0 * dn * (na * t3 - nb_ * a3)
-                    )
-        done[i] = na_all + nb_all
+                        x = row[p]
+                        if x == x:
+                            acc += x
+                            nb_ += 1
+                    na = nvalid[i, c]
+                    nvalid[i, c] = na + nb_
+                else:
+                    for p in range(a, b):
+                        acc += row[p]
+                    na = na_all
+                sums[i, c] += acc
+                if extrema:
+                    mn = lo[i, c]
+                    mx = hi[i, c]
+                    for p in range(a, b):
+                        x = row[p]
+                        mn = min(mn, x)
+                        mx = max(mx, x)
+                    if not skipna and acc != acc:
+                        # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+                        for p in range(a, b):
+                            if row[p] != row[p]:
+                                mn = row[p]
+                                mx = row[p]
+                                break
+                    lo[i, c] = mn
+                    hi[i, c] = mx
+                if order < 2 or nb_ == 0:
+                    continue
+                mb = acc / nb_
+                t2 = 0.0
+                t3 = 0.0
+                t4 = 0.0
+                if order == 2:
+                    for p in range(a, b):
+                        x = row[p]
+                        if not (skipna and x != x):
+                            d = x - mb
+                            t2 += d * d
+                else:
+                    for p in range(a, b):
+                        x = row[p]
+                        if not (skipna and x != x):
+                            d = x - mb
+                            d2 = d * d
+                            t2 += d2
+                            t3 += d2 * d
+                            t4 += d2 * d2
+                if na == 0:
+                    mean[i, c] = mb
+                    m2[i, c] = t2
+                    m3[i, c] = t3
+                    m4[i, c] = t4
+                    continue
+                n = na + nb_
+                delta = mb - mean[i, c]
+                dn = delta / n
+                ab = float(na) * nb_
+                a2 = m2[i, c]
+                mean[i, c] += dn * nb_
+                m2[i, c] = a2 + t2 + delta * dn * ab
+                if order >= 3:
+                    a3 = m3[i, c]
+                    m3[i, c] = a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
+                    if order >= 4:
+                        m4[i, c] = (
+                            m4[i, c]
+                            + t4
+                            + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
+                            + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
+                            + 4.0 * dn * (na * t3 - nb_ * a3)
+                        )
+            done[i] = na_all + nb_all
+        c0 += chunk.shape[0]
 
 
 def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
@@ -280,10 +293,11 @@ def block_partials(
     Partials
         The partials of the labels present in the block, sorted by id.
     """
-    labels = np.ascontiguousarray(labels)
     use_skip, skip_value = _as_label_value(skip, labels.dtype)
     nmax = _count_runs(labels) if labels.size else 0
-    keys, count, coords, run_start, run_len, run_id = _encode_runs(labels, nmax, skip_value, use_skip)
+    keys, count, coords, (run_z, run_y, run_x, run_len, run_id) = _encode_runs(
+        labels, nmax, skip_value, use_skip
+    )
     order = np.argsort(keys, kind="stable")
     rank = np.empty_like(order, dtype=np.int32)
     rank[order] = np.arange(order.shape[0], dtype=np.int32)
@@ -302,27 +316,27 @@ def block_partials(
     lo = np.full((k, nchan), lo_init, dtype)
     hi = np.full((k, nchan), hi_init, dtype)
     moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
-    c0 = 0
+    chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A"))
     for chunk in image:
-        img = np.ascontiguousarray(chunk).reshape(chunk.shape[0], -1)
-        cols = slice(c0, c0 + img.shape[0])
-        c0 = cols.stop
-        _sweep(  # type: ignore[call-arg]
-            img,
-            run_start,
-            run_len,
-            run_id,
-            _run_accumulator(dtype),
-            needs.order,
-            needs.extrema,
-            skipna,
-            np.zeros(k, np.int64),
-            nvalid[:, cols],
-            sums[:, cols],
-            *(m[:, cols] for m in moments),
-            lo[:, cols],
-            hi[:, cols],
-        )
+        chunks.append(chunk)
+    _sweep(  # type: ignore[call-arg]
+        chunks,
+        run_z,
+        run_y,
+        run_x,
+        run_len,
+        run_id,
+        _run_accumulator(dtype),
+        needs.order,
+        needs.extrema,
+        skipna,
+        np.zeros(k, np.int64),
+        nvalid,
+        sums,
+        *moments,
+        lo,
+        hi,
+    )
     if needs.skipna:
         parts.nvalid = nvalid if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
     if needs.extrema:

@@ -151,6 +151,8 @@ def _extrema(xp: ModuleType, values: Any, inverse: Any, k: int, skip: Any | None
     Pixels flagged in ``skip`` are ignored; a label without any pixel left gets the dtype's
     largest value as minimum and its smallest as maximum (``inf`` and ``-inf`` for floats).
     """
+    if k == 0:
+        return values[:0], values[:0]
     results = []
     for largest_first in (False, True):
         ranked = values

@@ -1,0 +1,203 @@
+"""Shared fixtures and an independent reference for the per-label statistics.
+
+The reference computes every statistic label by label with NumPy and SciPy on a boolean mask of
+the label's pixels, in float64 with two passes (as ``scipy.ndimage.variance`` and
+``scipy.stats.skew`` do). It shares no code with the package.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import scipy.stats
+from numpy.typing import NDArray
+
+import xr_rasteragg.engine
+import xr_rasteragg.kernels.numba
+import xr_rasteragg.kernels.xp
+from xr_rasteragg.partials import Partials
+
+ALL_STATS = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
+PER_CHANNEL = ("sum", "mean", "var", "std", "skew", "kurtosis", "min", "max")
+
+#: Tolerances of the statistics contract (DESIGN.md §2): (rtol, atol); (0, 0) is exact.
+TOLERANCES: dict[str, tuple[float, float]] = {
+    "count": (0.0, 0.0),
+    "min": (0.0, 0.0),
+    "max": (0.0, 0.0),
+    "sum": (1e-9, 0.0),
+    "mean": (1e-9, 0.0),
+    "var": (1e-9, 0.0),
+    "std": (1e-9, 0.0),
+    "skew": (0.0, 1e-6),
+    "kurtosis": (0.0, 1e-6),
+    "center_of_mass": (1e-12, 0.0),
+}
+
+KERNELS = {
+    "numba": xr_rasteragg.kernels.numba.block_partials,
+    "xp": xr_rasteragg.kernels.xp.block_partials,
+}
+
+
+def _cupy_device() -> bool:
+    try:
+        import cupy
+
+        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
+    except Exception:
+        return False
+
+
+requires_cupy = pytest.mark.skipif(not _cupy_device(), reason="needs CuPy and a CUDA device")
+
+
+@pytest.fixture(params=sorted(KERNELS))
+def kernel(request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Each block kernel in turn."""
+    return KERNELS[request.param]
+
+
+@pytest.fixture
+def engine_kernel(kernel: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -> Callable[..., Any]:
+    """Run the engine with each block kernel in turn (for NumPy blocks)."""
+    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: kernel)
+    return kernel
+
+
+def label_mask(labels: NDArray[np.integer], label: int) -> NDArray[np.bool_]:
+    """Pixels of ``label``; none when the labels' dtype cannot hold it."""
+    info = np.iinfo(labels.dtype)
+    if not info.min <= int(label) <= info.max:
+        return np.zeros(labels.shape, bool)
+    return labels == labels.dtype.type(int(label))
+
+
+def vector_stats(x: NDArray[np.float64]) -> dict[str, float]:
+    """Per-channel statistics of one label's values with NumPy and SciPy (float64, two-pass)."""
+    if x.size == 0:
+        return {name: 0.0 if name == "sum" else np.nan for name in PER_CHANNEL}
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        var = float(np.mean((x - np.mean(x)) ** 2))
+        return {
+            "sum": float(np.sum(x)),
+            "mean": float(np.mean(x)),
+            "var": var,
+            "std": float(np.sqrt(var)),
+            "skew": float(scipy.stats.skew(x, bias=True)),
+            "kurtosis": float(scipy.stats.kurtosis(x, fisher=True, bias=True)),
+            "min": float(np.min(x)),
+            "max": float(np.max(x)),
+        }
+
+
+def reference(
+    labels3d: NDArray[np.integer], image4d: NDArray[np.number] | None, ids: Sequence[int]
+) -> dict[str, NDArray[Any]]:
+    """Every statistic for each of ``ids``, label by label, with ``scipy.ndimage`` and ``scipy.stats``.
+
+    Returns ``{stat: array}`` with shape ``(n_ids, C)`` per channel, ``(n_ids,)`` for count and
+    ``(n_ids, 3)`` for center_of_mass. Absent labels: count 0, sum 0, NaN otherwise.
+    """
+    nchan = 0 if image4d is None else image4d.shape[0]
+    out: dict[str, NDArray[Any]] = {name: np.full((len(ids), nchan), np.nan) for name in PER_CHANNEL}
+    out["count"] = np.zeros(len(ids), np.int64)
+    out["center_of_mass"] = np.full((len(ids), 3), np.nan)
+    for row, label in enumerate(ids):
+        mask = label_mask(labels3d, label)
+        out["count"][row] = np.count_nonzero(mask)
+        if not mask.any():
+            out["sum"][row] = 0.0
+            continue
+        out["center_of_mass"][row] = ndi.center_of_mass(mask.astype(np.float64))
+        for c in range(nchan):
+            x = image4d[c].astype(np.float64)  # type: ignore[index]
+            one = mask.astype(np.int32)
+            with warnings.catch_warnings(), np.errstate(all="ignore"):
+                warnings.simplefilter("ignore", RuntimeWarning)
+                out["sum"][row, c] = ndi.sum_labels(x, one, 1)
+                out["mean"][row, c] = ndi.mean(x, one, 1)
+                out["var"][row, c] = ndi.variance(x, one, 1)
+                out["std"][row, c] = np.sqrt(out["var"][row, c])
+                out["min"][row, c] = ndi.minimum(x, one, 1)
+                out["max"][row, c] = ndi.maximum(x, one, 1)
+                out["skew"][row, c] = scipy.stats.skew(x[mask], bias=True)
+                out["kurtosis"][row, c] = scipy.stats.kurtosis(x[mask], fisher=True, bias=True)
+    return out
+
+
+def nan_reference(
+    labels3d: NDArray[np.integer], image4d: NDArray[np.floating], ids: Sequence[int], skipna: bool
+) -> dict[str, NDArray[Any]]:
+    """Per-channel statistics with NumPy's NaN semantics: propagate, or drop NaNs when ``skipna``."""
+    out = {name: np.full((len(ids), image4d.shape[0]), np.nan) for name in PER_CHANNEL}
+    for row, label in enumerate(ids):
+        mask = label_mask(labels3d, label)
+        for c in range(image4d.shape[0]):
+            x = image4d[c][mask].astype(np.float64)
+            if skipna:
+                x = x[~np.isnan(x)]
+            for name, value in vector_stats(x).items():
+                out[name][row, c] = value
+    return out
+
+
+def assert_stat(name: str, got: Any, expected: NDArray[Any]) -> None:
+    """Compare one statistic against the reference with the contract's tolerance (NaN equal)."""
+    got = np.asarray(got)
+    assert got.shape == expected.shape, (name, got.shape, expected.shape)
+    rtol, atol = TOLERANCES[name]
+    if rtol == atol == 0:
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    else:
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
+
+
+def assert_all_stats(values: dict[str, Any], expected: dict[str, NDArray[Any]], stats: Sequence[str]) -> None:
+    for name in stats:
+        assert_stat(name, values[name], expected[name])
+
+
+def assert_partials_close(got: Partials, expected: Partials, rtol: float = 1e-9) -> None:
+    """Partials agree: ids, counts, coordinates, valid counts and extrema exactly; sums and central
+    moments to ``rtol`` of their natural scale (``n * (std + 1e-12 |mean|) ** k`` for ``M_k``)."""
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    assert got.labels.dtype == expected.labels.dtype
+    np.testing.assert_array_equal(got.count, expected.count)
+    np.testing.assert_array_equal(got.coords, expected.coords)
+    for name in ("nvalid", "min", "max"):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if b is not None:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    if expected.sum is None:
+        assert got.sum is None
+        return
+    assert got.sum is not None
+    n = expected.n().astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(n > 0, expected.sum / n, 0.0)
+        std = np.sqrt(np.maximum(np.where(n > 0, expected.m2 / n, 0.0), 0.0)) if expected.m2 is not None else 0
+    scale = n * (np.abs(mean) + std)
+    _assert_scaled("sum", got.sum, expected.sum, rtol * np.maximum(scale, np.abs(expected.sum)))
+    for k, name in ((2, "m2"), (3, "m3"), (4, "m4")):
+        a, b = getattr(got, name), getattr(expected, name)
+        assert (a is None) == (b is None), name
+        if b is not None:
+            tolerance = rtol * (n * (std + 1e-12 * np.abs(mean)) ** k + np.abs(b))
+            _assert_scaled(name, a, b, tolerance)
+
+
+def _assert_scaled(name: str, got: NDArray[Any], expected: NDArray[Any], tolerance: NDArray[Any]) -> None:
+    assert got.shape == expected.shape, (name, got.shape, expected.shape)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan, err_msg=f"{name}: NaN positions")
+    with np.errstate(invalid="ignore"):
+        bad = ~nan & ~(np.abs(got - expected) <= np.nan_to_num(tolerance))
+    assert not bad.any(), f"{name}: got {got[bad]}, expected {expected[bad]}, tolerance {tolerance[bad]}"
