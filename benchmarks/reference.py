@@ -34,7 +34,9 @@ def best_of(repeat: int, function: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1024 x 1024 px smoke run")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()

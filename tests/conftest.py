@@ -183,7 +183,9 @@ def assert_partials_close(got: Partials, expected: Partials, rtol: float = 1e-9)
     n = expected.n().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = np.where(n > 0, expected.sum / n, 0.0)
-        std = np.sqrt(np.maximum(np.where(n > 0, expected.m2 / n, 0.0), 0.0)) if expected.m2 is not None else 0
+        std = (
+            np.sqrt(np.maximum(np.where(n > 0, expected.m2 / n, 0.0), 0.0)) if expected.m2 is not None else 0
+        )
     scale = n * (np.abs(mean) + std)
     _assert_scaled("sum", got.sum, expected.sum, rtol * np.maximum(scale, np.abs(expected.sum)))
     for k, name in ((2, "m2"), (3, "m3"), (4, "m4")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,7 +90,12 @@ def chunked(labels: NDArray[Any], image: NDArray[Any], layout: str) -> tuple[Any
         return da.from_array(labels, chunks=(1, 7, 11)), da.from_array(image, chunks=(2, 1, 13, 9))
     assert layout == "irregular"
     label_chunks = (split(nz, [1, 2]), split(ny, [3, 1, 9]), split(nx, [2, 13, 1]))
-    image_chunks = (split(image.shape[0], [1, 2]), split(nz, [2, 1]), split(ny, [5, 1, 8]), split(nx, [1, 10]))
+    image_chunks = (
+        split(image.shape[0], [1, 2]),
+        split(nz, [2, 1]),
+        split(ny, [5, 1, 8]),
+        split(nx, [1, 10]),
+    )
     return da.from_array(labels, chunks=label_chunks), da.from_array(image, chunks=image_chunks)
 
 
@@ -101,13 +107,16 @@ def computed(values: dict[str, Any]) -> dict[str, Any]:
 SHAPES = {"2d": (1, 23, 31), "3d": (4, 13, 17)}
 
 
+@pytest.mark.parametrize(("dims", "layout"), [("2d", "irregular"), ("3d", "mismatched")])
 @pytest.mark.parametrize("image_dtype", IMAGE_DTYPES)
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
-def test_every_stat_matches_reference(engine_kernel: Callable[..., Any], label_dtype: str, image_dtype: str) -> None:
+def test_every_stat_matches_reference(
+    engine_kernel: Callable[..., Any], label_dtype: str, image_dtype: str, dims: str, layout: str
+) -> None:
     rng = np.random.default_rng(0)
-    labels = make_labels(SHAPES["3d"], label_dtype, rng)
+    labels = make_labels(SHAPES[dims], label_dtype, rng)
     image = make_image(3, labels, image_dtype, rng)
-    result = aggregate(*chunked(labels, image, "mismatched"), ALL_STATS)
+    result = aggregate(*chunked(labels, image, layout), ALL_STATS)
     ids = np.unique(labels)
     np.testing.assert_array_equal(result.labels, ids)
     assert result.labels.dtype == labels.dtype
@@ -132,7 +141,9 @@ def test_single_pixel_and_constant_labels(engine_kernel: Callable[..., Any]) -> 
     labels[0, 2:, :] = 2  # constant values
     image = np.arange(2 * labels.size, dtype=np.float64).reshape(2, *labels.shape)
     image[:, 0, 2:, :] = 7.5
-    result = aggregate(da.from_array(labels, chunks=(1, 3, 4)), da.from_array(image, chunks=(1, 1, 2, 5)), ALL_STATS)
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 3, 4)), da.from_array(image, chunks=(1, 1, 2, 5)), ALL_STATS
+    )
     np.testing.assert_array_equal(result.labels, [0, 1, 2])
     for name in ("var", "std"):
         np.testing.assert_array_equal(result.values[name][1:], 0.0)
@@ -185,11 +196,93 @@ def test_only_background(engine_kernel: Callable[..., Any], layout: str) -> None
 def test_other_image_dtypes(engine_kernel: Callable[..., Any], dtype: str) -> None:
     rng = np.random.default_rng(17)
     labels = make_labels(SHAPES["2d"], "int32", rng)
-    image = rng.integers(-1000 if np.dtype(dtype).kind == "i" else 0, 2, size=(2, *labels.shape), endpoint=True)
+    image = rng.integers(
+        -1000 if np.dtype(dtype).kind == "i" else 0, 2, size=(2, *labels.shape), endpoint=True
+    )
     image = image.astype(dtype)
     result = aggregate(*chunked(labels, image, "mismatched"), ALL_STATS)
     ids = [int(i) for i in result.labels]
     assert_all_stats(result.values, reference(labels, image, ids), ALL_STATS)
+
+
+@pytest.mark.parametrize(("label_dtype", "image_dtype"), [(">u2", "<f4"), ("<i4", ">f8"), (">i8", ">u2")])
+def test_non_native_byte_order(engine_kernel: Callable[..., Any], label_dtype: str, image_dtype: str) -> None:
+    """Big-endian arrays (as zarr stores may hold) give the same results as native ones."""
+    rng = np.random.default_rng(18)
+    labels = make_labels(SHAPES["3d"], "uint16", rng)
+    image = make_image(2, labels, "uint16", rng)
+    result = aggregate(
+        *chunked(labels.astype(label_dtype), image.astype(image_dtype), "mismatched"),
+        ALL_STATS,
+        index=[3, 1, 0],
+    )
+    assert_all_stats(computed(result.values), reference(labels, image, [3, 1, 0]), ALL_STATS)
+
+
+@pytest.mark.parametrize("layout", ["numpy", "mismatched"])
+def test_many_labels_per_block(engine_kernel: Callable[..., Any], layout: str) -> None:
+    """Tens of thousands of sparse huge ids per block (hash table growth), against a vectorized reference."""
+    rng = np.random.default_rng(19)
+    labels = (rng.integers(0, 40_000, size=(2, 150, 200)).astype(np.uint64) * np.uint64(2**40)) + np.uint64(
+        2**63
+    )
+    image = rng.integers(0, 1000, size=(2, *labels.shape)).astype(np.float32)
+    dlabels, dimage = chunked(labels, image, layout)
+    if layout != "numpy":
+        dlabels, dimage = dlabels.rechunk((1, 75, 100)), dimage.rechunk((2, 1, 150, 50))
+    result = aggregate(dlabels, dimage, ["count", "sum", "mean", "min", "max", "center_of_mass"])
+    ids, inverse = np.unique(labels, return_inverse=True)
+    inverse = inverse.ravel()
+    np.testing.assert_array_equal(result.labels, ids)
+    count = np.bincount(inverse)
+    np.testing.assert_array_equal(result.values["count"], count)
+    for c in range(2):
+        x = image[c].ravel().astype(np.float64)
+        total = np.bincount(inverse, weights=x)
+        np.testing.assert_allclose(result.values["sum"][:, c], total, rtol=1e-12)
+        np.testing.assert_allclose(result.values["mean"][:, c], total / count, rtol=1e-12)
+        low, high = np.full(ids.shape, np.inf), np.full(ids.shape, -np.inf)
+        np.minimum.at(low, inverse, x)
+        np.maximum.at(high, inverse, x)
+        np.testing.assert_array_equal(result.values["min"][:, c], low)
+        np.testing.assert_array_equal(result.values["max"][:, c], high)
+    for axis, position in enumerate(np.indices(labels.shape).reshape(3, -1)):
+        expected = np.bincount(inverse, weights=position) / count
+        np.testing.assert_allclose(result.values["center_of_mass"][:, axis], expected, rtol=1e-12)
+
+
+def test_lazy_results_over_several_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(xr_rasteragg.engine, "ROWS_PER_CHUNK", 2)
+    rng = np.random.default_rng(20)
+    labels = make_labels(SHAPES["3d"], "int8", rng)
+    image = make_image(2, labels, "uint8", rng)
+    index = [127, 1, 55, -128, 0]
+    result = aggregate(*chunked(labels, image, "aligned"), ALL_STATS, index=index)
+    assert result.values["mean"].numblocks[0] == 3
+    assert_all_stats(computed(result.values), reference(labels, image, index), ALL_STATS)
+
+
+@pytest.mark.parametrize("split_every", [0, 1])
+def test_split_every_below_two_is_an_error(split_every: int) -> None:
+    """A merge fan-in below 2 cannot reduce the partials; it must raise, not loop forever."""
+
+    def hang(signum: int, frame: Any) -> None:
+        raise TimeoutError("aggregate did not return")
+
+    labels, image = small()
+    previous = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(3)
+    try:
+        with pytest.raises(ValueError, match="split_every"):
+            aggregate(
+                da.from_array(labels, chunks=2),
+                da.from_array(image, chunks=2),
+                ["mean"],
+                split_every=split_every,
+            )
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 # --- index ------------------------------------------------------------------------------------
@@ -310,11 +403,13 @@ def test_lazy_with_index_computes_nothing() -> None:
     dlabels, dimage = chunked(labels, image, "mismatched")
     with dask.config.set(scheduler=raising_get):
         result = aggregate(dlabels, dimage, ALL_STATS, index=index, skipna=True)
+        geometry = aggregate(dlabels, None, ["count", "center_of_mass"], index=index, background=0)
         with pytest.raises(AssertionError, match="computed"):
             dask.compute(result.values)  # the scheduler is really in force
     for name, value in result.values.items():
         assert isinstance(value, da.Array), name
     values = computed(result.values)
+    assert_all_stats(computed(geometry.values), values, ["count", "center_of_mass"])
     assert values["mean"].shape == (len(index), 3)
     assert values["count"].dtype == np.int64
     assert_all_stats(values, reference(labels, image, [int(i) for i in index]), ALL_STATS)
@@ -401,7 +496,9 @@ def test_skipna_ignores_nan_pixels(engine_kernel: Callable[..., Any], dtype: str
     assert_all_stats(result.values, expected, [n for n in ALL_STATS if n in expected])
     row = ids.index(5)
     assert np.isfinite(result.values["mean"][row, 0])
-    assert result.values["mean"][row, 0] == pytest.approx(np.nanmean(image[0][labels == 5].astype(float)), rel=1e-12)
+    assert result.values["mean"][row, 0] == pytest.approx(
+        np.nanmean(image[0][labels == 5].astype(float)), rel=1e-12
+    )
     row = ids.index(-1)  # all NaN in channel 1
     assert result.values["count"][row] == np.count_nonzero(labels == -1)
     for name in ("mean", "var", "std", "skew", "kurtosis", "min", "max"):

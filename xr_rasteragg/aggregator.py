@@ -9,7 +9,7 @@ moment updates, exact extrema, and NaN (not an arbitrary fill) for labels absent
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask.array as da
@@ -25,6 +25,28 @@ __all__ = ["RasterAggregator"]
 log = logging.getLogger("xr_rasteragg")
 
 _DEFAULT_STATS = ("sum", "mean", "count", "var", "kurtosis", "skew")
+
+
+def _per_channel(name: str, summary: str, note: str = "") -> Callable[..., pd.DataFrame]:
+    """A method of :class:`RasterAggregator` that computes one per-channel statistic."""
+
+    def method(self: RasterAggregator, index: ArrayLike | None = None) -> pd.DataFrame:
+        return self.aggregate_stats((name,), index=index)[0]
+
+    method.__name__ = method.__qualname__ = f"aggregate_{name}"
+    method.__doc__ = f"""{summary}
+
+        Parameters
+        ----------
+        index
+            Label ids to report, in this order. None reports every label, including background.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``. {note}
+        """
+    return method
 
 
 class RasterAggregator:
@@ -194,115 +216,23 @@ class RasterAggregator:
             frames.append(frame)
         return frames
 
-    def _one(self, name: str, index: ArrayLike | None) -> pd.DataFrame:
-        return self.aggregate_stats((name,), index=index)[0]
-
-    def aggregate_sum(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Sum of the pixel values of each label, per channel.
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``.
-        """
-        return self._one("sum", index)
-
-    def aggregate_mean(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Mean of the pixel values of each label, per channel.
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``.
-        """
-        return self._one("mean", index)
-
-    def aggregate_var(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Population variance (ddof=0) of the pixel values of each label, per channel.
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``.
-        """
-        return self._one("var", index)
-
-    def aggregate_skew(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Skewness (biased, as ``scipy.stats.skew``) of the pixel values of each label, per channel.
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``. Constant
-            labels get 0.0, with a logged warning.
-        """
-        return self._one("skew", index)
-
-    def aggregate_kurtosis(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Excess kurtosis (Fisher, biased) of the pixel values of each label, per channel.
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``. Constant
-            labels get 0.0, with a logged warning.
-        """
-        return self._one("kurtosis", index)
-
-    def aggregate_min(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Smallest pixel value of each label, per channel (float64; exact up to 2**53).
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``.
-        """
-        return self._one("min", index)
-
-    def aggregate_max(self, index: ArrayLike | None = None) -> pd.DataFrame:
-        """Largest pixel value of each label, per channel (float64; exact up to 2**53).
-
-        Parameters
-        ----------
-        index
-            Label ids to report, in this order. None reports every label, including background.
-
-        Returns
-        -------
-        pandas.DataFrame
-            One row per label: columns ``0 .. C-1`` (channels) then ``instance_key``.
-        """
-        return self._one("max", index)
+    aggregate_sum = _per_channel("sum", "Sum of the pixel values of each label, per channel.")
+    aggregate_mean = _per_channel("mean", "Mean of the pixel values of each label, per channel.")
+    aggregate_var = _per_channel(
+        "var", "Population variance (ddof=0) of the pixel values of each label, per channel."
+    )
+    aggregate_skew = _per_channel(
+        "skew",
+        "Skewness (biased, as ``scipy.stats.skew``) of the pixel values of each label, per channel.",
+        "Constant labels get 0.0, with a logged warning.",
+    )
+    aggregate_kurtosis = _per_channel(
+        "kurtosis",
+        "Excess kurtosis (Fisher, biased) of the pixel values of each label, per channel.",
+        "Constant labels get 0.0, with a logged warning.",
+    )
+    aggregate_min = _per_channel("min", "Smallest pixel value of each label, per channel (float64).")
+    aggregate_max = _per_channel("max", "Largest pixel value of each label, per channel (float64).")
 
     def aggregate_area(self, index: ArrayLike | None = None) -> pd.DataFrame:
         """Number of pixels of each label.
@@ -328,7 +258,7 @@ class RasterAggregator:
         1        1          2
         2        7          1
         """
-        frame = self._one("count", index)
+        (frame,) = self.aggregate_stats(("count",), index=index)
         columns = {self._instance_key: frame[self._instance_key], self._instance_size_key: frame[0]}
         return pd.DataFrame(columns)
 
@@ -345,7 +275,7 @@ class RasterAggregator:
         pandas.DataFrame
             One row per label: columns ``0, 1, 2`` (z, y, x) then ``instance_key``.
         """
-        return self._one("center_of_mass", index)
+        return self.aggregate_stats(("center_of_mass",), index=index)[0]
 
 
 def _usable_cupy() -> Any | None:

@@ -97,6 +97,8 @@ def aggregate(
         dask arrays and nothing has been computed; otherwise the pass has run.
     """
     stats = validate_stats(stats)
+    if split_every < 2:
+        raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
     lazy = isinstance(labels, da.Array) and index is not None
     labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
@@ -197,6 +199,8 @@ def _check_inputs(
         raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
     if labels.ndim != 3:
         raise ValueError(f"'labels' must be 3-D (z, y, x); got shape {labels.shape}")
+    if not labels.dtype.isnative:
+        labels = labels.astype(labels.dtype.newbyteorder("="))
     if image is None:
         per_channel = [name for name in stats if name not in ("count", "center_of_mass")]
         if per_channel:
@@ -220,6 +224,8 @@ def _check_inputs(
             f"'labels' and 'image' must live on the same device; got {array_backend(labels)} labels "
             f"and a {array_backend(image)} image"
         )
+    if not image.dtype.isnative:
+        image = image.astype(image.dtype.newbyteorder("="))
     if labels.chunks != image.chunks[1:]:
         labels = labels.rechunk(image.chunks[1:])
     return labels, image

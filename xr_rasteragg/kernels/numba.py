@@ -14,6 +14,7 @@ image dtypes; the statistics to compute are run-time flags.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numba as nb
 import numpy as np
@@ -135,6 +136,7 @@ def _sweep(
     run_len,
     run_id,
     acc0,
+    prefix,
     order,
     extrema,
     skipna,
@@ -152,101 +154,119 @@ def _sweep(
 
     ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other.
     For each run and channel the pixels (then in L1 cache) are read twice: once for the sum (in
-    the type of ``acc0``: exact int64 for small integers), the extrema and the valid count; once
-    for the central moments about the run's own mean. The run's moments are then merged into the
-    label's running moments with the pairwise formulas of Pébay (2008), so accuracy never rests
-    on power sums that cancel.
+    the type of ``acc0``), the extrema and the valid count; once for the central moments about
+    the run's own mean. With ``prefix`` (integer images), run sums are differences of exact int64
+    prefix sums of the row: one long, fast loop per row instead of one short loop per run. The
+    run's moments are then merged into the label's running moments with the pairwise formulas of
+    Pébay (2008), so accuracy never rests on power sums that cancel.
     """
+    nruns = run_id.shape[0]
     c0 = 0
     for chunk in chunks:
-        done[:] = 0
-        for r in range(run_id.shape[0]):
-            i = run_id[r]
-            a = run_x[r]
-            b = a + run_len[r]
-            na_all = done[i]
-            nb_all = b - a
-            for cc in range(chunk.shape[0]):
-                c = c0 + cc
-                row = chunk[cc, run_z[r], run_y[r]]
-                acc = acc0
-                nb_ = nb_all
-                if skipna:
-                    nb_ = 0
-                    for p in range(a, b):
-                        x = row[p]
-                        if x == x:
-                            acc += x
-                            nb_ += 1
-                    na = nvalid[i, c]
-                    nvalid[i, c] = na + nb_
-                else:
-                    for p in range(a, b):
-                        acc += row[p]
-                    na = na_all
-                sums[i, c] += acc
-                if extrema:
-                    mn = lo[i, c]
-                    mx = hi[i, c]
-                    for p in range(a, b):
-                        x = row[p]
-                        mn = min(mn, x)
-                        mx = max(mx, x)
-                    if not skipna and acc != acc:
-                        # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+        cumulative = np.zeros(chunk.shape[3] + 1, np.int64)
+        for cc in range(chunk.shape[0]):
+            c = c0 + cc
+            done[:] = 0
+            r = 0
+            while r < nruns:
+                z = run_z[r]
+                y = run_y[r]
+                row = chunk[cc, z, y]  # one view per image row, shared by its runs
+                if prefix:
+                    total = np.int64(0)
+                    for p in range(row.shape[0]):
+                        total += row[p]
+                        cumulative[p + 1] = total
+                while r < nruns and run_z[r] == z and run_y[r] == y:
+                    i = run_id[r]
+                    a = run_x[r]
+                    b = a + run_len[r]
+                    r += 1
+                    na_all = done[i]
+                    nb_all = b - a
+                    done[i] = na_all + nb_all
+                    acc = acc0
+                    nb_ = nb_all
+                    if skipna:
+                        nb_ = 0
                         for p in range(a, b):
-                            if row[p] != row[p]:
-                                mn = row[p]
-                                mx = row[p]
-                                break
-                    lo[i, c] = mn
-                    hi[i, c] = mx
-                if order < 2 or nb_ == 0:
-                    continue
-                mb = acc / nb_
-                t2 = 0.0
-                t3 = 0.0
-                t4 = 0.0
-                if order == 2:
-                    for p in range(a, b):
-                        x = row[p]
-                        if not (skipna and x != x):
-                            d = x - mb
-                            t2 += d * d
-                else:
-                    for p in range(a, b):
-                        x = row[p]
-                        if not (skipna and x != x):
-                            d = x - mb
-                            d2 = d * d
-                            t2 += d2
-                            t3 += d2 * d
-                            t4 += d2 * d2
-                if na == 0:
-                    mean[i, c] = mb
-                    m2[i, c] = t2
-                    m3[i, c] = t3
-                    m4[i, c] = t4
-                    continue
-                n = na + nb_
-                delta = mb - mean[i, c]
-                dn = delta / n
-                ab = float(na) * nb_
-                a2 = m2[i, c]
-                mean[i, c] += dn * nb_
-                m2[i, c] = a2 + t2 + delta * dn * ab
-                if order >= 3:
-                    a3 = m3[i, c]
-                    m3[i, c] = a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
-                    if order >= 4:
-                        m4[i, c] = (
-                            m4[i, c]
-                            + t4
-                            + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
-                            + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
-                            + 4.0 * dn * (na * t3 - nb_ * a3)
+                            x = row[p]
+                            if x == x:
+                                acc += x
+                                nb_ += 1
+                        na = nvalid[i, c]
+                        nvalid[i, c] = na + nb_
+                    elif prefix:
+                        acc = cumulative[b] - cumulative[a]
+                        na = na_all
+                    else:
+                        for p in range(a, b):
+                            acc += row[p]
+                        na = na_all
+                    sums[i, c] += acc
+                    if extrema:
+                        mn = lo[i, c]
+                        mx = hi[i, c]
+                        for p in range(a, b):
+                            x = row[p]
+                            mn = min(mn, x)
+                            mx = max(mx, x)
+                        if not skipna and acc != acc:
+                            # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+                            for p in range(a, b):
+                                if row[p] != row[p]:
+                                    mn = row[p]
+                                    mx = row[p]
+                                    break
+                        lo[i, c] = mn
+                        hi[i, c] = mx
+                    if order < 2 or nb_ == 0:
+                        continue
+                    mb = acc / nb_
+                    t2 = 0.0
+                    t3 = 0.0
+                    t4 = 0.0
+                    if order == 2:
+                        for p in range(a, b):
+                            x = row[p]
+                            if not (skipna and x != x):
+                                d = x - mb
+                                t2 += d * d
+                    else:
+                        for p in range(a, b):
+                            x = row[p]
+                            if not (skipna and x != x):
+                                d = x - mb
+                                d2 = d * d
+                                t2 += d2
+                                t3 += d2 * d
+                                t4 += d2 * d2
+                    if na == 0:
+                        mean[i, c] = mb
+                        m2[i, c] = t2
+                        m3[i, c] = t3
+                        m4[i, c] = t4
+                        continue
+                    n = na + nb_
+                    delta = mb - mean[i, c]
+                    dn = delta / n
+                    ab = float(na) * nb_
+                    a2 = m2[i, c]
+                    mean[i, c] += dn * nb_
+                    m2[i, c] = a2 + t2 + delta * dn * ab
+                    if order >= 3:
+                        a3 = m3[i, c]
+                        m3[i, c] = (
+                            a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
                         )
-            done[i] = na_all + nb_all
+                        if order >= 4:
+                            m4[i, c] = (
+                                m4[i, c]
+                                + t4
+                                + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
+                                + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
+                                + 4.0 * dn * (na * t3 - nb_ * a3)
+                            )
         c0 += chunk.shape[0]
 
 
@@ -307,7 +327,7 @@ def block_partials(
     if image is None or (needs.order == 0 and not needs.extrema):
         return parts
 
-    dtype = image[0].dtype
+    dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
@@ -327,6 +347,7 @@ def block_partials(
         run_len,
         run_id,
         _run_accumulator(dtype),
+        _run_accumulator(dtype).dtype.kind == "i",
         needs.order,
         needs.extrema,
         skipna,

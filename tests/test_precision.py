@@ -1,0 +1,194 @@
+"""Adversarial precision (DESIGN.md §2): data where raw power sums cancel catastrophically.
+
+The reference is float64 two-pass NumPy: the mean first, then moments of ``x - mean``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pytest
+from conftest import KERNELS, assert_partials_close, label_mask
+from numpy.typing import NDArray
+
+from xr_rasteragg.engine import aggregate
+from xr_rasteragg.partials import Needs, Partials, merge
+
+MOMENT_STATS = ("sum", "mean", "var", "std", "skew", "kurtosis")
+
+
+def two_pass(x: NDArray[Any]) -> dict[str, float]:
+    """Moments of ``x`` in float64 with two passes."""
+    x = x.astype(np.float64)
+    mean = x.mean()
+    d = x - mean
+    m2, m3, m4 = (np.mean(d**k) for k in (2, 3, 4))
+    return {
+        "sum": float(x.sum()),
+        "mean": float(mean),
+        "var": float(m2),
+        "std": float(np.sqrt(m2)),
+        "skew": float(m3 / m2**1.5),
+        "kurtosis": float(m4 / m2**2 - 3.0),
+    }
+
+
+def assert_moments(values: dict[str, Any], row: int, channel: int, x: NDArray[Any]) -> None:
+    """The contract's accuracy: relative 1e-9 for sum/mean/var/std, absolute 1e-6 for skew/kurtosis."""
+    expected = two_pass(x)
+    for name in ("sum", "mean", "var", "std"):
+        assert values[name][row, channel] == pytest.approx(expected[name], rel=1e-9, abs=0), name
+    for name in ("skew", "kurtosis"):
+        assert values[name][row, channel] == pytest.approx(expected[name], rel=0, abs=1e-6), name
+
+
+def near_max_uint16(shape: tuple[int, ...], rng: np.random.Generator, p: float = 0.5) -> NDArray[np.uint16]:
+    """uint16 values 65533..65535 (a spread of ±1 about 65534); ``p`` < 0.5 skews them."""
+    return (65533 + rng.binomial(2, p, size=shape)).astype(np.uint16)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.1])
+def test_near_max_uint16_many_chunks(engine_kernel: Callable[..., Any], p: float) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.broadcast_to((np.arange(768) // 200 + 1).astype(np.int32), (1, 512, 768)).copy()
+    labels[0, ::7, ::5] = 0
+    image = near_max_uint16((2, *labels.shape), rng, p)
+    dlabels = da.from_array(labels, chunks=(1, 100, 90))
+    dimage = da.from_array(image, chunks=(1, 1, 64, 96))
+    result = aggregate(dlabels, dimage, MOMENT_STATS, background=0)
+    np.testing.assert_array_equal(result.labels, [1, 2, 3, 4])
+    for row, label in enumerate(result.labels):
+        for channel in range(2):
+            assert_moments(result.values, row, channel, image[channel][labels == label])
+
+
+@pytest.mark.parametrize("layout", ["numpy", "dask"])
+def test_ten_million_pixel_label(layout: str) -> None:
+    rng = np.random.default_rng(1)
+    image = near_max_uint16((1, 1, 2000, 5000), rng, 0.3)
+    labels = np.ones((1, 2000, 5000), np.uint8)
+    if layout == "dask":
+        args: tuple[Any, Any] = (
+            da.from_array(labels, chunks=(1, 500, 1000)),
+            da.from_array(image, chunks=(1, 1, 500, 1000)),
+        )
+    else:
+        args = (labels, image)
+    result = aggregate(*args, (*MOMENT_STATS, "count", "min", "max"))
+    assert result.values["count"][0] == 10**7
+    assert result.values["min"][0, 0] == 65533
+    assert result.values["max"][0, 0] == 65535
+    assert_moments(result.values, 0, 0, image[0].ravel())
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float64"])
+def test_outlier_first_then_tight(engine_kernel: Callable[..., Any], dtype: str) -> None:
+    """The first pixel of the label is far away; the rest is a tight distribution far from zero."""
+    rng = np.random.default_rng(2)
+    labels = np.zeros((1, 300, 400), np.int64)
+    labels[0, 20:, 30:] = 9
+    if dtype == "uint16":
+        image = near_max_uint16((1, *labels.shape), rng, 0.4)
+        image[0, 0, 20, 30] = 0
+    else:
+        image = 1e5 + rng.normal(0.0, 1.0, size=(1, *labels.shape))
+        image[0, 0, 20, 30] = -1e7
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 64, 64)), da.from_array(image, chunks=(1, 1, 50, 70)), MOMENT_STATS
+    )
+    np.testing.assert_array_equal(result.labels, [0, 9])
+    assert_moments(result.values, 1, 0, image[0][labels == 9])
+    assert_moments(result.values, 0, 0, image[0][labels == 0])
+
+
+def test_tight_distribution_far_from_zero_float64(engine_kernel: Callable[..., Any]) -> None:
+    """Values 1e6 + noise of spread 1: Σx² and (Σx)²/n agree to 12 digits.
+
+    (Float64 partials that carry sums resolve the mean to about 1e6 · 2**-52, so the error grows
+    with offset / spread; 1e6 is already 15 times the offset of uint16 data near 65535.)
+    """
+    rng = np.random.default_rng(3)
+    labels = (np.arange(200 * 300).reshape(1, 200, 300) // 7000).astype(np.uint64) + np.uint64(2**63)
+    image = 1e6 + rng.exponential(1.0, size=(1, *labels.shape))
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 33, 41)), da.from_array(image, chunks=(1, 1, 40, 50)), MOMENT_STATS
+    )
+    for row, label in enumerate(result.labels):
+        assert_moments(result.values, row, 0, image[0][label_mask(labels, int(label))])
+
+
+# --- merge ------------------------------------------------------------------------------------
+
+
+def sub_block_partials(
+    labels: NDArray[np.integer], image: NDArray[Any], cuts_y: list[int], cuts_x: list[int], needs: Needs
+) -> list[Partials]:
+    """Partials of the sub-blocks between the cuts, each with its global offset (numba kernel)."""
+    kernel = KERNELS["numba"]
+    ys = [0, *cuts_y, labels.shape[1]]
+    xs = [0, *cuts_x, labels.shape[2]]
+    parts = []
+    for (y0, y1), (x0, x1) in itertools.product(itertools.pairwise(ys), itertools.pairwise(xs)):
+        parts.append(kernel(labels[:, y0:y1, x0:x1], [image[:, :, y0:y1, x0:x1]], (0, y0, x0), needs))
+    return parts
+
+
+def merge_case(skipna: bool) -> tuple[NDArray[np.integer], NDArray[Any], Needs]:
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 4, size=(1, 40, 60)).astype(np.int16)
+    labels[0, 10:30, 20:45] = 7  # a label spread over several sub-blocks
+    labels[0, 39, 59] = 11  # a label in one sub-block only
+    image = 1e4 + rng.normal(0.0, 1.0, size=(2, *labels.shape))
+    if skipna:
+        image[0, 0, 12:14, 22:40] = np.nan
+    return labels, image, Needs(order=4, extrema=True, skipna=skipna)
+
+
+@pytest.mark.parametrize("skipna", [False, True])
+def test_merge_groupings_and_orders_agree_with_one_block(skipna: bool) -> None:
+    labels, image, needs = merge_case(skipna)
+    whole = KERNELS["numba"](labels, [image], (0, 0, 0), needs)
+    p = sub_block_partials(labels, image, [13, 27], [9, 31, 50], needs)
+    assert len(p) == 12
+    rng = np.random.default_rng(5)
+    shuffled = [p[i] for i in rng.permutation(len(p))]
+    groupings = {
+        "flat": merge(p),
+        "reversed": merge(p[::-1]),
+        "pairs": merge([merge(p[i : i + 2]) for i in range(0, len(p), 2)]),
+        "left fold": _fold(p, lambda acc, q: merge([acc, q])),
+        "right fold": _fold(p[::-1], lambda acc, q: merge([q, acc])),
+        "shuffled threes": merge([merge(shuffled[i : i + 3]) for i in range(0, len(p), 3)]),
+        "nested": merge([merge([p[0], merge(p[5:9])]), merge([merge(p[1:5]), *p[9:]])]),
+    }
+    for name, merged in groupings.items():
+        try:
+            assert_partials_close(merged, whole)
+        except AssertionError as error:
+            raise AssertionError(f"grouping {name!r}: {error}") from error
+
+
+def test_merge_commutes_pairwise() -> None:
+    labels, image, needs = merge_case(False)
+    p = sub_block_partials(labels, image, [20], [30], needs)
+    for a, b in itertools.permutations(p, 2):
+        assert_partials_close(merge([a, b]), merge([b, a]), rtol=1e-12)
+
+
+def test_merge_with_empty_partials() -> None:
+    labels, image, needs = merge_case(False)
+    p = sub_block_partials(labels, image, [20], [30], needs)
+    empty = KERNELS["numba"](np.full((1, 1, 1), 3, np.int16), [image[:, :, :1, :1]], (0, 0, 0), needs, skip=3)
+    assert empty.size == 0
+    assert_partials_close(merge([empty, *p, empty]), merge(p), rtol=0)
+
+
+def _fold(parts: list[Partials], step: Callable[[Partials, Partials], Partials]) -> Partials:
+    acc = parts[0]
+    for q in parts[1:]:
+        acc = step(acc, q)
+    return acc
