@@ -204,13 +204,28 @@ def _sweep(
                             acc += row[p]
                         na = na_all
                     sums[i, c] += acc
-                    if extrema:
-                        mn = lo[i, c]
-                        mx = hi[i, c]
-                        for p in range(a, b):
-                            x = row[p]
+                    if not extrema and (order < 2 or nb_ == 0):
+                        continue
+                    # One loop over the run for the extrema and the moments about the run mean.
+                    mb = acc / max(nb_, 1)
+                    mn = lo[i, c]
+                    mx = hi[i, c]
+                    t2 = 0.0
+                    t3 = 0.0
+                    t4 = 0.0
+                    for p in range(a, b):
+                        x = row[p]
+                        if extrema:
                             mn = min(mn, x)
                             mx = max(mx, x)
+                        if order >= 2 and not (skipna and x != x):
+                            d = x - mb
+                            d2 = d * d
+                            t2 += d2
+                            if order >= 3:
+                                t3 += d2 * d
+                                t4 += d2 * d2
+                    if extrema:
                         if not skipna and acc != acc:
                             # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
                             for p in range(a, b):
@@ -222,25 +237,6 @@ def _sweep(
                         hi[i, c] = mx
                     if order < 2 or nb_ == 0:
                         continue
-                    mb = acc / nb_
-                    t2 = 0.0
-                    t3 = 0.0
-                    t4 = 0.0
-                    if order == 2:
-                        for p in range(a, b):
-                            x = row[p]
-                            if not (skipna and x != x):
-                                d = x - mb
-                                t2 += d * d
-                    else:
-                        for p in range(a, b):
-                            x = row[p]
-                            if not (skipna and x != x):
-                                d = x - mb
-                                d2 = d * d
-                                t2 += d2
-                                t3 += d2 * d
-                                t4 += d2 * d2
                     if na == 0:
                         mean[i, c] = mb
                         m2[i, c] = t2
