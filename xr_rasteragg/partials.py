@@ -171,13 +171,15 @@ def merge(parts: Sequence[Partials]) -> Partials:
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = merged.sum / n
         d = np.where(n_i > 0, stacked.sum / n_i - mean[inverse], 0.0)
+    # Horner forms of the update terms: fewer temporaries than the expanded formulas.
     m2_i = stacked.m2
-    merged.m2 = segment_sum(m2_i + n_i * d**2)
+    nd2 = n_i * d * d
+    merged.m2 = segment_sum(m2_i + nd2)
     if stacked.m3 is not None:
         m3_i = stacked.m3
-        merged.m3 = segment_sum(m3_i + 3.0 * d * m2_i + n_i * d**3)
+        merged.m3 = segment_sum(m3_i + d * (3.0 * m2_i + nd2))
         if stacked.m4 is not None:
-            merged.m4 = segment_sum(stacked.m4 + 4.0 * d * m3_i + 6.0 * d**2 * m2_i + n_i * d**4)
+            merged.m4 = segment_sum(stacked.m4 + d * (4.0 * m3_i + d * (6.0 * m2_i + nd2)))
     return merged
 
 

@@ -152,7 +152,8 @@ def finalize(
         One array per statistic, with one row per requested label; labels without pixels hold the
         statistic's fill value (count 0, sum 0, NaN otherwise).
     """
-    present = parts.take(rows[found])
+    everything = found.all() and rows.shape[0] == parts.size and np.array_equal(rows, np.arange(parts.size))
+    present = parts if everything else parts.take(rows[found])
     out = {}
     for name in stats:
         spec = STATISTICS[name]
