@@ -1,15 +1,17 @@
 """Per-label statistics of multi-channel images over label masks, in one pass.
 
-``xr_rasteragg`` turns a segmentation mask and a multiplexed image into per-label, per-channel
+Importing it registers the ``.rasteragg`` accessor on ``xarray.DataArray``. ``xr_rasteragg``
+turns a segmentation mask and a multiplexed image into per-label, per-channel
 statistics (count, sum, mean, var, std, skew, kurtosis, min, max, center of mass), lazily and
 chunk by chunk with dask, on NumPy or CuPy blocks.
 """
 
 from __future__ import annotations
 
+from .accessor import RasterAggAccessor  # importing it registers DataArray.rasteragg
 from .aggregator import RasterAggregator
 from .engine import Aggregation, aggregate
 from .stats import STATISTICS, StatName
 
-__all__ = ["STATISTICS", "Aggregation", "RasterAggregator", "StatName", "aggregate"]
+__all__ = ["STATISTICS", "Aggregation", "RasterAggAccessor", "RasterAggregator", "StatName", "aggregate"]
 __version__ = "0.1.0.dev0"

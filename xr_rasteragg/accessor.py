@@ -1,0 +1,477 @@
+"""The ``.rasteragg`` accessor on ``xarray.DataArray``.
+
+Thin by design (as ``flox.xarray``): it finds the dims by name, aligns image and labels on their
+coordinates, puts them in the engine's canonical ``(c, z, y, x)`` / ``(z, y, x)`` layout, and wraps
+the engine's arrays back into xarray objects. No statistics are computed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+from numpy.typing import ArrayLike
+
+from .engine import aggregate as run_engine
+from .stats import STATISTICS, validate_stats
+
+__all__ = ["RasterAggAccessor"]
+
+SPATIAL = ("z", "y", "x")
+IMAGE_DIMS = ("c", *SPATIAL)
+
+
+@xr.register_dataarray_accessor("rasteragg")
+class RasterAggAccessor:
+    """Per-label statistics of an image ``DataArray`` over a labels ``DataArray``.
+
+    On an image (dims ⊆ ``{c, z, y, x}``, in any order): :meth:`sum`, :meth:`mean`,
+    :meth:`count`, :meth:`var`, :meth:`std`, :meth:`skew`, :meth:`kurtosis`, :meth:`min`,
+    :meth:`max` and :meth:`aggregate` (several statistics in one pass). On labels (dims ⊆
+    ``{z, y, x}``): :meth:`area`, :meth:`center_of_mass` and :meth:`paint`.
+
+    Examples
+    --------
+    >>> import numpy as np, xarray as xr
+    >>> import xr_rasteragg  # registers the accessor
+    >>> labels = xr.DataArray(np.array([[0, 1, 1], [2, 2, 0]]), dims=("y", "x"))
+    >>> image = xr.DataArray(
+    ...     np.arange(12.0).reshape(2, 2, 3), dims=("c", "y", "x"), coords={"c": ["DAPI", "CD3"]}
+    ... )
+    >>> image.rasteragg.mean(labels).values
+    array([[1.5, 7.5],
+           [3.5, 9.5]])
+    >>> image.rasteragg.mean(labels).c.values
+    array(['DAPI', 'CD3'], dtype='<U4')
+    """
+
+    def __init__(self, obj: xr.DataArray) -> None:
+        self._obj = obj
+
+    # -- statistics of an image over labels --------------------------------------------------
+
+    def aggregate(
+        self,
+        labels: xr.DataArray,
+        stats: str | Iterable[str] = ("mean",),
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.Dataset:
+        """Several statistics per label and channel, all from one pass over the data.
+
+        Parameters
+        ----------
+        labels
+            Integer label mask with dims ⊆ ``{z, y, x}``, over the same pixels as the image (or a
+            crop of them, when both carry coordinates).
+        stats
+            Names of the statistics: ``count``, ``sum``, ``mean``, ``var``, ``std``, ``skew``,
+            ``kurtosis``, ``min``, ``max``, ``center_of_mass``.
+        index
+            Label ids to report, in this order; absent ids get count 0, sum 0 and NaN otherwise.
+            None reports every label present, sorted. With dask inputs and an ``index``, the
+            result is lazy.
+        background
+            A label to leave out when ``index`` is None; None keeps every label.
+        skipna
+            Ignore NaN pixels; by default a NaN pixel makes its label's statistics NaN for that
+            channel.
+
+        Returns
+        -------
+        xarray.Dataset
+            One variable per statistic, with dims ``("label", "c")`` (``"label"`` only for
+            ``count``; ``("label", "axis")`` for ``center_of_mass``). The ``c`` coordinate holds
+            the image's channel coordinate.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(np.array([[1, 1, 2, 2]]), dims=("y", "x"))
+        >>> image = xr.DataArray(np.array([[1.0, 3.0, 5.0, 9.0]]), dims=("y", "x"))
+        >>> ds = image.rasteragg.aggregate(labels, ["mean", "var", "count"])
+        >>> ds["mean"].values, ds["var"].values, ds["count"].values
+        (array([2., 7.]), array([1., 4.]), array([2, 2]))
+        """
+        names = validate_stats(stats)
+        image, labels = _prepare(self._obj, labels)
+        return _run(image, labels, names, index=index, background=background, skipna=skipna)
+
+    def _one(
+        self, name: str, labels: xr.DataArray, index: Any, background: Any, skipna: bool
+    ) -> xr.DataArray:
+        dataset = self.aggregate(labels, (name,), index=index, background=background, skipna=skipna)
+        return dataset[name]
+
+    def sum(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Sum of the pixel values of each label, per channel; see :meth:`aggregate`."""
+        return self._one("sum", labels, index, background, skipna)
+
+    def mean(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Mean of the pixel values of each label, per channel; see :meth:`aggregate`."""
+        return self._one("mean", labels, index, background, skipna)
+
+    def count(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Number of pixels of each label (dim ``label`` only); see :meth:`aggregate`."""
+        return self._one("count", labels, index, background, skipna)
+
+    def var(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Population variance (ddof=0) of each label, per channel; see :meth:`aggregate`."""
+        return self._one("var", labels, index, background, skipna)
+
+    def std(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Population standard deviation of each label, per channel; see :meth:`aggregate`."""
+        return self._one("std", labels, index, background, skipna)
+
+    def skew(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Skewness (biased) of each label, per channel; NaN for constant labels."""
+        return self._one("skew", labels, index, background, skipna)
+
+    def kurtosis(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Excess kurtosis (Fisher, biased) of each label, per channel; NaN for constant labels."""
+        return self._one("kurtosis", labels, index, background, skipna)
+
+    def min(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Smallest pixel value of each label, per channel; see :meth:`aggregate`."""
+        return self._one("min", labels, index, background, skipna)
+
+    def max(
+        self,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        """Largest pixel value of each label, per channel; see :meth:`aggregate`."""
+        return self._one("max", labels, index, background, skipna)
+
+    # -- statistics of labels ------------------------------------------------------------------
+
+    def area(self, *, index: ArrayLike | None = None, background: int | None = 0) -> xr.DataArray:
+        """Number of pixels of each label, with dim ``label``.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(np.array([[0, 1, 1], [2, 2, 2]]), dims=("y", "x"))
+        >>> labels.rasteragg.area().to_series().to_dict()
+        {1: 2, 2: 3}
+        """
+        _, labels = _prepare(None, self._obj)
+        return _run(None, labels, ("count",), index=index, background=background, skipna=False)["count"]
+
+    def center_of_mass(self, *, index: ArrayLike | None = None, background: int | None = 0) -> xr.DataArray:
+        """Mean position of the pixels of each label, with dims ``("label", "axis")``.
+
+        The ``axis`` coordinate names the spatial dims present; positions are in the labels'
+        coordinate values where they carry coordinates, in pixel indices otherwise.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(
+        ...     np.array([[1, 1, 0], [0, 2, 2]]), dims=("y", "x"), coords={"x": [0.0, 0.5, 1.0]}
+        ... )
+        >>> labels.rasteragg.center_of_mass().values
+        array([[0.  , 0.25],
+               [1.  , 0.75]])
+        """
+        _, labels = _prepare(None, self._obj)
+        return _run(None, labels, ("center_of_mass",), index=index, background=background, skipna=False)[
+            "center_of_mass"
+        ]
+
+    def paint(self, values: xr.DataArray) -> xr.DataArray:
+        """Map a per-label result back onto the pixels of these labels, lazily.
+
+        Parameters
+        ----------
+        values
+            A ``DataArray`` with dim ``label`` (and optionally ``c``), such as a statistic from
+            this accessor.
+
+        Returns
+        -------
+        xarray.DataArray
+            Float64 array with the labels' dims (``c`` first when ``values`` has it) holding, at
+            each pixel, the value of its label; NaN where the label is not in ``values``. Dask
+            backed when the labels are.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(np.array([[0, 1], [2, 2]]), dims=("y", "x"))
+        >>> values = xr.DataArray([10.0, 20.0], dims="label", coords={"label": [1, 2]})
+        >>> labels.rasteragg.paint(values).values
+        array([[nan, 10.],
+               [20., 20.]])
+        """
+        labels = self._obj
+        _check_dims(labels, SPATIAL, "labels")
+        if labels.dtype.kind not in "iu":
+            raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+        if "label" not in values.dims:
+            raise ValueError(f"'values' must have a 'label' dim; got dims {values.dims}")
+        extra = [d for d in values.dims if d not in ("label", "c")]
+        if extra:
+            raise ValueError(f"'values' may only have dims 'label' and 'c'; got extra dims {extra}")
+        table = values.transpose("label", ...)
+        ids = (
+            np.asarray(table["label"].values) if "label" in table.coords else np.arange(table.sizes["label"])
+        )
+        order = np.argsort(ids, kind="stable")
+        ids, rows = ids[order], np.asarray(table.values, dtype=np.float64)[order]
+        has_c = "c" in table.dims
+        data = labels.data
+        if isinstance(data, da.Array):
+            chunks = ((rows.shape[1],), *data.chunks) if has_c else data.chunks
+            painted = da.map_blocks(
+                _paint_block,
+                data,
+                ids,
+                rows,
+                has_c,
+                dtype=np.float64,
+                chunks=chunks,
+                new_axis=[0] if has_c else None,
+            )
+        else:
+            painted = _paint_block(np.asarray(data), ids, rows, has_c)
+        dims = (("c",) if has_c else ()) + tuple(labels.dims)
+        coords = {name: coord for name, coord in labels.coords.items() if set(coord.dims) <= set(labels.dims)}
+        if has_c and "c" in table.coords:
+            coords["c"] = table["c"]
+        return xr.DataArray(painted, dims=dims, coords=coords, name=values.name)
+
+
+def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bool) -> np.ndarray:
+    """Value of each pixel's label (NaN for labels not in ``ids``); channels first if any."""
+    pos = np.minimum(np.searchsorted(ids, block), max(ids.shape[0] - 1, 0))
+    found = ids[pos] == block if ids.shape[0] else np.zeros(block.shape, bool)
+    if has_c:
+        out = np.where(found[None], np.moveaxis(rows[pos], -1, 0), np.nan)
+    else:
+        out = np.where(found, rows[pos] if rows.shape[0] else np.nan, np.nan)
+    return out.astype(np.float64)
+
+
+# -- preparation: dims, alignment --------------------------------------------------------------
+
+
+def _check_dims(array: xr.DataArray, allowed: Sequence[str], name: str) -> None:
+    unknown = [d for d in array.dims if d not in allowed]
+    if unknown:
+        raise ValueError(
+            f"'{name}' has dim(s) {unknown} that xr_rasteragg does not know; expected dims from "
+            f"{list(allowed)} (rename or select them first); got dims {list(array.dims)}"
+        )
+    if not any(d in array.dims for d in SPATIAL):
+        raise ValueError(
+            f"'{name}' needs at least one spatial dim of {list(SPATIAL)}; got dims {list(array.dims)}"
+        )
+
+
+def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataArray | None, xr.DataArray]:
+    """Check dims, align on coordinates, and give both the same spatial dims."""
+    if not isinstance(labels, xr.DataArray):
+        raise TypeError(f"'labels' must be an xarray.DataArray; got {type(labels).__name__}")
+    _check_dims(labels, SPATIAL, "labels")
+    if labels.dtype.kind not in "iu":
+        raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+    if image is None:
+        return None, labels
+    _check_dims(image, IMAGE_DIMS, "image")
+    image_spatial = [d for d in SPATIAL if d in image.dims]
+    label_spatial = [d for d in SPATIAL if d in labels.dims]
+    if image_spatial != label_spatial:
+        raise ValueError(
+            f"'labels' and the image must have the same spatial dims; got labels {label_spatial} "
+            f"and image {image_spatial}"
+        )
+    for dim in label_spatial:
+        image, labels = _align_dim(image, labels, dim)
+    return image, labels
+
+
+def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.DataArray, xr.DataArray]:
+    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them."""
+    if dim not in image.coords or dim not in labels.coords:
+        if image.sizes[dim] != labels.sizes[dim]:
+            raise ValueError(
+                f"'labels' and the image must have the same shape when they carry no coordinates; got "
+                f"labels {dict(labels.sizes)} and image {dict(image.sizes)} (they differ along {dim!r})"
+            )
+        return image, labels
+    a = np.asarray(image[dim].values, dtype=np.float64)
+    b = np.asarray(labels[dim].values, dtype=np.float64)
+    if a.shape == b.shape and np.array_equal(a, b):
+        return image, labels
+    step_a, step_b = _spacing(a, "image", dim), _spacing(b, "labels", dim)
+    step = step_a if step_a is not None else step_b
+    if step is None:  # both single-pixel
+        if a[0] != b[0]:
+            raise ValueError(f"'labels' and the image do not overlap along {dim!r}: {b[0]} vs {a[0]}")
+        return image, labels
+    if step_a is not None and step_b is not None and not np.isclose(step_a, step_b, rtol=1e-9, atol=0):
+        raise ValueError(
+            f"'labels' and the image have different pixel spacing along {dim!r}: {step_b} vs {step_a}; "
+            "resample one of them onto the other's grid first"
+        )
+    offset = (b[0] - a[0]) / step
+    shift = round(offset)
+    if not np.isclose(offset, shift, rtol=0, atol=1e-6):
+        raise ValueError(
+            f"'labels' and the image sit on different pixel grids along {dim!r}: the labels start "
+            f"{offset:.6g} pixels into the image, not a whole number"
+        )
+    start, stop = max(0, shift), min(a.shape[0], shift + b.shape[0])
+    if stop <= start:
+        raise ValueError(
+            f"'labels' and the image do not overlap along {dim!r}: labels cover {b[0]}..{b[-1]}, "
+            f"image covers {a[0]}..{a[-1]}"
+        )
+    image = image.isel({dim: slice(start, stop)})
+    labels = labels.isel({dim: slice(start - shift, stop - shift)})
+    return image, labels.assign_coords({dim: image[dim].values})
+
+
+def _spacing(values: np.ndarray, name: str, dim: str) -> float | None:
+    """The constant step of a coordinate (None for a single value); errors for irregular ones."""
+    if values.shape[0] < 2:
+        return None
+    steps = np.diff(values)
+    step = float(steps[0])
+    if step == 0 or not np.allclose(steps, step, rtol=1e-6, atol=0):
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' must be evenly spaced to align on it; got steps from "
+            f"{steps.min()} to {steps.max()}"
+        )
+    return step
+
+
+# -- running the engine and wrapping the result -------------------------------------------------
+
+
+def _canonical(array: xr.DataArray, dims: Sequence[str]) -> Any:
+    """The data of ``array`` with exactly ``dims``, in order; missing ones become size 1."""
+    missing = [d for d in dims if d not in array.dims]
+    if missing:
+        array = array.expand_dims(missing)
+    return array.transpose(*dims).data
+
+
+def _run(
+    image: xr.DataArray | None,
+    labels: xr.DataArray,
+    names: Sequence[str],
+    *,
+    index: ArrayLike | None,
+    background: int | None,
+    skipna: bool,
+) -> xr.Dataset:
+    image_data = None if image is None else _canonical(image, IMAGE_DIMS)
+    result = run_engine(
+        _canonical(labels, SPATIAL), image_data, names, index=index, background=background, skipna=skipna
+    )
+    axes = [d for d in SPATIAL if d in labels.dims]
+    coords: dict[Hashable, Any] = {"label": result.labels}
+    if image is not None and "c" in image.coords and "c" in image.dims:
+        coords["c"] = image["c"].values
+    variables = {}
+    for name in names:
+        value = result.values[name]
+        if name == "center_of_mass":
+            keep = [SPATIAL.index(d) for d in axes]
+            value = _to_coordinates(value[:, keep], labels, axes)
+            variables[name] = xr.Variable(("label", "axis"), value)
+            coords["axis"] = axes
+        elif not STATISTICS[name].per_channel:
+            variables[name] = xr.Variable(("label",), value)
+        elif image is not None and "c" in image.dims:
+            variables[name] = xr.Variable(("label", "c"), value)
+        else:
+            variables[name] = xr.Variable(("label",), value[:, 0])
+    return xr.Dataset(variables, coords=coords)
+
+
+def _interp(x: np.ndarray, grid: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return np.interp(x, grid, values)
+
+
+def _to_coordinates(positions: Any, labels: xr.DataArray, axes: Sequence[str]) -> Any:
+    """Pixel indices turned into the labels' coordinate values, on the dims that have them."""
+    columns = []
+    for j, dim in enumerate(axes):
+        column = positions[:, j]
+        if dim in labels.coords:
+            values = np.asarray(labels[dim].values, dtype=np.float64)
+            grid = np.arange(values.shape[0], dtype=np.float64)
+            if isinstance(column, da.Array):
+                column = da.map_blocks(_interp, column, grid, values, dtype=np.float64)
+            else:
+                column = np.interp(column, grid, values)
+        columns.append(column)
+    stack = da.stack if isinstance(positions, da.Array) else np.stack
+    return stack(columns, axis=1)
