@@ -7,7 +7,7 @@ the engine's arrays back into xarray objects. No statistics are computed here.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from typing import Any
 
 import dask.array as da
@@ -22,6 +22,30 @@ __all__ = ["RasterAggAccessor"]
 
 SPATIAL = ("z", "y", "x")
 IMAGE_DIMS = ("c", *SPATIAL)
+
+
+def _statistic(name: str, summary: str) -> Callable[..., xr.DataArray]:
+    """A method of :class:`RasterAggAccessor` for one statistic of an image over labels."""
+
+    def method(
+        self: RasterAggAccessor,
+        labels: xr.DataArray,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+    ) -> xr.DataArray:
+        dataset = self.aggregate(labels, (name,), index=index, background=background, skipna=skipna)
+        return dataset[name]
+
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"""{summary}
+
+        Parameters and result as in :meth:`RasterAggAccessor.aggregate`, for ``{name}`` alone: a
+        ``DataArray`` named ``{name}`` with dims ``("label", "c")``, or ``"label"`` only when the
+        image has no ``c`` dim{" (always for count)" if name == "count" else ""}.
+        """
+    return method
 
 
 @xr.register_dataarray_accessor("rasteragg")
@@ -102,110 +126,17 @@ class RasterAggAccessor:
         image, labels = _prepare(self._obj, labels)
         return _run(image, labels, names, index=index, background=background, skipna=skipna)
 
-    def _one(
-        self, name: str, labels: xr.DataArray, index: Any, background: Any, skipna: bool
-    ) -> xr.DataArray:
-        dataset = self.aggregate(labels, (name,), index=index, background=background, skipna=skipna)
-        return dataset[name]
-
-    def sum(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Sum of the pixel values of each label, per channel; see :meth:`aggregate`."""
-        return self._one("sum", labels, index, background, skipna)
-
-    def mean(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Mean of the pixel values of each label, per channel; see :meth:`aggregate`."""
-        return self._one("mean", labels, index, background, skipna)
-
-    def count(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Number of pixels of each label (dim ``label`` only); see :meth:`aggregate`."""
-        return self._one("count", labels, index, background, skipna)
-
-    def var(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Population variance (ddof=0) of each label, per channel; see :meth:`aggregate`."""
-        return self._one("var", labels, index, background, skipna)
-
-    def std(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Population standard deviation of each label, per channel; see :meth:`aggregate`."""
-        return self._one("std", labels, index, background, skipna)
-
-    def skew(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Skewness (biased) of each label, per channel; NaN for constant labels."""
-        return self._one("skew", labels, index, background, skipna)
-
-    def kurtosis(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Excess kurtosis (Fisher, biased) of each label, per channel; NaN for constant labels."""
-        return self._one("kurtosis", labels, index, background, skipna)
-
-    def min(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Smallest pixel value of each label, per channel; see :meth:`aggregate`."""
-        return self._one("min", labels, index, background, skipna)
-
-    def max(
-        self,
-        labels: xr.DataArray,
-        *,
-        index: ArrayLike | None = None,
-        background: int | None = 0,
-        skipna: bool = False,
-    ) -> xr.DataArray:
-        """Largest pixel value of each label, per channel; see :meth:`aggregate`."""
-        return self._one("max", labels, index, background, skipna)
+    sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
+    mean = _statistic("mean", "Mean of the pixel values of each label, per channel.")
+    count = _statistic("count", "Number of pixels of each label, with dim ``label`` only.")
+    var = _statistic("var", "Population variance (ddof=0) of the pixel values of each label, per channel.")
+    std = _statistic("std", "Population standard deviation of the pixel values of each label, per channel.")
+    skew = _statistic("skew", "Skewness (biased) of each label, per channel; NaN for a constant label.")
+    kurtosis = _statistic(
+        "kurtosis", "Excess kurtosis (Fisher, biased) of each label, per channel; NaN for a constant label."
+    )
+    min = _statistic("min", "Smallest pixel value of each label, per channel.")
+    max = _statistic("max", "Largest pixel value of each label, per channel.")
 
     # -- statistics of labels ------------------------------------------------------------------
 
