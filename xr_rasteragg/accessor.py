@@ -213,23 +213,29 @@ class RasterAggAccessor:
             np.asarray(table["label"].values) if "label" in table.coords else np.arange(table.sizes["label"])
         )
         order = np.argsort(ids, kind="stable")
-        ids, rows = ids[order], np.asarray(table.values, dtype=np.float64)[order]
         has_c = "c" in table.dims
+        rows = table.data if has_c else table.data[:, None]
+        rows = rows[order]  # lazy when the values are
         data = labels.data
-        if isinstance(data, da.Array):
-            chunks = ((rows.shape[1],), *data.chunks) if has_c else data.chunks
-            painted = da.map_blocks(
+        if isinstance(data, da.Array) or isinstance(rows, da.Array):
+            # Labels blockwise; the whole table (its label axis concatenated) goes to every block.
+            spatial = tuple(labels.dims)
+            painted = da.blockwise(
                 _paint_block,
-                data,
-                ids,
-                rows,
+                (("c",) if has_c else ()) + spatial,
+                da.asarray(data),
+                spatial,
+                ids[order],
+                None,
+                da.asarray(rows),
+                ("label", "c" if has_c else "one"),
                 has_c,
+                None,
+                concatenate=True,
                 dtype=np.float64,
-                chunks=chunks,
-                new_axis=[0] if has_c else None,
             )
         else:
-            painted = _paint_block(np.asarray(data), ids, rows, has_c)
+            painted = _paint_block(np.asarray(data), ids[order], np.asarray(rows), has_c)
         dims = (("c",) if has_c else ()) + tuple(labels.dims)
         coords = {name: coord for name, coord in labels.coords.items() if set(coord.dims) <= set(labels.dims)}
         if has_c and "c" in table.coords:
@@ -238,14 +244,20 @@ class RasterAggAccessor:
 
 
 def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bool) -> np.ndarray:
-    """Value of each pixel's label (NaN for labels not in ``ids``); channels first if any."""
-    pos = np.minimum(np.searchsorted(ids, block), max(ids.shape[0] - 1, 0))
-    found = ids[pos] == block if ids.shape[0] else np.zeros(block.shape, bool)
-    if has_c:
-        out = np.where(found[None], np.moveaxis(rows[pos], -1, 0), np.nan)
-    else:
-        out = np.where(found, rows[pos] if rows.shape[0] else np.nan, np.nan)
-    return out.astype(np.float64)
+    """Value of each pixel's label (NaN for labels not in the sorted ``ids``), channels first.
+
+    ``rows`` holds one row of values per id, shape ``(k, C)``; without ``has_c``, ``C`` is 1 and
+    the channel axis is dropped.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    shape = ((rows.shape[1],) if has_c else ()) + block.shape
+    if ids.shape[0] == 0:
+        return np.full(shape, np.nan)
+    pos = np.minimum(np.searchsorted(ids, block), ids.shape[0] - 1)
+    found = ids[pos] == block
+    values = np.moveaxis(rows[pos], -1, 0)  # (c, *block.shape)
+    out = np.where(found[None], values, np.nan)
+    return out if has_c else out[0]
 
 
 # -- preparation: dims, alignment --------------------------------------------------------------

@@ -99,7 +99,7 @@ def aggregate(
     stats = validate_stats(stats)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
-    lazy = isinstance(labels, da.Array) and index is not None
+    lazy = index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
     wanted = None if index is None else prepare_index(index)
