@@ -102,6 +102,14 @@ class Partials:
             return self.nvalid
         return self.count[:, None]
 
+    def put(self, rows: NDArray[Any], other: Partials) -> None:
+        """Overwrite the labels at positions ``rows`` with those of ``other``, in place."""
+        self.labels[rows] = other.labels
+        self.count[rows] = other.count
+        self.coords[rows] = other.coords
+        for name, value in self.channel_arrays().items():
+            value[rows] = getattr(other, name)
+
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
         channel = {name: value[rows] for name, value in self.channel_arrays().items()}
@@ -137,21 +145,28 @@ def merge(parts: Sequence[Partials]) -> Partials:
     if len(parts) == 1:
         return parts[0]
     labels = np.concatenate([p.labels for p in parts])
-    uniq, inverse = np.unique(labels, return_inverse=True)
-    if uniq.shape[0] == labels.shape[0]:
-        # No label occurs twice: a sorted interleave is the whole merge.
-        order = np.argsort(labels, kind="stable")
-        return _concat(parts).take(order)
+    _, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
+    stacked = _concat(parts)
+    merged = stacked.take(first)  # already right for the labels that only one part holds
+    shared = np.flatnonzero(counts > 1)
+    if shared.size:
+        rows = np.flatnonzero(counts[inverse] > 1)
+        merged.put(shared, _combine(stacked.take(rows), inverse[rows]))
+    return merged
+
+
+def _combine(stacked: Partials, inverse: NDArray[Any]) -> Partials:
+    """Reduce rows of partials that share labels (``inverse`` numbers the labels in sorted order)."""
     order = np.argsort(inverse, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse[order]) != 0])
-    stacked = _concat(parts).take(order)
-    inverse = inverse[order]
+    stacked, inverse = stacked.take(order), inverse[order]
+    starts = np.flatnonzero(np.r_[True, np.diff(inverse) != 0])
+    inverse = np.cumsum(np.r_[0, np.diff(inverse) != 0])  # renumbered 0..m-1
 
     def segment_sum(values: NDArray[Any]) -> NDArray[Any]:
         return np.add.reduceat(values, starts, axis=0)
 
     merged = Partials(
-        labels=uniq,
+        labels=stacked.labels[starts],
         count=segment_sum(stacked.count),
         coords=segment_sum(stacked.coords),
     )
