@@ -265,21 +265,31 @@ def _merged_partials(
     label_blocks = labels.to_delayed(optimize_graph=False)
     image_blocks = None if image is None else image.to_delayed(optimize_graph=False)
     starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
+    # Keys named from one token of the whole pass, rather than by hashing every task's arguments.
+    token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     block_task = delayed(_block_task, pure=True)
     merge_task = delayed(merge, pure=True)
     merged = []
-    for group in _channel_groups(image):
+    for g, group in enumerate(_channel_groups(image)):
         parts = []
         for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
             chunks = [] if image_blocks is None else [image_blocks[c, iz, iy, ix] for c in group]
             offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
-            parts.append(block_task(label_blocks[iz, iy, ix], chunks, offset, needs, skip))
+            key = f"rasteragg-block-{token}-{g}-{iz}-{iy}-{ix}"
+            parts.append(block_task(label_blocks[iz, iy, ix], chunks, offset, needs, skip, dask_key_name=key))
+        level = 0
         while len(parts) > 1:
-            parts = [merge_task(parts[i : i + split_every]) for i in range(0, len(parts), split_every)]
+            parts = [
+                merge_task(
+                    parts[i : i + split_every], dask_key_name=f"rasteragg-merge-{token}-{g}-{level}-{i}"
+                )
+                for i in range(0, len(parts), split_every)
+            ]
+            level += 1
         merged.append(parts[0])
     if len(merged) == 1:
         return merged[0]
-    result: Delayed = delayed(concat_channels, pure=True)(merged)
+    result: Delayed = delayed(concat_channels, pure=True)(merged, dask_key_name=f"rasteragg-join-{token}")
     return result
 
 
