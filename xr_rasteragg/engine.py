@@ -22,6 +22,7 @@ import dask
 import dask.array as da
 import numpy as np
 from dask.delayed import Delayed, delayed
+from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import ArrayLike, NDArray
 
 from .kernels import array_backend, kernel_for
@@ -261,36 +262,36 @@ def _channel_groups(image: da.Array | None) -> list[list[int]]:
 def _merged_partials(
     labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int
 ) -> Delayed:
-    """The graph of the pass: block tasks, a tree merge per channel group, and the join."""
-    label_blocks = labels.to_delayed(optimize_graph=False)
-    image_blocks = None if image is None else image.to_delayed(optimize_graph=False)
-    starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
-    # Keys named from one token of the whole pass, rather than by hashing every task's arguments.
+    """The graph of the pass: block tasks, a tree merge per channel group, and the join.
+
+    Built as a plain task graph on top of the arrays' graphs (cheaper than one ``delayed`` call per
+    task, which merges the arrays' graphs again for every block).
+    """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
-    block_task = delayed(_block_task, pure=True)
-    merge_task = delayed(merge, pure=True)
-    merged = []
+    name = f"rasteragg-{token}"
+    starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
+    graph: dict[Any, Any] = {}
+    finals = []
     for g, group in enumerate(_channel_groups(image)):
-        parts = []
+        keys: list[Any] = []
         for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
-            chunks = [] if image_blocks is None else [image_blocks[c, iz, iy, ix] for c in group]
+            chunks = [] if image is None else [(image.name, c, iz, iy, ix) for c in group]
             offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
-            key = f"rasteragg-block-{token}-{g}-{iz}-{iy}-{ix}"
-            parts.append(block_task(label_blocks[iz, iy, ix], chunks, offset, needs, skip, dask_key_name=key))
+            key: Any = (f"{name}-block", g, iz, iy, ix)
+            graph[key] = (_block_task, (labels.name, iz, iy, ix), chunks, offset, needs, skip)
+            keys.append(key)
         level = 0
-        while len(parts) > 1:
-            parts = [
-                merge_task(
-                    parts[i : i + split_every], dask_key_name=f"rasteragg-merge-{token}-{g}-{level}-{i}"
-                )
-                for i in range(0, len(parts), split_every)
-            ]
-            level += 1
-        merged.append(parts[0])
-    if len(merged) == 1:
-        return merged[0]
-    result: Delayed = delayed(concat_channels, pure=True)(merged, dask_key_name=f"rasteragg-join-{token}")
-    return result
+        while len(keys) > 1:
+            merged = []
+            for i in range(0, len(keys), split_every):
+                key = (f"{name}-merge", g, level, i)
+                graph[key] = (merge, keys[i : i + split_every])
+                merged.append(key)
+            keys, level = merged, level + 1
+        finals.append(keys[0])
+    graph[name] = finals[0] if len(finals) == 1 else (concat_channels, finals)
+    inputs: list[Any] = [labels] if image is None else [labels, image]
+    return Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=inputs))
 
 
 def _finalize_rows(parts: Partials, index: NDArray[np.integer], stats: Sequence[str]) -> dict[str, Any]:
