@@ -203,3 +203,22 @@ def _assert_scaled(name: str, got: NDArray[Any], expected: NDArray[Any], toleran
     with np.errstate(invalid="ignore"):
         bad = ~nan & ~(np.abs(got - expected) <= np.nan_to_num(tolerance))
     assert not bad.any(), f"{name}: got {got[bad]}, expected {expected[bad]}, tolerance {tolerance[bad]}"
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
+    """Offsets of the blocks that the engine's kernels are called on, in call order."""
+    calls: list[tuple[int, int, int]] = []
+    real_kernel_for = xr_rasteragg.engine.kernel_for
+
+    def counting_kernel_for(array: Any) -> Callable[..., Any]:
+        kernel = real_kernel_for(array)
+
+        def counted(labels: Any, image: Any, offset: tuple[int, int, int], *args: Any, **kwargs: Any) -> Any:
+            calls.append(offset)
+            return kernel(labels, image, offset, *args, **kwargs)
+
+        return counted
+
+    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", counting_kernel_for)
+    return calls

@@ -160,24 +160,11 @@ def test_aggregate_equals_individual_calls() -> None:
     xr.testing.assert_allclose(dataset["center_of_mass"], dlabels.rasteragg.center_of_mass(), rtol=1e-12)
 
 
-def test_aggregate_reads_each_block_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[tuple[int, int, int]] = []
-    real_kernel_for = xr_rasteragg.engine.kernel_for
-
-    def counting_kernel_for(array: Any) -> Callable[..., Any]:
-        kernel = real_kernel_for(array)
-
-        def counted(labels: Any, image: Any, offset: tuple[int, int, int], *args: Any, **kw: Any) -> Any:
-            calls.append(offset)
-            return kernel(labels, image, offset, *args, **kw)
-
-        return counted
-
-    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", counting_kernel_for)
+def test_aggregate_reads_each_block_once(kernel_calls: list[tuple[int, int, int]]) -> None:
     labels = make_labels((12, 16))
     image = image_array(make_image(labels), chunks={"c": 1, "y": 6, "x": 8})
     image.rasteragg.aggregate(labels_array(labels), ALL_STATS)
-    assert sorted(calls) == [(0, y, x) for y in (0, 6) for x in (0, 8)]
+    assert sorted(kernel_calls) == [(0, y, x) for y in (0, 6) for x in (0, 8)]
 
 
 def test_single_stat_string_and_unknown_stat() -> None:

@@ -426,20 +426,7 @@ def test_numpy_inputs_give_numpy_results() -> None:
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_one_kernel_call_per_spatial_block(monkeypatch: pytest.MonkeyPatch, lazy: bool) -> None:
-    calls: list[tuple[int, int, int]] = []
-    real_kernel_for = xr_rasteragg.engine.kernel_for
-
-    def counting_kernel_for(array: Any) -> Callable[..., Any]:
-        kernel = real_kernel_for(array)
-
-        def counted(labels: Any, image: Any, offset: tuple[int, int, int], *args: Any, **kwargs: Any) -> Any:
-            calls.append(offset)
-            return kernel(labels, image, offset, *args, **kwargs)
-
-        return counted
-
-    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", counting_kernel_for)
+def test_one_kernel_call_per_spatial_block(kernel_calls: list[tuple[int, int, int]], lazy: bool) -> None:
     rng = np.random.default_rng(12)
     labels = make_labels(SHAPES["3d"], "int32", rng)
     image = make_image(4, labels, "float32", rng)
@@ -448,8 +435,8 @@ def test_one_kernel_call_per_spatial_block(monkeypatch: pytest.MonkeyPatch, lazy
     with dask.config.set(scheduler="synchronous"):
         result = aggregate(dlabels, dimage, ALL_STATS, index=[1, 5] if lazy else None)
         values = computed(result.values)
-    assert len(calls) == nblocks
-    assert len(set(calls)) == nblocks
+    assert len(kernel_calls) == nblocks
+    assert len(set(kernel_calls)) == nblocks
     assert_all_stats(values, reference(labels, image, [int(i) for i in result.labels]), ALL_STATS)
 
 
