@@ -10,6 +10,7 @@ Run ``python benchmarks/reference.py`` (``--quick`` for a small smoke run).
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from collections.abc import Callable
 
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1024 x 1024 px smoke run")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
+    logging.getLogger("xr_rasteragg").setLevel(logging.ERROR)  # harpy's constant-label notices
     size, chunk = (1024, 512) if args.quick else (4096, 2048)
 
     labels, image = make_cells((size, size), n_channels=8, cell_diameter=30.0, seed=0)
