@@ -1,11 +1,15 @@
 """Compiled CPU kernel for NumPy blocks.
 
 The kernel walks the label block once, row by row, and encodes it as runs of equal labels
-(start, length, local id). Label ids are discovered in the same walk with an open-addressing hash
-table, so nothing is ever allocated by the size of the largest id. The runs then drive one sweep
-per channel that accumulates sums and extrema in registers along each run, and, when central
-moments are needed, a second sweep over the block in memory that accumulates powers of the
-deviation from the block mean of each label (the two-pass algorithm inside the block).
+((z, y, x) start, length, local id). Label ids are discovered in the same walk with an
+open-addressing hash table, so nothing is ever allocated by the size of the largest id. The runs
+then drive one sweep per channel, image row by image row (strided blocks are read in place):
+
+- sums come from exact int64 prefix sums of the row for integer images, or from a loop over the
+  run otherwise;
+- one more loop over the run (then in L1 cache) finds the extrema and the central moments about
+  the run's own mean, which are merged into the label's running moments with the pairwise
+  formulas of Pébay (2008); no statistic rests on raw power sums that cancel.
 
 All loops are compiled with Numba (``nogil``, cached on disk) and specialise on the label and
 image dtypes; the statistics to compute are run-time flags.
