@@ -27,7 +27,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .kernels import array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, merge
-from .stats import finalize, needs_of, validate_stats
+from .stats import STATISTICS, finalize, needs_of, validate_stats
 
 __all__ = ["Aggregation", "aggregate", "locate", "prepare_index"]
 
@@ -203,7 +203,7 @@ def _check_inputs(
     if not labels.dtype.isnative:
         labels = labels.astype(labels.dtype.newbyteorder("="))
     if image is None:
-        per_channel = [name for name in stats if name not in ("count", "center_of_mass")]
+        per_channel = [name for name in stats if STATISTICS[name].per_channel]
         if per_channel:
             raise ValueError(f"statistics {per_channel} need an image; 'image' is None")
         return labels, None

@@ -103,8 +103,7 @@ class Partials:
         return self.count[:, None]
 
     def put(self, rows: NDArray[Any], other: Partials) -> None:
-        """Overwrite the labels at positions ``rows`` with those of ``other``, in place."""
-        self.labels[rows] = other.labels
+        """Overwrite the partials at positions ``rows`` with ``other``'s (same label ids), in place."""
         self.count[rows] = other.count
         self.coords[rows] = other.coords
         for name, value in self.channel_arrays().items():
