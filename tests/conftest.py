@@ -18,6 +18,7 @@ import scipy.stats
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
+import xr_rasteragg.kernels.cupy
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
 from xr_rasteragg.partials import Partials
@@ -40,6 +41,7 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 KERNELS = {
+    "cupy-logic": xr_rasteragg.kernels.cupy.block_partials,  # the GPU kernel, run on NumPy
     "numba": xr_rasteragg.kernels.numba.block_partials,
     "xp": xr_rasteragg.kernels.xp.block_partials,
 }
