@@ -223,7 +223,8 @@ def _check_inputs(
     if array_backend(labels) != array_backend(image):
         raise TypeError(
             f"'labels' and 'image' must live on the same device; got {array_backend(labels)} labels "
-            f"and a {array_backend(image)} image"
+            f"and a {array_backend(image)} image (move both to the GPU with cupy.asarray, or both to "
+            "the host with cupy.asnumpy)"
         )
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))
