@@ -93,7 +93,7 @@ class ScatterReductions(ArrayReductions):
         for init, low, scatter in ((0, True, self.scatter_min), (1, False, self.scatter_max)):
             values = channel
             if ignore is not None:
-                values = xp.where(ignore, largest if low else smallest, channel)
+                values = xp.where(ignore, largest if low else smallest, channel).astype(dtype, copy=False)
             out = xp.full(k, bounds[init], dtype=bounds.dtype)
             scatter(out, inverse, order_keys(xp, values))
             results.append(from_order_keys(xp, out, dtype))
