@@ -119,6 +119,23 @@ def test_accessor_on_the_device_returns_numpy(layout: str) -> None:
     assert np.isnan(computed["mean"].values[1]).all()
 
 
+@pytest.mark.parametrize("layout", ["cupy", "dask-cupy"])
+def test_paint_stays_on_the_device(layout: str) -> None:
+    labels = blobs((1, 20, 24), "int64", seed=14)
+    glabels = cupy.asarray(labels)
+    if layout == "dask-cupy":
+        glabels = da.from_array(glabels, chunks=(1, 8, 12), asarray=False)
+    ids = np.unique(labels)[1:]
+    table = xr.DataArray(
+        np.arange(2.0 * ids.size).reshape(-1, 2), dims=("label", "c"), coords={"label": ids, "c": ["a", "b"]}
+    )
+    painted = xr.DataArray(glabels, dims=("z", "y", "x")).rasteragg.paint(table)
+    expected = xr.DataArray(labels, dims=("z", "y", "x")).rasteragg.paint(table)
+    data = painted.data.compute() if layout == "dask-cupy" else painted.data
+    assert type(data) is cupy.ndarray
+    np.testing.assert_array_equal(cupy.asnumpy(data), expected.values)
+
+
 def test_raster_aggregator_runs_on_the_gpu() -> None:
     labels = blobs((2, 30, 40), "uint32", seed=10)
     image = values(3, labels.shape, "uint16", seed=11)

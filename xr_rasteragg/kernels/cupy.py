@@ -89,13 +89,14 @@ class ScatterReductions(ArrayReductions):
             info = np.iinfo(dtype)
             largest, smallest = dtype.type(info.max), dtype.type(info.min)
         bounds = order_keys(np, np.array([largest, smallest], dtype=dtype))
+        keys = order_keys(xp, channel) if ignore is None else None  # one set of keys for both
         results = []
         for init, low, scatter in ((0, True, self.scatter_min), (1, False, self.scatter_max)):
-            values = channel
             if ignore is not None:
-                values = xp.where(ignore, largest if low else smallest, channel).astype(dtype, copy=False)
+                kept = xp.where(ignore, largest if low else smallest, channel).astype(dtype, copy=False)
+                keys = order_keys(xp, kept)
             out = xp.full(k, bounds[init], dtype=bounds.dtype)
-            scatter(out, inverse, order_keys(xp, values))
+            scatter(out, inverse, keys)
             results.append(from_order_keys(xp, out, dtype))
         return results[0], results[1]
 

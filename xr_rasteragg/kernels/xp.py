@@ -165,7 +165,9 @@ def partials_with(
             if keep is not None:
                 channel = channel[keep]
             values = channel.astype(xp.float64)
-            nan = xp.isnan(values) if floating else None
+            nan = xp.isnan(channel) if floating else None
+            if nan is not None and not bool(nan.any()):
+                nan = None  # no NaN in this channel: nothing to skip or to propagate
             n = pixels
             if skipna and nan is not None:
                 n = per_label((~nan).astype(xp.float64))
@@ -175,7 +177,7 @@ def partials_with(
             columns["sum"].append(total)
             if needs.extrema:
                 lo, hi = reductions.extrema(channel, inverse, k, nan)
-                if nan is not None and not skipna and bool(nan.any()):
+                if nan is not None and not skipna:
                     has_nan = per_label(nan.astype(xp.float64)) > 0  # NaN wins, as in NumPy
                     lo[has_nan] = xp.nan
                     hi[has_nan] = xp.nan
