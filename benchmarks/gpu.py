@@ -86,8 +86,9 @@ def ndimage_stats(
 def ours(labels: Any, image: Any, stats: Sequence[str], chunks: tuple[int, int]) -> dict[str, np.ndarray]:
     """Our statistics for every label but the background, with (spatial, channel) ``chunks``."""
     spatial, channel = chunks
-    dlabels = da.from_array(labels, chunks=(1, spatial, spatial), asarray=False)
-    dimage = da.from_array(image, chunks=(channel, 1, spatial, spatial), asarray=False)
+    # name=False: no token from the contents, which would copy device arrays to the host.
+    dlabels = da.from_array(labels, chunks=(1, spatial, spatial), asarray=False, name=False)
+    dimage = da.from_array(image, chunks=(channel, 1, spatial, spatial), asarray=False, name=False)
     result = aggregate(dlabels, dimage, stats, background=0)
     return {"labels": result.labels, **result.values}
 

@@ -214,3 +214,23 @@ def test_mixed_host_and_device_inputs_are_an_error(
         ximage.rasteragg.mean(xlabels)
     with pytest.raises(TypeError, match=r"cupy\.asarray"):
         aggregate(dlabels, dimage, ["mean"])
+
+
+def test_device_arrays_are_not_read_to_name_the_graph(
+    data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch, fakegpu_kernel: None
+) -> None:
+    """Plain device arrays get graph names without a content token (which would copy them to the host)."""
+    tokenized: list[type] = []
+    tokenize = dask.base.tokenize
+
+    def spy(*args: Any, **kwargs: Any) -> str:
+        tokenized.extend(type(arg) for arg in args)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(dask.base, "tokenize", spy)
+    labels, image = data
+    result = aggregate(fake_device.asarray(labels), fake_device.asarray(image), ["mean"])
+    assert DeviceArray not in tokenized
+    expected = aggregate(labels, image, ["mean"])
+    assert np.ndarray in tokenized  # the spy does see the content tokens of NumPy arrays
+    np.testing.assert_allclose(result.values["mean"], expected.values["mean"], rtol=1e-12)

@@ -186,3 +186,41 @@ def test_cupy_blocks_get_the_gpu_kernel_and_cupy_is_imported_lazily() -> None:
         "assert r.values['mean'].tolist() == [[1.0]]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+#: The dtypes CuPy's scatter functions accept (cupyx.scatter_add / scatter_min / scatter_max).
+CUPY_SCATTER_DTYPES = {
+    "add": {"int32", "float16", "float32", "float64", "uint32", "uint64"},
+    "min": {"int32", "float32", "float64", "uint32", "uint64"},
+    "max": {"int32", "float32", "float64", "uint32", "uint64"},
+}
+
+
+@pytest.mark.parametrize("image_dtype", IMAGE_DTYPES)
+@pytest.mark.parametrize("skipna", [False, True])
+def test_scatter_calls_use_dtypes_cupy_supports(image_dtype: str, skipna: bool) -> None:
+    """Every scatter the kernel makes has a dtype CuPy supports and values of the output's dtype
+    (CuPy would silently cast them), and the CuPy float64 min/max (single-precision compare) is
+    never used."""
+    calls: list[tuple[str, str, str]] = []
+
+    def checked(name: str, function: Any) -> Any:
+        def scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
+            calls.append((name, str(out.dtype), str(values.dtype)))
+            function(out, indices, values)
+
+        return scatter
+
+    reductions = gpu_kernel.ScatterReductions(
+        np, checked("add", np.add.at), checked("min", np.minimum.at), checked("max", np.maximum.at)
+    )
+    labels = blobs((1, 9, 11), "int64", seed=11)
+    image = values(2, labels.shape, image_dtype, seed=12)
+    if image.dtype.kind == "f":
+        image[0, 0, :3] = np.nan
+    partials_with(reductions, labels, [image], (0, 0, 0), Needs(4, extrema=True, skipna=skipna), 0)
+    assert {name for name, _, _ in calls} >= {"min", "max"}
+    for name, out_dtype, value_dtype in calls:
+        assert out_dtype == value_dtype, (name, out_dtype, value_dtype)
+        assert out_dtype in CUPY_SCATTER_DTYPES[name], (name, out_dtype)
+        assert not (name in ("min", "max") and out_dtype.startswith("float")), (name, out_dtype)
