@@ -21,6 +21,7 @@ import xr_rasteragg.engine
 import xr_rasteragg.kernels.cupy
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
+from xr_rasteragg.gpu import probe_cupy
 from xr_rasteragg.partials import Partials
 
 ALL_STATS = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
@@ -47,16 +48,7 @@ KERNELS = {
 }
 
 
-def _cupy_device() -> bool:
-    try:
-        import cupy
-
-        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
-    except Exception:
-        return False
-
-
-requires_cupy = pytest.mark.skipif(not _cupy_device(), reason="needs CuPy and a CUDA device")
+requires_cupy = pytest.mark.skipif(probe_cupy()[0] is None, reason="needs CuPy and a working CUDA device")
 
 
 @pytest.fixture(params=sorted(KERNELS))
