@@ -18,8 +18,10 @@ import scipy.stats
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
+import xr_rasteragg.kernels.cupy
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
+from xr_rasteragg.gpu import probe_cupy
 from xr_rasteragg.partials import Partials
 
 ALL_STATS = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
@@ -40,21 +42,13 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 KERNELS = {
+    "cupy-logic": xr_rasteragg.kernels.cupy.block_partials,  # the GPU kernel, run on NumPy
     "numba": xr_rasteragg.kernels.numba.block_partials,
     "xp": xr_rasteragg.kernels.xp.block_partials,
 }
 
 
-def _cupy_device() -> bool:
-    try:
-        import cupy
-
-        return bool(cupy.cuda.runtime.getDeviceCount() > 0)
-    except Exception:
-        return False
-
-
-requires_cupy = pytest.mark.skipif(not _cupy_device(), reason="needs CuPy and a CUDA device")
+requires_cupy = pytest.mark.skipif(probe_cupy()[0] is None, reason="needs CuPy and a working CUDA device")
 
 
 @pytest.fixture(params=sorted(KERNELS))

@@ -16,6 +16,7 @@ import xarray as xr
 from numpy.typing import ArrayLike
 
 from .engine import aggregate as run_engine
+from .kernels.xp import namespace, to_numpy
 from .stats import STATISTICS, validate_stats
 
 __all__ = ["RasterAggAccessor"]
@@ -188,7 +189,7 @@ class RasterAggAccessor:
         xarray.DataArray
             Float64 array with the labels' dims (``c`` first when ``values`` has it) holding, at
             each pixel, the value of its label; NaN where the label is not in ``values``. Dask
-            backed when the labels are.
+            backed when the labels are, and on the labels' device (CuPy labels give a CuPy image).
 
         Examples
         --------
@@ -235,7 +236,7 @@ class RasterAggAccessor:
                 dtype=np.float64,
             )
         else:
-            painted = _paint_block(np.asarray(data), ids[order], np.asarray(rows), has_c)
+            painted = _paint_block(data, ids[order], rows, has_c)
         dims = (("c",) if has_c else ()) + tuple(labels.dims)
         coords = {name: coord for name, coord in labels.coords.items() if set(coord.dims) <= set(labels.dims)}
         if has_c and "c" in table.coords:
@@ -249,14 +250,16 @@ def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bo
     ``rows`` holds one row of values per id, shape ``(k, C)``; without ``has_c``, ``C`` is 1 and
     the channel axis is dropped.
     """
-    rows = np.asarray(rows, dtype=np.float64)
+    xp = namespace(block)  # painted on the device that holds the labels
+    rows = xp.asarray(to_numpy(rows), dtype=np.float64)
     shape = ((rows.shape[1],) if has_c else ()) + block.shape
     if ids.shape[0] == 0:
-        return np.full(shape, np.nan)
-    pos = np.minimum(np.searchsorted(ids, block), ids.shape[0] - 1)
+        return xp.full(shape, np.nan)
+    ids = xp.asarray(ids)
+    pos = xp.minimum(xp.searchsorted(ids, block), ids.shape[0] - 1)
     found = ids[pos] == block
-    values = np.moveaxis(rows[pos], -1, 0)  # (c, *block.shape)
-    out = np.where(found[None], values, np.nan)
+    values = xp.moveaxis(rows[pos], -1, 0)  # (c, *block.shape)
+    out = xp.where(found[None], values, np.nan)
     return out if has_c else out[0]
 
 

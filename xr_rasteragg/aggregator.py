@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -18,6 +17,7 @@ import pandas as pd
 from numpy.typing import ArrayLike
 
 from .engine import aggregate
+from .gpu import probe_cupy, to_device, to_host
 from .stats import STATISTICS, validate_stats
 
 __all__ = ["RasterAggregator"]
@@ -64,8 +64,10 @@ class RasterAggregator:
     instance_size_key
         Name of the column that holds the area in :meth:`aggregate_area`.
     run_on_gpu
-        Move the blocks to the GPU with CuPy. Without a usable CuPy and GPU, a warning is logged
-        and everything runs on the CPU.
+        Move the blocks to the GPU with CuPy and compute there. Without CuPy, or with CuPy but
+        no working CUDA driver or device, a warning is logged and everything runs on the CPU.
+        With False, blocks that are on a GPU are moved to the host. Results are NumPy-backed
+        DataFrames either way.
 
     Raises
     ------
@@ -125,13 +127,22 @@ class RasterAggregator:
             )
         assert mask.ndim == 3, f"Only 3D masks ('z', 'y', 'x') are supported; got shape {mask.shape}."
 
+        cupy = None
         if run_on_gpu:
-            cupy = _usable_cupy()
+            cupy, reason = probe_cupy()
             if cupy is None:
+                log.warning(
+                    "Parameter 'run_on_gpu' was set to True, but CuPy cannot use a GPU here (%s). "
+                    "Falling back to CPU execution.",
+                    reason,
+                )
                 run_on_gpu = False
-            else:
-                mask = _to_device(mask, cupy)
-                image = None if image is None else _to_device(image, cupy)
+        if cupy is not None:
+            mask = to_device(mask, cupy)
+            image = None if image is None else to_device(image, cupy)
+        else:
+            mask = to_host(mask)
+            image = None if image is None else to_host(image)
         self._mask = mask
         self._image = image
         self._instance_key = instance_key
@@ -276,26 +287,3 @@ class RasterAggregator:
             One row per label: columns ``0, 1, 2`` (z, y, x) then ``instance_key``.
         """
         return self.aggregate_stats(("center_of_mass",), index=index)[0]
-
-
-def _usable_cupy() -> Any | None:
-    """CuPy, if it is installed and sees a GPU; otherwise log why not and return None."""
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            raise RuntimeError("no CUDA device found")
-    except Exception as error:  # ImportError, CUDA driver and runtime errors alike
-        log.warning(
-            "Parameter 'run_on_gpu' was set to True, but CuPy cannot use a GPU here (%s). "
-            "Falling back to CPU execution.",
-            error,
-        )
-        return None
-    return cupy
-
-
-def _to_device(array: da.Array, cupy: Any) -> da.Array:
-    """The same dask array with CuPy blocks."""
-    meta = cupy.empty((0,) * array.ndim, dtype=array.dtype)
-    return da.map_blocks(cupy.asarray, array, dtype=array.dtype, meta=meta)

@@ -13,6 +13,7 @@ NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, wh
 from __future__ import annotations
 
 import operator
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import product
@@ -178,7 +179,9 @@ def _as_dask(array: Any, name: str) -> da.Array:
     chunks: Any = "auto"
     if array.ndim in (3, 4):
         chunks = (*array.shape[:-3], *_spatial_chunks(array.shape[-3:]))
-    return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{dask.base.tokenize(array)}")
+    # Tokenizing by content reads the whole array: for device arrays, through a copy to the host.
+    token = dask.base.tokenize(array) if array_backend(array) == "numpy" else uuid.uuid4().hex
+    return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{token}")
 
 
 def _spatial_chunks(shape: Sequence[int]) -> tuple[int, ...]:
@@ -223,7 +226,8 @@ def _check_inputs(
     if array_backend(labels) != array_backend(image):
         raise TypeError(
             f"'labels' and 'image' must live on the same device; got {array_backend(labels)} labels "
-            f"and a {array_backend(image)} image"
+            f"and a {array_backend(image)} image (move both to the GPU with cupy.asarray, or both to "
+            "the host with cupy.asnumpy)"
         )
     if not image.dtype.isnative:
         image = image.astype(image.dtype.newbyteorder("="))

@@ -33,7 +33,7 @@ class BlockKernel(Protocol):
 
 _KERNELS: dict[str, str] = {
     "numpy": "xr_rasteragg.kernels.numba",
-    "cupy": "xr_rasteragg.kernels.xp",
+    "cupy": "xr_rasteragg.kernels.cupy",
 }
 _LOADED: dict[str, BlockKernel] = {}
 

@@ -1,9 +1,17 @@
 """Generic array kernel, written with array operations only: runs on NumPy and on CuPy.
 
-It computes the same partials as the compiled kernels with sorting (``unique``, ``argsort``) and
-weighted ``bincount``, both of which NumPy and CuPy provide with the same signature. It is the
-reference the compiled kernels are tested against, and it lets the logic of the GPU path be
-tested on machines without a GPU. Only the small per-label tables leave the device.
+A block is relabelled with ``unique(..., return_inverse=True)`` (so nothing is allocated by the
+size of the largest id), background pixels are dropped, and every per-label quantity is a
+segmented reduction over the inverse index. The per-channel central moments are computed in two
+passes over the block (mean first, then the moments about it, corrected for the rounding of the
+mean), which is the most accurate form while the block is in memory anyway. Only the small
+per-label tables are copied to the host.
+
+The reductions themselves are a small object, :class:`ArrayReductions`: weighted ``bincount``
+for sums and sorting for extrema, which NumPy and CuPy provide with the same signature. This
+module is the reference the compiled kernels are tested against; the GPU kernel
+(:mod:`xr_rasteragg.kernels.cupy`) runs the same :func:`partials_with` with atomic scatter
+reductions instead.
 """
 
 from __future__ import annotations
@@ -14,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..partials import Needs, Partials
+from ..partials import CHANNEL_FIELDS, Needs, Partials
 
-__all__ = ["block_partials"]
+__all__ = ["ArrayReductions", "block_partials", "namespace", "partials_with", "to_numpy"]
 
 
 def namespace(array: Any) -> ModuleType:
@@ -32,6 +40,47 @@ def to_numpy(array: Any) -> np.ndarray:
     """A NumPy copy of a NumPy or CuPy array."""
     get = getattr(array, "get", None)
     return get() if callable(get) else np.asarray(array)
+
+
+class ArrayReductions:
+    """Per-label reductions over an inverse index, with array-API operations only.
+
+    Parameters
+    ----------
+    xp
+        The array module of the data (``numpy`` or ``cupy``).
+    """
+
+    def __init__(self, xp: ModuleType) -> None:
+        self.xp = xp
+
+    def sum(self, weights: Any, inverse: Any, k: int) -> Any:
+        """Per-label sums of float64 ``weights``, shape ``(k,)``."""
+        return self.xp.bincount(inverse, weights=weights, minlength=k)
+
+    def channel_sum(self, channel: Any, values: Any, inverse: Any, k: int) -> Any:
+        """Per-label sums of one channel in float64; ``values`` is ``channel`` in float64."""
+        return self.sum(values, inverse, k)
+
+    def extrema(self, channel: Any, inverse: Any, k: int, ignore: Any | None) -> tuple[Any, Any]:
+        """Per-label minimum and maximum of ``channel`` by sorting, in its dtype.
+
+        Pixels flagged in ``ignore`` are left out; a label without any pixel left gets the dtype's
+        largest value as minimum and its smallest as maximum (``inf`` and ``-inf`` for floats).
+        """
+        xp = self.xp
+        results = []
+        for largest_first in (False, True):
+            ranked = channel
+            if ignore is not None:
+                ranked = xp.where(ignore, -xp.inf if largest_first else xp.inf, channel)
+            order = xp.argsort(ranked, kind="stable")
+            order = order[xp.argsort(inverse[order], kind="stable")]
+            grouped = ranked[order]
+            ends = xp.cumsum(xp.bincount(inverse, minlength=k))
+            pick = ends - 1 if largest_first else xp.concatenate([xp.zeros(1, ends.dtype), ends[:-1]])
+            results.append(grouped[pick])
+        return results[0], results[1]
 
 
 def block_partials(
@@ -62,22 +111,43 @@ def block_partials(
     Partials
         The partials of the labels present in the block, sorted by id, as NumPy arrays.
     """
-    xp = namespace(labels)
+    return partials_with(ArrayReductions(namespace(labels)), labels, image, offset, needs, skip)
+
+
+def partials_with(
+    reductions: ArrayReductions,
+    labels: Any,
+    image: Sequence[Any] | None,
+    offset: tuple[int, int, int],
+    needs: Needs,
+    skip: int | None = None,
+) -> Partials:
+    """Partials of one block, with the given per-label reductions.
+
+    Parameters as in :func:`block_partials`; ``reductions`` supplies the array module and the
+    segmented sums and extrema.
+    """
+    xp = reductions.xp
     _, ny, nx = labels.shape
     flat = labels.reshape(-1)
-    position = xp.arange(flat.shape[0], dtype=xp.int64)
+    keep = None
     info = np.iinfo(labels.dtype)
     if skip is not None and info.min <= skip <= info.max:
         keep = flat != labels.dtype.type(skip)
-        flat, position = flat[keep], position[keep]
+        flat = flat[keep]
+    if flat.shape[0] == 0:
+        return _empty(labels.dtype, image, needs)
     uniq, inverse = xp.unique(flat, return_inverse=True)
     inverse = inverse.reshape(-1)
     k = int(uniq.shape[0])
 
     def per_label(weights: Any) -> Any:
-        return xp.bincount(inverse, weights=weights, minlength=k)
+        return reductions.sum(weights, inverse, k)
 
     count = xp.bincount(inverse, minlength=k).astype(xp.int64)
+    position = xp.arange(labels.size, dtype=xp.int64)
+    if keep is not None:
+        position = position[keep]
     z, rest = position // (ny * nx), position % (ny * nx)
     index_sums = [per_label(axis.astype(xp.float64)) for axis in (z, rest // nx, rest % nx)]
     coords = xp.stack(index_sums, axis=1) + xp.asarray(offset, dtype=xp.float64) * count[:, None]
@@ -86,47 +156,38 @@ def block_partials(
         return parts
 
     dtype = image[0].dtype
-    pixels = xp.concatenate([chunk.reshape(chunk.shape[0], -1) for chunk in image])
-    if pixels.shape[1] != position.shape[0]:
-        pixels = pixels[:, position]
-    skipna = needs.skipna and np.issubdtype(pixels.dtype, np.floating)
-    columns: dict[str, list[Any]] = {name: [] for name in ("nvalid", "sum", "m2", "m3", "m4", "min", "max")}
-    for channel in pixels:
-        values = channel.astype(xp.float64)
-        nan = xp.isnan(values)
-        if skipna:
-            n = per_label((~nan).astype(xp.float64))
-            values = xp.where(nan, 0.0, values)
-        else:
-            n = count.astype(xp.float64)
-        columns["nvalid"].append(n)
-        total = per_label(values)
-        columns["sum"].append(total)
-        if needs.extrema:
-            lo, hi = _extrema(xp, channel, inverse, k, nan if skipna else None)
-            if not skipna:
-                has_nan = per_label(nan.astype(xp.float64)) > 0
-                lo = xp.where(has_nan, xp.nan, lo) if has_nan.any() else lo
-                hi = xp.where(has_nan, xp.nan, hi) if has_nan.any() else hi
-            columns["min"].append(lo)
-            columns["max"].append(hi)
-        if needs.order >= 2:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                mean = total / n
-            d = values - mean[inverse]
-            if skipna:
-                d = xp.where(nan, 0.0, d)
-            # Central moments about the exact mean: correct for the rounding of `mean`.
-            with np.errstate(invalid="ignore", divide="ignore"):
-                delta = xp.where(n > 0, per_label(d) / n, 0.0)
-            s2 = per_label(d**2)
-            columns["m2"].append(s2 - n * delta**2)
-            if needs.order >= 3:
-                s3 = per_label(d**3)
-                columns["m3"].append(s3 - 3 * delta * s2 + 2 * n * delta**3)
-                if needs.order >= 4:
-                    s4 = per_label(d**4)
-                    columns["m4"].append(s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4)
+    floating = np.issubdtype(dtype, np.floating)
+    skipna = needs.skipna and floating
+    columns: dict[str, list[Any]] = {name: [] for name in CHANNEL_FIELDS}
+    pixels = count.astype(xp.float64)
+    for chunk in image:
+        for channel in chunk.reshape(chunk.shape[0], -1):
+            if keep is not None:
+                channel = channel[keep]
+            values = channel.astype(xp.float64)
+            nan = xp.isnan(channel) if floating else None
+            if nan is not None and not bool(nan.any()):
+                nan = None  # no NaN in this channel: nothing to skip or to propagate
+            n = pixels
+            if skipna and nan is not None:
+                n = per_label((~nan).astype(xp.float64))
+                values = xp.where(nan, 0.0, values)
+            columns["nvalid"].append(n)
+            total = reductions.channel_sum(channel, values, inverse, k)
+            columns["sum"].append(total)
+            if needs.extrema:
+                lo, hi = reductions.extrema(channel, inverse, k, nan)
+                if nan is not None and not skipna:
+                    has_nan = per_label(nan.astype(xp.float64)) > 0  # NaN wins, as in NumPy
+                    lo[has_nan] = xp.nan
+                    hi[has_nan] = xp.nan
+                columns["min"].append(lo)
+                columns["max"].append(hi)
+            if needs.order >= 2:
+                ignore = nan if skipna else None
+                moments = _central_moments(xp, per_label, values, inverse, total, n, needs.order, ignore)
+                for name, moment in zip(("m2", "m3", "m4"), moments, strict=False):
+                    columns[name].append(moment)
 
     def table(name: str) -> np.ndarray:
         return to_numpy(xp.stack(columns[name], axis=1))
@@ -135,8 +196,6 @@ def block_partials(
         parts.nvalid = table("nvalid").astype(np.int64)
     if needs.extrema:
         parts.min, parts.max = table("min"), table("max")
-        if not np.issubdtype(parts.min.dtype, np.floating):
-            parts.min, parts.max = parts.min.astype(dtype), parts.max.astype(dtype)
     if needs.order >= 1:
         parts.sum = table("sum")
     for order, name in ((2, "m2"), (3, "m3"), (4, "m4")):
@@ -145,23 +204,47 @@ def block_partials(
     return parts
 
 
-def _extrema(xp: ModuleType, values: Any, inverse: Any, k: int, skip: Any | None) -> tuple[Any, Any]:
-    """Per-label minimum and maximum by sorting, in the dtype of ``values``.
+def _central_moments(
+    xp: ModuleType, per_label: Any, values: Any, inverse: Any, total: Any, n: Any, order: int, ignore: Any
+) -> list[Any]:
+    """``sum((x - mean) ** p)`` per label for p = 2 .. ``order``, in a second pass over the values.
 
-    Pixels flagged in ``skip`` are ignored; a label without any pixel left gets the dtype's
-    largest value as minimum and its smallest as maximum (``inf`` and ``-inf`` for floats).
+    The deviations are taken about the rounded mean and corrected for its rounding with the
+    per-label mean deviation ``delta`` (exact algebra, not an approximation). Pixels flagged in
+    ``ignore`` (skipped NaNs) contribute nothing; otherwise a NaN pixel makes its label's moments
+    NaN, as in NumPy.
     """
-    if k == 0:
-        return values[:0], values[:0]
-    results = []
-    for largest_first in (False, True):
-        ranked = values
-        if skip is not None:
-            ranked = xp.where(skip, -xp.inf if largest_first else xp.inf, values)
-        order = xp.argsort(ranked, kind="stable")
-        order = order[xp.argsort(inverse[order], kind="stable")]
-        grouped = ranked[order]
-        ends = xp.cumsum(xp.bincount(inverse, minlength=k))
-        pick = ends - 1 if largest_first else xp.concatenate([xp.zeros(1, ends.dtype), ends[:-1]])
-        results.append(grouped[pick])
-    return results[0], results[1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = total / n
+        d = values - mean[inverse]
+        if ignore is not None:
+            d = xp.where(ignore, 0.0, d)
+        delta = xp.where(n > 0, per_label(d) / n, 0.0)
+    d2 = d * d
+    s2 = per_label(d2)
+    moments = [s2 - n * delta**2]
+    if order >= 3:
+        s3 = per_label(d2 * d)
+        moments.append(s3 - 3 * delta * s2 + 2 * n * delta**3)
+    if order >= 4:
+        s4 = per_label(d2 * d2)
+        moments.append(s4 - 4 * delta * s3 + 6 * delta**2 * s2 - 3 * n * delta**4)
+    return moments
+
+
+def _empty(dtype: np.dtype, image: Sequence[Any] | None, needs: Needs) -> Partials:
+    """Partials of a block without labels (every pixel is background)."""
+    parts = Partials(
+        labels=np.empty(0, dtype), count=np.empty(0, np.int64), coords=np.empty((0, 3), np.float64)
+    )
+    if image is None or (needs.order == 0 and not needs.extrema):
+        return parts
+    nchan = sum(int(chunk.shape[0]) for chunk in image)
+    if needs.skipna:
+        parts.nvalid = np.empty((0, nchan), np.int64)
+    if needs.extrema:
+        parts.min = parts.max = np.empty((0, nchan), image[0].dtype)
+    for order, name in ((1, "sum"), (2, "m2"), (3, "m3"), (4, "m4")):
+        if needs.order >= order:
+            setattr(parts, name, np.empty((0, nchan), np.float64))
+    return parts
