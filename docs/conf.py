@@ -1,7 +1,8 @@
 """Sphinx configuration of the xr_rasteragg documentation.
 
-Build with ``sphinx-build -W --keep-going -b html docs docs/_build/html``. Notebooks are rendered
-from their stored outputs (CI runs them with ``pytest --nbmake``); the build never executes them.
+Build: ``sphinx-build -W --keep-going -b html docs docs/_build/html``. Notebooks are
+rendered from their stored outputs (CI runs them with ``pytest --nbmake``); the build
+never executes them.
 """
 
 from __future__ import annotations
@@ -32,11 +33,12 @@ extensions = [
 exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 templates_path = ["_templates"]
 
-# -- pages that other work brings in --------------------------------------------------------------
-# These pages land with their own features (SpatialData and command line, GPU, bad input,
-# benchmarks). Until a page exists, its toctree entry is dropped, so that the build passes with
-# warnings as errors on every branch; once it exists, it shows up where index.md and guide/index.md
-# place it. A page that is not in this list must exist.
+# -- pages that other work brings in ---------------------------------------------------
+# These pages arrive with their features (SpatialData and the command line, GPU,
+# bad input, benchmarks). Until a page is there, its toctree entry is dropped, so
+# that the build passes with warnings as errors on every branch; once it is there, it
+# appears where index.md, reference.md, guide/index.md and api/index.md place it.
+# Every other page in a toctree must exist.
 OPTIONAL_PAGES = {
     "guide/spatialdata",
     "guide/cli",
@@ -45,51 +47,76 @@ OPTIONAL_PAGES = {
     "benchmarks",
     "api/spatialdata",
 }
-#: Optional pages that exist but cannot be built yet because their module is not there.
+# The SpatialData API page documents a module that may not be there yet.
 if not (Path(xr_rasteragg.__file__).parent / "spatialdata.py").exists():
     exclude_patterns.append("api/spatialdata.md")
 
 
-def _absent(docname: str) -> bool:
-    if f"{docname}.md" in exclude_patterns:
+def _absent(page: str) -> bool:
+    if f"{page}.md" in exclude_patterns:
         return True
-    return not any((HERE / f"{docname}{suffix}").exists() for suffix in (".md", ".ipynb", ".rst"))
+    suffixes = (".md", ".ipynb", ".rst")
+    return not any((HERE / f"{page}{suffix}").exists() for suffix in suffixes)
 
 
 def _drop_absent_pages(app: Any, docname: str, source: list[str]) -> None:
-    """Remove toctree lines that name an optional page which is not there (``source-read``)."""
+    """Remove toctree lines that name an absent optional page (``source-read``)."""
     folder = docname.rpartition("/")[0]
-    missing = set()
-    for page in OPTIONAL_PAGES:
-        local = page.removeprefix(f"{folder}/") if folder else page
-        if _absent(page):
-            missing.add(local)
+    missing = {
+        page.removeprefix(f"{folder}/") if folder else page
+        for page in OPTIONAL_PAGES
+        if _absent(page)
+    }
     if missing:
-        pattern = re.compile(rf"^({'|'.join(re.escape(m) for m in sorted(missing))})\s*$", re.MULTILINE)
-        source[0] = pattern.sub("", source[0])
+        names = "|".join(re.escape(name) for name in sorted(missing))
+        source[0] = re.sub(rf"^({names})\s*$", "", source[0], flags=re.MULTILINE)
+
+
+def _alias_names(
+    app: Any,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
+    ret: str | None,
+) -> tuple[str | None, str | None]:
+    """Type aliases by their name (Sphinx 9 prints ``TypeAliasForwardRef('…')``)."""
+
+    def clean(text: str | None) -> str | None:
+        return (
+            None
+            if text is None
+            else re.sub(r"TypeAliasForwardRef\('([^']+)'\)", r"\1", text)
+        )
+
+    return clean(signature), clean(ret)
 
 
 def setup(app: Any) -> None:
     app.connect("source-read", _drop_absent_pages)
+    app.connect("autodoc-process-signature", _alias_names)
 
 
-# -- MyST and notebooks ---------------------------------------------------------------------------
-myst_enable_extensions = ["colon_fence", "dollarmath", "deflist", "fieldlist", "substitution"]
+# -- MyST and notebooks ----------------------------------------------------------------
+myst_enable_extensions = ["colon_fence", "dollarmath", "deflist", "fieldlist"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # CI executes the notebooks with nbmake; the site shows stored outputs
+# CI runs the notebooks with nbmake; the site shows their stored outputs.
+nb_execution_mode = "off"
 nb_merge_streams = True
 
-# -- API reference ----------------------------------------------------------------------------------
+# -- API reference ---------------------------------------------------------------------
 autosummary_generate = True
 autosummary_imported_members = True
 autodoc_typehints = "signature"
+# NumPy's array-like aliases by name, not as the unions they stand for.
+autodoc_type_aliases = {"ArrayLike": "ArrayLike", "NDArray": "NDArray"}
 autodoc_member_order = "bysource"
-autodoc_default_options = {"members": False}
 numpydoc_show_class_members = False
 numpydoc_class_members_toctree = False
 numpydoc_xref_param_type = False
 
-# -- HTML -------------------------------------------------------------------------------------------
+# -- HTML ------------------------------------------------------------------------------
 html_theme = "pydata_sphinx_theme"
 html_title = "xr_rasteragg"
 html_static_path = ["_static"]
