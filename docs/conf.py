@@ -26,7 +26,6 @@ extensions = [
     "numpydoc",
     "sphinx.ext.autodoc",
     "sphinx.ext.autosummary",
-    "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
 ]
 
@@ -99,7 +98,7 @@ def setup(app: Any) -> None:
 
 
 # -- MyST and notebooks ----------------------------------------------------------------
-myst_enable_extensions = ["colon_fence", "dollarmath", "deflist", "fieldlist"]
+myst_enable_extensions = ["colon_fence", "deflist", "fieldlist"]
 myst_heading_anchors = 3
 # CI runs the notebooks with nbmake; the site shows their stored outputs.
 nb_execution_mode = "off"
