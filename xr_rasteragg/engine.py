@@ -269,7 +269,9 @@ def _merged_partials(
     """The graph of the pass: block tasks, a tree merge per channel group, and the join.
 
     Built as a plain task graph on top of the arrays' graphs (cheaper than one ``delayed`` call per
-    task, which merges the arrays' graphs again for every block).
+    task, which merges the arrays' graphs again for every block). Keys start with what the task
+    does (``rasteragg-block-…``, ``rasteragg-merge-…``), so that the dask dashboard shows the block
+    tasks and the merge tree apart.
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     name = f"rasteragg-{token}"
@@ -281,14 +283,14 @@ def _merged_partials(
         for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
             chunks = [] if image is None else [(image.name, c, iz, iy, ix) for c in group]
             offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
-            key: Any = (f"{name}-block", g, iz, iy, ix)
+            key: Any = (f"rasteragg-block-{token}", g, iz, iy, ix)
             graph[key] = (_block_task, (labels.name, iz, iy, ix), chunks, offset, needs, skip)
             keys.append(key)
         level = 0
         while len(keys) > 1:
             merged = []
             for i in range(0, len(keys), split_every):
-                key = (f"{name}-merge", g, level, i)
+                key = (f"rasteragg-merge-{token}", g, level, i)
                 graph[key] = (merge, keys[i : i + split_every])
                 merged.append(key)
             keys, level = merged, level + 1
