@@ -17,6 +17,7 @@ from numpy.typing import ArrayLike
 
 from .engine import aggregate as run_engine
 from .stats import STATISTICS, validate_stats
+from .validation import check_labels_dtype
 
 __all__ = ["RasterAggAccessor"]
 
@@ -201,8 +202,7 @@ class RasterAggAccessor:
         """
         labels = self._obj
         _check_dims(labels, SPATIAL, "labels")
-        if labels.dtype.kind not in "iu":
-            raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+        check_labels_dtype(labels.dtype)
         if "label" not in values.dims:
             raise ValueError(f"'values' must have a 'label' dim; got dims {values.dims}")
         extra = [d for d in values.dims if d not in ("label", "c")]
@@ -281,8 +281,7 @@ def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataA
     if not isinstance(labels, xr.DataArray):
         raise TypeError(f"'labels' must be an xarray.DataArray; got {type(labels).__name__}")
     _check_dims(labels, SPATIAL, "labels")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+    check_labels_dtype(labels.dtype)
     if image is None:
         return None, labels
     _check_dims(image, IMAGE_DIMS, "image")
@@ -299,7 +298,12 @@ def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataA
 
 
 def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.DataArray, xr.DataArray]:
-    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them."""
+    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them.
+
+    Coordinates may ascend or descend; labels that run the other way than the image are flipped
+    onto the image's direction first (statistics do not depend on pixel order, and the center of
+    mass is reported in coordinate values).
+    """
     if dim not in image.coords or dim not in labels.coords:
         if image.sizes[dim] != labels.sizes[dim]:
             raise ValueError(
@@ -307,11 +311,14 @@ def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.
                 f"labels {dict(labels.sizes)} and image {dict(image.sizes)} (they differ along {dim!r})"
             )
         return image, labels
-    a = np.asarray(image[dim].values, dtype=np.float64)
-    b = np.asarray(labels[dim].values, dtype=np.float64)
-    if a.shape == b.shape and np.array_equal(a, b):
+    if image.sizes[dim] == labels.sizes[dim] and np.array_equal(image[dim].values, labels[dim].values):
         return image, labels
+    a = _numeric_coordinate(image, "image", dim)
+    b = _numeric_coordinate(labels, "labels", dim)
     step_a, step_b = _spacing(a, "image", dim), _spacing(b, "labels", dim)
+    if step_a is not None and step_b is not None and (step_a > 0) != (step_b > 0):
+        labels = labels.isel({dim: slice(None, None, -1)})
+        b, step_b = b[::-1], -step_b
     step = step_a if step_a is not None else step_b
     if step is None:  # both single-pixel
         if a[0] != b[0]:
@@ -338,6 +345,22 @@ def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.
     image = image.isel({dim: slice(start, stop)})
     labels = labels.isel({dim: slice(start - shift, stop - shift)})
     return image, labels.assign_coords({dim: image[dim].values})
+
+
+def _numeric_coordinate(array: xr.DataArray, name: str, dim: str) -> np.ndarray:
+    """The coordinate ``dim`` of ``array`` as finite float64 values; errors say why not."""
+    values = np.asarray(array[dim].values)
+    if values.dtype.kind not in "iuf":
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' must be numeric to align on it; got dtype {values.dtype} "
+            "(drop or replace the coordinate to match pixels by position)"
+        )
+    values = values.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' must be finite to align on it; it holds NaN or inf"
+        )
+    return values
 
 
 def _spacing(values: np.ndarray, name: str, dim: str) -> float | None:
