@@ -34,6 +34,7 @@ distributed = pytest.importorskip("distributed")
 WORKER_MEMORY = 500 * 2**20
 #: Spatial block of the generated images: 2048² float32 = 16 MiB per channel.
 BLOCK = 2048
+STATS = ("count", "sum", "mean", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
 
 # The workers are separate processes: send this module's functions by value, so that they need
 # not import the test module.
@@ -42,6 +43,10 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 @pytest.fixture(scope="module")
 def client() -> Iterator[Any]:
+    # Compile the kernels for the dtypes used here once, in this process: Numba caches them on
+    # disk, and the workers (and a restarted worker) load them instead of compiling them each.
+    for dtype in (np.uint16, np.float32):
+        aggregate(np.ones((1, 2, 2), np.int32), np.ones((1, 1, 2, 2), dtype), STATS)
     with (
         # A worker over its memory limit is killed (at 95%); it never pauses, which could stall
         # both workers. A task may kill its worker up to 3 times before the run fails.
@@ -81,9 +86,6 @@ def cells() -> tuple[xr.DataArray, xr.DataArray]:
         {"y": 256, "x": 320}
     )
     return ximage, xlabels
-
-
-STATS = ("count", "sum", "mean", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
 
 
 def test_accessor_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
