@@ -58,7 +58,7 @@ def client() -> Iterator[Any]:
             threads_per_worker=1,
             processes=True,
             memory_limit=WORKER_MEMORY,
-            dashboard_address=None,
+            dashboard_address=":0",  # any free port: other clusters may be running
             silence_logs=40,  # errors only: worker deaths are expected here
         ) as cluster,
         distributed.Client(cluster) as client,
