@@ -338,6 +338,7 @@ def _shape_cases() -> list[Case]:
 
 def _coordinate_cases() -> list[Case]:
     x = np.arange(4.0)
+    far = 123456.7 + 0.1 * x
     return [
         Case(
             "coords-no-overlap",
@@ -386,6 +387,30 @@ def _coordinate_cases() -> list[Case]:
             lambda: ximg(x=[0.0, np.nan, 2.0, 3.0]).rasteragg.mean(xlab(x=x)),
             ValueError,
             r"coordinate 'x' of 'image' must be finite",
+        ),
+        Case(
+            "coords-float32-labels",
+            "accessor",
+            "float32 labels coordinate of the image's float64 grid, x = 123456.7 + 0.1 i",
+            lambda: ximg(x=far).rasteragg.mean(xlab(x=far.astype(np.float32))),
+            result="aligned: positions match to a thousandth of a pixel beyond the dtype's rounding",
+            check=check_mean,
+        ),
+        Case(
+            "coords-float32-crop",
+            "accessor",
+            "the same, labels a float32 crop x[1:3]",
+            lambda: ximg(x=far).rasteragg.mean(xlab(LAB[:, 1:3], x=far[1:3].astype(np.float32))),
+            result="intersection, as for float64 crops",
+            check=lambda r: check_mean(r, [1, 2], [[1.0, 9.0], [(2 + 5) / 2, (10 + 13) / 2]]),
+        ),
+        Case(
+            "coords-too-coarse",
+            "accessor",
+            "float32 coordinate x = 1e7 + 0.1 i (float32 cannot tell these apart)",
+            lambda: ximg(x=1e7 + 0.1 * x).rasteragg.mean(xlab(x=(1e7 + 0.1 * x).astype(np.float32))),
+            ValueError,
+            r"coordinate 'x' of 'labels' is too coarse to tell pixels apart: its dtype float32 resolves",
         ),
         Case(
             "coords-descending-both",
