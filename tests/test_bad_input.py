@@ -106,7 +106,8 @@ class Case:
     id
         Unique name of the case (the test id and the table's first column).
     entry
-        ``accessor``, ``class`` or ``engine``.
+        ``accessor``, ``class`` or ``engine`` (the SpatialData adapter and the command line add
+        their own cases to :data:`CASES` the same way).
     given
         What the input is, for the table.
     call
@@ -989,7 +990,7 @@ def test_bad_input(case: Case, caplog: pytest.LogCaptureFixture) -> None:
 def test_cases_are_unique_and_cover_every_entry_point() -> None:
     ids = [case.id for case in CASES]
     assert len(ids) == len(set(ids))
-    assert {case.entry for case in CASES} == {"accessor", "class", "engine"}
+    assert {case.entry for case in CASES} >= {"accessor", "class", "engine"}
     for case in CASES:
         assert (case.error is None) == bool(case.result) == (case.check is not None), case.id
 
