@@ -1,18 +1,25 @@
-"""Property tests: chunking never changes a result, the kernels agree, merging splits is exact."""
+"""Property tests: chunking never changes a result (engine, accessor, class), the kernels agree,
+merging splits is exact, the merge is associative and commutative, and adversarial precision holds
+for any chunking."""
 
 from __future__ import annotations
 
 import itertools
+from fractions import Fraction
 from typing import Any
 
 import dask.array as da
 import numpy as np
+import pytest
+import xarray as xr
 from conftest import ALL_STATS, KERNELS, assert_partials_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
+import xr_rasteragg  # noqa: F401  (registers the accessor)
+from xr_rasteragg import RasterAggregator
 from xr_rasteragg.engine import aggregate
 from xr_rasteragg.partials import Needs, merge
 
@@ -143,3 +150,128 @@ def test_merge_of_random_splits_equals_whole(
     while len(shuffled) > 1:
         shuffled = [merge(shuffled[i : i + fan_in]) for i in range(0, len(shuffled), fan_in)]
     assert_partials_close(shuffled[0], whole)
+
+
+# --- merge algebra ------------------------------------------------------------------------------
+
+
+def slabs(data: st.DataObject, labels: NDArray[Any], image: NDArray[Any], needs: Needs) -> list[Any]:
+    """Partials of three disjoint slabs of the pixels (cut along y or x, some possibly empty)."""
+    axis = data.draw(st.sampled_from([1, 2]), label="axis")
+    n = labels.shape[axis]
+    cuts = sorted(data.draw(st.lists(st.integers(0, n), min_size=2, max_size=2), label="cuts"))
+    parts = []
+    for start, stop in itertools.pairwise([0, *cuts, n]):
+        window = [slice(None)] * 3
+        window[axis] = slice(start, stop)
+        offset = [0, 0, 0]
+        offset[axis] = start
+        block = labels[tuple(window)]
+        parts.append(KERNELS["numba"](block, [image[(slice(None), *window)]], tuple(offset), needs))
+    return parts
+
+
+@FAST
+@given(data=st.data(), case=cases(), needs=needs())
+def test_merge_is_associative_and_commutative(data: st.DataObject, case: Any, needs: Needs) -> None:
+    labels, image, _ = case
+    a, b, c = slabs(data, labels, image, needs)
+    left = merge([merge([a, b]), c])
+    assert_partials_close(merge([a, merge([b, c])]), left, rtol=1e-12)
+    assert_partials_close(merge([merge([c, a]), b]), left, rtol=1e-12)
+    assert_partials_close(merge([c, b, a]), left, rtol=1e-12)
+    assert_partials_close(merge([b, a]), merge([a, b]), rtol=1e-12)
+
+
+# --- adversarial precision, any chunking --------------------------------------------------------
+
+MOMENTS = ("sum", "mean", "var", "std", "skew", "kurtosis")
+
+
+@st.composite
+def adversarial(draw: st.DrawFn) -> tuple[NDArray[np.integer], NDArray[Any]]:
+    """Few labels over values far from zero with a tiny spread, where raw power sums cancel:
+    uint16 65533..65535 (±1 about 65534), or float64 ``offset + spread * k`` with
+    ``|offset| / spread`` up to 1e6 and k in 0..4."""
+    shape = (draw(st.integers(1, 2)), draw(st.integers(1, 10)), draw(st.integers(1, 10)))
+    labels = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, 3)))
+    if draw(st.booleans()):
+        image = draw(hnp.arrays(np.uint16, (2, *shape), elements=st.integers(65533, 65535)))
+        return labels, image
+    spread = draw(st.sampled_from([1.0, 1e-3, 0.37, 1e5]))
+    offset = draw(st.sampled_from([-1.0, 1.0])) * spread * 10.0 ** draw(st.integers(0, 6))
+    steps = draw(hnp.arrays(np.float64, (2, *shape), elements=st.integers(0, 4).map(float)))
+    return labels, offset + spread * steps
+
+
+def exact_moments(x: NDArray[Any]) -> dict[str, float]:
+    """Moments of ``x`` in exact rational arithmetic, rounded once to float64 at the end.
+
+    (A float64 two-pass reference is itself off for labels that are constant up to the rounding
+    of their mean: three pixels of 0.1 have a float64 mean of 0.1 + 1 ulp, a variance of 1e-34 and
+    a skewness of -1.)
+    """
+    values = [Fraction(float(v)) for v in x.ravel()]
+    n = len(values)
+    mean = sum(values, Fraction(0)) / n
+    m2, m3, m4 = (sum(((v - mean) ** k for v in values), Fraction(0)) / n for k in (2, 3, 4))
+    shape = {}
+    if m2:  # m3 / m2**1.5 as (m3 / m2) / sqrt(m2): one rounding before the square root
+        shape = {"skew": float(m3 / m2) / float(m2) ** 0.5, "kurtosis": float(m4 / m2**2) - 3.0}
+    return {"sum": float(mean * n), "mean": float(mean), "var": float(m2), "std": float(m2) ** 0.5, **shape}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), case=adversarial())
+def test_adversarial_precision_for_any_chunking(data: st.DataObject, case: Any) -> None:
+    labels, image = case
+    label_chunks = data.draw(chunks_for(labels.shape), label="label chunks")
+    image_chunks = data.draw(chunks_for(image.shape), label="image chunks")
+    result = aggregate(
+        da.from_array(labels, chunks=label_chunks), da.from_array(image, chunks=image_chunks), MOMENTS
+    )
+    for row, label in enumerate(result.labels):
+        for channel in range(image.shape[0]):
+            expected = exact_moments(image[channel][labels == label])
+            got = {name: float(result.values[name][row, channel]) for name in MOMENTS}
+            for name in ("sum", "mean", "var", "std"):
+                assert got[name] == pytest.approx(expected[name], rel=1e-9, abs=0), (name, label, channel)
+            if "skew" not in expected:  # a constant label: no shape (NaN, as scipy.stats)
+                assert np.isnan(got["skew"])
+                assert np.isnan(got["kurtosis"])
+                continue
+            for name in ("skew", "kurtosis"):
+                assert got[name] == pytest.approx(expected[name], rel=0, abs=1e-6), (name, label, channel)
+
+
+# --- the accessor and the class, any chunking ---------------------------------------------------
+
+
+@FAST
+@given(data=st.data(), case=cases())
+def test_accessor_and_class_do_not_depend_on_chunking(data: st.DataObject, case: Any) -> None:
+    labels, image, ids = case
+    dims = ("z", "y", "x")
+    xlabels = xr.DataArray(labels, dims=dims)
+    ximage = xr.DataArray(image, dims=("c", *dims))
+    index = data.draw(
+        st.none() | st.lists(st.sampled_from([*ids, 77]), min_size=1, max_size=4), label="index"
+    )
+    whole = ximage.rasteragg.aggregate(xlabels, ALL_STATS, index=index)
+    label_chunks = data.draw(chunks_for(labels.shape), label="label chunks")
+    image_chunks = data.draw(chunks_for(image.shape), label="image chunks")
+    chunked = ximage.chunk(dict(zip(("c", *dims), image_chunks, strict=True))).rasteragg.aggregate(
+        xlabels.chunk(dict(zip(dims, label_chunks, strict=True))), ALL_STATS, index=index
+    )
+    xr.testing.assert_allclose(chunked.compute(), whole, rtol=1e-9, atol=1e-9)
+
+    # The class wants the same spatial chunks for mask and image: those of the labels.
+    mask = da.from_array(labels, chunks=label_chunks)
+    pixels = da.from_array(image, chunks=(image_chunks[0], *label_chunks))
+    names = ("sum", "mean", "count", "var", "min", "max")
+    frames = RasterAggregator(mask, pixels, run_on_gpu=False).aggregate_stats(names, index=index)
+    reference = RasterAggregator(labels, image, run_on_gpu=False).aggregate_stats(names, index=index)
+    for name, got, expected in zip(names, frames, reference, strict=True):
+        np.testing.assert_allclose(
+            got.to_numpy(float), expected.to_numpy(float), rtol=1e-9, atol=1e-9, equal_nan=True, err_msg=name
+        )

@@ -18,11 +18,15 @@ from numpy.typing import ArrayLike
 from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
 from .stats import STATISTICS, validate_stats
+from .validation import check_labels_dtype
 
 __all__ = ["RasterAggAccessor"]
 
 SPATIAL = ("z", "y", "x")
 IMAGE_DIMS = ("c", *SPATIAL)
+#: Positions on two coordinate grids closer than this fraction of a pixel (beyond the rounding of
+#: the coordinates' dtypes) are the same pixel.
+GRID_TOLERANCE = 1e-3
 
 
 def _statistic(name: str, summary: str) -> Callable[..., xr.DataArray]:
@@ -202,8 +206,7 @@ class RasterAggAccessor:
         """
         labels = self._obj
         _check_dims(labels, SPATIAL, "labels")
-        if labels.dtype.kind not in "iu":
-            raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+        check_labels_dtype(labels.dtype)
         if "label" not in values.dims:
             raise ValueError(f"'values' must have a 'label' dim; got dims {values.dims}")
         extra = [d for d in values.dims if d not in ("label", "c")]
@@ -284,8 +287,7 @@ def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataA
     if not isinstance(labels, xr.DataArray):
         raise TypeError(f"'labels' must be an xarray.DataArray; got {type(labels).__name__}")
     _check_dims(labels, SPATIAL, "labels")
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+    check_labels_dtype(labels.dtype)
     if image is None:
         return None, labels
     _check_dims(image, IMAGE_DIMS, "image")
@@ -302,7 +304,12 @@ def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataA
 
 
 def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.DataArray, xr.DataArray]:
-    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them."""
+    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them.
+
+    Coordinates may ascend or descend; labels that run the other way than the image are flipped
+    onto the image's direction first (statistics do not depend on pixel order, and the center of
+    mass is reported in coordinate values).
+    """
     if dim not in image.coords or dim not in labels.coords:
         if image.sizes[dim] != labels.sizes[dim]:
             raise ValueError(
@@ -310,24 +317,36 @@ def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.
                 f"labels {dict(labels.sizes)} and image {dict(image.sizes)} (they differ along {dim!r})"
             )
         return image, labels
-    a = np.asarray(image[dim].values, dtype=np.float64)
-    b = np.asarray(labels[dim].values, dtype=np.float64)
-    if a.shape == b.shape and np.array_equal(a, b):
+    if image.sizes[dim] == labels.sizes[dim] and np.array_equal(image[dim].values, labels[dim].values):
         return image, labels
-    step_a, step_b = _spacing(a, "image", dim), _spacing(b, "labels", dim)
+    a, step_a, res_a = _grid(image, "image", dim)
+    b, step_b, res_b = _grid(labels, "labels", dim)
+    if step_a is not None and step_b is not None and (step_a > 0) != (step_b > 0):
+        labels = labels.isel({dim: slice(None, None, -1)})
+        b, step_b = b[::-1], -step_b
     step = step_a if step_a is not None else step_b
     if step is None:  # both single-pixel
-        if a[0] != b[0]:
+        if abs(a[0] - b[0]) > res_a + res_b:
             raise ValueError(f"'labels' and the image do not overlap along {dim!r}: {b[0]} vs {a[0]}")
         return image, labels
-    if step_a is not None and step_b is not None and not np.isclose(step_a, step_b, rtol=1e-9, atol=0):
+    # How far apart (in pixels) two positions may be and still be the same pixel: a fraction of a
+    # pixel, plus the rounding of the coordinates' own dtype (float32 coordinates of a float64 grid).
+    slack = GRID_TOLERANCE + (res_a + res_b) / abs(step)
+    if slack >= 0.5:
         raise ValueError(
-            f"'labels' and the image have different pixel spacing along {dim!r}: {step_b} vs {step_a}; "
-            "resample one of them onto the other's grid first"
+            f"the coordinates along {dim!r} are too coarse to tell pixels apart (their dtype resolves "
+            f"{res_a + res_b:.3g} at a step of {abs(step):.3g}); use float64 coordinates"
         )
+    if step_a is not None and step_b is not None:
+        drift = abs(step_a - step_b) * max(a.shape[0], b.shape[0]) / abs(step)
+        if drift > slack:
+            raise ValueError(
+                f"'labels' and the image have different pixel spacing along {dim!r}: {step_b} vs "
+                f"{step_a}; resample one of them onto the other's grid first"
+            )
     offset = (b[0] - a[0]) / step
     shift = round(offset)
-    if not np.isclose(offset, shift, rtol=0, atol=1e-6):
+    if abs(offset - shift) > slack:
         raise ValueError(
             f"'labels' and the image sit on different pixel grids along {dim!r}: the labels start "
             f"{offset:.6g} pixels into the image, not a whole number"
@@ -343,18 +362,55 @@ def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.
     return image, labels.assign_coords({dim: image[dim].values})
 
 
-def _spacing(values: np.ndarray, name: str, dim: str) -> float | None:
-    """The constant step of a coordinate (None for a single value); errors for irregular ones."""
-    if values.shape[0] < 2:
-        return None
-    steps = np.diff(values)
-    step = float(steps[0])
-    if step == 0 or not np.allclose(steps, step, rtol=1e-6, atol=0):
+def _grid(array: xr.DataArray, name: str, dim: str) -> tuple[np.ndarray, float | None, float]:
+    """The coordinate ``dim`` of ``array`` as a regular grid.
+
+    Returns
+    -------
+    values
+        The coordinate as float64.
+    step
+        Its step, end to end (None for a single value).
+    resolution
+        How finely its dtype resolves values of its size (0 for integers).
+
+    Raises
+    ------
+    ValueError
+        If the coordinate is not numeric, not finite, too coarse for its dtype to tell its pixels
+        apart, or not evenly spaced (to within :data:`GRID_TOLERANCE` of a pixel, beyond the
+        rounding of its dtype).
+    """
+    raw = np.asarray(array[dim].values)
+    if raw.dtype.kind not in "iuf":
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' must be numeric to align on it; got dtype {raw.dtype} "
+            "(drop or replace the coordinate to match pixels by position)"
+        )
+    values = raw.astype(np.float64)
+    if not np.isfinite(values).all():
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' must be finite to align on it; it holds NaN or inf"
+        )
+    resolution = float(np.finfo(raw.dtype).eps * np.abs(values).max()) if raw.dtype.kind == "f" else 0.0
+    n = values.shape[0]
+    if n < 2:
+        return values, None, resolution
+    step = float(values[-1] - values[0]) / (n - 1)
+    if resolution >= 0.5 * abs(step) > 0 or (step == 0 and resolution > 0):
+        raise ValueError(
+            f"the coordinate {dim!r} of '{name}' is too coarse to tell pixels apart: its dtype "
+            f"{raw.dtype} resolves {resolution:.3g} at values of this size, with pixels {abs(step):.3g} "
+            "apart; use float64 coordinates"
+        )
+    deviation = float(np.abs(values - (values[0] + step * np.arange(n))).max())
+    if step == 0 or deviation > GRID_TOLERANCE * abs(step) + resolution:
+        steps = np.diff(values)
         raise ValueError(
             f"the coordinate {dim!r} of '{name}' must be evenly spaced to align on it; got steps from "
             f"{steps.min()} to {steps.max()}"
         )
-    return step
+    return values, step, resolution
 
 
 # -- running the engine and wrapping the result -------------------------------------------------

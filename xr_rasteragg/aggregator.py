@@ -9,7 +9,7 @@ moment updates, exact extrema, and NaN (not an arbitrary fill) for labels absent
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import dask.array as da
 import numpy as np
@@ -19,6 +19,7 @@ from numpy.typing import ArrayLike
 from .engine import aggregate
 from .gpu import probe_cupy, to_device, to_host
 from .stats import STATISTICS, validate_stats
+from .validation import check_image_dtype
 
 __all__ = ["RasterAggregator"]
 
@@ -71,8 +72,12 @@ class RasterAggregator:
 
     Raises
     ------
+    TypeError
+        If the mask or image is not an array, the image is not real-valued (complex, object,
+        ...), or ``instance_key`` or ``instance_size_key`` is not a string.
     ValueError
-        If the mask does not have an integer dtype.
+        If the mask does not have an integer dtype, or ``instance_key`` equals
+        ``instance_size_key``.
     AssertionError
         If the mask is not 3-D, the image is not 4-D, or their spatial shapes or spatial chunk
         sizes differ.
@@ -106,13 +111,26 @@ class RasterAggregator:
         instance_size_key: str = "shapeSize",
         run_on_gpu: bool = True,
     ) -> None:
+        for argument, value in (("mask_dask_array", mask_dask_array), ("image_dask_array", image_dask_array)):
+            if value is not None and not (hasattr(value, "dtype") and hasattr(value, "shape")):
+                raise TypeError(f"'{argument}' must be a dask (or NumPy) array; got {type(value).__name__}")
+        for argument, key in (("instance_key", instance_key), ("instance_size_key", instance_size_key)):
+            if not isinstance(key, str):
+                raise TypeError(
+                    f"'{argument}' must be a string (integer column names hold the channels); "
+                    f"got {key!r} of type {type(key).__name__}"
+                )
+        if instance_key == instance_size_key:
+            raise ValueError(f"'instance_key' and 'instance_size_key' must differ; both are {instance_key!r}")
         if not np.issubdtype(mask_dask_array.dtype, np.integer):
             raise ValueError(
                 f"'mask_dask_array' should contain integer labels; got dtype {mask_dask_array.dtype}"
             )
         mask = da.asarray(mask_dask_array)
+        assert mask.ndim == 3, f"Only 3D masks ('z', 'y', 'x') are supported; got shape {mask.shape}."
         image = None
         if image_dask_array is not None:
+            check_image_dtype(image_dask_array.dtype, "image_dask_array")
             image = da.asarray(image_dask_array)
             assert image.ndim == 4, (
                 f"Only 4D image arrays ('c', 'z', 'y', 'x') are supported; got shape {image.shape}."
@@ -125,7 +143,6 @@ class RasterAggregator:
                 "The mask and the image should have the same chunk size in ('z', 'y', 'x'); got mask "
                 f"{mask.chunksize} and image {image.chunksize[1:]}. Please rechunk."
             )
-        assert mask.ndim == 3, f"Only 3D masks ('z', 'y', 'x') are supported; got shape {mask.shape}."
 
         cupy = None
         if run_on_gpu:
@@ -168,14 +185,19 @@ class RasterAggregator:
         Returns
         -------
         list of pandas.DataFrame
-            One DataFrame per statistic, in the requested order, with one row per label: columns
+            One DataFrame per requested name, in the requested order (a repeated name gives an
+            equal copy), with one row per label: columns
             ``0 .. C-1`` (one per channel) then ``instance_key``. ``"count"`` has the single column
             ``0``; ``"center_of_mass"`` the columns ``0, 1, 2`` (z, y, x).
 
         Raises
         ------
+        TypeError
+            If ``stats_funcs`` is not a string or a sequence of strings, or ``index`` does not
+            hold integers.
         ValueError
-            If a name is unknown, or a per-channel statistic is asked for without an image.
+            If the list is empty, a name is unknown, or a per-channel statistic is asked for
+            without an image.
 
         Examples
         --------
@@ -195,6 +217,8 @@ class RasterAggregator:
         0  2        1
         1  2        2
         """
+        if isinstance(stats_funcs, Iterable) and not isinstance(stats_funcs, str):
+            stats_funcs = tuple(stats_funcs)  # read once, even if it is an iterator
         names = validate_stats(stats_funcs, "stats_funcs")
         if self._image is None:
             per_channel = [n for n in names if STATISTICS[n].per_channel]
@@ -219,13 +243,18 @@ class RasterAggregator:
                     )
                     values[name] = np.where(replace, 0.0, values[name])
         ids = np.asarray(result.labels)
-        frames = []
+        frames = {}
         for name in names:
             value = values[name]
             frame = pd.DataFrame(value if value.ndim == 2 else value[:, None])
             frame[self._instance_key] = ids
-            frames.append(frame)
-        return frames
+            frames[name] = frame
+        # One frame per requested name, in the given order; a repeated name gets its own copy.
+        requested = (stats_funcs,) if isinstance(stats_funcs, str) else stats_funcs
+        out: list[pd.DataFrame] = []
+        for name in requested:
+            out.append(frames.pop(name) if name in frames else out[requested.index(name)].copy())
+        return out
 
     aggregate_sum = _per_channel("sum", "Sum of the pixel values of each label, per channel.")
     aggregate_mean = _per_channel("mean", "Mean of the pixel values of each label, per channel.")

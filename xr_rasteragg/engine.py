@@ -29,6 +29,7 @@ from numpy.typing import ArrayLike, NDArray
 from .kernels import array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
+from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
 __all__ = ["Aggregation", "aggregate", "locate", "prepare_index"]
 
@@ -101,6 +102,7 @@ def aggregate(
     stats = validate_stats(stats)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
+    check_background(background)
     lazy = index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
@@ -199,8 +201,10 @@ def _check_inputs(
     labels: da.Array, image: da.Array | None, stats: Sequence[str]
 ) -> tuple[da.Array, da.Array | None]:
     """Validate the engine's inputs and put the labels on the image's spatial chunks."""
-    if labels.dtype.kind not in "iu":
-        raise TypeError(f"'labels' must have an integer dtype; got {labels.dtype}")
+    check_labels_dtype(labels.dtype)
+    check_known_shape(labels.shape, "labels")
+    if image is not None:
+        check_known_shape(image.shape, "image")
     if labels.ndim != 3:
         raise ValueError(f"'labels' must be 3-D (z, y, x); got shape {labels.shape}")
     if not labels.dtype.isnative:
@@ -217,12 +221,11 @@ def _check_inputs(
             f"'image' and 'labels' must cover the same pixels; got image (z, y, x) shape "
             f"{image.shape[1:]} and labels shape {labels.shape}"
         )
+    check_image_dtype(image.dtype)
     if image.dtype.kind == "b":
         image = image.astype(np.uint8)
     elif image.dtype == np.float16:
         image = image.astype(np.float32)
-    elif image.dtype.kind not in "iuf":
-        raise TypeError(f"'image' must have a real numeric dtype; got {image.dtype}")
     if array_backend(labels) != array_backend(image):
         raise TypeError(
             f"'labels' and 'image' must live on the same device; got {array_backend(labels)} labels "

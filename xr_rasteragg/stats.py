@@ -107,10 +107,22 @@ def validate_stats(stats: str | Iterable[str], argument: str = "stats") -> tuple
 
     Raises
     ------
+    TypeError
+        If ``stats`` is neither a string nor an iterable of strings.
     ValueError
         If the list is empty or a name is unknown; the message names ``argument``.
     """
-    names = (stats,) if isinstance(stats, str) else tuple(stats)
+    if isinstance(stats, str):
+        names: tuple[str, ...] = (stats,)
+    elif isinstance(stats, Iterable):
+        names = tuple(stats)
+    else:
+        raise TypeError(
+            f"'{argument}' must be a statistic name or a list of them; got {type(stats).__name__}"
+        )
+    wrong = [name for name in names if not isinstance(name, str)]
+    if wrong:
+        raise TypeError(f"'{argument}' must hold statistic names as strings; got {wrong!r}")
     if not names:
         raise ValueError(f"'{argument}' must name at least one statistic; got an empty list")
     unknown = [name for name in names if name not in STATISTICS]

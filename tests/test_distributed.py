@@ -1,0 +1,209 @@
+"""Runs on a ``dask.distributed`` cluster of worker processes with memory limits.
+
+- the accessor, the class and lazy results give the same answers as the threaded scheduler, bit for
+  bit (the merge tree is fixed by the graph, not by the scheduler);
+- a worker killed in the middle of a computation (its process exits) costs a retry, not the answer;
+- an image larger than all the workers' memory together, generated lazily block by block, completes
+  with the right answer, checked against a closed form.
+
+The cluster is small (2 workers × 1 thread, the CI has 2 cores) and shared by the module's tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import dask
+import dask.array as da
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+
+import xr_rasteragg  # noqa: F401  (registers the accessor)
+from xr_rasteragg import RasterAggregator, aggregate
+from xr_rasteragg.synthetic import make_cells
+
+distributed = pytest.importorskip("distributed")
+
+#: Memory limit of each worker process. A worker peaks at ~400 MiB here (interpreter, NumPy, Numba,
+#: xarray, 2048² blocks and their temporaries); the nanny kills it at 95% of the limit.
+WORKER_MEMORY = 500 * 2**20
+#: Spatial block of the generated images: 2048² float32 = 16 MiB per channel.
+BLOCK = 2048
+STATS = ("count", "sum", "mean", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
+
+# The workers are separate processes: send this module's functions by value, so that they need
+# not import the test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Any]:
+    # Compile the kernels for the dtypes used here once, in this process: Numba caches them on
+    # disk, and the workers (and a restarted worker) load them instead of compiling them each.
+    for dtype in (np.uint16, np.float32):
+        aggregate(np.ones((1, 2, 2), np.int32), np.ones((1, 1, 2, 2), dtype), STATS)
+    with (
+        # A worker over its memory limit is killed (at 95%); it never pauses, which could stall
+        # both workers. A task may kill its worker up to 3 times before the run fails.
+        dask.config.set(
+            {"distributed.scheduler.allowed-failures": 3, "distributed.worker.memory.pause": False}
+        ),
+        distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            memory_limit=WORKER_MEMORY,
+            dashboard_address=":0",  # any free port: other clusters may be running
+            silence_logs=40,  # errors only: worker deaths are expected here
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        yield client
+
+
+def threaded(function: Any) -> Any:
+    with dask.config.set(scheduler="threads"):
+        return function()
+
+
+@pytest.fixture(scope="module")
+def cells() -> tuple[xr.DataArray, xr.DataArray]:
+    labels, image = make_cells((768, 640), n_channels=3, cell_diameter=24, seed=3)
+    xlabels = xr.DataArray(labels, dims=("y", "x")).chunk({"y": 256, "x": 200})
+    ximage = xr.DataArray(image, dims=("c", "y", "x"), coords={"c": ["a", "b", "c"]}).chunk(
+        {"y": 256, "x": 320}
+    )
+    return ximage, xlabels
+
+
+def test_accessor_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    image, labels = cells
+    on_cluster = image.rasteragg.aggregate(labels, STATS)
+    local = threaded(lambda: image.rasteragg.aggregate(labels, STATS))
+    xr.testing.assert_equal(on_cluster, local)
+    assert on_cluster.sizes["label"] > 300
+
+
+def test_lazy_result_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    image, labels = cells
+    index = np.array([5, 1, 99999, 17, 3])
+    lazy = image.rasteragg.aggregate(labels, STATS, index=index)
+    assert isinstance(lazy["mean"].data, da.Array)
+    on_cluster = lazy.compute()
+    local = threaded(lambda: lazy.compute())
+    xr.testing.assert_equal(on_cluster, local)
+    assert on_cluster["count"].values[2] == 0
+
+
+def test_class_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    image, labels = cells
+    mask = labels.data[None].rechunk((1, 256, 320))
+    pixels = image.data[:, None]
+    names = ("sum", "mean", "count", "var", "kurtosis", "skew")
+    on_cluster = RasterAggregator(mask, pixels, run_on_gpu=False).aggregate_stats(names)
+    local = threaded(lambda: RasterAggregator(mask, pixels, run_on_gpu=False).aggregate_stats(names))
+    for got, expected in zip(on_cluster, local, strict=True):
+        pd.testing.assert_frame_equal(got, expected)
+
+
+# -- lazily generated images with known statistics ---------------------------------------------
+
+#: Labels are square tiles of ``TILE`` pixels, numbered row by row from 1.
+TILE = 512
+
+
+def tile_labels(block_info: Any = None) -> np.ndarray:
+    """A block of the tile labels, from its position in the whole array."""
+    (z0, z1), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+    ncols = block_info[None]["shape"][2] // TILE
+    y = np.arange(y0, y1)[:, None] // TILE
+    x = np.arange(x0, x1)[None, :] // TILE
+    return np.broadcast_to(y * ncols + x + 1, (z1 - z0, y1 - y0, x1 - x0)).astype(np.int32)
+
+
+def pattern(block_info: Any = None, kill_flag: str | None = None, kill_at: Any = None) -> np.ndarray:
+    """A block of the image ``x % 7 + y % 3 + 10 c`` (float32).
+
+    With ``kill_flag``, the task of block ``kill_at`` ends its worker process the first time it
+    runs (it leaves the flag file, with the worker's pid, so that it runs normally on the retry).
+    """
+    location = block_info[None]["array-location"]
+    if kill_flag is not None and tuple(block_info[None]["chunk-location"]) == kill_at:
+        flag = Path(kill_flag)
+        if not flag.exists():
+            flag.write_text(str(os.getpid()))
+            os._exit(1)  # the worker process dies mid-task, as on a lost node
+    (c0, c1), (z0, z1), (y0, y1), (x0, x1) = location
+    c = np.arange(c0, c1, dtype=np.float32)[:, None, None, None]
+    y = (np.arange(y0, y1) % 3).astype(np.float32)[None, None, :, None]
+    x = (np.arange(x0, x1) % 7).astype(np.float32)[None, None, None, :]
+    return np.ascontiguousarray(np.broadcast_to(x + y + 10 * c, (c1 - c0, z1 - z0, y1 - y0, x1 - x0)))
+
+
+def generated(nchan: int, ny: int, nx: int, block: int = BLOCK, **kill: Any) -> tuple[da.Array, da.Array]:
+    spatial = ((1,), (block,) * (ny // block), (block,) * (nx // block))
+    labels = da.map_blocks(tile_labels, chunks=spatial, dtype=np.int32)
+    image = da.map_blocks(pattern, chunks=((1,) * nchan, *spatial), dtype=np.float32, **kill)
+    return labels, image
+
+
+def closed_form(nchan: int, ny: int, nx: int) -> dict[str, np.ndarray]:
+    """Count, sum, mean and max of every tile of ``pattern``, from sums over one row and one column."""
+    sx = (np.arange(nx) % 7).reshape(-1, TILE).sum(axis=1)  # per tile column
+    sy = (np.arange(ny) % 3).reshape(-1, TILE).sum(axis=1)  # per tile row
+    c = 10.0 * np.arange(nchan)
+    tile_sum = TILE * (sy[:, None] + sx[None, :]).ravel()  # Σ over a tile of x % 7 + y % 3
+    count = np.full(tile_sum.shape, TILE * TILE)
+    total = tile_sum[:, None] + count[:, None] * c[None, :]
+    return {
+        "count": count,
+        "sum": total,
+        "mean": total / count[:, None],
+        "max": np.broadcast_to(6 + 2 + c, total.shape),
+    }
+
+
+def test_worker_killed_mid_computation(client: Any, tmp_path: Path) -> None:
+    nchan, ny, nx, block = 2, 4096, 4096, 1024
+    flag = tmp_path / "killed"
+    pids = set(client.run(os.getpid).values())
+    labels, image = generated(nchan, ny, nx, block, kill_flag=str(flag), kill_at=(1, 0, 2, 1))
+    result = aggregate(labels, image, ["count", "sum", "mean", "max"])
+    assert flag.exists(), "the task that kills its worker never ran"
+    assert int(flag.read_text()) in pids
+    assert int(flag.read_text()) not in set(client.run(os.getpid).values()), "the worker was not replaced"
+    expected = closed_form(nchan, ny, nx)
+    np.testing.assert_array_equal(result.labels, np.arange(1, expected["count"].size + 1))
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.values[name], value, rtol=1e-12, err_msg=name)
+
+
+def test_image_larger_than_cluster_memory(client: Any) -> None:
+    nchan, ny, nx = 4, 3 * BLOCK, 6 * BLOCK  # 1152 MiB of float32
+    labels, image = generated(nchan, ny, nx)
+    limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
+    assert image.nbytes > sum(limits)
+    result = aggregate(labels, image, ["count", "sum", "mean", "max"])
+    peaks = client.run(peak_rss)
+    print(
+        f"image {image.nbytes / 2**20:.0f} MiB; worker peak RSS (MiB): {[p / 2**20 for p in peaks.values()]}"
+    )
+    assert max(peaks.values()) < WORKER_MEMORY
+    expected = closed_form(nchan, ny, nx)
+    np.testing.assert_array_equal(result.labels, np.arange(1, expected["count"].size + 1))
+    for name, value in expected.items():
+        np.testing.assert_allclose(result.values[name], value, rtol=1e-12, err_msg=name)
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process, in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -1,0 +1,74 @@
+"""Checks of user input shared by the entry points, with errors that say what was expected.
+
+Every check names the argument, what it expects and what it got. The bad-input matrix in
+``docs/bad-input.md`` lists what each entry point does with each kind of bad input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["check_background", "check_image_dtype", "check_known_shape", "check_labels_dtype"]
+
+
+def check_labels_dtype(dtype: np.dtype[Any], argument: str = "labels") -> None:
+    """Labels must have an integer dtype (signed or unsigned, any width).
+
+    Raises
+    ------
+    TypeError
+        For float, bool, complex, object or any other non-integer dtype.
+    """
+    if dtype.kind in "iu":
+        return
+    hint = ""
+    if dtype.kind == "b":
+        hint = " (a boolean mask is not a segmentation: convert it with '.astype(np.uint8)' first)"
+    elif dtype.kind == "f":
+        hint = " (if the values are whole numbers, convert with '.astype(np.int64)' first)"
+    raise TypeError(f"'{argument}' must have an integer dtype; got {dtype}{hint}")
+
+
+def check_image_dtype(dtype: np.dtype[Any], argument: str = "image") -> None:
+    """Images must be real numbers: integers, floats, or bools (counted as 0 and 1).
+
+    Raises
+    ------
+    TypeError
+        For complex, object, string, datetime or any other dtype.
+    """
+    if dtype.kind not in "biuf":
+        raise TypeError(f"'{argument}' must have a real numeric dtype (bool, integer or float); got {dtype}")
+
+
+def check_background(background: Any) -> None:
+    """``background`` must be None or one integer label id.
+
+    Raises
+    ------
+    TypeError
+        For a bool, a float, a string or anything else that is not an integer.
+    """
+    if background is None:
+        return
+    if isinstance(background, bool | np.bool_) or not isinstance(background, int | np.integer):
+        raise TypeError(
+            f"'background' must be an integer label id or None; got {background!r} "
+            f"of type {type(background).__name__}"
+        )
+
+
+def check_known_shape(shape: tuple[float, ...], argument: str) -> None:
+    """Dask arrays with unknown chunk sizes (NaN, as after boolean indexing) cannot be aligned.
+
+    Raises
+    ------
+    ValueError
+        If any size is unknown.
+    """
+    if any(np.isnan(size) for size in shape):
+        raise ValueError(
+            f"'{argument}' has unknown chunk sizes (shape {shape}); call '.compute_chunk_sizes()' on it first"
+        )
