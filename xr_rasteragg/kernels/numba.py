@@ -3,13 +3,19 @@
 The kernel walks the label block once, row by row, and encodes it as runs of equal labels
 ((z, y, x) start, length, local id). Label ids are discovered in the same walk with an
 open-addressing hash table, so nothing is ever allocated by the size of the largest id. The runs
-then drive one sweep per channel, image row by image row (strided blocks are read in place):
+then drive the sweep over the image (strided blocks are read in place):
 
-- sums come from exact int64 prefix sums of the row for integer images, or from a loop over the
-  run otherwise;
-- one more loop over the run (then in L1 cache) finds the extrema and the central moments about
-  the run's own mean, which are merged into the label's running moments with the pairwise
-  formulas of Pébay (2008); no statistic rests on raw power sums that cancel.
+- for images of at most 16-bit integers (the common microscopy case), one loop per run and
+  channel accumulates exact integer power sums ``Σ (x - K)**p`` about the label's first pixel
+  value ``K``, modulo 2**64, and the extrema. The central moments follow per label at the end by
+  exact integer shifts; where the bound that guarantees exactness fails (wide ranges in large
+  labels), those labels are recomputed in float64 about their exact mean;
+- for other images, sums come from exact int64 prefix sums of the row for integer images, or
+  from a loop over the run otherwise, and one more loop over the run (then in L1 cache) finds
+  the extrema and the central moments about the run's own mean, which are merged into the
+  label's running moments with the pairwise formulas of Pébay (2008).
+
+No statistic rests on float power sums that cancel.
 
 All loops are compiled with Numba (``nogil``, cached on disk) and specialise on the label and
 image dtypes; the statistics to compute are run-time flags.
@@ -270,6 +276,167 @@ def _sweep(
         c0 += chunk.shape[0]
 
 
+@nb.njit(nogil=True, cache=True)
+def _power_sweep(chunks, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
+    """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
+
+    ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
+    label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
+    uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
+    later integer combination of these sums is exact as soon as its true value fits in 64 bits
+    (see :func:`_moments_from_powers`). Integer additions have no rounding and a short latency,
+    and no run needs a division or a merge formula: the per-pixel loop is a few integer
+    operations. Runs are outer and channels inner, so the channels of a run share its loop
+    bounds (which the branch predictor then learns) and its label's rows of the accumulators.
+    """
+    nruns = run_id.shape[0]
+    seen = np.zeros(shift.shape[0], np.bool_)
+    for r in range(nruns):
+        i = run_id[r]
+        z = run_z[r]
+        y = run_y[r]
+        a = run_x[r]
+        b = a + run_len[r]
+        first = not seen[i]
+        seen[i] = True
+        c = 0
+        for chunk in chunks:
+            for cc in range(chunk.shape[0]):
+                row = chunk[cc, z, y]
+                if first:
+                    shift[i, c] = np.uint64(row[a])
+                k = shift[i, c]
+                mn = lo[i, c]
+                mx = hi[i, c]
+                t1 = np.uint64(0)
+                t2 = np.uint64(0)
+                t3 = np.uint64(0)
+                t4 = np.uint64(0)
+                for p in range(a, b):
+                    x = row[p]
+                    if extrema:
+                        mn = min(mn, x)
+                        mx = max(mx, x)
+                    d = np.uint64(x) - k  # x - shift, modulo 2**64
+                    t1 += d
+                    if order >= 2:
+                        d2 = d * d
+                        t2 += d2
+                        if order >= 3:
+                            t3 += d2 * d
+                            t4 += d2 * d2
+                lo[i, c] = mn
+                hi[i, c] = mx
+                power[i, c, 0] += t1
+                if order >= 2:
+                    power[i, c, 1] += t2
+                    if order >= 3:
+                        power[i, c, 2] += t3
+                        power[i, c, 3] += t4
+                c += 1
+
+
+@nb.njit(nogil=True, cache=True)
+def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3, m4, unsafe):
+    """Sums and central moments per label and channel from shifted power sums modulo 2**64.
+
+    With ``T_p = Σ (x - K)**p`` about the first pixel value ``K`` (from :func:`_power_sweep`),
+    the sum is ``n K + T_1`` (exact: below 2**63 for 16-bit values). The sums about the rounded
+    mean ``s`` follow from the binomial theorem with ``e = K - s``, again modulo 2**64::
+
+        U_p = Σ (x - s)**p = Σ_j C(p, j) e**(p - j) T_j        (T_0 = n)
+
+    Each ``U_p`` equals the true integer as soon as ``|U_p| < 2**63``, which holds when
+    ``n R**order < 2**62`` for ``R = max(max - s, s - min)`` (or ``span``, the dtype's range,
+    when the extrema were not collected, ``lo > hi``). Labels and channels where that bound
+    fails are marked ``unsafe`` for :func:`_central_moments`. With ``δ = U_1 / n``
+    (``|δ| <= 1/2``) the central moments follow with little cancellation::
+
+        M2 = U2 - δ U1            (exact in integers, (n U2 - U1²) / n, when n U2 < 2**62)
+        M3 = U3 - 3 δ U2 + 2 δ² U1
+        M4 = U4 - 4 δ U3 + 6 δ² U2 - 3 δ³ U1
+    """
+    k, nchan = sums.shape
+    for i in range(k):
+        n = count[i]
+        un = np.uint64(n)
+        for c in range(nchan):
+            t1 = power[i, c, 0]
+            total = np.int64(un * shift[i, c] + t1)
+            sums[i, c] = total
+            if order < 2 or n == 0:
+                continue
+            s = (2 * total + n) // (2 * n)  # the mean rounded to an integer (floor division)
+            reach = span
+            if lo[i, c] <= hi[i, c]:
+                reach = max(np.int64(hi[i, c]) - s, s - np.int64(lo[i, c]))
+            if n * float(max(reach, 1)) ** order >= 2.0**62:
+                unsafe[i, c] = True
+                continue
+            e = shift[i, c] - np.uint64(s)
+            t2 = power[i, c, 1]
+            u1 = np.int64(t1 + un * e)
+            u2 = np.int64(t2 + e * (np.uint64(2) * t1 + un * e))
+            f1 = float(u1)
+            delta = f1 / n
+            if n * float(u2) < 2.0**62:
+                m2[i, c] = float(n * u2 - u1 * u1) / n
+            else:
+                m2[i, c] = float(u2) - delta * f1
+            if order < 3:
+                continue
+            t3 = power[i, c, 2]
+            t4 = power[i, c, 3]
+            e2 = e * e
+            u3 = np.int64(t3 + np.uint64(3) * e * t2 + np.uint64(3) * e2 * t1 + un * e2 * e)
+            u4 = np.int64(
+                t4
+                + np.uint64(4) * e * t3
+                + np.uint64(6) * e2 * t2
+                + np.uint64(4) * e2 * e * t1
+                + un * e2 * e2
+            )
+            f2 = float(u2)
+            f3 = float(u3)
+            m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
+            m4[i, c] = float(u4) - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+
+
+@nb.njit(nogil=True, cache=True)
+def _central_moments(chunks, run_z, run_y, run_x, run_len, run_id, order, unsafe, count, sums, m2, m3, m4):
+    """Central moments of the labels and channels marked ``unsafe``, in float64 about the mean."""
+    nruns = run_id.shape[0]
+    k, nchan = sums.shape
+    t = np.zeros((k, nchan, 4))
+    c0 = 0
+    for chunk in chunks:
+        for cc in range(chunk.shape[0]):
+            c = c0 + cc
+            for r in range(nruns):
+                i = run_id[r]
+                if not unsafe[i, c]:
+                    continue
+                row = chunk[cc, run_z[r], run_y[r]]
+                mean = sums[i, c] / count[i]
+                for p in range(run_x[r], run_x[r] + run_len[r]):
+                    d = row[p] - mean
+                    t[i, c, 0] += d
+                    t[i, c, 1] += d * d
+                    t[i, c, 2] += d * d * d
+                    t[i, c, 3] += d * d * d * d
+        c0 += chunk.shape[0]
+    for i in range(k):
+        for c in range(nchan):
+            if not unsafe[i, c]:
+                continue
+            f1, f2, f3, f4 = t[i, c, 0], t[i, c, 1], t[i, c, 2], t[i, c, 3]
+            delta = f1 / count[i]
+            m2[i, c] = f2 - delta * f1
+            if order >= 3:
+                m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
+                m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+
+
 def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
     """Initial (min, max) accumulators: the largest and smallest value of the dtype."""
     if np.issubdtype(dtype, np.floating):
@@ -329,23 +496,23 @@ def block_partials(
 
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
-    skipna = needs.skipna and np.issubdtype(dtype, np.floating)
-    nvalid = np.zeros((k, nchan), np.int64)
-    sums = np.zeros((k, nchan), np.float64)
-    lo_init, hi_init = _extrema_init(dtype)
-    lo = np.full((k, nchan), lo_init, dtype)
-    hi = np.full((k, nchan), hi_init, dtype)
-    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
     chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A"))
     for chunk in image:
         chunks.append(chunk)
+    runs = (run_z, run_y, run_x, run_len, run_id)
+    lo_init, hi_init = _extrema_init(dtype)
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        _small_integer_partials(parts, chunks, runs, dtype, nchan, needs, labels.size)
+        return parts
+    skipna = needs.skipna and np.issubdtype(dtype, np.floating)
+    nvalid = np.zeros((k, nchan), np.int64)
+    sums = np.zeros((k, nchan), np.float64)
+    lo = np.full((k, nchan), lo_init, dtype)
+    hi = np.full((k, nchan), hi_init, dtype)
+    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
     _sweep(  # type: ignore[call-arg]
         chunks,
-        run_z,
-        run_y,
-        run_x,
-        run_len,
-        run_id,
+        *runs,
         _run_accumulator(dtype),
         _run_accumulator(dtype).dtype.kind == "i",
         needs.order,
@@ -371,6 +538,50 @@ def block_partials(
     if needs.order >= 4:
         parts.m4 = moments[3]
     return parts
+
+
+def _small_integer_partials(
+    parts: Partials,
+    chunks: Any,
+    runs: tuple[Any, ...],
+    dtype: np.dtype,
+    nchan: int,
+    needs: Needs,
+    pixels: int,
+) -> None:
+    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
+    k = parts.size
+    order = 4 if needs.order >= 3 else needs.order
+    info = np.iinfo(dtype)
+    span = int(info.max) - int(info.min)
+    # The extrema bound the shifted power sums; without them the dtype's range must do.
+    extrema = needs.extrema or (order >= 2 and pixels * float(span) ** order >= 2.0**62)
+    lo_init, hi_init = _extrema_init(dtype)
+    lo = np.full((k, nchan), lo_init, dtype)
+    hi = np.full((k, nchan), hi_init, dtype)
+    shift = np.zeros((k, nchan), np.uint64)
+    power = np.zeros((k, nchan, max(order, 1)), np.uint64)
+    _power_sweep(chunks, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    if needs.extrema:
+        parts.min, parts.max = lo, hi
+    if needs.skipna:
+        parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
+    if order == 0:
+        return
+    sums = np.zeros((k, nchan))
+    moments = [np.zeros((k, nchan)) for _ in range(3)]
+    unsafe = np.zeros((k, nchan), np.bool_)
+    _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
+    if unsafe.any():
+        _central_moments(chunks, *runs, order, unsafe, parts.count, sums, *moments)  # type: ignore[call-arg]
+    parts.sum = sums
+    m2, m3, m4 = moments
+    if needs.order >= 2:
+        parts.m2 = m2
+    if needs.order >= 3:
+        parts.m3 = m3
+    if needs.order >= 4:
+        parts.m4 = m4
 
 
 def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generic]:
