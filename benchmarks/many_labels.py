@@ -66,7 +66,9 @@ def best_of(repeat: int, function: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", type=int, default=4096, help="image side in px")
     parser.add_argument("--cell", type=int, default=4, help="cell side in px")
     parser.add_argument("--chunk", type=int, default=1024, help="spatial chunk side in px")
@@ -84,7 +86,8 @@ def main() -> None:
     with dask.config.set(scheduler="threads"):
         read = best_of(args.repeat, lambda: dask.compute(labels.sum(), image.sum()))
         ours = best_of(args.repeat, lambda: aggregate(labels, image, STATS))
-    result = aggregate(labels[:, : 4 * args.cell, : 4 * args.cell], image[:, :, : 4 * args.cell, : 4 * args.cell], STATS)
+    corner = 4 * args.cell
+    result = aggregate(labels[:, :corner, :corner], image[:, :, :corner, :corner], STATS)
     assert result.labels.shape[0] == 16
     cells = (-(-args.size // args.cell)) ** 2
     print(

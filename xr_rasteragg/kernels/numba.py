@@ -277,19 +277,23 @@ def _sweep(
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep(chunks, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
+def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
     """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
 
+    The image is ``flat``, channel ``c``'s pixel (z, y, x) being
+    ``flat[rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y + x]`` (see :func:`_flat_channels`).
     ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
     label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
     uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
     later integer combination of these sums is exact as soon as its true value fits in 64 bits
     (see :func:`_moments_from_powers`). Integer additions have no rounding and a short latency,
     and no run needs a division or a merge formula: the per-pixel loop is a few integer
-    operations. Runs are outer and channels inner, so the channels of a run share its loop
-    bounds (which the branch predictor then learns) and its label's rows of the accumulators.
+    operations on a unit-stride array, which the compiler vectorises. Runs are outer and
+    channels inner, so the channels of a run share its loop bounds (which the branch predictor
+    then learns) and its label's rows of the accumulators.
     """
     nruns = run_id.shape[0]
+    nchan = rows.shape[0]
     seen = np.zeros(shift.shape[0], np.bool_)
     for r in range(nruns):
         i = run_id[r]
@@ -299,41 +303,39 @@ def _power_sweep(chunks, run_z, run_y, run_x, run_len, run_id, order, extrema, s
         b = a + run_len[r]
         first = not seen[i]
         seen[i] = True
-        c = 0
-        for chunk in chunks:
-            for cc in range(chunk.shape[0]):
-                row = chunk[cc, z, y]
-                if first:
-                    shift[i, c] = np.uint64(row[a])
-                k = shift[i, c]
-                mn = lo[i, c]
-                mx = hi[i, c]
-                t1 = np.uint64(0)
-                t2 = np.uint64(0)
-                t3 = np.uint64(0)
-                t4 = np.uint64(0)
-                for p in range(a, b):
-                    x = row[p]
-                    if extrema:
-                        mn = min(mn, x)
-                        mx = max(mx, x)
-                    d = np.uint64(x) - k  # x - shift, modulo 2**64
-                    t1 += d
-                    if order >= 2:
-                        d2 = d * d
-                        t2 += d2
-                        if order >= 3:
-                            t3 += d2 * d
-                            t4 += d2 * d2
-                lo[i, c] = mn
-                hi[i, c] = mx
-                power[i, c, 0] += t1
+        for c in range(nchan):
+            start = rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y
+            row = flat[start + a : start + b]
+            if first:
+                shift[i, c] = np.uint64(row[0])
+            k = shift[i, c]
+            mn = lo[i, c]
+            mx = hi[i, c]
+            t1 = np.uint64(0)
+            t2 = np.uint64(0)
+            t3 = np.uint64(0)
+            t4 = np.uint64(0)
+            for p in range(row.shape[0]):
+                x = row[p]
+                if extrema:
+                    mn = min(mn, x)
+                    mx = max(mx, x)
+                d = np.uint64(x) - k  # x - shift, modulo 2**64
+                t1 += d
                 if order >= 2:
-                    power[i, c, 1] += t2
+                    d2 = d * d
+                    t2 += d2
                     if order >= 3:
-                        power[i, c, 2] += t3
-                        power[i, c, 3] += t4
-                c += 1
+                        t3 += d2 * d
+                        t4 += d2 * d2
+            lo[i, c] = mn
+            hi[i, c] = mx
+            power[i, c, 0] += t1
+            if order >= 2:
+                power[i, c, 1] += t2
+                if order >= 3:
+                    power[i, c, 2] += t3
+                    power[i, c, 3] += t4
 
 
 @nb.njit(nogil=True, cache=True)
@@ -403,28 +405,31 @@ def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3,
 
 
 @nb.njit(nogil=True, cache=True)
-def _central_moments(chunks, run_z, run_y, run_x, run_len, run_id, order, unsafe, count, sums, m2, m3, m4):
-    """Central moments of the labels and channels marked ``unsafe``, in float64 about the mean."""
-    nruns = run_id.shape[0]
+def _central_moments(
+    flat, rows, run_z, run_y, run_x, run_len, run_id, order, unsafe, count, sums, m2, m3, m4
+):
+    """Central moments of the labels and channels marked ``unsafe``, in float64 about the exact mean.
+
+    The image layout is that of :func:`_power_sweep`. The sums of ``d = x - mean`` are taken
+    about the mean rounded to float64, and corrected by ``δ = Σd / n`` as in
+    :func:`_moments_from_powers`.
+    """
     k, nchan = sums.shape
     t = np.zeros((k, nchan, 4))
-    c0 = 0
-    for chunk in chunks:
-        for cc in range(chunk.shape[0]):
-            c = c0 + cc
-            for r in range(nruns):
-                i = run_id[r]
-                if not unsafe[i, c]:
-                    continue
-                row = chunk[cc, run_z[r], run_y[r]]
-                mean = sums[i, c] / count[i]
-                for p in range(run_x[r], run_x[r] + run_len[r]):
-                    d = row[p] - mean
-                    t[i, c, 0] += d
-                    t[i, c, 1] += d * d
-                    t[i, c, 2] += d * d * d
-                    t[i, c, 3] += d * d * d * d
-        c0 += chunk.shape[0]
+    for r in range(run_id.shape[0]):
+        i = run_id[r]
+        for c in range(nchan):
+            if not unsafe[i, c]:
+                continue
+            start = rows[c, 0] + rows[c, 1] * run_z[r] + rows[c, 2] * run_y[r] + run_x[r]
+            mean = sums[i, c] / count[i]
+            for p in range(start, start + run_len[r]):
+                d = flat[p] - mean
+                d2 = d * d
+                t[i, c, 0] += d
+                t[i, c, 1] += d2
+                t[i, c, 2] += d2 * d
+                t[i, c, 3] += d2 * d2
     for i in range(k):
         for c in range(nchan):
             if not unsafe[i, c]:
@@ -435,6 +440,49 @@ def _central_moments(chunks, run_z, run_y, run_x, run_len, run_id, order, unsafe
             if order >= 3:
                 m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
                 m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+
+
+def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[NDArray[np.number], NDArray[np.int64]]:
+    """The channels of a block as one flat array and, per channel, where its rows are in it.
+
+    Returns ``flat`` (1-D, contiguous) and ``rows`` of shape ``(C, 3)``: channel ``c``'s pixel
+    (z, y, x) is ``flat[rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y + x]``. Channel chunks that
+    are views with contiguous rows into one C-contiguous array (the blocks dask cuts from an
+    in-memory array) are read in place, through a flat view of that array; other chunks are
+    copied into one array first.
+    """
+    owners = [_owner(chunk) for chunk in image]
+    item = image[0].dtype.itemsize
+    in_place = all(owner is owners[0] for owner in owners) and _is_flat_view(image, owners[0])
+    if in_place:
+        owner = owners[0]
+    else:
+        owner = np.ascontiguousarray(np.concatenate(image) if len(image) > 1 else image[0])
+        image = [owner]
+    origin = owner.__array_interface__["data"][0]
+    rows: list[tuple[int, int, int]] = []
+    for chunk in image:
+        start = (chunk.__array_interface__["data"][0] - origin) // item
+        step_c, step_z, step_y = (s // item for s in chunk.strides[:3])
+        rows.extend((start + cc * step_c, step_z, step_y) for cc in range(chunk.shape[0]))
+    return owner.reshape(-1), np.array(rows, np.int64).reshape(-1, 3)
+
+
+def _owner(array: NDArray[Any]) -> NDArray[Any]:
+    """The array at the end of ``array``'s chain of views."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _is_flat_view(image: Sequence[NDArray[Any]], owner: NDArray[Any]) -> bool:
+    """Whether all chunks view the C-contiguous ``owner``, rows contiguous, strides whole and non-negative."""
+    item = owner.dtype.itemsize
+    if not owner.flags.c_contiguous or any(chunk.dtype != owner.dtype for chunk in image):
+        return False
+    return all(chunk.strides[3] == item or chunk.shape[3] <= 1 for chunk in image) and all(
+        s >= 0 and s % item == 0 for chunk in image for s in chunk.strides
+    )
 
 
 def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
@@ -502,7 +550,7 @@ def block_partials(
     runs = (run_z, run_y, run_x, run_len, run_id)
     lo_init, hi_init = _extrema_init(dtype)
     if dtype.kind in "iu" and dtype.itemsize <= 2:
-        _small_integer_partials(parts, chunks, runs, dtype, nchan, needs, labels.size)
+        _small_integer_partials(parts, image, runs, dtype, nchan, needs, labels.size)
         return parts
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
@@ -542,7 +590,7 @@ def block_partials(
 
 def _small_integer_partials(
     parts: Partials,
-    chunks: Any,
+    image: Sequence[NDArray[np.number]],
     runs: tuple[Any, ...],
     dtype: np.dtype,
     nchan: int,
@@ -561,7 +609,8 @@ def _small_integer_partials(
     hi = np.full((k, nchan), hi_init, dtype)
     shift = np.zeros((k, nchan), np.uint64)
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
-    _power_sweep(chunks, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    flat, rows = _flat_channels(image)
+    _power_sweep(flat, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
     if needs.extrema:
         parts.min, parts.max = lo, hi
     if needs.skipna:
@@ -573,7 +622,7 @@ def _small_integer_partials(
     unsafe = np.zeros((k, nchan), np.bool_)
     _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
     if unsafe.any():
-        _central_moments(chunks, *runs, order, unsafe, parts.count, sums, *moments)  # type: ignore[call-arg]
+        _central_moments(flat, rows, *runs, order, unsafe, parts.count, sums, *moments)  # type: ignore[call-arg]
     parts.sum = sums
     m2, m3, m4 = moments
     if needs.order >= 2:
