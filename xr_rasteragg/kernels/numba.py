@@ -60,33 +60,42 @@ def _grow(table, keys, k):
 
 @nb.njit(nogil=True, cache=True)
 def _count_runs(labels):
-    """Number of runs of equal labels along the rows of a (z, y, x) block."""
+    """Number of runs of equal labels along the rows of a (z, y, x) block, and a bound on the labels.
+
+    A label's first run cannot start below a pixel of the same label, so the runs that start
+    below another label (or in a plane's first row) bound the number of labels: tight for small
+    cells, and far below the number of runs when cells span many rows.
+    """
     nz, ny, nx = labels.shape
     n = 0
+    fresh = 0
     for z in range(nz):
         for y in range(ny):
             row = labels[z, y]
+            up = labels[z, y - 1] if y > 0 else row
             n += 1
+            fresh += y == 0 or up[0] != row[0]
             for x in range(1, nx):
                 if row[x] != row[x - 1]:
                     n += 1
-    return n
+                    fresh += y == 0 or up[x] != row[x]
+    return n, fresh
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_runs(labels, nmax, skip, use_skip):
+def _encode_runs(labels, nmax, kmax, skip, use_skip):
     """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
 
     Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
     the runs as (z, y, x) start, length and id (as a position in the returned id array).
-    ``nmax`` bounds the number of runs. Runs of the label ``skip`` are dropped when ``use_skip``
-    is set.
+    ``nmax`` bounds the number of runs and ``kmax`` the number of labels (see
+    :func:`_count_runs`). Runs of the label ``skip`` are dropped when ``use_skip`` is set.
     """
     nz, ny, nx = labels.shape
     table = np.full(1024, -1, np.int64)
-    keys = np.empty(nmax, labels.dtype)
-    count = np.zeros(nmax, np.int64)
-    coords = np.zeros((nmax, 3), np.float64)
+    keys = np.empty(kmax, labels.dtype)
+    count = np.zeros(kmax, np.int64)
+    coords = np.zeros((kmax, 3), np.float64)
     run_z = np.empty(nmax, np.int32)
     run_y = np.empty(nmax, np.int32)
     run_x = np.empty(nmax, np.int32)
@@ -529,9 +538,9 @@ def block_partials(
         The partials of the labels present in the block, sorted by id.
     """
     use_skip, skip_value = _as_label_value(skip, labels.dtype)
-    nmax = _count_runs(labels) if labels.size else 0
+    nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
     keys, count, coords, (run_z, run_y, run_x, run_len, run_id) = _encode_runs(
-        labels, nmax, skip_value, use_skip
+        labels, nmax, kmax, skip_value, use_skip
     )
     order = np.argsort(keys, kind="stable")
     rank = np.empty_like(order, dtype=np.int32)
