@@ -289,8 +289,8 @@ def _sweep(
 def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
     """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
 
-    The image is ``flat``, channel ``c``'s pixel (z, y, x) being
-    ``flat[rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y + x]`` (see :func:`_flat_channels`).
+    The pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
+    ``(o, sz, sy) = rows[j, 1:]`` (see :func:`_flat_channels`).
     ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
     label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
     uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
@@ -301,10 +301,8 @@ def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrem
     channels inner, so the channels of a run share its loop bounds (which the branch predictor
     then learns) and its label's rows of the accumulators.
     """
-    nruns = run_id.shape[0]
-    nchan = rows.shape[0]
     seen = np.zeros(shift.shape[0], np.bool_)
-    for r in range(nruns):
+    for r in range(run_id.shape[0]):
         i = run_id[r]
         z = run_z[r]
         y = run_y[r]
@@ -312,8 +310,9 @@ def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrem
         b = a + run_len[r]
         first = not seen[i]
         seen[i] = True
-        for c in range(nchan):
-            start = rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y
+        for j in range(rows.shape[0]):
+            c = rows[j, 0]
+            start = rows[j, 1] + rows[j, 2] * z + rows[j, 3] * y
             row = flat[start + a : start + b]
             if first:
                 shift[i, c] = np.uint64(row[0])
@@ -414,23 +413,18 @@ def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3,
 
 
 @nb.njit(nogil=True, cache=True)
-def _central_moments(
-    flat, rows, run_z, run_y, run_x, run_len, run_id, order, unsafe, count, sums, m2, m3, m4
-):
-    """Central moments of the labels and channels marked ``unsafe``, in float64 about the exact mean.
+def _sums_about_mean(flat, rows, run_z, run_y, run_x, run_len, run_id, unsafe, count, sums, t):
+    """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[i, c, p - 1]`` where ``unsafe``.
 
-    The image layout is that of :func:`_power_sweep`. The sums of ``d = x - mean`` are taken
-    about the mean rounded to float64, and corrected by ``δ = Σd / n`` as in
-    :func:`_moments_from_powers`.
+    The image layout is that of :func:`_power_sweep`; the means are ``sums / count``.
     """
-    k, nchan = sums.shape
-    t = np.zeros((k, nchan, 4))
     for r in range(run_id.shape[0]):
         i = run_id[r]
-        for c in range(nchan):
+        for j in range(rows.shape[0]):
+            c = rows[j, 0]
             if not unsafe[i, c]:
                 continue
-            start = rows[c, 0] + rows[c, 1] * run_z[r] + rows[c, 2] * run_y[r] + run_x[r]
+            start = rows[j, 1] + rows[j, 2] * run_z[r] + rows[j, 3] * run_y[r] + run_x[r]
             mean = sums[i, c] / count[i]
             for p in range(start, start + run_len[r]):
                 d = flat[p] - mean
@@ -439,6 +433,15 @@ def _central_moments(
                 t[i, c, 1] += d2
                 t[i, c, 2] += d2 * d
                 t[i, c, 3] += d2 * d2
+
+
+@nb.njit(nogil=True, cache=True)
+def _central_moments(t, count, unsafe, order, m2, m3, m4):
+    """Central moments where ``unsafe`` from the sums of :func:`_sums_about_mean`.
+
+    The mean rounded to float64 is corrected by ``δ = Σd / n`` as in :func:`_moments_from_powers`.
+    """
+    k, nchan = unsafe.shape
     for i in range(k):
         for c in range(nchan):
             if not unsafe[i, c]:
@@ -451,30 +454,29 @@ def _central_moments(
                 m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
 
 
-def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[NDArray[np.number], NDArray[np.int64]]:
-    """The channels of a block as one flat array and, per channel, where its rows are in it.
+def _flat_channels(image: Sequence[NDArray[np.number]]) -> list[tuple[NDArray[np.number], NDArray[np.int64]]]:
+    """The channel chunks of a block as flat arrays, each with where its channels' rows are.
 
-    Returns ``flat`` (1-D, contiguous) and ``rows`` of shape ``(C, 3)``: channel ``c``'s pixel
-    (z, y, x) is ``flat[rows[c, 0] + rows[c, 1] * z + rows[c, 2] * y + x]``. Channel chunks that
-    are views with contiguous rows into one C-contiguous array (the blocks dask cuts from an
-    in-memory array) are read in place, through a flat view of that array; other chunks are
-    copied into one array first.
+    Returns pairs ``(flat, rows)``: ``flat`` is 1-D and contiguous, ``rows`` has shape ``(C_f, 4)``
+    and the pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
+    ``(o, sz, sy) = rows[j, 1:]``. A chunk whose rows are contiguous is read in place, through a
+    flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory array all
+    share one, so all channels come in one pair); other chunks are copied.
     """
-    owners = [_owner(chunk) for chunk in image]
-    item = image[0].dtype.itemsize
-    in_place = all(owner is owners[0] for owner in owners) and _is_flat_view(image, owners[0])
-    if in_place:
-        owner = owners[0]
-    else:
-        owner = np.ascontiguousarray(np.concatenate(image) if len(image) > 1 else image[0])
-        image = [owner]
-    origin = owner.__array_interface__["data"][0]
-    rows: list[tuple[int, int, int]] = []
+    groups: dict[int, tuple[NDArray[np.number], list[tuple[int, int, int, int]]]] = {}
+    channel = 0
     for chunk in image:
-        start = (chunk.__array_interface__["data"][0] - origin) // item
+        owner = _owner(chunk)
+        if not _is_flat_view(chunk, owner):
+            chunk = owner = np.ascontiguousarray(chunk)
+        _, rows = groups.setdefault(id(owner), (owner.reshape(-1), []))
+        item = chunk.dtype.itemsize
+        start = (chunk.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // item
         step_c, step_z, step_y = (s // item for s in chunk.strides[:3])
-        rows.extend((start + cc * step_c, step_z, step_y) for cc in range(chunk.shape[0]))
-    return owner.reshape(-1), np.array(rows, np.int64).reshape(-1, 3)
+        for cc in range(chunk.shape[0]):
+            rows.append((channel, start + cc * step_c, step_z, step_y))
+            channel += 1
+    return [(flat, np.array(rows, np.int64).reshape(-1, 4)) for flat, rows in groups.values()]
 
 
 def _owner(array: NDArray[Any]) -> NDArray[Any]:
@@ -484,13 +486,14 @@ def _owner(array: NDArray[Any]) -> NDArray[Any]:
     return array
 
 
-def _is_flat_view(image: Sequence[NDArray[Any]], owner: NDArray[Any]) -> bool:
-    """Whether all chunks view the C-contiguous ``owner``, rows contiguous, strides whole and non-negative."""
+def _is_flat_view(chunk: NDArray[Any], owner: NDArray[Any]) -> bool:
+    """Whether ``chunk`` views the C-contiguous ``owner``, rows contiguous, strides whole and non-negative."""
     item = owner.dtype.itemsize
-    if not owner.flags.c_contiguous or any(chunk.dtype != owner.dtype for chunk in image):
-        return False
-    return all(chunk.strides[3] == item or chunk.shape[3] <= 1 for chunk in image) and all(
-        s >= 0 and s % item == 0 for chunk in image for s in chunk.strides
+    return bool(
+        owner.flags.c_contiguous
+        and chunk.dtype == owner.dtype
+        and (chunk.strides[3] == item or chunk.shape[3] <= 1)
+        and all(s >= 0 and s % item == 0 for s in chunk.strides)
     )
 
 
@@ -618,8 +621,9 @@ def _small_integer_partials(
     hi = np.full((k, nchan), hi_init, dtype)
     shift = np.zeros((k, nchan), np.uint64)
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
-    flat, rows = _flat_channels(image)
-    _power_sweep(flat, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    groups = _flat_channels(image)
+    for flat, rows in groups:
+        _power_sweep(flat, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
     if needs.extrema:
         parts.min, parts.max = lo, hi
     if needs.skipna:
@@ -631,7 +635,10 @@ def _small_integer_partials(
     unsafe = np.zeros((k, nchan), np.bool_)
     _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
     if unsafe.any():
-        _central_moments(flat, rows, *runs, order, unsafe, parts.count, sums, *moments)  # type: ignore[call-arg]
+        about_mean = np.zeros((k, nchan, 4))
+        for flat, rows in groups:
+            _sums_about_mean(flat, rows, *runs, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+        _central_moments(about_mean, parts.count, unsafe, order, *moments)
     parts.sum = sums
     m2, m3, m4 = moments
     if needs.order >= 2:
