@@ -46,19 +46,6 @@ def _slot(key, mask):
 
 
 @nb.njit(nogil=True, cache=True)
-def _grow(table, keys, k):
-    """Rehash the ids ``keys[:k]`` into a table of twice the size."""
-    table = np.full(2 * table.shape[0], -1, np.int64)
-    mask = table.shape[0] - 1
-    for i in range(k):
-        s = _slot(keys[i], mask)
-        while table[s] >= 0:
-            s = (s + 1) & mask
-        table[s] = i
-    return table
-
-
-@nb.njit(nogil=True, cache=True)
 def _count_runs(labels):
     """Number of runs of equal labels along the rows of a (z, y, x) block, and a bound on the labels.
 
@@ -90,9 +77,18 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
     the runs as (z, y, x) start, length and id (as a position in the returned id array).
     ``nmax`` bounds the number of runs and ``kmax`` the number of labels (see
     :func:`_count_runs`). Runs of the label ``skip`` are dropped when ``use_skip`` is set.
+    A run takes the id of the previous run or of the pixel above when its label is theirs;
+    only the others are looked up in the hash table.
     """
     nz, ny, nx = labels.shape
-    table = np.full(1024, -1, np.int64)
+    # Open addressing, at most half full (kmax bounds the labels), each slot holding its id and
+    # the label's key so that a probe reads one place.
+    size = 1024
+    while size < 2 * kmax:
+        size *= 2
+    mask = size - 1
+    table = np.full(size, -1, np.int64)
+    table_keys = np.empty(size, labels.dtype)
     keys = np.empty(kmax, labels.dtype)
     count = np.zeros(kmax, np.int64)
     coords = np.zeros((kmax, 3), np.float64)
@@ -105,9 +101,13 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
     nruns = 0
     last_key = skip
     last_id = -1
+    row_start = 0
     for z in range(nz):
         for y in range(ny):
             row = labels[z, y]
+            up = labels[z, y - 1] if y > 0 else row
+            # The runs of the row above are above..row_start - 1 (none in a plane's first row).
+            above, row_start = (row_start if y > 0 else nruns), nruns
             x0 = 0
             while x0 < nx:
                 key = row[x0]
@@ -115,20 +115,25 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
                 while x1 < nx and row[x1] == key:
                     x1 += 1
                 if not (use_skip and key == skip):
-                    if key != last_key or last_id < 0:
-                        mask = table.shape[0] - 1
+                    if key != last_key and above < row_start and up[x0] == key:
+                        # The label of the pixel above: its run there gives the id without a
+                        # look-up in the table (whose random reads miss the cache).
+                        while run_x[above] + run_len[above] <= x0:
+                            above += 1
+                        last_id = run_id[above]
+                        last_key = key
+                    elif key != last_key or last_id < 0:
                         s = _slot(key, mask)
-                        while table[s] >= 0 and keys[table[s]] != key:
+                        while table[s] >= 0 and table_keys[s] != key:
                             s = (s + 1) & mask
                         if table[s] >= 0:
                             last_id = table[s]
                         else:
                             keys[k] = key
                             table[s] = k
+                            table_keys[s] = key
                             last_id = k
                             k += 1
-                            if 2 * k > table.shape[0]:
-                                table = _grow(table, keys, k)
                         last_key = key
                     length = x1 - x0
                     run_z[nruns] = z
