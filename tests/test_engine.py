@@ -13,6 +13,7 @@ import pytest
 from conftest import (
     ALL_STATS,
     assert_all_stats,
+    assert_partials_close,
     assert_stat,
     label_mask,
     nan_reference,
@@ -22,7 +23,10 @@ from conftest import (
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
+import xr_rasteragg.kernels.numba
+import xr_rasteragg.kernels.xp
 from xr_rasteragg.engine import aggregate
+from xr_rasteragg.partials import Needs
 
 #: Label ids per dtype: extremes of the dtype, negatives where signed, huge sparse values.
 IDS: dict[str, list[int]] = {
@@ -559,3 +563,27 @@ def test_cupy_matches_numpy() -> None:
     expected = reference(labels, image, [int(i) for i in np.unique(labels)])
     for name in ALL_STATS:
         assert_stat(name, cupy.asnumpy(cupy.asarray(result.values[name])), expected[name])
+
+
+@pytest.mark.parametrize("layout", ["views", "separate", "flipped", "fortran", "one chunk"])
+@pytest.mark.parametrize("dtype", ["uint16", "int8"])
+def test_numba_kernel_reads_any_channel_layout(layout: str, dtype: str) -> None:
+    """The integer sweep reads views of one array in place and copies other layouts; all agree with xp."""
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    labels = rng.integers(0, 9, size=(2, 30, 41)).repeat(2, axis=2)[:, :, :70].astype(np.int32)
+    whole = rng.integers(info.min, int(info.max) + 1, size=(3, 2, 40, 90)).astype(dtype)
+    image = whole[:, :, 5:35, 10:80]  # a strided view, as dask cuts from an in-memory array
+    chunks = {
+        "views": [image[c : c + 1] for c in range(3)],
+        "separate": [image[c : c + 1].copy() for c in range(3)],
+        "flipped": [image[c : c + 1, ::-1, ::-1, ::-1] for c in range(3)],
+        "fortran": [np.asfortranarray(image)[c : c + 1] for c in range(3)],
+        "one chunk": [image],
+    }[layout]
+    if layout == "flipped":
+        labels = labels[::-1, ::-1, ::-1].copy()
+    needs = Needs(4, extrema=True)
+    got = xr_rasteragg.kernels.numba.block_partials(labels, chunks, (0, 0, 0), needs, 0)
+    expected = xr_rasteragg.kernels.xp.block_partials(labels, [np.concatenate(chunks)], (0, 0, 0), needs, 0)
+    assert_partials_close(got, expected)

@@ -121,6 +121,51 @@ def test_tight_distribution_far_from_zero_float64(engine_kernel: Callable[..., A
         assert_moments(result.values, row, 0, image[0][label_mask(labels, int(label))])
 
 
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "uint16", "int16"])
+@pytest.mark.parametrize("stats", [MOMENT_STATS, ("mean", "var")])
+def test_small_integer_images_over_their_whole_range(dtype: str, stats: tuple[str, ...]) -> None:
+    """Exact integer power sums for 8- and 16-bit images, and the float fallback where they could overflow.
+
+    Values span the whole dtype: for 16 bits the shifted fourth powers of the large labels pass
+    2**63, so those labels take the float path; the small ones stay on the integer path. Some
+    labels are constant, some have one outlier, some take only the two extreme values.
+    """
+    rng = np.random.default_rng(4)
+    info = np.iinfo(dtype)
+    flat = np.arange(120 * 400).reshape(1, 120, 400)
+    labels = np.where(
+        flat < 4000, 1000 + flat // 7, np.where(flat < 28000, 2 + flat // 900, 100 + flat // 5000)
+    )
+    image = rng.integers(info.min, int(info.max) + 1, size=(2, *labels.shape)).astype(dtype)
+    image[1, labels == 3] = info.max
+    image[1, labels == 4] = info.min
+    image[1, 0, 0, 30] = info.max
+    two_values = labels == 10
+    image[0, two_values] = np.where(rng.random(int(two_values.sum())) < 0.5, info.min, info.max)
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 60, 200)),
+        da.from_array(image, chunks=(1, 1, 60, 200)),
+        (*stats, "min", "max"),
+    )
+    for row, label in enumerate(result.labels):
+        for channel in range(2):
+            x = image[channel][labels == label]
+            assert result.values["min"][row, channel] == x.min()
+            assert result.values["max"][row, channel] == x.max()
+            expected = two_pass(x)
+            for name in stats:
+                if name in ("skew", "kurtosis"):
+                    if expected["var"] <= (1e-15 * expected["mean"]) ** 2 or np.ptp(x) == 0:
+                        continue
+                    assert result.values[name][row, channel] == pytest.approx(
+                        expected[name], rel=0, abs=1e-6
+                    ), name
+                else:
+                    assert result.values[name][row, channel] == pytest.approx(
+                        expected[name], rel=1e-9, abs=1e-300
+                    ), name
+
+
 # --- merge ------------------------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
@@ -104,10 +105,10 @@ class Partials:
 
     def put(self, rows: NDArray[Any], other: Partials) -> None:
         """Overwrite the partials at positions ``rows`` with ``other``'s (same label ids), in place."""
-        self.count[rows] = other.count
-        self.coords[rows] = other.coords
+        _put_rows(self.count[:, None], rows, other.count[:, None])
+        _put_rows(self.coords, rows, other.coords)
         for name, value in self.channel_arrays().items():
-            value[rows] = getattr(other, name)
+            _put_rows(value, rows, getattr(other, name))
 
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
@@ -117,11 +118,21 @@ class Partials:
         )
 
 
+@nb.njit(nogil=True, cache=True)
+def _put_rows(out, rows, values):  # type: ignore[no-untyped-def]
+    """``out[rows] = values`` for 2-D arrays, row by row (NumPy's fancy assignment of short rows is slow)."""
+    for r in range(rows.shape[0]):
+        for c in range(values.shape[1]):
+            out[rows[r], c] = values[r, c]
+
+
 def merge(parts: Sequence[Partials]) -> Partials:
     """Merge partials of disjoint pixel sets into the partials of their union.
 
-    Label ids are merged as a sorted union; the counts, sums and extrema are added or compared,
-    and the central moments are combined about the merged mean::
+    Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts); the
+    rows of labels that only one part holds are copied, and the rows of labels that several
+    parts share are reduced: counts, sums and extrema are added or compared, and the central
+    moments are combined about the merged mean::
 
         M2 = Σ_i [M2_i + n_i d_i²]
         M3 = Σ_i [M3_i + 3 d_i M2_i + n_i d_i³]
@@ -143,15 +154,80 @@ def merge(parts: Sequence[Partials]) -> Partials:
     parts = [p for p in parts if p.size] or list(parts[:1])
     if len(parts) == 1:
         return parts[0]
-    labels = np.concatenate([p.labels for p in parts])
-    _, first, inverse, counts = np.unique(labels, return_index=True, return_inverse=True, return_counts=True)
-    stacked = _concat(parts)
-    merged = stacked.take(first)  # already right for the labels that only one part holds
-    shared = np.flatnonzero(counts > 1)
+    labels, positions = _union([p.labels for p in parts])
+    holders = np.zeros(labels.shape[0], np.int32)  # how many parts hold each label
+    for rows in positions:
+        holders[rows] += 1  # the rows of one part are distinct
+    first = parts[0]
+    merged = replace(
+        first,
+        labels=labels,
+        count=np.empty(labels.shape[0], first.count.dtype),
+        coords=np.empty((labels.shape[0], 3), first.coords.dtype),
+        **{
+            name: np.empty((labels.shape[0], value.shape[1]), value.dtype)
+            for name, value in first.channel_arrays().items()
+        },
+    )
+    for part, rows in zip(parts, positions, strict=True):
+        merged.put(rows, part)  # right for the labels that only this part holds
+    shared = np.flatnonzero(holders > 1)
     if shared.size:
-        rows = np.flatnonzero(counts[inverse] > 1)
-        merged.put(shared, _combine(stacked.take(rows), inverse[rows]))
+        pieces, inverse = [], []
+        for part, rows in zip(parts, positions, strict=True):
+            mine = np.flatnonzero(holders[rows] > 1)
+            pieces.append(part.take(mine))
+            inverse.append(np.searchsorted(shared, rows[mine]))
+        merged.put(shared, _combine(_concat(pieces), np.concatenate(inverse)))
     return merged
+
+
+def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
+    """Sorted union of sorted, unique id arrays, and the row of each part's ids in the union.
+
+    Parts are merged pairwise in a balanced tree, so each id takes ``log2(len(ids))`` linear
+    merges.
+    """
+    if len(ids) == 1:
+        return ids[0], [np.arange(ids[0].shape[0])]
+    half = len(ids) // 2
+    left, left_rows = _union(ids[:half])
+    right, right_rows = _union(ids[half:])
+    union, to_left, to_right = _union2(left, right)
+    return union, [to_left[rows] for rows in left_rows] + [to_right[rows] for rows in right_rows]
+
+
+@nb.njit(nogil=True, cache=True)
+def _union2(a, b):  # type: ignore[no-untyped-def]
+    """Sorted union of two sorted arrays of unique ids, and the row of each id of ``a`` and ``b`` in it."""
+    out = np.empty(a.shape[0] + b.shape[0], a.dtype)
+    rows_a = np.empty(a.shape[0], np.intp)
+    rows_b = np.empty(b.shape[0], np.intp)
+    i = j = k = 0
+    while i < a.shape[0] and j < b.shape[0]:
+        if a[i] <= b[j]:
+            out[k] = a[i]
+            rows_a[i] = k
+            if a[i] == b[j]:
+                rows_b[j] = k
+                j += 1
+            i += 1
+        else:
+            out[k] = b[j]
+            rows_b[j] = k
+            j += 1
+        k += 1
+    while i < a.shape[0]:
+        out[k] = a[i]
+        rows_a[i] = k
+        i += 1
+        k += 1
+    while j < b.shape[0]:
+        out[k] = b[j]
+        rows_b[j] = k
+        j += 1
+        k += 1
+    return out[:k], rows_a, rows_b
 
 
 def _combine(stacked: Partials, inverse: NDArray[Any]) -> Partials:

@@ -166,11 +166,14 @@ def finalize(
     """
     everything = found.all() and rows.shape[0] == parts.size and np.array_equal(rows, np.arange(parts.size))
     present = parts if everything else parts.take(rows[found])
-    out = {}
+    out: dict[str, NDArray[np.generic]] = {}
     for name in stats:
         spec = STATISTICS[name]
         values = np.asarray(spec.compute(present))
         dtype = np.int64 if name == "count" else np.float64
+        if everything:
+            out[name] = values.astype(dtype, copy=False)
+            continue
         result = np.full((found.shape[0], *values.shape[1:]), spec.fill, dtype=dtype)
         result[found] = values
         out[name] = result

@@ -3,13 +3,19 @@
 The kernel walks the label block once, row by row, and encodes it as runs of equal labels
 ((z, y, x) start, length, local id). Label ids are discovered in the same walk with an
 open-addressing hash table, so nothing is ever allocated by the size of the largest id. The runs
-then drive one sweep per channel, image row by image row (strided blocks are read in place):
+then drive the sweep over the image (strided blocks are read in place):
 
-- sums come from exact int64 prefix sums of the row for integer images, or from a loop over the
-  run otherwise;
-- one more loop over the run (then in L1 cache) finds the extrema and the central moments about
-  the run's own mean, which are merged into the label's running moments with the pairwise
-  formulas of Pébay (2008); no statistic rests on raw power sums that cancel.
+- for images of at most 16-bit integers (the common microscopy case), one loop per run and
+  channel accumulates exact integer power sums ``Σ (x - K)**p`` about the label's first pixel
+  value ``K``, modulo 2**64, and the extrema. The central moments follow per label at the end by
+  exact integer shifts; where the bound that guarantees exactness fails (wide ranges in large
+  labels), those labels are recomputed in float64 about their exact mean;
+- for other images, sums come from exact int64 prefix sums of the row for integer images, or
+  from a loop over the run otherwise, and one more loop over the run (then in L1 cache) finds
+  the extrema and the central moments about the run's own mean, which are merged into the
+  label's running moments with the pairwise formulas of Pébay (2008).
+
+No statistic rests on float power sums that cancel.
 
 All loops are compiled with Numba (``nogil``, cached on disk) and specialise on the label and
 image dtypes; the statistics to compute are run-time flags.
@@ -40,47 +46,52 @@ def _slot(key, mask):
 
 
 @nb.njit(nogil=True, cache=True)
-def _grow(table, keys, k):
-    """Rehash the ids ``keys[:k]`` into a table of twice the size."""
-    table = np.full(2 * table.shape[0], -1, np.int64)
-    mask = table.shape[0] - 1
-    for i in range(k):
-        s = _slot(keys[i], mask)
-        while table[s] >= 0:
-            s = (s + 1) & mask
-        table[s] = i
-    return table
-
-
-@nb.njit(nogil=True, cache=True)
 def _count_runs(labels):
-    """Number of runs of equal labels along the rows of a (z, y, x) block."""
+    """Number of runs of equal labels along the rows of a (z, y, x) block, and a bound on the labels.
+
+    A label's first run cannot start below a pixel of the same label, so the runs that start
+    below another label (or in a plane's first row) bound the number of labels: tight for small
+    cells, and far below the number of runs when cells span many rows.
+    """
     nz, ny, nx = labels.shape
     n = 0
+    fresh = 0
     for z in range(nz):
         for y in range(ny):
             row = labels[z, y]
+            up = labels[z, y - 1] if y > 0 else row
             n += 1
+            fresh += y == 0 or up[0] != row[0]
             for x in range(1, nx):
                 if row[x] != row[x - 1]:
                     n += 1
-    return n
+                    fresh += y == 0 or up[x] != row[x]
+    return n, fresh
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_runs(labels, nmax, skip, use_skip):
+def _encode_runs(labels, nmax, kmax, skip, use_skip):
     """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
 
     Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
     the runs as (z, y, x) start, length and id (as a position in the returned id array).
-    ``nmax`` bounds the number of runs. Runs of the label ``skip`` are dropped when ``use_skip``
-    is set.
+    ``nmax`` bounds the number of runs and ``kmax`` the number of labels (see
+    :func:`_count_runs`). Runs of the label ``skip`` are dropped when ``use_skip`` is set.
+    A run takes the id of the previous run or of the pixel above when its label is theirs;
+    only the others are looked up in the hash table.
     """
     nz, ny, nx = labels.shape
-    table = np.full(1024, -1, np.int64)
-    keys = np.empty(nmax, labels.dtype)
-    count = np.zeros(nmax, np.int64)
-    coords = np.zeros((nmax, 3), np.float64)
+    # Open addressing, at most half full (kmax bounds the labels), each slot holding its id and
+    # the label's key so that a probe reads one place.
+    size = 1024
+    while size < 2 * kmax:
+        size *= 2
+    mask = size - 1
+    table = np.full(size, -1, np.int64)
+    table_keys = np.empty(size, labels.dtype)
+    keys = np.empty(kmax, labels.dtype)
+    count = np.zeros(kmax, np.int64)
+    coords = np.zeros((kmax, 3), np.float64)
     run_z = np.empty(nmax, np.int32)
     run_y = np.empty(nmax, np.int32)
     run_x = np.empty(nmax, np.int32)
@@ -90,9 +101,13 @@ def _encode_runs(labels, nmax, skip, use_skip):
     nruns = 0
     last_key = skip
     last_id = -1
+    row_start = 0
     for z in range(nz):
         for y in range(ny):
             row = labels[z, y]
+            up = labels[z, y - 1] if y > 0 else row
+            # The runs of the row above are above..row_start - 1 (none in a plane's first row).
+            above, row_start = (row_start if y > 0 else nruns), nruns
             x0 = 0
             while x0 < nx:
                 key = row[x0]
@@ -100,20 +115,25 @@ def _encode_runs(labels, nmax, skip, use_skip):
                 while x1 < nx and row[x1] == key:
                     x1 += 1
                 if not (use_skip and key == skip):
-                    if key != last_key or last_id < 0:
-                        mask = table.shape[0] - 1
+                    if key != last_key and above < row_start and up[x0] == key:
+                        # The label of the pixel above: its run there gives the id without a
+                        # look-up in the table (whose random reads miss the cache).
+                        while run_x[above] + run_len[above] <= x0:
+                            above += 1
+                        last_id = run_id[above]
+                        last_key = key
+                    elif key != last_key or last_id < 0:
                         s = _slot(key, mask)
-                        while table[s] >= 0 and keys[table[s]] != key:
+                        while table[s] >= 0 and table_keys[s] != key:
                             s = (s + 1) & mask
                         if table[s] >= 0:
                             last_id = table[s]
                         else:
                             keys[k] = key
                             table[s] = k
+                            table_keys[s] = key
                             last_id = k
                             k += 1
-                            if 2 * k > table.shape[0]:
-                                table = _grow(table, keys, k)
                         last_key = key
                     length = x1 - x0
                     run_z[nruns] = z
@@ -270,6 +290,218 @@ def _sweep(
         c0 += chunk.shape[0]
 
 
+@nb.njit(nogil=True, cache=True)
+def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
+    """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
+
+    The pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
+    ``(o, sz, sy) = rows[j, 1:]`` (see :func:`_flat_channels`).
+    ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
+    label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
+    uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
+    later integer combination of these sums is exact as soon as its true value fits in 64 bits
+    (see :func:`_moments_from_powers`). Integer additions have no rounding and a short latency,
+    and no run needs a division or a merge formula: the per-pixel loop is a few integer
+    operations on a unit-stride array, which the compiler vectorises. Runs are outer and
+    channels inner, so the channels of a run share its loop bounds (which the branch predictor
+    then learns) and its label's rows of the accumulators.
+    """
+    seen = np.zeros(shift.shape[0], np.bool_)
+    for r in range(run_id.shape[0]):
+        i = run_id[r]
+        z = run_z[r]
+        y = run_y[r]
+        a = run_x[r]
+        b = a + run_len[r]
+        first = not seen[i]
+        seen[i] = True
+        for j in range(rows.shape[0]):
+            c = rows[j, 0]
+            start = rows[j, 1] + rows[j, 2] * z + rows[j, 3] * y
+            row = flat[start + a : start + b]
+            if first:
+                shift[i, c] = np.uint64(row[0])
+            k = shift[i, c]
+            mn = lo[i, c]
+            mx = hi[i, c]
+            t1 = np.uint64(0)
+            t2 = np.uint64(0)
+            t3 = np.uint64(0)
+            t4 = np.uint64(0)
+            for p in range(row.shape[0]):
+                x = row[p]
+                if extrema:
+                    mn = min(mn, x)
+                    mx = max(mx, x)
+                d = np.uint64(x) - k  # x - shift, modulo 2**64
+                t1 += d
+                if order >= 2:
+                    d2 = d * d
+                    t2 += d2
+                    if order >= 3:
+                        t3 += d2 * d
+                        t4 += d2 * d2
+            lo[i, c] = mn
+            hi[i, c] = mx
+            power[i, c, 0] += t1
+            if order >= 2:
+                power[i, c, 1] += t2
+                if order >= 3:
+                    power[i, c, 2] += t3
+                    power[i, c, 3] += t4
+
+
+@nb.njit(nogil=True, cache=True)
+def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3, m4, unsafe):
+    """Sums and central moments per label and channel from shifted power sums modulo 2**64.
+
+    With ``T_p = Σ (x - K)**p`` about the first pixel value ``K`` (from :func:`_power_sweep`),
+    the sum is ``n K + T_1`` (exact: below 2**63 for 16-bit values). The sums about the rounded
+    mean ``s`` follow from the binomial theorem with ``e = K - s``, again modulo 2**64::
+
+        U_p = Σ (x - s)**p = Σ_j C(p, j) e**(p - j) T_j        (T_0 = n)
+
+    Each ``U_p`` equals the true integer as soon as ``|U_p| < 2**63``, which holds when
+    ``n R**order < 2**62`` for ``R = max(max - s, s - min)`` (or ``span``, the dtype's range,
+    when the extrema were not collected, ``lo > hi``). Labels and channels where that bound
+    fails are marked ``unsafe`` for :func:`_central_moments`. With ``δ = U_1 / n``
+    (``|δ| <= 1/2``) the central moments follow with little cancellation::
+
+        M2 = U2 - δ U1            (exact in integers, (n U2 - U1²) / n, when n U2 < 2**62)
+        M3 = U3 - 3 δ U2 + 2 δ² U1
+        M4 = U4 - 4 δ U3 + 6 δ² U2 - 3 δ³ U1
+    """
+    k, nchan = sums.shape
+    for i in range(k):
+        n = count[i]
+        un = np.uint64(n)
+        for c in range(nchan):
+            t1 = power[i, c, 0]
+            total = np.int64(un * shift[i, c] + t1)
+            sums[i, c] = total
+            if order < 2 or n == 0:
+                continue
+            s = (2 * total + n) // (2 * n)  # the mean rounded to an integer (floor division)
+            reach = span
+            if lo[i, c] <= hi[i, c]:
+                reach = max(np.int64(hi[i, c]) - s, s - np.int64(lo[i, c]))
+            if n * float(max(reach, 1)) ** order >= 2.0**62:
+                unsafe[i, c] = True
+                continue
+            e = shift[i, c] - np.uint64(s)
+            t2 = power[i, c, 1]
+            u1 = np.int64(t1 + un * e)
+            u2 = np.int64(t2 + e * (np.uint64(2) * t1 + un * e))
+            f1 = float(u1)
+            delta = f1 / n
+            if n * float(u2) < 2.0**62:
+                m2[i, c] = float(n * u2 - u1 * u1) / n
+            else:
+                m2[i, c] = float(u2) - delta * f1
+            if order < 3:
+                continue
+            t3 = power[i, c, 2]
+            t4 = power[i, c, 3]
+            e2 = e * e
+            u3 = np.int64(t3 + np.uint64(3) * e * t2 + np.uint64(3) * e2 * t1 + un * e2 * e)
+            u4 = np.int64(
+                t4
+                + np.uint64(4) * e * t3
+                + np.uint64(6) * e2 * t2
+                + np.uint64(4) * e2 * e * t1
+                + un * e2 * e2
+            )
+            f2 = float(u2)
+            f3 = float(u3)
+            m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
+            m4[i, c] = float(u4) - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+
+
+@nb.njit(nogil=True, cache=True)
+def _sums_about_mean(flat, rows, run_z, run_y, run_x, run_len, run_id, unsafe, count, sums, t):
+    """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[i, c, p - 1]`` where ``unsafe``.
+
+    The image layout is that of :func:`_power_sweep`; the means are ``sums / count``.
+    """
+    for r in range(run_id.shape[0]):
+        i = run_id[r]
+        for j in range(rows.shape[0]):
+            c = rows[j, 0]
+            if not unsafe[i, c]:
+                continue
+            start = rows[j, 1] + rows[j, 2] * run_z[r] + rows[j, 3] * run_y[r] + run_x[r]
+            mean = sums[i, c] / count[i]
+            for p in range(start, start + run_len[r]):
+                d = flat[p] - mean
+                d2 = d * d
+                t[i, c, 0] += d
+                t[i, c, 1] += d2
+                t[i, c, 2] += d2 * d
+                t[i, c, 3] += d2 * d2
+
+
+@nb.njit(nogil=True, cache=True)
+def _central_moments(t, count, unsafe, order, m2, m3, m4):
+    """Central moments where ``unsafe`` from the sums of :func:`_sums_about_mean`.
+
+    The mean rounded to float64 is corrected by ``δ = Σd / n`` as in :func:`_moments_from_powers`.
+    """
+    k, nchan = unsafe.shape
+    for i in range(k):
+        for c in range(nchan):
+            if not unsafe[i, c]:
+                continue
+            f1, f2, f3, f4 = t[i, c, 0], t[i, c, 1], t[i, c, 2], t[i, c, 3]
+            delta = f1 / count[i]
+            m2[i, c] = f2 - delta * f1
+            if order >= 3:
+                m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
+                m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+
+
+def _flat_channels(image: Sequence[NDArray[np.number]]) -> list[tuple[NDArray[np.number], NDArray[np.int64]]]:
+    """The channel chunks of a block as flat arrays, each with where its channels' rows are.
+
+    Returns pairs ``(flat, rows)``: ``flat`` is 1-D and contiguous, ``rows`` has shape ``(C_f, 4)``
+    and the pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
+    ``(o, sz, sy) = rows[j, 1:]``. A chunk whose rows are contiguous is read in place, through a
+    flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory array all
+    share one, so all channels come in one pair); other chunks are copied.
+    """
+    groups: dict[int, tuple[NDArray[np.number], list[tuple[int, int, int, int]]]] = {}
+    channel = 0
+    for chunk in image:
+        owner = _owner(chunk)
+        if not _is_flat_view(chunk, owner):
+            chunk = owner = np.ascontiguousarray(chunk)
+        _, rows = groups.setdefault(id(owner), (owner.reshape(-1), []))
+        item = chunk.dtype.itemsize
+        start = (chunk.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // item
+        step_c, step_z, step_y = (s // item for s in chunk.strides[:3])
+        for cc in range(chunk.shape[0]):
+            rows.append((channel, start + cc * step_c, step_z, step_y))
+            channel += 1
+    return [(flat, np.array(rows, np.int64).reshape(-1, 4)) for flat, rows in groups.values()]
+
+
+def _owner(array: NDArray[Any]) -> NDArray[Any]:
+    """The array at the end of ``array``'s chain of views."""
+    while isinstance(array.base, np.ndarray):
+        array = array.base
+    return array
+
+
+def _is_flat_view(chunk: NDArray[Any], owner: NDArray[Any]) -> bool:
+    """Whether ``chunk`` views the C-contiguous ``owner``, rows contiguous, strides whole and non-negative."""
+    item = owner.dtype.itemsize
+    return bool(
+        owner.flags.c_contiguous
+        and chunk.dtype == owner.dtype
+        and (chunk.strides[3] == item or chunk.shape[3] <= 1)
+        and all(s >= 0 and s % item == 0 for s in chunk.strides)
+    )
+
+
 def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
     """Initial (min, max) accumulators: the largest and smallest value of the dtype."""
     if np.issubdtype(dtype, np.floating):
@@ -314,9 +546,9 @@ def block_partials(
         The partials of the labels present in the block, sorted by id.
     """
     use_skip, skip_value = _as_label_value(skip, labels.dtype)
-    nmax = _count_runs(labels) if labels.size else 0
+    nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
     keys, count, coords, (run_z, run_y, run_x, run_len, run_id) = _encode_runs(
-        labels, nmax, skip_value, use_skip
+        labels, nmax, kmax, skip_value, use_skip
     )
     order = np.argsort(keys, kind="stable")
     rank = np.empty_like(order, dtype=np.int32)
@@ -329,23 +561,23 @@ def block_partials(
 
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
-    skipna = needs.skipna and np.issubdtype(dtype, np.floating)
-    nvalid = np.zeros((k, nchan), np.int64)
-    sums = np.zeros((k, nchan), np.float64)
-    lo_init, hi_init = _extrema_init(dtype)
-    lo = np.full((k, nchan), lo_init, dtype)
-    hi = np.full((k, nchan), hi_init, dtype)
-    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
     chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A"))
     for chunk in image:
         chunks.append(chunk)
+    runs = (run_z, run_y, run_x, run_len, run_id)
+    lo_init, hi_init = _extrema_init(dtype)
+    if dtype.kind in "iu" and dtype.itemsize <= 2:
+        _small_integer_partials(parts, image, runs, dtype, nchan, needs, labels.size)
+        return parts
+    skipna = needs.skipna and np.issubdtype(dtype, np.floating)
+    nvalid = np.zeros((k, nchan), np.int64)
+    sums = np.zeros((k, nchan), np.float64)
+    lo = np.full((k, nchan), lo_init, dtype)
+    hi = np.full((k, nchan), hi_init, dtype)
+    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
     _sweep(  # type: ignore[call-arg]
         chunks,
-        run_z,
-        run_y,
-        run_x,
-        run_len,
-        run_id,
+        *runs,
         _run_accumulator(dtype),
         _run_accumulator(dtype).dtype.kind == "i",
         needs.order,
@@ -371,6 +603,55 @@ def block_partials(
     if needs.order >= 4:
         parts.m4 = moments[3]
     return parts
+
+
+def _small_integer_partials(
+    parts: Partials,
+    image: Sequence[NDArray[np.number]],
+    runs: tuple[Any, ...],
+    dtype: np.dtype,
+    nchan: int,
+    needs: Needs,
+    pixels: int,
+) -> None:
+    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
+    k = parts.size
+    order = 4 if needs.order >= 3 else needs.order
+    info = np.iinfo(dtype)
+    span = int(info.max) - int(info.min)
+    # The extrema bound the shifted power sums; without them the dtype's range must do.
+    extrema = needs.extrema or (order >= 2 and pixels * float(span) ** order >= 2.0**62)
+    lo_init, hi_init = _extrema_init(dtype)
+    lo = np.full((k, nchan), lo_init, dtype)
+    hi = np.full((k, nchan), hi_init, dtype)
+    shift = np.zeros((k, nchan), np.uint64)
+    power = np.zeros((k, nchan, max(order, 1)), np.uint64)
+    groups = _flat_channels(image)
+    for flat, rows in groups:
+        _power_sweep(flat, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    if needs.extrema:
+        parts.min, parts.max = lo, hi
+    if needs.skipna:
+        parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
+    if order == 0:
+        return
+    sums = np.zeros((k, nchan))
+    moments = [np.zeros((k, nchan)) for _ in range(3)]
+    unsafe = np.zeros((k, nchan), np.bool_)
+    _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
+    if unsafe.any():
+        about_mean = np.zeros((k, nchan, 4))
+        for flat, rows in groups:
+            _sums_about_mean(flat, rows, *runs, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+        _central_moments(about_mean, parts.count, unsafe, order, *moments)
+    parts.sum = sums
+    m2, m3, m4 = moments
+    if needs.order >= 2:
+        parts.m2 = m2
+    if needs.order >= 3:
+        parts.m3 = m3
+    if needs.order >= 4:
+        parts.m4 = m4
 
 
 def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generic]:
