@@ -311,7 +311,7 @@ def test_demo(tmp_path: Path) -> None:
     result = rasteragg("demo", "--out", str(tmp_path / "demo"), "--size", "96")
     assert result.returncode == 0, result.stderr
     assert "table 'cells_stats'" in result.stdout
-    assert "median of the per-cell means, by true cell type" in result.stdout
+    assert "median of the per-cell mean intensities, by the true cell type" in result.stdout
     assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = read_table(tmp_path / "demo" / "demo.zarr", "cells_stats")
     TableModel().validate(table)

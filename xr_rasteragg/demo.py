@@ -84,20 +84,22 @@ def _print_summary(
         f"  one pass over {values / 1e6:.1f} M pixel values for {', '.join(STATS)} per cell and channel "
         f"(+ area, centroid): {aggregated:.2f} s"
     )
-    print(
-        f"\ntable 'cells_stats': {n_cells} cells x {table.n_vars} channels; X = {STATS[0]}; "
-        f"layers = {', '.join(table.layers)}; obs = {', '.join(table.obs.columns)}; "
-        "obsm['spatial'] = centroids (x, y) in µm"
-    )
+    print(f"\ntable 'cells_stats' (AnnData, {n_cells} cells x {table.n_vars} channels), in the store too:")
+    print(f"  X       {STATS[0]} intensity of each cell in each channel")
+    print(f"  layers  {', '.join(table.layers)}")
+    print(f"  obs     {', '.join(table.obs.columns)}")
+    print("  obsm    spatial: centroids (x, y) in µm")
+    print(f"  var     {', '.join(table.var_names)}")
 
     mean = pd.DataFrame(table.X, columns=table.var_names, index=table.obs_names)
     by_type = mean.groupby(table.obs["true_cell_type"].to_numpy()).median()
     by_type.insert(0, "cells", table.obs["true_cell_type"].value_counts())
-    by_type.index.name = "median of the per-cell means, by true cell type"
+    by_type.index.name = "cell type"
+    print("\nmedian of the per-cell mean intensities, by the true cell type of the synthetic cells:")
     with pd.option_context(
         "display.width", 160, "display.max_columns", 20, "display.float_format", "{:.0f}".format
     ):
-        print(f"\n{by_type}")
+        print(by_type.to_string())
         first = table.obs[["instance_id", "area"]].copy()
         first[["x µm", "y µm"]] = table.obsm["spatial"]
         for name in ("DAPI", "panCK", "CD3", "CD20", "CD68"):

@@ -23,7 +23,7 @@ import xarray as xr
 from numpy.typing import NDArray
 
 from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
-from .stats import STATISTICS, validate_stats
+from .stats import STATISTICS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -329,15 +329,21 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
 
 
 def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
-    names = validate_stats(stats)
-    fixed = [name for name in names if not STATISTICS[name].per_channel]
+    names = (stats,) if isinstance(stats, str) else tuple(stats)
+    per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+    if not names:
+        raise ValueError(f"'stats' must name at least one statistic of {per_channel}; got an empty list")
+    unknown = [name for name in names if name not in STATISTICS]
+    if unknown:
+        raise ValueError(f"'stats' holds unknown statistic(s) {unknown}; expected names from {per_channel}")
+    fixed = [name for name in names if name in _ALWAYS]
     if fixed:
         where = ", ".join(f"{name!r} is always in {_ALWAYS[name]}" for name in fixed)
         raise ValueError(
             f"'stats' must name per-channel statistics only ({where}); got {list(names)}; expected names "
-            f"from {sorted(n for n, s in STATISTICS.items() if s.per_channel)}"
+            f"from {per_channel}"
         )
-    return names
+    return tuple(dict.fromkeys(names))
 
 
 def _element(sdata: SpatialData, kind: str, name: str, argument: str) -> Any:
