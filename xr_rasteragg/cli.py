@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 import traceback
@@ -67,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "extra: pip install 'xr_rasteragg[spatialdata]'",
             file=sys.stderr,
         )
+        return 1
+    except BrokenPipeError:  # the reader of our output went away (as `rasteragg demo | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)

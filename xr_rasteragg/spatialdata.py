@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,7 +242,9 @@ def compute_table(resolved: Plan) -> AnnData:
     obs = pd.DataFrame(
         {
             resolved.instance_key: ids,
-            resolved.region_key: pd.Categorical([resolved.labels_name] * ids.shape[0]),
+            resolved.region_key: pd.Categorical.from_codes(
+                np.zeros(ids.shape[0], np.int8), categories=pd.Index([resolved.labels_name])
+            ),
             "area": np.asarray(result["count"].values, dtype=np.int64),
         },
         index=pd.Index(ids.astype(str)),
@@ -297,7 +300,10 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
         )
     with tempfile.TemporaryDirectory(prefix=f".{store.name}.rasteragg-", dir=store.parent) as tmp:
         staging = Path(tmp)
-        SpatialData(tables={name: table}).write(staging / "staged.zarr")
+        with warnings.catch_warnings():  # the staging store holds the table without its labels
+            warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+            staged = SpatialData(tables={name: table})
+        staged.write(staging / "staged.zarr")
         staged_tables = staging / "staged.zarr" / "tables"
         saved = _metadata_snapshot(store)
         had_tables = tables.exists()
@@ -514,8 +520,6 @@ def _restore_metadata(store: Path, saved: dict[Path, bytes | None]) -> None:
 
 def _consolidate(store: Path) -> None:
     """Update the store's consolidated metadata, where it has any (as spatialdata does)."""
-    import warnings
-
     import zarr
 
     root = zarr.open_group(store, mode="r")

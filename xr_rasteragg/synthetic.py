@@ -15,9 +15,6 @@ from numpy.typing import NDArray
 
 __all__ = ["TISSUE_CHANNELS", "Tissue", "make_cells", "make_tissue"]
 
-#: Rows of pixels processed at once by the tessellation (bounds its temporary memory).
-_BAND = 256
-
 
 def make_cells(
     shape: tuple[int, int] = (1024, 1024),
@@ -100,21 +97,23 @@ def _tessellate(
     edge = np.full(shape, np.inf) if geometry else None
     xs = np.arange(nx)
     cx = np.minimum((xs // step).astype(np.intp), gx - 1)
-    for top in range(0, ny, _BAND):
-        ys = np.arange(top, min(top + _BAND, ny))[:, None]
-        cy = np.minimum((ys // step).astype(np.intp), gy - 1)
-        best = np.full((ys.shape[0], nx), np.inf)  # squared distance to the nearest seed that covers
-        nearest = np.full((ys.shape[0], nx), np.inf)  # ... to the nearest seed, covering or not
-        second = np.full((ys.shape[0], nx), np.inf)  # ... to the second nearest seed
-        owner = np.zeros((ys.shape[0], nx), np.int32)
-        band = labels[top : top + ys.shape[0]]
+    rows = np.arange(ny)
+    cy = np.minimum((rows // step).astype(np.intp), gy - 1)
+    # One strip of image rows per row of seeds: the candidate seeds of a pixel then depend on its
+    # column only, so each is a 1-D gather broadcast over the strip.
+    for strip in np.split(rows, np.flatnonzero(np.diff(cy)) + 1):
+        top, ys, row = strip[0], strip[:, None], cy[strip[0]]
+        best = np.full((strip.shape[0], nx), np.inf)  # squared distance to the nearest covering seed
+        nearest = np.full((strip.shape[0], nx), np.inf)  # ... to the nearest seed, covering or not
+        second = np.full((strip.shape[0], nx), np.inf)  # ... to the second nearest seed
+        owner = np.zeros((strip.shape[0], nx), np.int32)
+        band = labels[top : top + strip.shape[0]]
         for dy in (-1, 0, 1):
+            sy = min(max(row + dy, 0), gy - 1)
             for dx in (-1, 0, 1):
-                sy = np.clip(cy + dy, 0, gy - 1)
                 sx = np.clip(cx + dx, 0, gx - 1)
                 d2 = (seeds[sy, sx, 0] - ys) ** 2 + (seeds[sy, sx, 1] - xs) ** 2
-                r2 = radius2[sy, sx]
-                closer = (d2 < best) & (d2 < r2)
+                closer = (d2 < best) & (d2 < radius2[sy, sx])
                 best = np.where(closer, d2, best)
                 band[...] = np.where(closer, ids[sy, sx], band)
                 if geometry:
@@ -131,8 +130,8 @@ def _tessellate(
             own = np.sqrt(np.where(inside, best, nearest))
             voronoi = (np.sqrt(second) - np.sqrt(nearest)) / 2
             disc = np.sqrt(_radius2_of(band, ids, radius2)) - own
-            distance[top : top + ys.shape[0]] = own
-            edge[top : top + ys.shape[0]] = np.where(inside, np.minimum(voronoi, disc), 0.0)
+            distance[top : top + strip.shape[0]] = own
+            edge[top : top + strip.shape[0]] = np.where(inside, np.minimum(voronoi, disc), 0.0)
     return _Cells(labels, seeds, ids, distance, edge)
 
 
