@@ -209,6 +209,33 @@ def test_scale_and_translation_with_labels_on_a_crop() -> None:
     np.testing.assert_allclose(spatial[0], expected, rtol=1e-12)
 
 
+def test_3d_labels_on_a_crop_with_other_chunks() -> None:
+    image = image_of((6, 14, 16), nchan=2)
+    labels = blob_labels((3, 8, 9), seed=7)
+    to_world = Scale([0.2, 0.2, 1.5], axes=("x", "y", "z"))
+    crop_at = Translation([4, 5, 2], axes=("x", "y", "z"))
+    sdata = spatialdata.SpatialData(
+        images={
+            "vol": Image3DModel.parse(
+                image, dims=("c", "z", "y", "x"), chunks=(1, 2, 7, 8), transformations={"global": to_world}
+            )
+        },
+        labels={
+            "nuclei": Labels3DModel.parse(
+                labels,
+                dims=("z", "y", "x"),
+                chunks=(3, 5, 5),
+                transformations={"global": spatialdata.transformations.Sequence([crop_at, to_world])},
+            )
+        },
+    )
+    table = aggregate(sdata, "vol", "nuclei", ["mean", "max"])
+    crop = image[:, 2:5, 5:13, 4:13]
+    np.testing.assert_allclose(table.X, reference(crop, labels, "mean")[1], rtol=1e-12)
+    np.testing.assert_array_equal(table.layers["max"], reference(crop, labels, "max")[1])
+    np.testing.assert_allclose(table.obsm["spatial"], centroids_of(sdata, "nuclei"), rtol=1e-12)
+
+
 def test_other_coordinate_system() -> None:
     labels = blob_labels((20, 27))
     image = image_of(labels.shape)
