@@ -326,6 +326,10 @@ def test_errors_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"write": True}, "'write=True' needs a 'table_name'"),
         ({"write": True, "table_name": "t"}, "needs 'sdata' backed by a zarr store"),
         ({"region_key": "id", "instance_key": "id"}, "'region_key' and 'instance_key' must differ"),
+        (
+            {"instance_key": "area"},
+            r"and from 'area' \(the column of pixel counts\); got 'region' and 'area'",
+        ),
     ]
     for overrides, message in cases:
         kwargs: dict[str, Any] = {"image": "img", "labels": "cells", "stats": ("mean",), **overrides}

@@ -53,7 +53,7 @@ class Plan:
         Per-channel statistics, in order; ``X`` holds the first.
     affine
         Homogeneous matrix from the labels' intrinsic ``(x, y[, z])`` to the coordinate system.
-    coordinate_system, region_key, instance_key, table_name, image_name
+    image_name, coordinate_system, region_key, instance_key
         As passed to :func:`aggregate`.
     """
 
@@ -66,7 +66,6 @@ class Plan:
     coordinate_system: str
     region_key: str
     instance_key: str
-    table_name: str | None
 
 
 def aggregate(
@@ -181,8 +180,11 @@ def plan(
     names = _per_channel_stats(stats)
     image_element = _element(sdata, "images", image, "image")
     labels_element = _element(sdata, "labels", labels, "labels")
-    if region_key == instance_key:
-        raise ValueError(f"'region_key' and 'instance_key' must differ; both are {region_key!r}")
+    if region_key == instance_key or "area" in (region_key, instance_key):
+        raise ValueError(
+            "'region_key' and 'instance_key' must differ from each other and from 'area' (the column of "
+            f"pixel counts); got {region_key!r} and {instance_key!r}"
+        )
     _check_table_name(sdata, table_name, write=write, overwrite=overwrite)
 
     pixels = _scale0(image_element)
@@ -218,7 +220,6 @@ def plan(
         coordinate_system=coordinate_system,
         region_key=region_key,
         instance_key=instance_key,
-        table_name=table_name,
     )
 
 
