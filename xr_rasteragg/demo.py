@@ -133,13 +133,12 @@ def _draw(path: Path, table: Any, labels: np.ndarray, image: np.ndarray, channel
     )
     painted = xr.DataArray(labels, dims=("y", "x")).rasteragg.paint(mean.sel(c=list(PAINTED)))
 
-    fig = plt.figure(figsize=(18, 9.4), layout="constrained")
-    grid = fig.add_gridspec(2, 4)
-    top = [fig.add_subplot(grid[0, col]) for col in range(4)]
+    fig = plt.figure(figsize=(15, 13.2), layout="constrained")
+    grid = fig.add_gridspec(3, 3, height_ratios=(1, 1, 0.75))
     ny, nx = labels.shape
     extent = (0, nx * PIXEL_SIZE, ny * PIXEL_SIZE, 0)
     picture = _composite(image, channels, ("CD3", "panCK", "DAPI"))
-    ax = top[0]
+    ax = fig.add_subplot(grid[0, 0])
     ax.imshow(picture, extent=extent)
     side = min(ny, nx) // 6
     ax.add_patch(plt.Rectangle((0, 0), side * PIXEL_SIZE, side * PIXEL_SIZE, fill=False, ec="white", lw=1.5))
@@ -147,7 +146,7 @@ def _draw(path: Path, table: Any, labels: np.ndarray, image: np.ndarray, channel
     ax.set_xlabel("x (µm)")
     ax.set_ylabel("y (µm)")
 
-    ax = fig.add_subplot(grid[1, 0])
+    ax = fig.add_subplot(grid[0, 1])
     zoom = labels[:side, :side]
     border = np.zeros(zoom.shape, bool)
     border[:-1] |= zoom[:-1] != zoom[1:]
@@ -159,7 +158,7 @@ def _draw(path: Path, table: Any, labels: np.ndarray, image: np.ndarray, channel
     ax.set_xlabel("x (µm)")
     ax.set_ylabel("y (µm)")
 
-    panels = [*top[1:], fig.add_subplot(grid[1, 1])]
+    panels = [fig.add_subplot(grid[0, 2]), *(fig.add_subplot(grid[1, col]) for col in range(3))]
     for ax, name in zip(panels, PAINTED, strict=True):
         values = painted.sel(c=name).values
         top = np.nanpercentile(values, 99)
@@ -169,9 +168,9 @@ def _draw(path: Path, table: Any, labels: np.ndarray, image: np.ndarray, channel
         ax.set_title(f"cells painted by mean {name}")
         ax.set_xticks([])
         ax.set_yticks([])
-        fig.colorbar(shown, ax=ax, shrink=0.8, label="mean intensity")
+        fig.colorbar(shown, ax=ax, shrink=0.8, pad=0.02, label="mean intensity")
 
-    ax = fig.add_subplot(grid[1, 2:])
+    ax = fig.add_subplot(grid[2, :])
     data = [np.log10(np.maximum(mean.sel(c=name).values, 1.0)) for name in channels]
     parts = ax.violinplot(data, showmedians=True, widths=0.85)
     colours = plt.get_cmap("tab10")(np.arange(len(channels)) % 10)
