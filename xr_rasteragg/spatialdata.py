@@ -369,12 +369,9 @@ def _check_table_name(sdata: SpatialData, name: str | None, *, write: bool, over
         if write:
             raise ValueError("'write=True' needs a 'table_name' to write the table under; got None")
         return
-    from spatialdata._core.validation import check_valid_name
-
-    try:
-        check_valid_name(name)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"'table_name' {name!r} is not a valid element name: {error}") from None
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"'table_name' {name!r} is not a valid element name: {problem}")
     taken = [k for k in ("images", "labels", "points", "shapes") if name in getattr(sdata, k)]
     if taken:
         raise ValueError(
@@ -388,6 +385,19 @@ def _check_table_name(sdata: SpatialData, name: str | None, *, write: bool, over
         )
     if write and sdata.path is None:
         raise ValueError("'write=True' needs 'sdata' backed by a zarr store; write it with sdata.write(path)")
+
+
+def _name_problem(name: Any) -> str:
+    """Why ``name`` breaks spatialdata's naming rules for elements ("" when it does not)."""
+    if not isinstance(name, str):
+        return f"it must be a string, not {type(name).__name__}"
+    if name in ("", ".", ".."):
+        return "it must not be empty, '.' or '..'"
+    if name.startswith("__"):
+        return "it must not start with '__'"
+    if not all(c.isalnum() or c in "_-." for c in name):
+        return "it may hold only letters, digits, '_', '-' and '.'"
+    return ""
 
 
 def _scale0(element: Any) -> xr.DataArray:
