@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import re
 import subprocess
 import sys
@@ -330,3 +331,40 @@ def test_missing_extra_is_one_line(store: Path) -> None:
         "rasteragg: error: 'rasteragg aggregate' needs 'spatialdata', which is not installed; install the "
         "extra: pip install 'xr_rasteragg[spatialdata]'"
     )
+
+
+def test_distributed_progress_counts_the_pass_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    distributed = pytest.importorskip("distributed")
+    import time
+
+    import dask.array as da
+    import xarray as xr
+
+    import xr_rasteragg.progress
+
+    fractions: list[float] = []
+    bar = xr_rasteragg.progress._bar
+
+    def recording(fraction: float, elapsed: float) -> str:
+        fractions.append(fraction)
+        return bar(fraction, elapsed)
+
+    def slow(block: Any) -> Any:
+        time.sleep(0.05)
+        return block
+
+    monkeypatch.setattr(xr_rasteragg.progress, "_bar", recording)
+    labels = xr.DataArray(da.from_array(np.arange(64 * 64).reshape(64, 64) % 7, chunks=16), dims=("y", "x"))
+    pixels = da.random.random((2, 64, 64), chunks=(1, 16, 16)).map_blocks(slow)
+    out = io.StringIO()
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None),
+        distributed.Client(),
+        xr_rasteragg.progress.distributed_progress(out, interval=0.1),
+    ):
+        xr.DataArray(pixels, dims=("c", "y", "x")).rasteragg.mean(labels)
+    assert any(0 < f < 1 for f in fractions), fractions  # the pass's tasks seen part done
+    bars = out.getvalue().split("\r")
+    assert len(bars) > 2
+    assert bars[-1].startswith("[########################################] | 100% Completed")
+    assert bars[-1].endswith("\n")
