@@ -183,7 +183,7 @@ USER_ERRORS = [
 ]
 
 
-@pytest.mark.parametrize(("args", "message"), USER_ERRORS[:3])
+@pytest.mark.parametrize(("args", "message"), [USER_ERRORS[0], USER_ERRORS[2]])  # an element, a statistic
 def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str], message: str) -> None:
     before = store_hash(store)
     result = rasteragg("aggregate", str(store), *args)
