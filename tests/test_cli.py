@@ -1,0 +1,370 @@
+"""The ``rasteragg`` command line, run as a separate process as a user would run it.
+
+Each case that must not change the store compares a hash of every file (names and bytes) of the
+store before and after. Failures are injected by a small driver that patches the engine's kernel
+(mid-aggregation) or the table commit inside the child process, then calls the command line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import io
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+spatialdata = pytest.importorskip("spatialdata")
+from spatialdata.models import Image2DModel, Labels2DModel, TableModel  # noqa: E402
+from spatialdata.transformations import Scale  # noqa: E402
+
+import xr_rasteragg.spatialdata as adapter  # noqa: E402
+from xr_rasteragg.cli import main  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"
+)
+
+CHANNELS = ["DAPI", "CD3", "CD20"]
+
+#: Runs the command line in the child after patching something (``PATCH``) in it.
+DRIVER = """
+import sys
+import xr_rasteragg.engine as engine
+import xr_rasteragg.spatialdata as adapter
+from xr_rasteragg.cli import main
+
+real_kernel_for = engine.kernel_for
+calls = []
+
+def failing_kernel_for(block):
+    kernel = real_kernel_for(block)
+    def run(*args):
+        calls.append(None)
+        if len(calls) == 3:  # some blocks are done, others not yet
+            raise {error}
+        return kernel(*args)
+    return run
+
+def failing_consolidate(store):
+    raise OSError("disk full")
+
+{patch}
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def store_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def make_store(path: Path, *, labels_scale: float = 1.0) -> Path:
+    rng = np.random.default_rng(0)
+    labels = rng.choice([0, 1, 2, 5, 9], size=(8, 10)).repeat(4, 0).repeat(4, 1).astype(np.int32)
+    image = rng.integers(0, 1000, size=(3, *labels.shape)).astype(np.uint16)
+    sdata = spatialdata.SpatialData(
+        images={
+            "img": Image2DModel.parse(image, dims=("c", "y", "x"), c_coords=CHANNELS, chunks=(1, 16, 16))
+        },
+        labels={
+            "cells": Labels2DModel.parse(
+                labels,
+                dims=("y", "x"),
+                chunks=(16, 16),
+                transformations={"global": Scale([labels_scale, labels_scale], axes=("x", "y"))},
+            )
+        },
+    )
+    sdata.write(path)
+    return path
+
+
+def rasteragg(
+    *args: str, patch: str = "", error: str = "RuntimeError('injected')"
+) -> subprocess.CompletedProcess[str]:
+    if patch:
+        command = [sys.executable, "-c", DRIVER.format(patch=patch, error=error), *args]
+    else:
+        command = [sys.executable, "-m", "xr_rasteragg.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def read_table(path: Path, name: str) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata.read_zarr(path).tables[name]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Path:
+    return make_store(tmp_path / "data.zarr")
+
+
+def test_console_script_is_declared() -> None:
+    (script,) = [e for e in importlib.metadata.entry_points(group="console_scripts") if e.name == "rasteragg"]
+    assert script.value == "xr_rasteragg.cli:main"
+
+
+def test_aggregate_writes_the_table(store: Path) -> None:
+    result = rasteragg(
+        "aggregate",
+        str(store),
+        "--image",
+        "img",
+        "--labels",
+        "cells",
+        "--stats",
+        "mean,var,max",
+        "--table",
+        "t",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "wrote table 't'" in result.stdout
+    assert "Completed" in result.stderr  # the progress bar
+    table = read_table(store, "t")
+    TableModel().validate(table)
+    assert list(table.var_names) == CHANNELS
+    assert set(table.layers) == {"var", "max"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from xr_rasteragg.spatialdata import aggregate
+
+        expected = aggregate(spatialdata.read_zarr(store), "img", "cells", ["mean", "var", "max"])
+    np.testing.assert_array_equal(table.X, expected.X)
+    np.testing.assert_array_equal(table.obsm["spatial"], expected.obsm["spatial"])
+    assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]  # no staging left beside it
+
+
+def test_refuses_to_replace_a_table_without_overwrite(store: Path) -> None:
+    assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
+    before = store_hash(store)
+    refused = rasteragg("aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max")
+    assert refused.returncode == 1
+    assert refused.stderr.strip() == (
+        "rasteragg: error: a table 'cells_stats' already exists; pass overwrite=True (--overwrite on the "
+        "command line) to replace it"
+    )
+    assert store_hash(store) == before
+
+    replaced = rasteragg(
+        "aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max", "--overwrite"
+    )
+    assert replaced.returncode == 0, replaced.stderr
+    assert read_table(store, "cells_stats").uns["rasteragg"]["stats"] == ["max"]
+
+
+USER_ERRORS = [
+    (
+        ["--image", "nope", "--labels", "cells"],
+        r"'image' must name one of the images elements \['img'\]; got 'nope'",
+    ),
+    (["--image", "img", "--labels", "img"], r"'labels' must name one of the labels elements \['cells'\]"),
+    (
+        ["--image", "img", "--labels", "cells", "--stats", "mean,median"],
+        r"unknown statistic\(s\) \['median'\]",
+    ),
+    (["--image", "img", "--labels", "cells", "--stats", ","], "must name at least one statistic"),
+    (["--image", "img", "--labels", "cells", "--stats", "count"], r"'count' is always in obs\['area'\]"),
+    (["--image", "img", "--labels", "cells", "--channels", "CD99"], r"\['CD99'\] not there"),
+    (["--image", "img", "--labels", "cells", "--coordinate-system", "xy"], "'coordinate_system' 'xy' is not"),
+    (["--image", "img", "--labels", "cells", "--table", "a/b"], "not a valid element name"),
+    (["--image", "img", "--labels", "cells", "--table", "img"], "already the name of one of the images"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), [USER_ERRORS[0], USER_ERRORS[2]])  # an element, a statistic
+def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str], message: str) -> None:
+    before = store_hash(store)
+    result = rasteragg("aggregate", str(store), *args)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("rasteragg: error: ")
+    assert re.search(message, lines[0]), lines[0]
+    assert result.stdout == ""
+    assert store_hash(store) == before
+
+
+@pytest.mark.parametrize(("args", "message"), USER_ERRORS)
+def test_user_errors_in_process(
+    store: Path,
+    args: list[str],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """All the cases, through ``main`` in this process (quicker); nothing may be computed."""
+
+    def no_reading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pixels were read before the arguments were checked")
+
+    monkeypatch.setattr(adapter, "compute_table", no_reading)
+    before = store_hash(store)
+    assert main(["aggregate", str(store), *args]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err
+    assert re.search(message, err), err
+    assert store_hash(store) == before
+
+
+def test_missing_store_and_mismatched_grids(tmp_path: Path) -> None:
+    missing = rasteragg("aggregate", str(tmp_path / "none.zarr"), "--image", "img", "--labels", "cells")
+    assert (missing.returncode, missing.stderr.strip()) == (
+        1,
+        f"rasteragg: error: STORE {str(tmp_path / 'none.zarr')!r} does not exist",
+    )
+    coarse = make_store(tmp_path / "coarse.zarr", labels_scale=2.0)
+    before = store_hash(coarse)
+    result = rasteragg("aggregate", str(coarse), "--image", "img", "--labels", "cells")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "pixel sizes (x, y) differ: image (1, 1), labels (2, 2)" in result.stderr
+    assert store_hash(coarse) == before
+
+
+def test_usage_errors_exit_2(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["aggregate", str(store), "--image", "img"])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: --labels" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_mid_aggregation_leaves_the_store_as_it_was(store: Path, existing: bool) -> None:
+    if existing:  # a table that --overwrite would replace
+        assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
+    before = store_hash(store)
+    args = [
+        "aggregate",
+        str(store),
+        "--image",
+        "img",
+        "--labels",
+        "cells",
+        "--stats",
+        "mean,kurtosis",
+        "--overwrite",
+    ]
+    result = rasteragg(*args, patch="engine.kernel_for = failing_kernel_for")
+    assert result.returncode != 0
+    assert "RuntimeError: injected" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"rasteragg: failed; {store} is as it was"
+    assert store_hash(store) == before
+    assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]
+
+
+def test_interrupt_mid_aggregation_leaves_the_store_as_it_was(store: Path) -> None:
+    before = store_hash(store)
+    result = rasteragg(
+        "aggregate", str(store), "--image", "img", "--labels", "cells",
+        patch="engine.kernel_for = failing_kernel_for", error="KeyboardInterrupt()",
+    )  # fmt: skip
+    assert result.returncode == 130
+    assert "interrupted; nothing was written" in result.stderr
+    assert store_hash(store) == before
+
+
+def test_failure_while_moving_the_table_in_leaves_the_store_as_it_was(store: Path) -> None:
+    """Injected after the new table replaced the old one (a new table: in test_spatialdata.py)."""
+    assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
+    before = store_hash(store)
+    args = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max", "--overwrite"]
+    result = rasteragg(*args, patch="adapter._consolidate = failing_consolidate")
+    assert result.returncode == 1
+    assert "OSError: disk full" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"rasteragg: failed; {store} is as it was"
+    assert store_hash(store) == before
+    assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]
+
+
+def test_distributed_scheduler(store: Path) -> None:
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, protocol="tcp", dashboard_address=None
+    ) as cluster:
+        result = rasteragg(
+            "aggregate",
+            str(store),
+            "--image",
+            "img",
+            "--labels",
+            "cells",
+            "--scheduler",
+            cluster.scheduler_address,
+        )
+    assert result.returncode == 0, result.stderr
+    assert "100% Completed" in result.stderr
+    assert read_table(store, "cells_stats").n_obs == 4
+
+
+def test_demo(tmp_path: Path) -> None:
+    result = rasteragg("demo", "--out", str(tmp_path / "demo"), "--size", "96")
+    assert result.returncode == 0, result.stderr
+    assert "table 'cells_stats'" in result.stdout
+    assert "median of the per-cell mean intensities, by the true cell type" in result.stdout
+    assert (tmp_path / "demo" / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = read_table(tmp_path / "demo" / "demo.zarr", "cells_stats")
+    TableModel().validate(table)
+    assert list(table.var_names)[:2] == ["DAPI", "NaKATPase"]
+    assert table.n_obs > 10
+
+
+def test_missing_extra_is_one_line(store: Path) -> None:
+    code = (
+        "import sys; sys.modules['spatialdata'] = None; from xr_rasteragg.cli import main; "
+        f"sys.exit(main(['aggregate', {str(store)!r}, '--image', 'img', '--labels', 'cells']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        "rasteragg: error: 'rasteragg aggregate' needs 'spatialdata', which is not installed; install the "
+        "extra: pip install 'xr_rasteragg[spatialdata]'"
+    )
+
+
+def test_distributed_progress_counts_the_pass_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
+    distributed = pytest.importorskip("distributed")
+    import time
+
+    import dask.array as da
+    import xarray as xr
+
+    import xr_rasteragg.progress
+
+    fractions: list[float] = []
+    bar = xr_rasteragg.progress._bar
+
+    def recording(fraction: float, elapsed: float) -> str:
+        fractions.append(fraction)
+        return bar(fraction, elapsed)
+
+    def slow(block: Any) -> Any:
+        time.sleep(0.05)
+        return block
+
+    monkeypatch.setattr(xr_rasteragg.progress, "_bar", recording)
+    labels = xr.DataArray(da.from_array(np.arange(64 * 64).reshape(64, 64) % 7, chunks=16), dims=("y", "x"))
+    pixels = da.random.random((2, 64, 64), chunks=(1, 16, 16)).map_blocks(slow)
+    out = io.StringIO()
+    with (
+        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None),
+        distributed.Client(),
+        xr_rasteragg.progress.distributed_progress(out, interval=0.1),
+    ):
+        xr.DataArray(pixels, dims=("c", "y", "x")).rasteragg.mean(labels)
+    assert any(0 < f < 1 for f in fractions), fractions  # the pass's tasks seen part done
+    bars = out.getvalue().split("\r")
+    assert len(bars) > 2
+    assert bars[-1].startswith("[########################################] | 100% Completed")
+    assert bars[-1].endswith("\n")

@@ -1,0 +1,410 @@
+"""The SpatialData adapter with real SpatialData objects and zarr stores (DESIGN.md §5).
+
+Values are checked against NumPy, label by label, on the pixels the transformations say the labels
+cover; centroids against ``spatialdata.get_centroids``; tables against ``TableModel`` and after a
+round trip through a zarr store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+
+spatialdata = pytest.importorskip("spatialdata")
+from spatialdata.models import (  # noqa: E402
+    Image2DModel,
+    Image3DModel,
+    Labels2DModel,
+    Labels3DModel,
+    TableModel,
+)
+from spatialdata.transformations import (  # noqa: E402
+    Affine,
+    Identity,
+    Scale,
+    Translation,
+)
+
+import xr_rasteragg.spatialdata as adapter  # noqa: E402
+from xr_rasteragg.spatialdata import aggregate  # noqa: E402
+
+CHANNELS = ["DAPI", "CD3", "CD20"]
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning"
+)
+
+
+# -- data -----------------------------------------------------------------------------------
+
+
+def blob_labels(shape: tuple[int, ...], seed: int = 0) -> NDArray[np.int32]:
+    """Blocky labels with background and unsorted, non-contiguous ids."""
+    rng = np.random.default_rng(seed)
+    ids = np.array([0, 0, 3, 7, 12, 40, 41])
+    coarse = rng.choice(ids, size=tuple(-(-n // 3) for n in shape))
+    labels = coarse
+    for axis in range(len(shape)):
+        labels = labels.repeat(3, axis=axis)
+    return np.ascontiguousarray(labels[tuple(slice(0, n) for n in shape)]).astype(np.int32)
+
+
+def image_of(shape: tuple[int, ...], nchan: int = 3, seed: int = 1) -> NDArray[np.uint16]:
+    return np.random.default_rng(seed).integers(0, 5000, size=(nchan, *shape)).astype(np.uint16)
+
+
+def reference(
+    image: NDArray[Any], labels: NDArray[np.integer], stat: str
+) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Ids (background left out) and ``stat`` per id and channel, with NumPy."""
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    func = {"mean": np.mean, "var": np.var, "max": np.max, "sum": np.sum, "std": np.std}[stat]
+    values = np.array([[func(plane[labels == i].astype(np.float64)) for plane in image] for i in ids])
+    return ids, values.reshape(ids.shape[0], image.shape[0])
+
+
+def sdata_2d(
+    labels: NDArray[np.integer] | None = None,
+    image: NDArray[Any] | None = None,
+    image_transform: Any = None,
+    labels_transform: Any = None,
+    **parse: Any,
+) -> Any:
+    labels = blob_labels((20, 27)) if labels is None else labels
+    image = image_of(labels.shape) if image is None else image
+    return spatialdata.SpatialData(
+        images={
+            "img": Image2DModel.parse(
+                image,
+                dims=("c", "y", "x"),
+                c_coords=CHANNELS[: image.shape[0]],
+                transformations={"global": image_transform or Identity()},
+                **parse,
+            )
+        },
+        labels={
+            "cells": Labels2DModel.parse(
+                labels, dims=("y", "x"), transformations={"global": labels_transform or Identity()}, **parse
+            )
+        },
+    )
+
+
+def centroids_of(sdata: Any, labels: str, cs: str = "global") -> NDArray[np.float64]:
+    """spatialdata's own centroids (x, y[, z]) of a labels element, sorted by id."""
+    points = spatialdata.get_centroids(sdata.labels[labels], coordinate_system=cs).compute()
+    return points.sort_index()[[c for c in ("x", "y", "z") if c in points.columns]].to_numpy()
+
+
+def tree_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+# -- the table ------------------------------------------------------------------------------
+
+
+def test_table_layout_and_values_2d() -> None:
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    sdata = sdata_2d(labels, image)
+    table = aggregate(sdata, "img", "cells", ["mean", "var", "max"])
+
+    TableModel().validate(table)
+    ids, mean = reference(image, labels, "mean")
+    assert list(table.var_names) == CHANNELS
+    assert list(table.obs_names) == [str(i) for i in ids]
+    np.testing.assert_array_equal(table.obs["instance_id"], ids)
+    assert table.obs["region"].dtype == "category"
+    assert list(table.obs["region"].cat.categories) == ["cells"]
+    np.testing.assert_array_equal(table.obs["area"], [(labels == i).sum() for i in ids])
+    np.testing.assert_allclose(table.X, mean, rtol=1e-12)
+    np.testing.assert_allclose(table.layers["var"], reference(image, labels, "var")[1], rtol=1e-9)
+    np.testing.assert_array_equal(table.layers["max"], reference(image, labels, "max")[1])
+    assert set(table.layers) == {"var", "max"}
+    attrs = table.uns["spatialdata_attrs"]
+    assert (attrs["region"], attrs["region_key"], attrs["instance_key"]) == ("cells", "region", "instance_id")
+    np.testing.assert_allclose(table.obsm["spatial"], centroids_of(sdata, "cells"), rtol=1e-12)
+    assert table.uns["rasteragg"]["stats"] == ["mean", "var", "max"]
+
+
+def test_custom_keys_and_table_in_sdata() -> None:
+    sdata = sdata_2d()
+    table = aggregate(
+        sdata, "img", "cells", "sum", table_name="t", region_key="where", instance_key="cell_id"
+    )
+    assert sdata.tables["t"] is table
+    TableModel().validate(table)
+    assert {"where", "cell_id", "area"} <= set(table.obs.columns)
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        aggregate(sdata, "img", "cells", "sum", table_name="t")
+    again = aggregate(sdata, "img", "cells", "mean", table_name="t", overwrite=True)
+    assert sdata.tables["t"] is again
+
+
+def test_3d_czyx_over_zyx() -> None:
+    labels = blob_labels((5, 12, 14), seed=3)
+    image = image_of(labels.shape, nchan=2)
+    transform = Scale([0.5, 0.25, 2.0], axes=("x", "y", "z"))
+    sdata = spatialdata.SpatialData(
+        images={
+            "vol": Image3DModel.parse(image, dims=("c", "z", "y", "x"), transformations={"global": transform})
+        },
+        labels={
+            "nuclei": Labels3DModel.parse(labels, dims=("z", "y", "x"), transformations={"global": transform})
+        },
+    )
+    table = aggregate(sdata, "vol", "nuclei", ["mean", "std"])
+    TableModel().validate(table)
+    ids, mean = reference(image, labels, "mean")
+    np.testing.assert_allclose(table.X, mean, rtol=1e-12)
+    np.testing.assert_allclose(table.layers["std"], reference(image, labels, "std")[1], rtol=1e-9)
+    assert list(table.var_names) == ["0", "1"]  # integer channel coordinates, as strings
+    assert table.obsm["spatial"].shape == (ids.shape[0], 3)
+    np.testing.assert_allclose(table.obsm["spatial"], centroids_of(sdata, "nuclei"), rtol=1e-12)
+
+
+def test_multiscale_elements_use_scale0() -> None:
+    labels = blob_labels((32, 24))
+    image = image_of(labels.shape)
+    single = aggregate(sdata_2d(labels, image), "img", "cells", ["mean", "max"])
+    multi_sdata = sdata_2d(labels, image, scale_factors=[2, 2], chunks=(1, 16, 16))
+    assert type(multi_sdata.images["img"]).__name__ == "DataTree"
+    multi = aggregate(multi_sdata, "img", "cells", ["mean", "max"])
+    np.testing.assert_array_equal(multi.X, single.X)
+    np.testing.assert_array_equal(multi.layers["max"], single.layers["max"])
+    np.testing.assert_array_equal(multi.obsm["spatial"], single.obsm["spatial"])
+    np.testing.assert_allclose(multi.obsm["spatial"], centroids_of(multi_sdata, "cells"), rtol=1e-12)
+
+
+def test_scale_and_translation_with_labels_on_a_crop() -> None:
+    image = image_of((30, 40))
+    labels = blob_labels((12, 15), seed=5)
+    to_microns = spatialdata.transformations.Sequence(
+        [Scale([0.65, 0.65], axes=("x", "y")), Translation([100.0, -20.0], axes=("x", "y"))]
+    )
+    crop_at = Translation([7, 11], axes=("x", "y"))  # 7 px right, 11 px down, in image pixels
+    sdata = sdata_2d(labels, image, to_microns, spatialdata.transformations.Sequence([crop_at, to_microns]))
+    table = aggregate(sdata, "img", "cells", ["mean", "max"])
+    ids, mean = reference(image[:, 11:23, 7:22], labels, "mean")
+    np.testing.assert_array_equal(table.obs["instance_id"], ids)
+    np.testing.assert_allclose(table.X, mean, rtol=1e-12)
+    spatial = table.obsm["spatial"]
+    np.testing.assert_allclose(spatial, centroids_of(sdata, "cells"), rtol=1e-12)
+    rows, cols = np.nonzero(labels == ids[0])
+    expected = [100.0 + 0.65 * (7 + cols.mean() + 0.5), -20.0 + 0.65 * (11 + rows.mean() + 0.5)]
+    np.testing.assert_allclose(spatial[0], expected, rtol=1e-12)
+
+
+def test_3d_labels_on_a_crop_with_other_chunks() -> None:
+    image = image_of((6, 14, 16), nchan=2)
+    labels = blob_labels((3, 8, 9), seed=7)
+    to_world = Scale([0.2, 0.2, 1.5], axes=("x", "y", "z"))
+    crop_at = Translation([4, 5, 2], axes=("x", "y", "z"))
+    sdata = spatialdata.SpatialData(
+        images={
+            "vol": Image3DModel.parse(
+                image, dims=("c", "z", "y", "x"), chunks=(1, 2, 7, 8), transformations={"global": to_world}
+            )
+        },
+        labels={
+            "nuclei": Labels3DModel.parse(
+                labels,
+                dims=("z", "y", "x"),
+                chunks=(3, 5, 5),
+                transformations={"global": spatialdata.transformations.Sequence([crop_at, to_world])},
+            )
+        },
+    )
+    table = aggregate(sdata, "vol", "nuclei", ["mean", "max"])
+    crop = image[:, 2:5, 5:13, 4:13]
+    np.testing.assert_allclose(table.X, reference(crop, labels, "mean")[1], rtol=1e-12)
+    np.testing.assert_array_equal(table.layers["max"], reference(crop, labels, "max")[1])
+    np.testing.assert_allclose(table.obsm["spatial"], centroids_of(sdata, "nuclei"), rtol=1e-12)
+
+
+def test_other_coordinate_system() -> None:
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    sdata = sdata_2d(labels, image)
+    flipped = Affine(
+        np.array([[-1.0, 0, 50], [0, 2.0, 3], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y")
+    )
+    for name in ("img", "cells"):
+        spatialdata.transformations.set_transformation(sdata[name], flipped, to_coordinate_system="slide")
+    table = aggregate(sdata, "img", "cells", "mean", coordinate_system="slide")
+    np.testing.assert_allclose(table.X, reference(image, labels, "mean")[1], rtol=1e-12)
+    np.testing.assert_allclose(table.obsm["spatial"], centroids_of(sdata, "cells", "slide"), rtol=1e-12)
+
+
+def test_channel_selection_keeps_names_and_order() -> None:
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    table = aggregate(sdata_2d(labels, image), "img", "cells", "mean", channels=["CD20", "DAPI"])
+    assert list(table.var_names) == ["CD20", "DAPI"]
+    np.testing.assert_allclose(table.X, reference(image[[2, 0]], labels, "mean")[1], rtol=1e-12)
+
+
+def test_all_background_is_an_error() -> None:
+    labels = np.zeros((10, 10), np.int32)
+    with pytest.raises(
+        ValueError, match="labels 'cells' hold no cells over image 'img': every pixel is background"
+    ):
+        aggregate(sdata_2d(labels), "img", "cells", ["mean", "var"])
+
+
+# -- errors, all raised before any pixel is read ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image_transform", "labels_transform", "message"),
+    [
+        (
+            Identity(),
+            Scale([2.0, 2.0], axes=("x", "y")),
+            r"pixel sizes \(x, y\) differ: image \(1, 1\), labels \(2, 2\)",
+        ),
+        (
+            Scale([0.5, 0.5], axes=("x", "y")),
+            Scale([0.5, 0.25], axes=("x", "y")),
+            r"pixel sizes .* labels \(0.5, 0.25\)",
+        ),
+        (
+            Identity(),
+            Translation([0.5, 0.0], axes=("x", "y")),
+            r"start at image pixel \(x=0.5, y=0\), not a whole",
+        ),
+        (Identity(), Scale([-1.0, 1.0], axes=("x", "y")), "point in different directions"),
+        (
+            Identity(),
+            Translation([3.0, 0.0], axes=("x", "y")),
+            r"reach outside image 'img'.*x 3\.\.29 \(the image has 0\.\.26\)",
+        ),
+    ],
+)
+def test_mismatched_grids_say_what_differs(image_transform: Any, labels_transform: Any, message: str) -> None:
+    sdata = sdata_2d(image_transform=image_transform, labels_transform=labels_transform)
+    with pytest.raises(ValueError, match=message):
+        aggregate(sdata, "img", "cells")
+
+
+def test_errors_name_the_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    sdata = sdata_2d()
+
+    def no_reading(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("pixels were read before the arguments were checked")
+
+    monkeypatch.setattr(adapter, "compute_table", no_reading)
+    cases = [
+        ({"image": "nope"}, r"'image' must name one of the images elements \['img'\]; got 'nope'"),
+        ({"image": "cells"}, r"'cells' is one of its labels"),
+        ({"labels": "img"}, r"'labels' must name one of the labels elements \['cells'\]; got 'img'"),
+        ({"stats": ["mean", "median"]}, r"unknown statistic\(s\) \['median'\]"),
+        ({"stats": []}, "at least one statistic"),
+        ({"stats": ["count"]}, r"'count' is always in obs\['area'\]"),
+        ({"stats": ["mean", "center_of_mass"]}, r"'center_of_mass' is always in obsm\['spatial'\]"),
+        (
+            {"channels": ["CD3", "CD99"]},
+            r"'channels' must name channels of image 'img'.*\['CD99'\] not there",
+        ),
+        ({"coordinate_system": "aligned"}, r"'coordinate_system' 'aligned' is not one of element 'img'"),
+        ({"table_name": "bad/name"}, "'table_name' 'bad/name' is not a valid element name"),
+        ({"table_name": "img"}, "already the name of one of the images"),
+        ({"write": True}, "'write=True' needs a 'table_name'"),
+        ({"write": True, "table_name": "t"}, "needs 'sdata' backed by a zarr store"),
+        ({"region_key": "id", "instance_key": "id"}, "'region_key' and 'instance_key' must differ"),
+        (
+            {"instance_key": "area"},
+            r"and from 'area' \(the column of pixel counts\); got 'region' and 'area'",
+        ),
+    ]
+    for overrides, message in cases:
+        kwargs: dict[str, Any] = {"image": "img", "labels": "cells", "stats": ("mean",), **overrides}
+        with pytest.raises(ValueError, match=message):
+            adapter.aggregate(sdata, **kwargs)
+    with pytest.raises(TypeError, match=r"'sdata' must be a spatialdata\.SpatialData; got dict"):
+        adapter.aggregate({}, "img", "cells")  # type: ignore[arg-type]
+
+
+def test_image_and_labels_of_different_dimensionality() -> None:
+    sdata = sdata_2d()
+    sdata.labels["vol"] = Labels3DModel.parse(blob_labels((2, 20, 27)), dims=("z", "y", "x"))
+    with pytest.raises(ValueError, match=r"same spatial dims.*\('c', 'y', 'x'\) and \('z', 'y', 'x'\)"):
+        aggregate(sdata, "img", "vol")
+
+
+# -- zarr stores ----------------------------------------------------------------------------
+
+
+def test_zarr_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "data.zarr"
+    sdata_2d(scale_factors=[2], chunks=(1, 8, 8)).write(path)
+    sdata = spatialdata.read_zarr(path)
+    table = aggregate(sdata, "img", "cells", ["mean", "var"], table_name="stats", write=True)
+    assert sdata.tables["stats"] is table
+
+    back = spatialdata.read_zarr(path)
+    stored = back.tables["stats"]
+    TableModel().validate(stored)
+    np.testing.assert_array_equal(stored.X, table.X)
+    np.testing.assert_array_equal(stored.layers["var"], table.layers["var"])
+    np.testing.assert_array_equal(stored.obsm["spatial"], table.obsm["spatial"])
+    np.testing.assert_array_equal(stored.obs["instance_id"], table.obs["instance_id"])
+    assert list(stored.var_names) == CHANNELS
+    assert stored.uns["spatialdata_attrs"]["region"] == "cells"
+    assert not [p for p in tmp_path.iterdir() if p.name != "data.zarr"], "staging left beside the store"
+
+    before = tree_hash(path)
+    with pytest.raises(ValueError, match="table 'stats' already exists"):
+        aggregate(spatialdata.read_zarr(path), "img", "cells", "max", table_name="stats", write=True)
+    assert tree_hash(path) == before
+
+    aggregate(back, "img", "cells", "max", table_name="stats", write=True, overwrite=True)
+    replaced = spatialdata.read_zarr(path).tables["stats"]
+    assert replaced.uns["rasteragg"]["stats"] == ["max"]
+    assert "var" not in replaced.layers
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failed_write_leaves_the_store_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool
+) -> None:
+    path = tmp_path / "data.zarr"
+    sdata_2d().write(path)
+    sdata = spatialdata.read_zarr(path)
+    if existing:
+        aggregate(sdata, "img", "cells", "mean", table_name="stats", write=True)
+    before = tree_hash(path)
+
+    def fail(store: Path) -> None:  # after the table was moved into place
+        assert (store / "tables" / "stats").exists()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(adapter, "_consolidate", fail)
+    with pytest.raises(OSError, match="disk full"):
+        aggregate(sdata, "img", "cells", ["max", "var"], table_name="stats", write=True, overwrite=True)
+    assert tree_hash(path) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["data.zarr"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ("stats" in spatialdata.read_zarr(path).tables) == existing
+
+
+def test_importing_the_package_does_not_import_spatialdata() -> None:
+    code = (
+        "import sys, xr_rasteragg; assert 'spatialdata' not in sys.modules and 'anndata' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

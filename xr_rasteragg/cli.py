@@ -1,0 +1,225 @@
+"""The ``rasteragg`` command: per-cell tables of SpatialData stores, and a demo.
+
+::
+
+    rasteragg demo [--out DIR]
+    rasteragg aggregate STORE.zarr --image I --labels L [--stats mean,var] [--table NAME]
+                       [--coordinate-system CS] [--channels A,B] [--overwrite] [--scheduler ADDRESS]
+
+Mistakes in the input (a missing store or element, an unknown statistic, a table that exists)
+are reported in one line on stderr with exit status 1, before any pixel is read. Whatever goes
+wrong, the store is left as it was: the table is computed in memory, written beside the store and
+moved into place only when complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .stats import STATISTICS
+
+__all__ = ["main"]
+
+PROG = "rasteragg"
+#: Errors that a wrong argument or input causes: reported in one line, without a traceback.
+_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+#: Packages of the ``spatialdata`` extra, which the command line needs.
+_EXTRA = ("spatialdata", "anndata", "zarr", "matplotlib", "distributed")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its input; printed as one line."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``rasteragg`` command line; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        with _quiet_libraries():
+            if args.command == "demo":
+                from .demo import run_demo
+
+                run_demo(Path(args.out), size=args.size, seed=args.seed)
+            else:
+                _aggregate(args)
+    except (UsageError, *_USER_ERRORS) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as error:
+        if error.name is None or error.name.split(".")[0] not in _EXTRA:
+            raise
+        package = error.name.split(".")[0]
+        print(
+            f"{PROG}: error: '{PROG} {args.command}' needs {package!r}, which is not installed; install the "
+            "extra: pip install 'xr_rasteragg[spatialdata]'",
+            file=sys.stderr,
+        )
+        return 1
+    except BrokenPipeError:  # the reader of our output went away (as `rasteragg demo | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception:
+        traceback.print_exc()
+        where = f"; {args.store} is as it was" if args.command == "aggregate" else ""
+        print(f"{PROG}: failed{where}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Per-cell, per-channel statistics of multiplexed images over segmentations."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo",
+        help="aggregate a synthetic multiplexed tissue image; write a SpatialData store and a figure",
+        description="Generate a synthetic multiplexed image and segmentation (no download), compute a "
+        "per-cell table, print a summary, and write DIR/demo.zarr and DIR/demo.png.",
+    )
+    demo.add_argument(
+        "--out", default="rasteragg-demo", metavar="DIR", help="output folder (default: %(default)s)"
+    )
+    demo.add_argument("--size", type=int, default=1024, help="image side in pixels (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+
+    per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+    agg = commands.add_parser(
+        "aggregate",
+        help="write a per-cell table of an image over a labels element into a SpatialData store",
+        description="Compute per-cell statistics of image I over labels L and write them as a table "
+        "annotating L into STORE. The cell areas go to obs['area'] and the centroids to "
+        "obsm['spatial'] in any case. The store is changed only if everything succeeds.",
+    )
+    agg.add_argument("store", metavar="STORE.zarr", help="SpatialData zarr store")
+    agg.add_argument("--image", required=True, metavar="I", help="name of the image element")
+    agg.add_argument("--labels", required=True, metavar="L", help="name of the labels element")
+    agg.add_argument(
+        "--stats",
+        default="mean",
+        help=f"comma-separated statistics from {','.join(per_channel)}; the first goes to X, the others "
+        "to layers (default: %(default)s)",
+    )
+    agg.add_argument("--table", metavar="NAME", help="table name (default: <labels>_stats)")
+    agg.add_argument("--coordinate-system", default="global", metavar="CS", help="(default: %(default)s)")
+    agg.add_argument("--channels", metavar="A,B", help="comma-separated channel names to keep (default: all)")
+    agg.add_argument("--overwrite", action="store_true", help="replace a table of the same name")
+    agg.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler")
+    agg.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _aggregate(args: argparse.Namespace) -> None:
+    from . import spatialdata as adapter
+
+    stats = [s.strip() for s in args.stats.split(",") if s.strip()]
+    channels = None if args.channels is None else [c.strip() for c in args.channels.split(",") if c.strip()]
+    table_name = args.table or f"{args.labels}_stats"
+    sdata = _read_store(Path(args.store))
+    plan = adapter.plan(
+        sdata,
+        args.image,
+        args.labels,
+        stats,
+        table_name=table_name,
+        coordinate_system=args.coordinate_system,
+        channels=channels,
+        write=True,
+        overwrite=args.overwrite,
+    )
+    start = time.perf_counter()
+    with _scheduler(args.scheduler), _progress(args.scheduler, enabled=not args.no_progress):
+        table = adapter.compute_table(plan)
+    seconds = time.perf_counter() - start
+    adapter.store_table(sdata, table_name, table, overwrite=args.overwrite)
+    layers = f"; layers: {', '.join(table.layers)}" if len(table.layers) else ""
+    print(
+        f"wrote table {table_name!r} to {args.store}: {table.n_obs} cells x {table.n_vars} channels "
+        f"(X: {plan.stats[0]}{layers}; obs['area'], obsm['spatial'] in {args.coordinate_system!r}) "
+        f"in {seconds:.1f} s"
+    )
+
+
+def _read_store(path: Path) -> Any:
+    import spatialdata
+
+    if not path.exists():
+        raise UsageError(f"STORE {str(path)!r} does not exist")
+    if not path.is_dir() or not any((path / name).is_file() for name in ("zarr.json", ".zgroup")):
+        raise UsageError(f"STORE {str(path)!r} is not a zarr store (no zarr.json or .zgroup in it)")
+    try:
+        return spatialdata.read_zarr(path)
+    except Exception as error:
+        raise UsageError(f"STORE {str(path)!r} could not be read as SpatialData: {error}") from error
+
+
+@contextlib.contextmanager
+def _scheduler(address: str | None) -> Iterator[None]:
+    """Run dask on the distributed scheduler at ``address`` (the threaded scheduler without one)."""
+    if address is None:
+        yield
+        return
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="10s")
+    except (OSError, TimeoutError) as error:
+        raise UsageError(f"could not connect to the scheduler at {address!r}: {error}") from error
+    with client:
+        yield
+
+
+@contextlib.contextmanager
+def _progress(address: str | None, *, enabled: bool) -> Iterator[None]:
+    """A progress bar on stderr for the pass (the tasks of the local or distributed scheduler)."""
+    if not enabled:
+        yield
+        return
+    if address is None:
+        from dask.diagnostics import ProgressBar
+
+        with ProgressBar(out=sys.stderr, dt=0.2):
+            yield
+        return
+    from .progress import distributed_progress
+
+    with distributed_progress(sys.stderr):
+        yield
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence the libraries' chatter (zarr's format warnings, ome-zarr's reader log) on stderr."""
+    names = ("ome_zarr", "spatialdata", "distributed")
+    levels = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
