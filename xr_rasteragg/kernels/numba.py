@@ -561,14 +561,15 @@ def block_partials(
 
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
-    chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A"))
-    for chunk in image:
-        chunks.append(chunk)
     runs = (run_z, run_y, run_x, run_len, run_id)
-    lo_init, hi_init = _extrema_init(dtype)
     if dtype.kind in "iu" and dtype.itemsize <= 2:
         _small_integer_partials(parts, image, runs, dtype, nchan, needs, labels.size)
         return parts
+    # The kernel only reads the chunks: typed as read-only, so that read-only blocks need no cast.
+    chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A", readonly=True))
+    for chunk in image:
+        chunks.append(chunk)
+    lo_init, hi_init = _extrema_init(dtype)
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
     sums = np.zeros((k, nchan), np.float64)
