@@ -150,14 +150,28 @@ def scale_table(section: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _loads(values: Sequence[float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in values)
+
+
 def _machine_line(machine: dict[str, Any]) -> str:
-    before = ", ".join(f"{x:.1f}" for x in machine["load_before"])
-    after = ", ".join(f"{x:.1f}" for x in machine.get("load_after", ()))
     return (
         f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; "
-        f"load average (1, 5, 15 min) {before} at the start and {after} at the end; "
-        f"Python {machine['python']}; {machine['date']}."
+        f"load average (1, 5, 15 min) {_loads(machine['load_before'])} at the start and "
+        f"{_loads(machine.get('load_after', ()))} at the end; Python {machine['python']}; {machine['date']}."
     )
+
+
+def _runs_lines(results: dict[str, Any]) -> str:
+    """One line per merged run: what it measured, when, and how busy the machine was."""
+    lines = []
+    for run in results["runs"]:
+        lines.append(
+            f"- {', '.join(run['sections'])}: {run['date']}, {run['wall_seconds'] / 60:.0f} min, load "
+            f"average (1, 5, 15 min) {_loads(run['load_before'])} at the start and "
+            f"{_loads(run['load_after'])} at the end."
+        )
+    return "\n".join(lines)
 
 
 def _versions(machine: dict[str, Any]) -> str:
@@ -417,14 +431,19 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     big = " --big" if scale and any(r["job"]["height"] >= 65536 for r in scale["results"]) else ""
     text = PAGE.format(
         command=(
-            "`python benchmarks/suite.py --write-docs` and a separate `--big-only` run, merged by "
-            "`python -m benchmarks.report FULL.json BIG.json`"
+            "several `python benchmarks/suite.py` runs (listed under Machine), merged by "
+            "`python -m benchmarks.report RUN1.json RUN2.json ...`"
             if results.get("merged")
             else f"`python benchmarks/suite.py --write-docs{big}`"
         ),
         minutes=results.get("wall_seconds", 0) / 60,
         note=f"\n{results['note']}\n" if results.get("note") else "",
-        machine=_machine_line(machine),
+        machine=(
+            f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB RAM; Python "
+            f"{machine['python']}. Runs merged into this page:\n\n{_runs_lines(results)}"
+            if results.get("merged")
+            else _machine_line(machine)
+        ),
         versions=_versions(machine),
         scale_chunk=scale["chunk"] if scale else "–",
         reference=(
@@ -448,6 +467,21 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     return [page, png]
 
 
+def _run_summary(results: dict[str, Any]) -> dict[str, Any]:
+    sections: list[str] = [name for name in ("reference", "chunks") if name in results]
+    if "scale" in results:
+        sizes = sorted({r["job"]["height"] for r in results["scale"]["results"]})
+        sections.append("scale series (" + ", ".join(f"{size}²" for size in sizes) + ")")
+    machine = results["machine"]
+    return {
+        "sections": sections,
+        "date": machine["date"],
+        "wall_seconds": results.get("wall_seconds", 0.0),
+        "load_before": machine["load_before"],
+        "load_after": machine.get("load_after", ()),
+    }
+
+
 def merge(files: Sequence[Path]) -> dict[str, Any]:
     """Results of several runs: later sections replace earlier ones; scale points are pooled."""
     merged: dict[str, Any] = {}
@@ -456,10 +490,10 @@ def merge(files: Sequence[Path]) -> dict[str, Any]:
         results = json.loads(path.read_text())
         seconds += results.get("wall_seconds", 0.0)
         points = merged.get("scale", {}).get("results", [])
-        machine = merged.get("machine")
+        runs = [*merged.get("runs", []), _run_summary(results)]
+        note = merged.get("note") or results.get("note", "")
         merged.update(results)
-        if machine:  # the first run's machine and note describe the page; loads span all runs
-            merged["machine"] = {**machine, "load_after": results["machine"].get("load_after", ())}
+        merged.update(runs=runs, note=note)
         if "scale" in results and points:
             jobs = {json.dumps(r["job"], sort_keys=True) for r in results["scale"]["results"]}
             kept = [r for r in points if json.dumps(r["job"], sort_keys=True) not in jobs]

@@ -199,3 +199,8 @@ def test_merge_pools_scale_points(tmp_path) -> None:  # type: ignore[no-untyped-
     merged = merge(paths)
     assert "reference" in merged
     assert sorted(r["job"]["height"] for r in merged["scale"]["results"]) == [4096, 8192]
+    assert merged["merged"]
+    assert [run["sections"] for run in merged["runs"]] == [
+        ["reference", "scale series (4096²)"],
+        ["scale series (8192²)"],
+    ]
