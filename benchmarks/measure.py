@@ -5,9 +5,9 @@ the job is done, so that the parent (:mod:`benchmarks.suite`) keeps what finishe
 is stopped. Two kinds:
 
 ``reference``
-    A method of :mod:`benchmarks.peers` on the in-memory reference dataset. The read limit is
-    measured (best of 5) right before each job, in the same process, and the job's time is
-    reported as a ratio to it, so that the ratios hold on a busy machine.
+    A method of :mod:`benchmarks.peers` on the in-memory reference dataset. Its runs alternate
+    with runs of the read limit in the same process, and its best time is reported as a ratio to
+    the read limit's best, so that the ratios hold on a busy machine.
 ``scale``
     Our engine on a lazily generated image (:mod:`benchmarks.datasets`), as a ratio to
     generating and reading the same data (the same generators, summed), in the same process.
@@ -103,14 +103,17 @@ def _reference_job(spec: dict[str, Any], job: dict[str, Any], data: Data) -> dic
     data = Data(data.labels, data.image, job["spatial_chunk"], job["channel_chunk"])
     method.build(data.crop(256), job["work"])()  # compile and import before timing
     read_call = METHODS["read"].build(data, job["work"])
-    read, _ = best_of(5, read_call)
     call = method.build(data, job["work"])
-    seconds, peak, _ = _capped(spec["cap"], lambda: peak_rss(call))
-    if spec["repeat"] > 1 and seconds * 2 < spec["budget"]:
-        again, runs = _capped(spec["cap"], lambda: best_of(spec["repeat"] - 1, call, spec["budget"]))
-        seconds, runs = min(seconds, again), runs + 1
-    else:
-        runs = 1
+    # Runs alternate with the read limit (best of 3 before each run and after the last), so that
+    # a burst of load from other processes hits both sides of the ratio alike.
+    reads = [best_of(3, read_call)[0]]
+    first, peak, _ = _capped(spec["cap"], lambda: peak_rss(call))
+    times = [first]
+    while len(times) < spec["repeat"] and sum(times) + first <= spec["budget"]:
+        reads.append(best_of(3, read_call)[0])
+        times.append(_capped(spec["cap"], lambda: best_of(1, call)[0]))
+    reads.append(best_of(3, read_call)[0])
+    seconds, read, runs = min(times), min(reads), len(times)
     ratio = seconds / read
     return {"seconds": seconds, "read_seconds": read, "ratio_read": ratio, "peak_mib": peak, "runs": runs}
 

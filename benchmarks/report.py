@@ -366,9 +366,11 @@ Versions: {versions}.
 ## How it is measured
 
 - Every measurement runs in a fresh Python process; compilers (Numba) and imports are warmed
-  up on a 256² crop first. Time is the best of up to 5 wall-clock runs (fewer for slow methods).
-- **Read limit**: NumPy summing the in-memory image and mask once, best of 5, measured in the same
-  process right before each method, so every ratio is of two times taken moments apart.
+  up on a 256² crop first. Time is the best of up to 7 wall-clock runs (fewer for slow methods).
+- **Read limit**: NumPy summing the in-memory image and mask once. In each process the method's
+  runs alternate with runs of the read limit (best of 3 before each run and after the last), and
+  the ratio is best over best, so that load from other processes hits both sides alike. (The
+  scale series times each point once or a few times, so its ratios are noisier.)
 - **Peak memory**: growth of the process's resident set during the method's first run (kernel
   high-water mark `VmHWM`, reset through `/proc/self/clear_refs`, minus the resident set before).
   It counts everything the run allocates (NumPy, Numba, dask's threads, the result), not the

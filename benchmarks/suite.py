@@ -68,8 +68,8 @@ def plan(quick: bool, big: bool, big_only: bool = False) -> dict[str, Any]:
     return {
         "size": REFERENCE["size"],
         "spatial_chunk": REFERENCE["spatial_chunk"],
-        "repeat": 5,
-        "budget": 3.0,
+        "repeat": 7,
+        "budget": 5.0,
         "chunks": [(s, c) for s in (512, 1024, 2048, 4096) for c in (1, 4, 8)],
         "labels_series": {"size": 16384, "n_labels": [] if big_only else [10**3, 10**4, 10**5, 10**6, 10**7]},
         "size_series": {"n_labels": 10**5, "sizes": sizes},
