@@ -374,7 +374,8 @@ Versions: {versions}.
 - **Peak memory**: growth of the process's resident set during the method's first run (kernel
   high-water mark `VmHWM`, reset through `/proc/self/clear_refs`, minus the resident set before).
   It counts everything the run allocates (NumPy, Numba, dask's threads, the result), not the
-  input data already in memory.
+  input data already in memory; memory that the process freed earlier and reuses is not counted,
+  so a few MiB are within noise.
 - Methods start from the in-memory arrays and end with their result table, written as a user of
   each library would: ours and harpy through `RasterAggregator` on dask arrays (chunks as below),
   ours through the `.rasteragg` accessor, flox `xarray_reduce` on the dask image (one call per
@@ -500,6 +501,12 @@ def merge(files: Sequence[Path]) -> dict[str, Any]:
             jobs = {json.dumps(r["job"], sort_keys=True) for r in results["scale"]["results"]}
             kept = [r for r in points if json.dumps(r["job"], sort_keys=True) not in jobs]
             merged["scale"] = {**results["scale"], "results": kept + results["scale"]["results"]}
+    runs = merged.get("runs", [])
+    for i, run in enumerate(runs):  # a section that a later run measured again is not on the page
+        later = {name for other in runs[i + 1 :] for name in other["sections"]}
+        run["sections"] = [
+            f"{name} (replaced by a later run)" if name in later else name for name in run["sections"]
+        ]
     merged.update(wall_seconds=seconds, merged=len(files) > 1)
     return merged
 
