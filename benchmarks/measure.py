@@ -1,0 +1,180 @@
+"""Measurements, each run in a fresh Python process: ``python -m benchmarks.measure SPEC.json``.
+
+A process gets a list of jobs of one kind and prints one ``RESULT {json}`` line per job as soon as
+the job is done, so that the parent (:mod:`benchmarks.suite`) keeps what finished if a later job
+is stopped. Two kinds:
+
+``reference``
+    A method of :mod:`benchmarks.peers` on the in-memory reference dataset. Its runs alternate
+    with runs of the read limit in the same process, and its best time is reported as a ratio to
+    the read limit's best, so that the ratios hold on a busy machine.
+``scale``
+    Our engine on a lazily generated image (:mod:`benchmarks.datasets`), as a ratio to
+    generating and reading the same data (the same generators, summed), in the same process.
+
+Time is the best of a few wall-clock runs. Peak memory is the growth of the process's resident
+set during the first run of the job: the kernel's high-water mark (``VmHWM``, reset through
+``/proc/self/clear_refs``) minus the resident set before the run, in MiB. It counts every
+allocation the job touches — NumPy, Numba, dask's threads, the result — and not the input data
+that were already resident. A job that runs past the cap is stopped (``SIGALRM``) and reported as
+not finished; the process then exits and the parent starts a new one for the jobs left.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.datasets import lazy_image, lazy_labels, reference_dataset
+from benchmarks.peers import ALL_STATS, METHODS, Data
+
+__all__ = ["best_of", "peak_rss", "run_jobs"]
+
+MIB = 2**20
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss(function: Callable[[], Any]) -> tuple[float, float, Any]:
+    """Run ``function`` once: wall seconds, peak resident-set growth in MiB (NaN if unknown), result."""
+    reset = _reset_peak()
+    before = _status_kib("VmRSS")
+    start = time.perf_counter()
+    result = function()
+    seconds = time.perf_counter() - start
+    peak = (_status_kib("VmHWM") - before) * 1024 / MIB if reset else float("nan")
+    return seconds, peak, result
+
+
+def best_of(repeat: int, function: Callable[[], Any], budget: float = float("inf")) -> tuple[float, int]:
+    """Shortest wall time of up to ``repeat`` calls, fewer once ``budget`` seconds are spent."""
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeat and (not times or spent + times[-1] <= budget):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+    return min(times), len(times)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _on_alarm(signum: int, frame: types.FrameType | None) -> None:
+    raise _Timeout
+
+
+def _capped(cap: float, function: Callable[[], Any]) -> Any:
+    signal.signal(signal.SIGALRM, _on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, cap)
+    try:
+        return function()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _reference_job(spec: dict[str, Any], job: dict[str, Any], data: Data) -> dict[str, Any]:
+    method = METHODS[job["method"]]
+    data = Data(data.labels, data.image, job["spatial_chunk"], job["channel_chunk"])
+    method.build(data.crop(256), job["work"])()  # compile and import before timing
+    read_call = METHODS["read"].build(data, job["work"])
+    call = method.build(data, job["work"])
+    # Runs alternate with the read limit (best of 3 before each run and after the last), so that
+    # a burst of load from other processes hits both sides of the ratio alike.
+    reads = [best_of(3, read_call)[0]]
+    first, peak, _ = _capped(spec["cap"], lambda: peak_rss(call))
+    times = [first]
+    while len(times) < spec["repeat"] and sum(times) + first <= spec["budget"]:
+        reads.append(best_of(3, read_call)[0])
+        times.append(_capped(spec["cap"], lambda: best_of(1, call)[0]))
+    reads.append(best_of(3, read_call)[0])
+    seconds, read, runs = min(times), min(reads), len(times)
+    ratio = seconds / read
+    return {"seconds": seconds, "read_seconds": read, "ratio_read": ratio, "peak_mib": peak, "runs": runs}
+
+
+def _scale_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    import dask
+
+    from xr_rasteragg import aggregate
+
+    height, width, chunk = job["height"], job["width"], job["chunk"]
+    warm = lazy_labels(512, 512, 1000, 256), lazy_image(job["channels"], 512, 512, 256, job["channel_chunk"])
+    aggregate(*warm, ALL_STATS, background=0)  # compile before timing
+    labels = lazy_labels(height, width, job["n_labels"], chunk)
+    image = lazy_image(job["channels"], height, width, chunk, job["channel_chunk"])
+    out: dict[str, Any] = {}
+    with dask.config.set(scheduler="threads"):
+        calls = {
+            "generate": lambda: dask.compute(labels.sum(), image.sum()),
+            "mean": lambda: aggregate(labels, image, "mean", background=0),
+            "all": lambda: aggregate(labels, image, ALL_STATS, background=0),
+        }
+        for name, call in calls.items():
+            seconds, peak, result = _capped(spec["cap"], lambda call=call: peak_rss(call))  # type: ignore[misc]
+            runs = 1
+            if seconds * 2 < spec["budget"] and spec["repeat"] > 1:
+                again, more = best_of(spec["repeat"] - 1, call, spec["budget"])
+                seconds, runs = min(seconds, again), runs + more
+            out[name] = {"seconds": seconds, "peak_mib": peak, "runs": runs}
+    if len(result.labels) != job["n_labels"]:  # the generator's promise, checked on the last result
+        raise AssertionError(f"expected {job['n_labels']} labels, got {len(result.labels)}")
+    for name in ("mean", "all"):
+        out[name]["ratio_generate"] = out[name]["seconds"] / out["generate"]["seconds"]
+    # float64 per label: 8 per-channel statistics, 3 coordinates and the count
+    out["result_mib"] = 8 * job["n_labels"] * (job["channels"] * 8 + 3 + 1) / MIB
+    return out
+
+
+def run_jobs(spec: dict[str, Any]) -> None:
+    """Run the jobs of ``spec`` in order, printing one ``RESULT`` line per job."""
+    logging.getLogger("xr_rasteragg").setLevel(logging.ERROR)  # the constant-label notices
+    data = None
+    if spec["kind"] == "reference":
+        labels, image = reference_dataset(spec["size"], spec["channels"], Path(spec["cache"]))
+        data = Data(labels, image, 0, 0)
+    for job in spec["jobs"]:
+        record: dict[str, Any] = {"job": job}
+        try:
+            if data is not None:
+                record.update(_reference_job(spec, job, data), status="ok")
+            else:
+                record.update(_scale_job(spec, job), status="ok")
+        except _Timeout:
+            record.update(status="timeout", message=f"did not finish in {spec['cap']:g} s")
+        except Exception as error:  # a peer's failure is a result to report, not a crash
+            record.update(status="error", message=f"{type(error).__name__}: {error}"[:300])
+        print("RESULT " + json.dumps(record, default=float), flush=True)
+        if record["status"] == "timeout":
+            sys.stdout.flush()
+            os._exit(3)  # threads of the stopped job may still run: leave the rest to a new process
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    run_jobs(json.loads(Path(sys.argv[1]).read_text()))

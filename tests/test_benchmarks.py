@@ -1,0 +1,206 @@
+"""The benchmark suite's own helpers: generators, measurement and tables (nothing is timed here)."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("benchmarks.datasets", reason="run from the repository root (python -m pytest)")
+
+import benchmarks.datasets
+from benchmarks.datasets import CellGrid, image_block, lazy_image, lazy_labels
+from benchmarks.measure import best_of, peak_rss
+from benchmarks.report import merge, tables
+from benchmarks.suite import failures, plan
+
+
+def test_datasets_doctests() -> None:
+    assert doctest.testmod(benchmarks.datasets).failed == 0
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "n_labels"),
+    [(64, 64, 1), (100, 37, 7), (300, 200, 997), (256, 512, 4000), (90, 90, 2025)],
+)
+def test_cell_grid_makes_the_label_count_asked_for(height: int, width: int, n_labels: int) -> None:
+    labels = CellGrid(height, width, n_labels).block(0, height, 0, width)
+    ids, counts = np.unique(labels, return_counts=True)
+    np.testing.assert_array_equal(ids, np.arange(n_labels + 1))  # background 0 and 1..n, each present
+    assert counts.min() >= 1
+
+
+def test_cell_grid_rejects_cells_smaller_than_two_pixels() -> None:
+    with pytest.raises(ValueError, match="n_labels"):
+        CellGrid(16, 16, 200)
+    with pytest.raises(ValueError, match="n_labels"):
+        CellGrid(16, 16, 0)
+
+
+def test_lazy_labels_do_not_depend_on_chunks_and_repeat() -> None:
+    a = lazy_labels(300, 250, 500, chunk=64).compute()
+    b = lazy_labels(300, 250, 500, chunk=100).compute()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, lazy_labels(300, 250, 500, chunk=64).compute())
+    np.testing.assert_array_equal(a[0], CellGrid(300, 250, 500).block(0, 300, 0, 250))
+    assert a.dtype == np.int32
+    # neighbouring cells carry unrelated ids, not consecutive ones
+    assert np.abs(np.diff(np.unique(a[0, 5, :]))).max() > 1
+
+
+def test_lazy_image_is_a_function_of_the_pixel() -> None:
+    a = lazy_image(3, 130, 70, chunk=32, channel_chunk=2).compute()
+    b = lazy_image(3, 130, 70, chunk=50, channel_chunk=1).compute()
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[:, 0], image_block(0, 3, 0, 130, 0, 70, 70))
+    assert a.dtype == np.uint16
+    assert a.max() <= 4095 + 2
+    assert len(np.unique(a[0])) > 1000  # not constant: a hash spreads the values
+
+
+def test_lazy_labels_check_the_dtype() -> None:
+    with pytest.raises(ValueError, match="dtype"):
+        lazy_labels(64, 64, 300, dtype=np.uint8)
+
+
+def test_quick_and_full_plans_make_valid_grids() -> None:
+    for settings in (plan(quick=True, big=False), plan(quick=False, big=True)):
+        size = settings["labels_series"]["size"]
+        for n in settings["labels_series"]["n_labels"]:
+            CellGrid(size, size, n)
+        for size in settings["size_series"]["sizes"]:
+            CellGrid(size, size, settings["size_series"]["n_labels"])
+    assert 65536 in plan(quick=False, big=True)["size_series"]["sizes"]
+    assert 65536 not in plan(quick=False, big=False)["size_series"]["sizes"]
+
+
+def test_best_of_stops_at_the_budget() -> None:
+    calls: list[int] = []
+    _, runs = best_of(10, lambda: calls.append(1), budget=math.inf)
+    assert runs == len(calls) == 10
+    _, runs = best_of(10, lambda: sum(range(10**5)), budget=0.0)
+    assert runs == 1
+
+
+def test_peak_rss_sees_an_allocation() -> None:
+    _, peak, result = peak_rss(lambda: np.ones(64 * 2**20 // 8).sum())
+    if math.isnan(peak):
+        pytest.skip("no /proc/self/clear_refs here")
+    assert peak >= 48
+    assert result == 64 * 2**20 // 8
+
+
+def _results() -> dict:
+    def ref(method: str, work: str, ratio: float, status: str = "ok") -> dict:
+        job = {"method": method, "work": work, "spatial_chunk": 2048, "channel_chunk": 1}
+        if status != "ok":
+            return {"job": job, "status": status, "message": "did not finish in 5 s"}
+        return {
+            "job": job,
+            "status": "ok",
+            "seconds": ratio * 0.05,
+            "read_seconds": 0.05,
+            "ratio_read": ratio,
+            "peak_mib": 12.0,
+        }
+
+    machine = {
+        "cpu": "test CPU",
+        "cores": 2,
+        "memory_gib": 24.0,
+        "load_before": (1.0, 1.0, 1.0),
+        "python": "3.11",
+        "libraries": {"numpy": "2"},
+        "date": "today",
+    }
+    methods = {
+        "read": {"title": "read limit", "computes": {"mean": [], "all": []}},
+        "ours": {"title": "ours", "computes": {"mean": ["mean"], "all": ["sum", "mean"]}},
+        "slow": {"title": "slow peer", "computes": {"mean": ["mean"], "all": ["mean"]}},
+        "gone": {"title": "absent peer", "computes": {"mean": ["mean"], "all": ["mean"]}},
+    }
+    results = [
+        ref("read", "mean", 1.0),
+        ref("ours", "mean", 2.0),
+        ref("ours", "all", 4.0),
+        ref("slow", "mean", 50.0),
+        ref("slow", "all", 0, "timeout"),
+    ]
+    scale_job = {
+        "height": 4096,
+        "width": 4096,
+        "channels": 4,
+        "n_labels": 1000,
+        "chunk": 2048,
+        "channel_chunk": 1,
+    }
+    point = {"seconds": 1.0, "peak_mib": 100.0, "runs": 1, "ratio_generate": 1.2}
+    return {
+        "machine": machine,
+        "reference": {
+            "size": 4096,
+            "channels": 8,
+            "spatial_chunk": 2048,
+            "channel_chunk": 1,
+            "methods": methods,
+            "skipped": {"gone": "not installed: gone"},
+            "results": results,
+        },
+        "scale": {
+            "channels": 4,
+            "chunk": 2048,
+            "labels_series": {"size": 4096, "n_labels": [1000]},
+            "size_series": {"n_labels": 1000, "sizes": [4096]},
+            "results": [
+                {
+                    "job": scale_job,
+                    "status": "ok",
+                    "generate": point,
+                    "mean": point,
+                    "all": point,
+                    "result_mib": 1.0,
+                }
+            ],
+        },
+    }
+
+
+def test_tables_report_ratios_timeouts_and_skips() -> None:
+    text = tables(_results())
+    row = next(line for line in text.splitlines() if line.startswith("| slow peer"))
+    assert "| 50 | 25 | 12 |" in row  # x read, x ours (50 / 2), peak MiB
+    assert "did not finish in 5 s" in row
+    assert "skipped (not installed: gone)" in text
+    assert "4096² × 4" in text
+
+
+def test_failures_counts_our_jobs_only() -> None:
+    results = _results()
+    assert failures(results) == []
+    results["reference"]["results"][1]["status"] = "error"
+    assert len(failures(results)) == 1
+
+
+def test_merge_pools_scale_points(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    first, second = _results(), _results()
+    second["scale"]["results"][0]["job"] = {
+        **second["scale"]["results"][0]["job"],
+        "height": 8192,
+        "width": 8192,
+    }
+    del second["reference"]
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, results in zip(paths, (first, second), strict=True):
+        path.write_text(json.dumps(results))
+    merged = merge(paths)
+    assert "reference" in merged
+    assert sorted(r["job"]["height"] for r in merged["scale"]["results"]) == [4096, 8192]
+    assert merged["merged"]
+    assert [run["sections"] for run in merged["runs"]] == [
+        ["reference", "scale series (4096²)"],
+        ["scale series (8192²)"],
+    ]
