@@ -1310,6 +1310,27 @@ def _spatialdata_cases() -> list[Case]:
             check=check_table([1, 2**63, 2**64 - 1], [[7.0, 15.0], [3.0, 11.0], [0.5, 8.5]], np.uint64),
         ),
         case(
+            "int8-extremes",
+            "int8 labels -128 and 127",
+            lambda: sd_aggregate(data=sdata(np.array([0, -128, 127, 1], np.int8)[LAB]), reads=True),
+            result="exact ids, stored as int16 (spatialdata's `TableModel` admits no 8-bit instance ids)",
+            check=check_table([-128, 1, 127], MEAN[[0, 2, 1]], np.int16),
+        ),
+        case(
+            "uint8",
+            "uint8 labels (ids 1, 2, 3)",
+            lambda: sd_aggregate(data=sdata(LAB.astype(np.uint8)), reads=True),
+            result="ids stored as uint16 (`TableModel` admits no 8-bit instance ids); values as usual",
+            check=check_table([1, 2, 3], MEAN, np.uint16),
+        ),
+        case(
+            "single-pixel",
+            "label 3 has one pixel; `stats=['var', 'skew']`",
+            lambda: sd_aggregate(stats=["var", "skew"], reads=True),
+            result="var 0 and skew NaN for that cell (as `scipy.stats`)",
+            check=lambda t: (close(t.X[2], [0, 0]), close(t.layers["skew"][2], [np.nan, np.nan])),
+        ),
+        case(
             "nan-pixel",
             "a NaN pixel in label 1, channel DAPI",
             lambda: sd_aggregate(data=sdata(img=nan_image), reads=True),

@@ -142,8 +142,10 @@ def aggregate(
     Notes
     -----
     Negative ids are cells like any other (only 0 is background); ids keep the labels' dtype,
-    ``uint64`` extremes included, in ``obs[instance_key]`` and as text in ``obs_names``. A NaN
-    pixel makes that cell's statistic NaN in that channel (as NumPy).
+    ``uint64`` extremes included, in ``obs[instance_key]`` and as text in ``obs_names``, except
+    that ``int8`` and ``uint8`` ids are stored as ``int16`` and ``uint16`` (spatialdata's
+    ``TableModel`` admits no 8-bit instance ids). A NaN pixel makes that cell's statistic NaN in
+    that channel (as NumPy).
     """
     resolved = plan(
         sdata,
@@ -261,6 +263,8 @@ def compute_table(resolved: Plan) -> AnnData:
             f"labels {resolved.labels_name!r} hold no cells over image {resolved.image_name!r}: every pixel "
             "is background (0); there is no table to make"
         )
+    if ids.dtype.itemsize == 1:  # TableModel admits no 8-bit instance ids; widening keeps every id
+        ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
     channels = [str(c) for c in resolved.image["c"].values]
     layers = {name: np.asarray(result[name].values, dtype=np.float64) for name in resolved.stats}
     obs = pd.DataFrame(
