@@ -375,13 +375,10 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
 
 def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
     per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
-    if isinstance(stats, str):
-        names: tuple[Any, ...] = (stats,)
-    elif isinstance(stats, Iterable):
-        names = tuple(stats)
-    else:
-        names = ()
-    if not isinstance(stats, str | Iterable) or not all(isinstance(name, str) for name in names):
+    names: tuple[Any, ...] | None = (
+        (stats,) if isinstance(stats, str) else tuple(stats) if isinstance(stats, Iterable) else None
+    )
+    if names is None or not all(isinstance(name, str) for name in names):
         raise TypeError(
             f"'stats' must be a statistic name or a sequence of names from {per_channel}; got {stats!r}"
         )
