@@ -8,13 +8,21 @@ table and the list drift apart; regenerate the table with ``python tests/test_ba
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import hashlib
+import io
 import logging
 import re
+import shutil
 import sys
+import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dask.array as da
 import numpy as np
@@ -106,8 +114,8 @@ class Case:
     id
         Unique name of the case (the test id and the table's first column).
     entry
-        ``accessor``, ``class`` or ``engine`` (the SpatialData adapter and the command line add
-        their own cases to :data:`CASES` the same way).
+        ``accessor``, ``class``, ``engine``, ``spatialdata`` (the adapter's functions) or
+        ``command line`` (``rasteragg aggregate``).
     given
         What the input is, for the table.
     call
@@ -959,6 +967,573 @@ def _other_cases() -> list[Case]:
     ]
 
 
+# -- the SpatialData adapter and the command line ------------------------------------------------
+
+#: Channel names of the SpatialData image.
+CHANNELS = ["DAPI", "CD3"]
+#: The entry points that need the ``spatialdata`` extra.
+SPATIALDATA_ENTRIES = ("spatialdata", "command line")
+
+
+def sdata(
+    labels: Any = LAB, img: Any = IMG, labels_transform: Any = None, image_transform: Any = None
+) -> Any:
+    """A SpatialData object: image ``img`` ``(c, y, x)`` and labels ``cells`` ``(y, x)``."""
+    import spatialdata
+    from spatialdata.models import Image2DModel, Labels2DModel, Labels3DModel
+    from spatialdata.transformations import Identity
+
+    labels = np.asarray(labels)
+    model = Labels2DModel if labels.ndim == 2 else Labels3DModel
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata.SpatialData(
+            images={
+                "img": Image2DModel.parse(
+                    np.asarray(img),
+                    dims=("c", "y", "x"),
+                    c_coords=CHANNELS,
+                    transformations={"global": image_transform or Identity()},
+                )
+            },
+            labels={
+                "cells": model.parse(
+                    labels,
+                    dims=("z", "y", "x")[3 - labels.ndim :],
+                    transformations={"global": labels_transform or Identity()},
+                )
+            },
+        )
+
+
+def sd_aggregate(*args: Any, data: Any = None, reads: bool = False, **kwargs: Any) -> Any:
+    """``xr_rasteragg.spatialdata.aggregate`` on ``data`` (default :func:`sdata`), image and labels.
+
+    Unless ``reads``, fails should it read a pixel (the adapter checks everything first).
+    """
+    from xr_rasteragg import spatialdata as adapter
+
+    data = sdata() if data is None else data
+    args = args or ("img", "cells")
+    guard = contextlib.nullcontext() if reads else mock.patch.object(adapter, "compute_table", no_reading)
+    with warnings.catch_warnings(), guard:
+        warnings.simplefilter("ignore")
+        return adapter.aggregate(data, *args, **kwargs)
+
+
+def sd_with_table() -> Any:
+    data = sdata()
+    sd_aggregate(data=data, table_name="done", reads=True)
+    return data
+
+
+def sd_call(function: str, *args: Any, **kwargs: Any) -> Any:
+    from xr_rasteragg import spatialdata as adapter
+
+    return getattr(adapter, function)(*args, **kwargs)
+
+
+def scale(factor: float) -> Any:
+    return scale_xy(factor, factor)
+
+
+def scale_xy(x: float, y: float) -> Any:
+    from spatialdata.transformations import Scale
+
+    return Scale([x, y], axes=("x", "y"))
+
+
+def shift(x: float, y: float = 0.0) -> Any:
+    from spatialdata.transformations import Translation
+
+    return Translation([x, y], axes=("x", "y"))
+
+
+def check_table(ids: Any, rows: Any = MEAN, dtype: Any = None) -> Callable[[Any], None]:
+    """A check of an AnnData table: its ids (in ``obs`` and ``obs_names``) and ``X``."""
+
+    def check(table: Any) -> None:
+        instance = table.obs["instance_id"].to_numpy()
+        np.testing.assert_array_equal(instance, np.asarray(ids, dtype=dtype))
+        if dtype is not None:
+            assert instance.dtype == dtype, instance.dtype
+        assert list(table.obs_names) == [str(i) for i in ids]
+        close(table.X, rows)
+
+    return check
+
+
+class CommandFailed(Exception):
+    """``rasteragg`` exited with status 1; the message is its one line on stderr."""
+
+
+@functools.cache
+def workdir() -> Path:
+    """A folder of small stores for the command line, made once per process, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="rasteragg-bad-input-"))
+    import atexit
+
+    import zarr
+
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd_with_table().write(folder / "data.zarr")
+        sdata(LAB.astype(np.float64)).write(folder / "float.zarr")
+        sdata(labels_transform=scale(2.0)).write(folder / "coarse.zarr")
+        sdata(0 * LAB).write(folder / "background.zarr")
+    (folder / "folder.zarr").mkdir()
+    zarr.open_group(folder / "plain.zarr", mode="w").create_array("values", shape=(3,), dtype="i4")
+    return folder
+
+
+def folder_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def no_reading(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("pixels were read before the arguments were checked")
+
+
+def rasteragg(store: str, *options: str, reads: bool = False) -> str:
+    """``rasteragg aggregate STORE OPTIONS`` in this process, in :func:`workdir`.
+
+    Returns stdout on success. On failure checks that the exit status is 1, stderr one line, the
+    stores unchanged and (unless ``reads``) no pixel read, and raises :class:`CommandFailed`.
+    """
+    from xr_rasteragg import cli
+    from xr_rasteragg import spatialdata as adapter
+
+    folder = workdir()
+    before = folder_hash(folder)
+    out, err = io.StringIO(), io.StringIO()
+    guard = contextlib.nullcontext() if reads else mock.patch.object(adapter, "compute_table", no_reading)
+    with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), guard:
+        status = cli.main(["aggregate", store, "--no-progress", *options])
+    if status == 0:
+        return out.getvalue()
+    lines = err.getvalue().strip().splitlines()
+    assert status == 1, err.getvalue()
+    assert len(lines) == 1, err.getvalue()
+    assert out.getvalue() == ""
+    assert folder_hash(folder) == before, "a failed command changed a store"
+    raise CommandFailed(lines[0])
+
+
+def rasteragg_written(labels: Any, *options: str) -> Any:
+    """Write a fresh store with these labels, run ``rasteragg aggregate`` on it, read the table."""
+    import spatialdata
+
+    path = workdir() / "fresh.zarr"
+    shutil.rmtree(path, ignore_errors=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata(labels).write(path)
+        assert rasteragg("fresh.zarr", *options, reads=True).startswith("wrote table 'cells_stats'")
+        return spatialdata.read_zarr(path).tables["cells_stats"]
+
+
+def _spatialdata_cases() -> list[Case]:
+    def case(id: str, given: str, call: Callable[[], Any], *outcome: Any, **kw: Any) -> Case:
+        return Case(f"sdata-{id}", "spatialdata", given, call, *outcome, **kw)
+
+    cases = [
+        case(
+            "image-unknown",
+            "`aggregate(sdata, image='nope', ...)`",
+            lambda: sd_aggregate("nope", "cells"),
+            ValueError,
+            r"'image' must name one of the images elements \['img'\]; got 'nope'",
+        ),
+        case(
+            "image-is-labels",
+            "a labels element as `image`",
+            lambda: sd_aggregate("cells", "cells"),
+            ValueError,
+            r"'image' must name one of the images elements \['img'\]; got 'cells' "
+            r"\('cells' is one of its labels\)",
+        ),
+        case(
+            "labels-is-image",
+            "an image element as `labels`",
+            lambda: sd_aggregate("img", "img"),
+            ValueError,
+            r"'labels' must name one of the labels elements \['cells'\]; got 'img' "
+            r"\('img' is one of its images\)",
+        ),
+    ]
+    for kind, dtype in [("float", np.float64), ("bool", np.bool_), ("complex", np.complex128)]:
+        name = np.dtype(dtype).name
+        cases.append(
+            case(
+                f"labels-{kind}",
+                f"a {name} labels element (spatialdata's `Labels2DModel` admits it)",
+                lambda dtype=dtype: sd_aggregate(data=sdata(LAB.astype(dtype))),
+                TypeError,
+                rf"'labels' element 'cells' must have an integer dtype \(label ids\); got {name}",
+            )
+        )
+    nan_image = np.where(np.arange(16).reshape(2, 2, 4) == 0, np.nan, IMG)
+    signed = np.array([[-5, -1, 0, 7], [7, 7, 0, -5]], np.int64)
+    extremes = np.array([[2**64 - 1, 2**64 - 1, 0, 2**63], [0, 0, 0, 1]], np.uint64)
+    cases += [
+        case(
+            "image-complex",
+            "a complex128 image element",
+            lambda: sd_aggregate(data=sdata(img=IMG.astype(np.complex128))),
+            TypeError,
+            r"'image' element 'img' must have a real numeric dtype \(bool, integer or float\); "
+            r"got complex128",
+        ),
+        case(
+            "stats-unknown",
+            "`stats=['mean', 'median']`",
+            lambda: sd_aggregate(stats=["mean", "median"]),
+            ValueError,
+            r"'stats' holds unknown statistic\(s\) \['median'\]; expected names from \['sum', 'mean'",
+        ),
+        case(
+            "stats-empty",
+            "`stats=[]`",
+            lambda: sd_aggregate(stats=[]),
+            ValueError,
+            r"'stats' must name at least one statistic of \['sum', .*\]; got an empty list",
+        ),
+        case(
+            "stats-none",
+            "`stats=None`",
+            lambda: sd_aggregate(stats=None),
+            TypeError,
+            r"'stats' must be a statistic name or a sequence of names from \['sum', .*\]; got None",
+        ),
+        case(
+            "channels-unknown",
+            "`channels=['CD3', 'CD99']`",
+            lambda: sd_aggregate(channels=["CD3", "CD99"]),
+            ValueError,
+            r"'channels' must name channels of image 'img' \['DAPI', 'CD3'\]; got \['CD3', 'CD99'\] "
+            r"\(\['CD99'\] not there\)",
+        ),
+        case(
+            "channels-repeated",
+            "`channels=['CD3', 'CD3']`",
+            lambda: sd_aggregate(channels=["CD3", "CD3"]),
+            ValueError,
+            r"'channels' must name each channel of image 'img' once; got \['CD3', 'CD3'\] "
+            r"\(\['CD3'\] repeated\)",
+        ),
+        case(
+            "coordinate-system",
+            "`coordinate_system='aligned'` (the elements have only 'global')",
+            lambda: sd_aggregate(coordinate_system="aligned"),
+            ValueError,
+            r"'coordinate_system' 'aligned' is not one of element 'img''s coordinate systems \['global'\]",
+        ),
+        case(
+            "dims",
+            "a `(z, y, x)` labels element for a `(c, y, x)` image",
+            lambda: sd_aggregate(data=sdata(LAB[None])),
+            ValueError,
+            r"same spatial dims.*got \('c', 'y', 'x'\) and \('z', 'y', 'x'\)",
+        ),
+        case(
+            "grid-pixel-size",
+            "labels scaled ×2 against the image",
+            lambda: sd_aggregate(data=sdata(labels_transform=scale(2.0))),
+            ValueError,
+            r"not on the same pixel grid in coordinate system 'global': their pixel sizes \(x, y\) differ: "
+            r"image \(1, 1\), labels \(2, 2\)",
+        ),
+        case(
+            "grid-anisotropic",
+            "image pixels 0.5 × 0.5, labels pixels 0.5 × 0.25",
+            lambda: sd_aggregate(
+                data=sdata(labels_transform=scale_xy(0.5, 0.25), image_transform=scale_xy(0.5, 0.5))
+            ),
+            ValueError,
+            r"their pixel sizes \(x, y\) differ: image \(0.5, 0.5\), labels \(0.5, 0.25\)",
+        ),
+        case(
+            "grid-half-pixel",
+            "labels shifted by half a pixel",
+            lambda: sd_aggregate(data=sdata(labels_transform=shift(0.5))),
+            ValueError,
+            r"the labels start at image pixel \(x=0.5, y=0\), not a whole-pixel offset",
+        ),
+        case(
+            "grid-flipped",
+            "labels flipped along x",
+            lambda: sd_aggregate(data=sdata(labels_transform=scale(-1.0))),
+            ValueError,
+            r"their pixel axes point in different directions",
+        ),
+        case(
+            "grid-partly-outside",
+            "labels shifted 3 pixels right (1 of 4 columns inside the image)",
+            lambda: sd_aggregate(data=sdata(labels_transform=shift(3.0))),
+            ValueError,
+            r"labels 'cells' reach outside image 'img': in image pixels they cover x 3\.\.6 "
+            r"\(the image has 0\.\.3\); crop the labels to the image first",
+        ),
+        case(
+            "grid-no-overlap",
+            "labels 100 pixels away from the image",
+            lambda: sd_aggregate(data=sdata(labels_transform=shift(100.0, 100.0))),
+            ValueError,
+            r"reach outside image 'img': in image pixels they cover x 100\.\.103 \(the image has 0\.\.3\); "
+            r"y 100\.\.101",
+        ),
+        case(
+            "all-background",
+            "labels all 0",
+            lambda: sd_aggregate(data=sdata(0 * LAB), reads=True),
+            ValueError,
+            r"labels 'cells' hold no cells over image 'img': every pixel is background \(0\)",
+        ),
+        case(
+            "negative-ids",
+            "labels with ids -5 and -1",
+            lambda: sd_aggregate(data=sdata(signed), reads=True),
+            result="negative ids are cells like any other (only 0 is background); int64 `instance_id`",
+            check=check_table([-5, -1, 7], [[3.5, 11.5], [1.0, 9.0], [4.0, 12.0]], np.int64),
+        ),
+        case(
+            "uint64-extremes",
+            "uint64 labels with ids 2**64 - 1 and 2**63",
+            lambda: sd_aggregate(data=sdata(extremes), reads=True),
+            result="exact ids: uint64 `instance_id`, `obs_names` '18446744073709551615' etc.",
+            check=check_table([1, 2**63, 2**64 - 1], [[7.0, 15.0], [3.0, 11.0], [0.5, 8.5]], np.uint64),
+        ),
+        case(
+            "int8-extremes",
+            "int8 labels -128 and 127",
+            lambda: sd_aggregate(data=sdata(np.array([0, -128, 127, 1], np.int8)[LAB]), reads=True),
+            result="exact ids, stored as int16 (spatialdata's `TableModel` admits no 8-bit instance ids)",
+            check=check_table([-128, 1, 127], MEAN[[0, 2, 1]], np.int16),
+        ),
+        case(
+            "uint8",
+            "uint8 labels (ids 1, 2, 3)",
+            lambda: sd_aggregate(data=sdata(LAB.astype(np.uint8)), reads=True),
+            result="ids stored as uint16 (`TableModel` admits no 8-bit instance ids); values as usual",
+            check=check_table([1, 2, 3], MEAN, np.uint16),
+        ),
+        case(
+            "single-pixel",
+            "label 3 has one pixel; `stats=['var', 'skew']`",
+            lambda: sd_aggregate(stats=["var", "skew"], reads=True),
+            result="var 0 and skew NaN for that cell (as `scipy.stats`)",
+            check=lambda t: (close(t.X[2], [0, 0]), close(t.layers["skew"][2], [np.nan, np.nan])),
+        ),
+        case(
+            "nan-pixel",
+            "a NaN pixel in label 1, channel DAPI",
+            lambda: sd_aggregate(data=sdata(img=nan_image), reads=True),
+            result="NaN for that cell and channel only (as NumPy); the table keeps it",
+            check=check_table([1, 2, 3], np.where([[True, False], [False] * 2, [False] * 2], np.nan, MEAN)),
+        ),
+        case(
+            "table-exists",
+            "`table_name='done'`, a table `sdata` already has",
+            lambda: sd_aggregate(data=sd_with_table(), table_name="done"),
+            ValueError,
+            r"a table 'done' already exists; pass overwrite=True \(--overwrite on the command line\) "
+            r"to replace it",
+        ),
+        case(
+            "plan-not-sdata",
+            "`plan({}, 'img', 'cells')`",
+            lambda: sd_call("plan", {}, "img", "cells"),
+            TypeError,
+            r"'sdata' must be a spatialdata.SpatialData; got dict",
+        ),
+        case(
+            "compute-table-not-plan",
+            "`compute_table('img')`",
+            lambda: sd_call("compute_table", "img"),
+            TypeError,
+            r"'resolved' must be a Plan made by plan\(\); got str",
+        ),
+        case(
+            "store-table-not-backed",
+            "`store_table` on a SpatialData object held in memory",
+            lambda: sd_call("store_table", sdata(), "t", sd_aggregate(reads=True)),
+            ValueError,
+            r"'sdata' is not backed by a zarr store; write it with sdata.write\(path\) first",
+        ),
+        case(
+            "store-table-name",
+            "`store_table(sdata, 'a/b', table)`",
+            lambda: sd_call("store_table", sdata(), "a/b", sd_aggregate(reads=True)),
+            ValueError,
+            r"'name' 'a/b' is not a valid element name: it may hold only letters, digits",
+        ),
+        case(
+            "store-table-not-anndata",
+            "`store_table(sdata, 't', table)` with a DataFrame as the table",
+            lambda: sd_call("store_table", sdata(), "t", pd.DataFrame()),
+            TypeError,
+            r"'table' must be an anndata.AnnData; got DataFrame",
+        ),
+    ]
+    return cases
+
+
+def _command_line_cases() -> list[Case]:
+    def case(id: str, given: str, call: Callable[[], Any], *outcome: Any, **kw: Any) -> Case:
+        if outcome and outcome[0] is CommandFailed:
+            outcome = (CommandFailed, r"^rasteragg: error: " + outcome[1])
+        return Case(f"cli-{id}", "command line", given, call, *outcome, **kw)
+
+    both = ("--image", "img", "--labels", "cells")
+    return [
+        case(
+            "store-missing",
+            "`rasteragg aggregate missing.zarr ...` (no such path)",
+            lambda: rasteragg("missing.zarr", *both),
+            CommandFailed,
+            r"STORE 'missing.zarr' does not exist$",
+        ),
+        case(
+            "store-not-zarr",
+            "STORE an empty folder",
+            lambda: rasteragg("folder.zarr", *both),
+            CommandFailed,
+            r"STORE 'folder.zarr' is not a zarr store \(no zarr.json or .zgroup in it\)$",
+        ),
+        case(
+            "store-not-spatialdata",
+            "STORE a zarr group holding one array, no SpatialData elements",
+            lambda: rasteragg("plain.zarr", *both),
+            CommandFailed,
+            r"STORE 'plain.zarr' is a zarr store but holds no SpatialData elements",
+        ),
+        case(
+            "image-unknown",
+            "`--image nope`",
+            lambda: rasteragg("data.zarr", "--image", "nope", "--labels", "cells"),
+            CommandFailed,
+            r"--image must name one of the images elements \['img'\]; got 'nope'$",
+        ),
+        case(
+            "image-is-labels",
+            "`--image cells` (a labels element)",
+            lambda: rasteragg("data.zarr", "--image", "cells", "--labels", "cells"),
+            CommandFailed,
+            r"--image must name one of the images elements \['img'\]; got 'cells' "
+            r"\('cells' is one of its labels\)$",
+        ),
+        case(
+            "labels-is-image",
+            "`--labels img` (an image element)",
+            lambda: rasteragg("data.zarr", "--image", "img", "--labels", "img"),
+            CommandFailed,
+            r"--labels must name one of the labels elements \['cells'\]; got 'img' "
+            r"\('img' is one of its images\)$",
+        ),
+        case(
+            "labels-float",
+            "a store whose labels element is float64",
+            lambda: rasteragg("float.zarr", *both),
+            CommandFailed,
+            r"--labels element 'cells' must have an integer dtype \(label ids\); got float64",
+        ),
+        case(
+            "stats-unknown",
+            "`--stats mean,median`",
+            lambda: rasteragg("data.zarr", *both, "--stats", "mean,median"),
+            CommandFailed,
+            r"--stats holds unknown statistic\(s\) \['median'\]",
+        ),
+        case(
+            "stats-empty",
+            "`--stats ,`",
+            lambda: rasteragg("data.zarr", *both, "--stats", ","),
+            CommandFailed,
+            r"--stats must name at least one statistic of \['sum', .*\]; got an empty list$",
+        ),
+        case(
+            "stats-count",
+            "`--stats count`",
+            lambda: rasteragg("data.zarr", *both, "--stats", "count"),
+            CommandFailed,
+            r"--stats must name per-channel statistics only \('count' is always in obs\['area'\]\)",
+        ),
+        case(
+            "channels-unknown",
+            "`--channels CD99`",
+            lambda: rasteragg("data.zarr", *both, "--channels", "CD99"),
+            CommandFailed,
+            r"--channels must name channels of image 'img' \['DAPI', 'CD3'\]; got \['CD99'\] "
+            r"\(\['CD99'\] not there\)$",
+        ),
+        case(
+            "channels-repeated",
+            "`--channels CD3,CD3`",
+            lambda: rasteragg("data.zarr", *both, "--channels", "CD3,CD3"),
+            CommandFailed,
+            r"--channels must name each channel of image 'img' once",
+        ),
+        case(
+            "coordinate-system",
+            "`--coordinate-system xy`",
+            lambda: rasteragg("data.zarr", *both, "--coordinate-system", "xy"),
+            CommandFailed,
+            r"--coordinate-system 'xy' is not one of element 'img''s coordinate systems \['global'\]$",
+        ),
+        case(
+            "grid-pixel-size",
+            "a store whose labels are scaled ×2 against the image",
+            lambda: rasteragg("coarse.zarr", *both),
+            CommandFailed,
+            r"image 'img' and labels 'cells' are not on the same pixel grid .*: "
+            r"their pixel sizes \(x, y\) differ: image \(1, 1\), labels \(2, 2\)",
+        ),
+        case(
+            "all-background",
+            "a store whose labels are all 0",
+            lambda: rasteragg("background.zarr", *both, reads=True),
+            CommandFailed,
+            r"labels 'cells' hold no cells over image 'img': every pixel is background \(0\)",
+        ),
+        case(
+            "table-exists",
+            "`--table done`, a table the store has, without `--overwrite`",
+            lambda: rasteragg("data.zarr", *both, "--table", "done"),
+            CommandFailed,
+            r"a table 'done' already exists; pass overwrite=True \(--overwrite on the command line\)",
+        ),
+        case(
+            "table-invalid-name",
+            "`--table a/b`",
+            lambda: rasteragg("data.zarr", *both, "--table", "a/b"),
+            CommandFailed,
+            r"--table 'a/b' is not a valid element name",
+        ),
+        case(
+            "table-is-element",
+            "`--table img` (the image's name)",
+            lambda: rasteragg("data.zarr", *both, "--table", "img"),
+            CommandFailed,
+            r"--table 'img' is already the name of one of the images; choose another$",
+        ),
+        case(
+            "uint64-extremes",
+            "a store whose uint64 labels hold 2**64 - 1 and 2**63",
+            lambda: rasteragg_written(
+                np.array([[2**64 - 1, 2**64 - 1, 0, 2**63], [0, 0, 0, 1]], np.uint64), *both
+            ),
+            result="the written table holds the exact ids (uint64 `instance_id`)",
+            check=check_table([1, 2**63, 2**64 - 1], [[7.0, 15.0], [3.0, 11.0], [0.5, 8.5]], np.uint64),
+        ),
+    ]
+
+
 CASES: list[Case] = [
     *_label_dtype_cases(),
     *_image_dtype_cases(),
@@ -972,11 +1547,15 @@ CASES: list[Case] = [
     *_id_cases(),
     *_value_cases(),
     *_other_cases(),
+    *_spatialdata_cases(),
+    *_command_line_cases(),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input(case: Case, caplog: pytest.LogCaptureFixture) -> None:
+    if case.entry in SPATIALDATA_ENTRIES:
+        pytest.importorskip("spatialdata")
     if case.error is not None:
         with pytest.raises(case.error, match=case.match):
             case.call()
@@ -990,7 +1569,7 @@ def test_bad_input(case: Case, caplog: pytest.LogCaptureFixture) -> None:
 def test_cases_are_unique_and_cover_every_entry_point() -> None:
     ids = [case.id for case in CASES]
     assert len(ids) == len(set(ids))
-    assert {case.entry for case in CASES} >= {"accessor", "class", "engine"}
+    assert {case.entry for case in CASES} == {"accessor", "class", "engine", *SPATIALDATA_ENTRIES}
     for case in CASES:
         assert (case.error is None) == bool(case.result) == (case.check is not None), case.id
 
@@ -1023,6 +1602,8 @@ def outcome(case: Case) -> str:
         case.call()
     except case.error as error:
         message = str(error).splitlines()[0]
+        if isinstance(error, CommandFailed):
+            return f"exit status 1, stderr: {message}"
         return f"`{case.error.__name__}`: {message}"
     raise AssertionError(f"{case.id} raised nothing")
 
@@ -1036,6 +1617,7 @@ def render_table() -> str:
 
 
 def test_docs_table_is_in_sync() -> None:
+    pytest.importorskip("spatialdata")
     text = DOC.read_text()
     table = re.search(re.escape(BEGIN) + r"\n(.*)\n" + re.escape(END), text, re.DOTALL)
     assert table is not None, f"{DOC} lacks the generated table markers"

@@ -22,9 +22,7 @@ import pytest
 
 spatialdata = pytest.importorskip("spatialdata")
 from spatialdata.models import Image2DModel, Labels2DModel, TableModel  # noqa: E402
-from spatialdata.transformations import Scale  # noqa: E402
 
-import xr_rasteragg.spatialdata as adapter  # noqa: E402
 from xr_rasteragg.cli import main  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
@@ -69,7 +67,7 @@ def store_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def make_store(path: Path, *, labels_scale: float = 1.0) -> Path:
+def make_store(path: Path) -> Path:
     rng = np.random.default_rng(0)
     labels = rng.choice([0, 1, 2, 5, 9], size=(8, 10)).repeat(4, 0).repeat(4, 1).astype(np.int32)
     image = rng.integers(0, 1000, size=(3, *labels.shape)).astype(np.uint16)
@@ -77,14 +75,7 @@ def make_store(path: Path, *, labels_scale: float = 1.0) -> Path:
         images={
             "img": Image2DModel.parse(image, dims=("c", "y", "x"), c_coords=CHANNELS, chunks=(1, 16, 16))
         },
-        labels={
-            "cells": Labels2DModel.parse(
-                labels,
-                dims=("y", "x"),
-                chunks=(16, 16),
-                transformations={"global": Scale([labels_scale, labels_scale], axes=("x", "y"))},
-            )
-        },
+        labels={"cells": Labels2DModel.parse(labels, dims=("y", "x"), chunks=(16, 16))},
     )
     sdata.write(path)
     return path
@@ -146,44 +137,21 @@ def test_aggregate_writes_the_table(store: Path) -> None:
     assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]  # no staging left beside it
 
 
-def test_refuses_to_replace_a_table_without_overwrite(store: Path) -> None:
-    assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
-    before = store_hash(store)
-    refused = rasteragg("aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max")
-    assert refused.returncode == 1
-    assert refused.stderr.strip() == (
-        "rasteragg: error: a table 'cells_stats' already exists; pass overwrite=True (--overwrite on the "
-        "command line) to replace it"
-    )
-    assert store_hash(store) == before
-
-    replaced = rasteragg(
-        "aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max", "--overwrite"
-    )
-    assert replaced.returncode == 0, replaced.stderr
+def test_overwrite_replaces_a_table(store: Path) -> None:
+    """The refusal without ``--overwrite``: ``cli-table-exists`` in tests/test_bad_input.py."""
+    both = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]
+    assert main(both) == 0
+    assert main([*both, "--stats", "max", "--overwrite"]) == 0
     assert read_table(store, "cells_stats").uns["rasteragg"]["stats"] == ["max"]
 
 
-USER_ERRORS = [
-    (
-        ["--image", "nope", "--labels", "cells"],
-        r"'image' must name one of the images elements \['img'\]; got 'nope'",
-    ),
-    (["--image", "img", "--labels", "img"], r"'labels' must name one of the labels elements \['cells'\]"),
-    (
-        ["--image", "img", "--labels", "cells", "--stats", "mean,median"],
-        r"unknown statistic\(s\) \['median'\]",
-    ),
-    (["--image", "img", "--labels", "cells", "--stats", ","], "must name at least one statistic"),
-    (["--image", "img", "--labels", "cells", "--stats", "count"], r"'count' is always in obs\['area'\]"),
-    (["--image", "img", "--labels", "cells", "--channels", "CD99"], r"\['CD99'\] not there"),
-    (["--image", "img", "--labels", "cells", "--coordinate-system", "xy"], "'coordinate_system' 'xy' is not"),
-    (["--image", "img", "--labels", "cells", "--table", "a/b"], "not a valid element name"),
-    (["--image", "img", "--labels", "cells", "--table", "img"], "already the name of one of the images"),
-]
-
-
-@pytest.mark.parametrize(("args", "message"), [USER_ERRORS[0], USER_ERRORS[2]])  # an element, a statistic
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "nope", "--labels", "cells"], r"--image must name one of the images elements"),
+        (["--image", "img", "--labels", "cells", "--stats", "mean,median"], r"unknown statistic\(s\)"),
+    ],
+)
 def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str], message: str) -> None:
     before = store_hash(store)
     result = rasteragg("aggregate", str(store), *args)
@@ -194,43 +162,6 @@ def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str
     assert re.search(message, lines[0]), lines[0]
     assert result.stdout == ""
     assert store_hash(store) == before
-
-
-@pytest.mark.parametrize(("args", "message"), USER_ERRORS)
-def test_user_errors_in_process(
-    store: Path,
-    args: list[str],
-    message: str,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """All the cases, through ``main`` in this process (quicker); nothing may be computed."""
-
-    def no_reading(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("pixels were read before the arguments were checked")
-
-    monkeypatch.setattr(adapter, "compute_table", no_reading)
-    before = store_hash(store)
-    assert main(["aggregate", str(store), *args]) == 1
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err
-    assert re.search(message, err), err
-    assert store_hash(store) == before
-
-
-def test_missing_store_and_mismatched_grids(tmp_path: Path) -> None:
-    missing = rasteragg("aggregate", str(tmp_path / "none.zarr"), "--image", "img", "--labels", "cells")
-    assert (missing.returncode, missing.stderr.strip()) == (
-        1,
-        f"rasteragg: error: STORE {str(tmp_path / 'none.zarr')!r} does not exist",
-    )
-    coarse = make_store(tmp_path / "coarse.zarr", labels_scale=2.0)
-    before = store_hash(coarse)
-    result = rasteragg("aggregate", str(coarse), "--image", "img", "--labels", "cells")
-    assert result.returncode == 1
-    assert "Traceback" not in result.stderr
-    assert "pixel sizes (x, y) differ: image (1, 1), labels (2, 2)" in result.stderr
-    assert store_hash(coarse) == before
 
 
 def test_usage_errors_exit_2(store: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -35,6 +35,16 @@ PROG = "rasteragg"
 _USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
 
 
+#: The adapter's arguments that options set, named as options in its error messages.
+_OPTIONS = {
+    "image": "--image",
+    "labels": "--labels",
+    "stats": "--stats",
+    "channels": "--channels",
+    "coordinate_system": "--coordinate-system",
+    "table_name": "--table",
+}
+
 #: Packages of the ``spatialdata`` extra, which the command line needs.
 _EXTRA = ("spatialdata", "anndata", "zarr", "matplotlib", "distributed")
 
@@ -134,17 +144,20 @@ def _aggregate(args: argparse.Namespace) -> None:
     channels = None if args.channels is None else [c.strip() for c in args.channels.split(",") if c.strip()]
     table_name = args.table or f"{args.labels}_stats"
     sdata = _read_store(Path(args.store))
-    plan = adapter.plan(
-        sdata,
-        args.image,
-        args.labels,
-        stats,
-        table_name=table_name,
-        coordinate_system=args.coordinate_system,
-        channels=channels,
-        write=True,
-        overwrite=args.overwrite,
-    )
+    try:
+        plan = adapter.plan(
+            sdata,
+            args.image,
+            args.labels,
+            stats,
+            table_name=table_name,
+            coordinate_system=args.coordinate_system,
+            channels=channels,
+            write=True,
+            overwrite=args.overwrite,
+        )
+    except (TypeError, ValueError) as error:
+        raise UsageError(_as_option(str(error))) from error
     start = time.perf_counter()
     with _scheduler(args.scheduler), _progress(args.scheduler, enabled=not args.no_progress):
         table = adapter.compute_table(plan)
@@ -158,6 +171,14 @@ def _aggregate(args: argparse.Namespace) -> None:
     )
 
 
+def _as_option(message: str) -> str:
+    """The adapter's message with the argument it starts with named as its option."""
+    for argument, option in _OPTIONS.items():
+        if message.startswith(f"'{argument}' "):
+            return option + message[len(argument) + 2 :]
+    return message
+
+
 def _read_store(path: Path) -> Any:
     import spatialdata
 
@@ -166,9 +187,15 @@ def _read_store(path: Path) -> Any:
     if not path.is_dir() or not any((path / name).is_file() for name in ("zarr.json", ".zgroup")):
         raise UsageError(f"STORE {str(path)!r} is not a zarr store (no zarr.json or .zgroup in it)")
     try:
-        return spatialdata.read_zarr(path)
+        sdata = spatialdata.read_zarr(path)
     except Exception as error:
         raise UsageError(f"STORE {str(path)!r} could not be read as SpatialData: {error}") from error
+    if not any(len(getattr(sdata, kind)) for kind in ("images", "labels", "points", "shapes", "tables")):
+        raise UsageError(
+            f"STORE {str(path)!r} is a zarr store but holds no SpatialData elements (no images, labels, "
+            "points, shapes or tables group with elements in it)"
+        )
+    return sdata
 
 
 @contextlib.contextmanager

@@ -128,11 +128,24 @@ def aggregate(
 
     Raises
     ------
+    TypeError
+        For ``sdata`` that is not a SpatialData object, ``stats`` that are not names, labels of a
+        non-integer dtype (float, bool, complex: spatialdata's ``Labels2DModel`` admits them) or
+        an image of a complex or object dtype; before any pixel is read.
     ValueError
-        For an unknown element, statistic, channel or coordinate system, elements on different
-        pixel grids (the message says what differs), or a table that exists without
-        ``overwrite``; all of these before any pixel is read. After the pass, for labels that
-        hold no cell (spatialdata's ``TableModel`` admits no table without instances).
+        For an unknown element (or one of the other kind), statistic, channel or coordinate
+        system, a repeated channel, elements on different pixel grids (the message says what
+        differs), or a table that exists without ``overwrite``; all of these before any pixel is
+        read. After the pass, for labels that hold no cell (spatialdata's ``TableModel`` admits
+        no table without instances).
+
+    Notes
+    -----
+    Negative ids are cells like any other (only 0 is background); ids keep the labels' dtype,
+    ``uint64`` extremes included, in ``obs[instance_key]`` and as text in ``obs_names``, except
+    that ``int8`` and ``uint8`` ids are stored as ``int16`` and ``uint16`` (spatialdata's
+    ``TableModel`` admits no 8-bit instance ids). A NaN pixel makes that cell's statistic NaN in
+    that channel (as NumPy).
     """
     resolved = plan(
         sdata,
@@ -197,7 +210,15 @@ def plan(
             f"(y, x) or (c, z, y, x) with (z, y, x); got {tuple(pixels.dims)} and {tuple(mask.dims)}"
         )
     if mask.dtype.kind not in "iu":
-        raise TypeError(f"labels {labels!r} must have an integer dtype; got {mask.dtype}")
+        raise TypeError(
+            f"'labels' element {labels!r} must have an integer dtype (label ids); got {mask.dtype} "
+            "(spatialdata's Labels models admit it; convert the element, e.g. with .astype('int32'))"
+        )
+    if pixels.dtype.kind not in "biuf":
+        raise TypeError(
+            f"'image' element {image!r} must have a real numeric dtype (bool, integer or float); "
+            f"got {pixels.dtype}"
+        )
     pixels = pixels.transpose("c", *image_axes)
     mask = mask.transpose(*label_axes)
     if channels is not None:
@@ -227,10 +248,14 @@ def compute_table(resolved: Plan) -> AnnData:
     """Run the one pass over the planned pixels and build the table (held in memory).
 
     Under a ``dask.diagnostics.ProgressBar`` (or any dask callback) the pass reports progress.
+    Raises a ``TypeError`` for ``resolved`` that is not a :class:`Plan`, and the ``ValueError`` of
+    :func:`aggregate` for labels that hold no cell.
     """
     import anndata as ad
     from spatialdata.models import TableModel
 
+    if not isinstance(resolved, Plan):
+        raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
     result = resolved.image.rasteragg.aggregate(resolved.labels, (*resolved.stats, "count", "center_of_mass"))
     ids = np.asarray(result["label"].values)
     if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
@@ -238,6 +263,8 @@ def compute_table(resolved: Plan) -> AnnData:
             f"labels {resolved.labels_name!r} hold no cells over image {resolved.image_name!r}: every pixel "
             "is background (0); there is no table to make"
         )
+    if ids.dtype.itemsize == 1:  # TableModel admits no 8-bit instance ids; widening keeps every id
+        ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
     channels = [str(c) for c in resolved.image["c"].values]
     layers = {name: np.asarray(result[name].values, dtype=np.float64) for name in resolved.stats}
     obs = pd.DataFrame(
@@ -285,11 +312,22 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
 
     Raises
     ------
+    TypeError
+        If ``sdata`` is not a SpatialData object or ``table`` not an AnnData.
     ValueError
-        If ``sdata`` is not backed by a store, or the table exists and ``overwrite`` is False.
+        If ``name`` is not a valid element name, ``sdata`` is not backed by a store, or the table
+        exists and ``overwrite`` is False.
     """
+    from anndata import AnnData
     from spatialdata import SpatialData
 
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"'sdata' must be a spatialdata.SpatialData; got {type(sdata).__name__}")
+    if not isinstance(table, AnnData):
+        raise TypeError(f"'table' must be an anndata.AnnData; got {type(table).__name__}")
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"'name' {name!r} is not a valid element name: {problem}")
     if sdata.path is None:
         raise ValueError("'sdata' is not backed by a zarr store; write it with sdata.write(path) first")
     store = Path(sdata.path)
@@ -336,8 +374,14 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
 
 
 def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
-    names = (stats,) if isinstance(stats, str) else tuple(stats)
     per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+    names: tuple[Any, ...] | None = (
+        (stats,) if isinstance(stats, str) else tuple(stats) if isinstance(stats, Iterable) else None
+    )
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            f"'stats' must be a statistic name or a sequence of names from {per_channel}; got {stats!r}"
+        )
     if not names:
         raise ValueError(f"'stats' must name at least one statistic of {per_channel}; got an empty list")
     unknown = [name for name in names if name not in STATISTICS]
@@ -417,6 +461,12 @@ def _select_channels(pixels: xr.DataArray, channels: Sequence[Any], image: str) 
         raise ValueError(
             f"'channels' must name channels of image {image!r} {[str(c) for c in present]}; got "
             f"{[str(c) for c in wanted]}" + (f" ({missing} not there)" if missing else "")
+        )
+    repeated = sorted({str(c) for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise ValueError(
+            f"'channels' must name each channel of image {image!r} once; got {[str(c) for c in wanted]} "
+            f"({repeated} repeated)"
         )
     keys = [c if c in present else as_text[str(c)] for c in wanted]
     return pixels.sel(c=keys)
