@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Any
 
 import numba as nb
@@ -103,13 +104,6 @@ class Partials:
             return self.nvalid
         return self.count[:, None]
 
-    def put(self, rows: NDArray[Any], other: Partials) -> None:
-        """Overwrite the partials at positions ``rows`` with ``other``'s (same label ids), in place."""
-        _put_rows(self.count[:, None], rows, other.count[:, None])
-        _put_rows(self.coords, rows, other.coords)
-        for name, value in self.channel_arrays().items():
-            _put_rows(value, rows, getattr(other, name))
-
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
         channel = {name: value[rows] for name, value in self.channel_arrays().items()}
@@ -118,28 +112,22 @@ class Partials:
         )
 
 
-@nb.njit(nogil=True, cache=True)
-def _put_rows(out, rows, values):  # type: ignore[no-untyped-def]
-    """``out[rows] = values`` for 2-D arrays, row by row (NumPy's fancy assignment of short rows is slow)."""
-    for r in range(rows.shape[0]):
-        for c in range(values.shape[1]):
-            out[rows[r], c] = values[r, c]
-
-
 def merge(parts: Sequence[Partials]) -> Partials:
     """Merge partials of disjoint pixel sets into the partials of their union.
 
-    Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts); the
-    rows of labels that only one part holds are copied, and the rows of labels that several
-    parts share are reduced: counts, sums and extrema are added or compared, and the central
-    moments are combined about the merged mean::
+    Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts), and
+    every part's rows are then accumulated into the union's rows in one pass per part, in part
+    order: counts, sums and extrema are added or compared, and the central moments are combined
+    about the merged mean::
 
         M2 = Σ_i [M2_i + n_i d_i²]
         M3 = Σ_i [M3_i + 3 d_i M2_i + n_i d_i³]
         M4 = Σ_i [M4_i + 4 d_i M3_i + 6 d_i² M2_i + n_i d_i⁴]
 
     with ``d_i = mean_i - mean``, the k-way form of the pairwise formulas of Chan et al. and
-    Pébay (2008). The operation is associative and commutative up to rounding.
+    Pébay (2008); a label that one part holds alone has ``d_i = 0`` and its rows are copied.
+    Parts whose ids follow each other without overlap are simply stacked. The operation is
+    associative and commutative up to rounding.
 
     Parameters
     ----------
@@ -154,32 +142,111 @@ def merge(parts: Sequence[Partials]) -> Partials:
     parts = [p for p in parts if p.size] or list(parts[:1])
     if len(parts) == 1:
         return parts[0]
+    if all(a.labels[-1] < b.labels[0] for a, b in pairwise(parts)):
+        return _concat(parts)
     labels, positions = _union([p.labels for p in parts])
-    holders = np.zeros(labels.shape[0], np.int32)  # how many parts hold each label
-    for rows in positions:
-        holders[rows] += 1  # the rows of one part are distinct
+    k = labels.shape[0]
     first = parts[0]
     merged = replace(
         first,
         labels=labels,
-        count=np.empty(labels.shape[0], first.count.dtype),
-        coords=np.empty((labels.shape[0], 3), first.coords.dtype),
+        count=np.zeros(k, first.count.dtype),
+        coords=np.zeros((k, 3), first.coords.dtype),
         **{
-            name: np.empty((labels.shape[0], value.shape[1]), value.dtype)
-            for name, value in first.channel_arrays().items()
+            name: np.zeros((k, value.shape[1]), value.dtype) for name, value in first.channel_arrays().items()
         },
     )
+    seen = np.zeros(k, np.bool_)
     for part, rows in zip(parts, positions, strict=True):
-        merged.put(rows, part)  # right for the labels that only this part holds
-    shared = np.flatnonzero(holders > 1)
-    if shared.size:
-        pieces, inverse = [], []
-        for part, rows in zip(parts, positions, strict=True):
-            mine = np.flatnonzero(holders[rows] > 1)
-            pieces.append(part.take(mine))
-            inverse.append(np.searchsorted(shared, rows[mine]))
-        merged.put(shared, _combine(_concat(pieces), np.concatenate(inverse)))
+        _add_rows(merged.count[:, None], rows, part.count[:, None])
+        _add_rows(merged.coords, rows, part.coords)
+        for name in ("nvalid", "sum"):
+            value = getattr(merged, name)
+            if value is not None:
+                _add_rows(value, rows, getattr(part, name))
+        if merged.min is not None and merged.max is not None:
+            _extrema_rows(merged.min, merged.max, seen, rows, part.min, part.max)
+    if merged.m2 is None:
+        return merged
+    assert merged.sum is not None
+    order = 4 if merged.m4 is not None else 3 if merged.m3 is not None else 2
+    m3 = merged.m3 if merged.m3 is not None else merged.m2  # placeholders below the order
+    m4 = merged.m4 if merged.m4 is not None else merged.m2
+    n = merged.n()
+    for part, rows in zip(parts, positions, strict=True):
+        assert part.sum is not None
+        assert part.m2 is not None
+        _moment_rows(
+            merged.m2,
+            m3,
+            m4,
+            order,
+            rows,
+            n,
+            merged.sum,
+            part.n(),
+            part.sum,
+            part.m2,
+            part.m3 if part.m3 is not None else part.m2,
+            part.m4 if part.m4 is not None else part.m2,
+        )
     return merged
+
+
+@nb.njit(nogil=True, cache=True)
+def _add_rows(out, rows, values):  # type: ignore[no-untyped-def]
+    """``out[rows] += values`` for 2-D arrays (the rows of one part are distinct)."""
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        for c in range(values.shape[1]):
+            out[k, c] += values[r, c]
+
+
+@nb.njit(nogil=True, cache=True)
+def _extrema_rows(out_min, out_max, seen, rows, vmin, vmax):  # type: ignore[no-untyped-def]
+    """Fold one part's extrema into rows ``rows`` of the output; ``seen`` marks rows already set.
+
+    NaN propagates as in ``np.minimum`` (partials of NaN pixels not skipped carry NaN extrema).
+    """
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        if seen[k]:
+            for c in range(vmin.shape[1]):
+                low, high = vmin[r, c], vmax[r, c]
+                if low < out_min[k, c] or low != low:  # NaN propagates, as in np.minimum
+                    out_min[k, c] = low
+                if high > out_max[k, c] or high != high:
+                    out_max[k, c] = high
+        else:
+            seen[k] = True
+            for c in range(vmin.shape[1]):
+                out_min[k, c] = vmin[r, c]
+                out_max[k, c] = vmax[r, c]
+
+
+@nb.njit(nogil=True, cache=True)
+def _moment_rows(m2, m3, m4, order, rows, n, total, n_i, sum_i, m2_i, m3_i, m4_i):  # type: ignore[no-untyped-def]
+    """Add one part's terms of the k-way central-moment update (see :func:`merge`) to rows ``rows``.
+
+    ``n`` and ``total`` are the merged counts and sums; ``n`` and ``n_i`` have one column per
+    channel, or a single column shared by all channels.
+    """
+    wide = n.shape[1] > 1
+    for r in range(rows.shape[0]):
+        k = rows[r]
+        for c in range(sum_i.shape[1]):
+            ni = float(n_i[r, c if wide else 0])
+            d = 0.0
+            if ni > 0:
+                d = sum_i[r, c] / ni - total[k, c] / float(n[k, c if wide else 0])
+            a2 = m2_i[r, c]
+            nd2 = ni * d * d
+            m2[k, c] += a2 + nd2
+            if order >= 3:
+                a3 = m3_i[r, c]
+                m3[k, c] += a3 + d * (3.0 * a2 + nd2)
+                if order >= 4:
+                    m4[k, c] += m4_i[r, c] + d * (4.0 * a3 + d * (6.0 * a2 + nd2))
 
 
 def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
@@ -228,49 +295,6 @@ def _union2(a, b):  # type: ignore[no-untyped-def]
         j += 1
         k += 1
     return out[:k], rows_a, rows_b
-
-
-def _combine(stacked: Partials, inverse: NDArray[Any]) -> Partials:
-    """Reduce rows of partials that share labels (``inverse`` numbers the labels in sorted order)."""
-    order = np.argsort(inverse, kind="stable")
-    stacked, inverse = stacked.take(order), inverse[order]
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse) != 0])
-    inverse = np.cumsum(np.r_[0, np.diff(inverse) != 0])  # renumbered 0..m-1
-
-    def segment_sum(values: NDArray[Any]) -> NDArray[Any]:
-        return np.add.reduceat(values, starts, axis=0)
-
-    merged = Partials(
-        labels=stacked.labels[starts],
-        count=segment_sum(stacked.count),
-        coords=segment_sum(stacked.coords),
-    )
-    if stacked.nvalid is not None:
-        merged.nvalid = segment_sum(stacked.nvalid)
-    if stacked.min is not None and stacked.max is not None:
-        merged.min = np.minimum.reduceat(stacked.min, starts, axis=0)
-        merged.max = np.maximum.reduceat(stacked.max, starts, axis=0)
-    if stacked.sum is None:
-        return merged
-    merged.sum = segment_sum(stacked.sum)
-    if stacked.m2 is None:
-        return merged
-
-    n_i = stacked.n().astype(np.float64)
-    n = merged.n().astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = merged.sum / n
-        d = np.where(n_i > 0, stacked.sum / n_i - mean[inverse], 0.0)
-    # Horner forms of the update terms: fewer temporaries than the expanded formulas.
-    m2_i = stacked.m2
-    nd2 = n_i * d * d
-    merged.m2 = segment_sum(m2_i + nd2)
-    if stacked.m3 is not None:
-        m3_i = stacked.m3
-        merged.m3 = segment_sum(m3_i + d * (3.0 * m2_i + nd2))
-        if stacked.m4 is not None:
-            merged.m4 = segment_sum(stacked.m4 + d * (4.0 * m3_i + d * (6.0 * m2_i + nd2)))
-    return merged
 
 
 def concat_channels(parts: Sequence[Partials]) -> Partials:
