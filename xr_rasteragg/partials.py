@@ -116,16 +116,17 @@ def merge(parts: Sequence[Partials]) -> Partials:
     """Merge partials of disjoint pixel sets into the partials of their union.
 
     Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts), and
-    every part's rows are then accumulated into the union's rows in one pass per part, in part
-    order: counts, sums and extrema are added or compared, and the central moments are combined
-    about the merged mean::
+    each part is then folded into the union's rows in one pass, in part order, so that every
+    output row is written once per part that holds its label: a label's first part is copied,
+    and a later part's row is combined with it. Counts, sums and extrema are added or compared;
+    the central moments use the pairwise update of Chan et al. (M2) and Pébay (2008) (M3, M4),
+    with ``δ = mean_b - mean_a``, ``n = n_a + n_b``::
 
-        M2 = Σ_i [M2_i + n_i d_i²]
-        M3 = Σ_i [M3_i + 3 d_i M2_i + n_i d_i³]
-        M4 = Σ_i [M4_i + 4 d_i M3_i + 6 d_i² M2_i + n_i d_i⁴]
+        M2 = M2_a + M2_b + δ² n_a n_b / n
+        M3 = M3_a + M3_b + δ³ n_a n_b (n_a - n_b) / n² + 3 δ (n_a M2_b - n_b M2_a) / n
+        M4 = M4_a + M4_b + δ⁴ n_a n_b (n_a² - n_a n_b + n_b²) / n³
+             + 6 δ² (n_a² M2_b + n_b² M2_a) / n² + 4 δ (n_a M3_b - n_b M3_a) / n
 
-    with ``d_i = mean_i - mean``, the k-way form of the pairwise formulas of Chan et al. and
-    Pébay (2008); a label that one part holds alone has ``d_i = 0`` and its rows are copied.
     Parts whose ids follow each other without overlap are simply stacked. The operation is
     associative and commutative up to rounding.
 
@@ -150,103 +151,115 @@ def merge(parts: Sequence[Partials]) -> Partials:
     merged = replace(
         first,
         labels=labels,
-        count=np.zeros(k, first.count.dtype),
-        coords=np.zeros((k, 3), first.coords.dtype),
+        count=np.empty(k, first.count.dtype),
+        coords=np.empty((k, 3), first.coords.dtype),
         **{
-            name: np.zeros((k, value.shape[1]), value.dtype) for name, value in first.channel_arrays().items()
+            name: np.empty((k, value.shape[1]), value.dtype) for name, value in first.channel_arrays().items()
         },
     )
+    order = 4 if first.m4 is not None else 3 if first.m3 is not None else 2 if first.m2 is not None else 1
+    order = order if first.sum is not None else 0
     seen = np.zeros(k, np.bool_)
     for part, rows in zip(parts, positions, strict=True):
-        _add_rows(merged.count[:, None], rows, part.count[:, None])
-        _add_rows(merged.coords, rows, part.coords)
-        for name in ("nvalid", "sum"):
-            value = getattr(merged, name)
-            if value is not None:
-                _add_rows(value, rows, getattr(part, name))
-        if merged.min is not None and merged.max is not None:
-            _extrema_rows(merged.min, merged.max, seen, rows, part.min, part.max)
-    if merged.m2 is None:
-        return merged
-    assert merged.sum is not None
-    order = 4 if merged.m4 is not None else 3 if merged.m3 is not None else 2
-    m3 = merged.m3 if merged.m3 is not None else merged.m2  # placeholders below the order
-    m4 = merged.m4 if merged.m4 is not None else merged.m2
-    n = merged.n()
-    for part, rows in zip(parts, positions, strict=True):
-        assert part.sum is not None
-        assert part.m2 is not None
-        _moment_rows(
-            merged.m2,
-            m3,
-            m4,
-            order,
-            rows,
-            n,
-            merged.sum,
-            part.n(),
-            part.sum,
-            part.m2,
-            part.m3 if part.m3 is not None else part.m2,
-            part.m4 if part.m4 is not None else part.m2,
-        )
+        _fold(merged, part, rows, seen, order)
     return merged
 
 
-@nb.njit(nogil=True, cache=True)
-def _add_rows(out, rows, values):  # type: ignore[no-untyped-def]
-    """``out[rows] += values`` for 2-D arrays (the rows of one part are distinct)."""
-    for r in range(rows.shape[0]):
-        k = rows[r]
-        for c in range(values.shape[1]):
-            out[k, c] += values[r, c]
+def _fold(
+    merged: Partials, part: Partials, rows: NDArray[np.intp], seen: NDArray[np.bool_], order: int
+) -> None:
+    """Fold ``part`` into rows ``rows`` of ``merged`` (``seen`` marks the rows already written)."""
+    none = np.zeros((1, 1))  # stands in for the fields that are absent (never read)
+
+    def field(p: Partials, name: str) -> NDArray[Any]:
+        value = getattr(p, name)
+        return none if value is None else value
+
+    _fold_rows(  # type: ignore[call-arg]
+        seen,
+        rows,
+        order,
+        merged.nvalid is not None,
+        merged.min is not None,
+        merged.count,
+        merged.coords,
+        *(field(merged, name) for name in CHANNEL_FIELDS),
+        part.count,
+        part.coords,
+        *(field(part, name) for name in CHANNEL_FIELDS),
+    )
 
 
 @nb.njit(nogil=True, cache=True)
-def _extrema_rows(out_min, out_max, seen, rows, vmin, vmax):  # type: ignore[no-untyped-def]
-    """Fold one part's extrema into rows ``rows`` of the output; ``seen`` marks rows already set.
-
-    NaN propagates as in ``np.minimum`` (partials of NaN pixels not skipped carry NaN extrema).
-    """
+def _fold_rows(  # type: ignore[no-untyped-def]
+    seen, rows, order, skipna, extrema,
+    count, coords, nvalid, total, m2, m3, m4, lo, hi,
+    count_b, coords_b, nvalid_b, total_b, m2_b, m3_b, m4_b, lo_b, hi_b,
+):  # fmt: skip
+    """Copy or combine one part's rows into the output rows ``rows`` (see :func:`merge`)."""
+    nchan = total_b.shape[1] if order >= 1 else lo_b.shape[1] if extrema else 0
     for r in range(rows.shape[0]):
-        k = rows[r]
-        if seen[k]:
-            for c in range(vmin.shape[1]):
-                low, high = vmin[r, c], vmax[r, c]
-                if low < out_min[k, c] or low != low:  # NaN propagates, as in np.minimum
-                    out_min[k, c] = low
-                if high > out_max[k, c] or high != high:
-                    out_max[k, c] = high
-        else:
-            seen[k] = True
-            for c in range(vmin.shape[1]):
-                out_min[k, c] = vmin[r, c]
-                out_max[k, c] = vmax[r, c]
-
-
-@nb.njit(nogil=True, cache=True)
-def _moment_rows(m2, m3, m4, order, rows, n, total, n_i, sum_i, m2_i, m3_i, m4_i):  # type: ignore[no-untyped-def]
-    """Add one part's terms of the k-way central-moment update (see :func:`merge`) to rows ``rows``.
-
-    ``n`` and ``total`` are the merged counts and sums; ``n`` and ``n_i`` have one column per
-    channel, or a single column shared by all channels.
-    """
-    wide = n.shape[1] > 1
-    for r in range(rows.shape[0]):
-        k = rows[r]
-        for c in range(sum_i.shape[1]):
-            ni = float(n_i[r, c if wide else 0])
-            d = 0.0
-            if ni > 0:
-                d = sum_i[r, c] / ni - total[k, c] / float(n[k, c if wide else 0])
-            a2 = m2_i[r, c]
-            nd2 = ni * d * d
-            m2[k, c] += a2 + nd2
-            if order >= 3:
-                a3 = m3_i[r, c]
-                m3[k, c] += a3 + d * (3.0 * a2 + nd2)
+        i = rows[r]
+        if not seen[i]:
+            seen[i] = True
+            count[i] = count_b[r]
+            for j in range(3):
+                coords[i, j] = coords_b[r, j]
+            for c in range(nchan):
+                if skipna:
+                    nvalid[i, c] = nvalid_b[r, c]
+                if order >= 1:
+                    total[i, c] = total_b[r, c]
+                if order >= 2:
+                    m2[i, c] = m2_b[r, c]
+                if order >= 3:
+                    m3[i, c] = m3_b[r, c]
                 if order >= 4:
-                    m4[k, c] += m4_i[r, c] + d * (4.0 * a3 + d * (6.0 * a2 + nd2))
+                    m4[i, c] = m4_b[r, c]
+                if extrema:
+                    lo[i, c] = lo_b[r, c]
+                    hi[i, c] = hi_b[r, c]
+            continue
+        for c in range(nchan):
+            na = float(nvalid[i, c] if skipna else count[i])
+            nb_ = float(nvalid_b[r, c] if skipna else count_b[r])
+            if order >= 2 and na > 0 and nb_ > 0:
+                n = na + nb_
+                delta = total_b[r, c] / nb_ - total[i, c] / na
+                dn = delta / n
+                ab = na * nb_
+                a2, b2 = m2[i, c], m2_b[r, c]
+                if order >= 3:
+                    a3, b3 = m3[i, c], m3_b[r, c]
+                    if order >= 4:
+                        m4[i, c] = (
+                            m4[i, c]
+                            + m4_b[r, c]
+                            + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
+                            + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
+                            + 4.0 * dn * (na * b3 - nb_ * a3)
+                        )
+                    m3[i, c] = a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
+                m2[i, c] = a2 + b2 + delta * dn * ab
+            elif order >= 2 and nb_ > 0:  # the output has no valid pixel in this channel yet
+                m2[i, c] = m2_b[r, c]
+                if order >= 3:
+                    m3[i, c] = m3_b[r, c]
+                if order >= 4:
+                    m4[i, c] = m4_b[r, c]
+            if order >= 1:
+                total[i, c] += total_b[r, c]
+            if skipna:
+                nvalid[i, c] += nvalid_b[r, c]
+            if extrema:
+                low, high = lo_b[r, c], hi_b[r, c]
+                if low < lo[i, c] or low != low:  # NaN propagates, as in np.minimum
+                    lo[i, c] = low
+                if high > hi[i, c] or high != high:
+                    hi[i, c] = high
+        count[i] += count_b[r]
+        for j in range(3):
+            coords[i, j] += coords_b[r, j]
 
 
 def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
