@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Literal, get_args
 
+import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
@@ -82,27 +83,41 @@ class Derived:
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.maximum(self.p.m2, 0.0) / self.n
 
-    @cached_property
-    def constant(self) -> NDArray[np.bool_]:
-        """Where a label is constant (variance ≈ 0 relative to its mean), as in scipy.stats."""
-        with np.errstate(invalid="ignore"):
-            return self.var <= np.square(_CONSTANT * self.mean)
-
 
 def _sum(d: Derived) -> NDArray[np.float64]:
     assert d.p.sum is not None
     return d.p.sum
 
 
-def _standardized(d: Derived, moment: NDArray[np.float64] | None, power: float) -> NDArray[np.float64]:
-    """``m_k / m_2^(k/2)``, NaN where the label is constant (m_2 ≈ 0), as scipy.stats does."""
+def _standardized(
+    d: Derived, moment: NDArray[np.float64] | None, power: int, offset: float = 0.0
+) -> NDArray[np.float64]:
+    """``m_k / m_2^(k/2) + offset`` for ``k = power``, NaN where the label is constant (m_2 ≈ 0).
+
+    As scipy.stats does.
+    """
     assert moment is not None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        scale = d.var * d.var if power == 2.0 else d.var * np.sqrt(d.var)
-        value = moment / d.n
-        value /= scale
-    value[d.constant] = np.nan
-    return value
+    return _standardized_rows(moment, d.n, d.var, d.mean, power, offset)
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in NumPy
+def _standardized_rows(moment, n, var, mean, power, offset):  # type: ignore[no-untyped-def]
+    """One loop over labels and channels for :func:`_standardized` (no temporaries of size (k, C)).
+
+    A label counts as constant where ``var <= (resolution * mean)**2``; ``power`` is 3 (skewness,
+    ``var**1.5``) or 4 (kurtosis, ``var**2``).
+    """
+    out = np.empty(moment.shape)
+    wide = n.shape[1] > 1
+    for i in range(moment.shape[0]):
+        for c in range(moment.shape[1]):
+            v = var[i, c]
+            if v <= (_CONSTANT * mean[i, c]) ** 2:
+                out[i, c] = np.nan
+                continue
+            scale = v * v if power == 4 else v * np.sqrt(v)
+            out[i, c] = moment[i, c] / n[i, c if wide else 0] / scale + offset
+    return out
 
 
 def _extremum(values: NDArray[np.generic] | None, d: Derived) -> NDArray[np.float64]:
@@ -119,8 +134,8 @@ STATISTICS: dict[str, Statistic] = {
     "mean": Statistic(Needs(1), lambda d: d.mean, np.nan),
     "var": Statistic(Needs(2), lambda d: d.var, np.nan),
     "std": Statistic(Needs(2), lambda d: np.sqrt(d.var), np.nan),
-    "skew": Statistic(Needs(3), lambda d: _standardized(d, d.p.m3, 1.5), np.nan),
-    "kurtosis": Statistic(Needs(4), lambda d: _standardized(d, d.p.m4, 2.0) - 3.0, np.nan),
+    "skew": Statistic(Needs(3), lambda d: _standardized(d, d.p.m3, 3), np.nan),
+    "kurtosis": Statistic(Needs(4), lambda d: _standardized(d, d.p.m4, 4, -3.0), np.nan),
     "min": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.min, d), np.nan),
     "max": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.max, d), np.nan),
     "center_of_mass": Statistic(
