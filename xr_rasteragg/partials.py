@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import pairwise
 from typing import Any
 
 import numba as nb
@@ -103,13 +104,6 @@ class Partials:
             return self.nvalid
         return self.count[:, None]
 
-    def put(self, rows: NDArray[Any], other: Partials) -> None:
-        """Overwrite the partials at positions ``rows`` with ``other``'s (same label ids), in place."""
-        _put_rows(self.count[:, None], rows, other.count[:, None])
-        _put_rows(self.coords, rows, other.coords)
-        for name, value in self.channel_arrays().items():
-            _put_rows(value, rows, getattr(other, name))
-
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
         channel = {name: value[rows] for name, value in self.channel_arrays().items()}
@@ -118,28 +112,23 @@ class Partials:
         )
 
 
-@nb.njit(nogil=True, cache=True)
-def _put_rows(out, rows, values):  # type: ignore[no-untyped-def]
-    """``out[rows] = values`` for 2-D arrays, row by row (NumPy's fancy assignment of short rows is slow)."""
-    for r in range(rows.shape[0]):
-        for c in range(values.shape[1]):
-            out[rows[r], c] = values[r, c]
-
-
 def merge(parts: Sequence[Partials]) -> Partials:
     """Merge partials of disjoint pixel sets into the partials of their union.
 
-    Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts); the
-    rows of labels that only one part holds are copied, and the rows of labels that several
-    parts share are reduced: counts, sums and extrema are added or compared, and the central
-    moments are combined about the merged mean::
+    Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts), and
+    each part is then folded into the union's rows in one pass, in part order, so that every
+    output row is written once per part that holds its label: a label's first part is copied,
+    and a later part's row is combined with it. Counts, sums and extrema are added or compared;
+    the central moments use the pairwise update of Chan et al. (M2) and Pébay (2008) (M3, M4),
+    with ``δ = mean_b - mean_a``, ``n = n_a + n_b``::
 
-        M2 = Σ_i [M2_i + n_i d_i²]
-        M3 = Σ_i [M3_i + 3 d_i M2_i + n_i d_i³]
-        M4 = Σ_i [M4_i + 4 d_i M3_i + 6 d_i² M2_i + n_i d_i⁴]
+        M2 = M2_a + M2_b + δ² n_a n_b / n
+        M3 = M3_a + M3_b + δ³ n_a n_b (n_a - n_b) / n² + 3 δ (n_a M2_b - n_b M2_a) / n
+        M4 = M4_a + M4_b + δ⁴ n_a n_b (n_a² - n_a n_b + n_b²) / n³
+             + 6 δ² (n_a² M2_b + n_b² M2_a) / n² + 4 δ (n_a M3_b - n_b M3_a) / n
 
-    with ``d_i = mean_i - mean``, the k-way form of the pairwise formulas of Chan et al. and
-    Pébay (2008). The operation is associative and commutative up to rounding.
+    Parts whose ids follow each other without overlap are simply stacked. The operation is
+    associative and commutative up to rounding.
 
     Parameters
     ----------
@@ -154,32 +143,123 @@ def merge(parts: Sequence[Partials]) -> Partials:
     parts = [p for p in parts if p.size] or list(parts[:1])
     if len(parts) == 1:
         return parts[0]
+    if all(a.labels[-1] < b.labels[0] for a, b in pairwise(parts)):
+        return _concat(parts)
     labels, positions = _union([p.labels for p in parts])
-    holders = np.zeros(labels.shape[0], np.int32)  # how many parts hold each label
-    for rows in positions:
-        holders[rows] += 1  # the rows of one part are distinct
+    k = labels.shape[0]
     first = parts[0]
     merged = replace(
         first,
         labels=labels,
-        count=np.empty(labels.shape[0], first.count.dtype),
-        coords=np.empty((labels.shape[0], 3), first.coords.dtype),
+        count=np.empty(k, first.count.dtype),
+        coords=np.empty((k, 3), first.coords.dtype),
         **{
-            name: np.empty((labels.shape[0], value.shape[1]), value.dtype)
-            for name, value in first.channel_arrays().items()
+            name: np.empty((k, value.shape[1]), value.dtype) for name, value in first.channel_arrays().items()
         },
     )
+    order = 4 if first.m4 is not None else 3 if first.m3 is not None else 2 if first.m2 is not None else 1
+    order = order if first.sum is not None else 0
+    seen = np.zeros(k, np.bool_)
     for part, rows in zip(parts, positions, strict=True):
-        merged.put(rows, part)  # right for the labels that only this part holds
-    shared = np.flatnonzero(holders > 1)
-    if shared.size:
-        pieces, inverse = [], []
-        for part, rows in zip(parts, positions, strict=True):
-            mine = np.flatnonzero(holders[rows] > 1)
-            pieces.append(part.take(mine))
-            inverse.append(np.searchsorted(shared, rows[mine]))
-        merged.put(shared, _combine(_concat(pieces), np.concatenate(inverse)))
+        _fold(merged, part, rows, seen, order)
     return merged
+
+
+def _fold(
+    merged: Partials, part: Partials, rows: NDArray[np.intp], seen: NDArray[np.bool_], order: int
+) -> None:
+    """Fold ``part`` into rows ``rows`` of ``merged`` (``seen`` marks the rows already written)."""
+    none = np.zeros((1, 1))  # stands in for the fields that are absent (never read)
+
+    def field(p: Partials, name: str) -> NDArray[Any]:
+        value = getattr(p, name)
+        return none if value is None else value
+
+    _fold_rows(  # type: ignore[call-arg]
+        seen,
+        rows,
+        order,
+        merged.nvalid is not None,
+        merged.min is not None,
+        merged.count,
+        merged.coords,
+        *(field(merged, name) for name in CHANNEL_FIELDS),
+        part.count,
+        part.coords,
+        *(field(part, name) for name in CHANNEL_FIELDS),
+    )
+
+
+@nb.njit(nogil=True, cache=True)
+def _fold_rows(  # type: ignore[no-untyped-def]
+    seen, rows, order, skipna, extrema,
+    count, coords, nvalid, total, m2, m3, m4, lo, hi,
+    count_b, coords_b, nvalid_b, total_b, m2_b, m3_b, m4_b, lo_b, hi_b,
+):  # fmt: skip
+    """Copy or combine one part's rows into the output rows ``rows`` (see :func:`merge`)."""
+    nchan = total_b.shape[1] if order >= 1 else lo_b.shape[1] if extrema else 0
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        if not seen[i]:
+            seen[i] = True
+            count[i] = count_b[r]
+            for j in range(3):
+                coords[i, j] = coords_b[r, j]
+            for c in range(nchan):
+                if skipna:
+                    nvalid[i, c] = nvalid_b[r, c]
+                if order >= 1:
+                    total[i, c] = total_b[r, c]
+                if order >= 2:
+                    m2[i, c] = m2_b[r, c]
+                if order >= 3:
+                    m3[i, c] = m3_b[r, c]
+                if order >= 4:
+                    m4[i, c] = m4_b[r, c]
+                if extrema:
+                    lo[i, c] = lo_b[r, c]
+                    hi[i, c] = hi_b[r, c]
+            continue
+        for c in range(nchan):
+            na = float(nvalid[i, c] if skipna else count[i])
+            nb_ = float(nvalid_b[r, c] if skipna else count_b[r])
+            if order >= 2 and na > 0 and nb_ > 0:
+                n = na + nb_
+                delta = total_b[r, c] / nb_ - total[i, c] / na
+                dn = delta / n
+                ab = na * nb_
+                a2, b2 = m2[i, c], m2_b[r, c]
+                if order >= 3:
+                    a3, b3 = m3[i, c], m3_b[r, c]
+                    if order >= 4:
+                        m4[i, c] = (
+                            m4[i, c]
+                            + m4_b[r, c]
+                            + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
+                            + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
+                            + 4.0 * dn * (na * b3 - nb_ * a3)
+                        )
+                    m3[i, c] = a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
+                m2[i, c] = a2 + b2 + delta * dn * ab
+            elif order >= 2 and nb_ > 0:  # the output has no valid pixel in this channel yet
+                m2[i, c] = m2_b[r, c]
+                if order >= 3:
+                    m3[i, c] = m3_b[r, c]
+                if order >= 4:
+                    m4[i, c] = m4_b[r, c]
+            if order >= 1:
+                total[i, c] += total_b[r, c]
+            if skipna:
+                nvalid[i, c] += nvalid_b[r, c]
+            if extrema:
+                low, high = lo_b[r, c], hi_b[r, c]
+                if low < lo[i, c] or low != low:  # NaN propagates, as in np.minimum
+                    lo[i, c] = low
+                if high > hi[i, c] or high != high:
+                    hi[i, c] = high
+        count[i] += count_b[r]
+        for j in range(3):
+            coords[i, j] += coords_b[r, j]
 
 
 def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
@@ -228,49 +308,6 @@ def _union2(a, b):  # type: ignore[no-untyped-def]
         j += 1
         k += 1
     return out[:k], rows_a, rows_b
-
-
-def _combine(stacked: Partials, inverse: NDArray[Any]) -> Partials:
-    """Reduce rows of partials that share labels (``inverse`` numbers the labels in sorted order)."""
-    order = np.argsort(inverse, kind="stable")
-    stacked, inverse = stacked.take(order), inverse[order]
-    starts = np.flatnonzero(np.r_[True, np.diff(inverse) != 0])
-    inverse = np.cumsum(np.r_[0, np.diff(inverse) != 0])  # renumbered 0..m-1
-
-    def segment_sum(values: NDArray[Any]) -> NDArray[Any]:
-        return np.add.reduceat(values, starts, axis=0)
-
-    merged = Partials(
-        labels=stacked.labels[starts],
-        count=segment_sum(stacked.count),
-        coords=segment_sum(stacked.coords),
-    )
-    if stacked.nvalid is not None:
-        merged.nvalid = segment_sum(stacked.nvalid)
-    if stacked.min is not None and stacked.max is not None:
-        merged.min = np.minimum.reduceat(stacked.min, starts, axis=0)
-        merged.max = np.maximum.reduceat(stacked.max, starts, axis=0)
-    if stacked.sum is None:
-        return merged
-    merged.sum = segment_sum(stacked.sum)
-    if stacked.m2 is None:
-        return merged
-
-    n_i = stacked.n().astype(np.float64)
-    n = merged.n().astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = merged.sum / n
-        d = np.where(n_i > 0, stacked.sum / n_i - mean[inverse], 0.0)
-    # Horner forms of the update terms: fewer temporaries than the expanded formulas.
-    m2_i = stacked.m2
-    nd2 = n_i * d * d
-    merged.m2 = segment_sum(m2_i + nd2)
-    if stacked.m3 is not None:
-        m3_i = stacked.m3
-        merged.m3 = segment_sum(m3_i + d * (3.0 * m2_i + nd2))
-        if stacked.m4 is not None:
-            merged.m4 = segment_sum(stacked.m4 + d * (4.0 * m3_i + d * (6.0 * m2_i + nd2)))
-    return merged
 
 
 def concat_channels(parts: Sequence[Partials]) -> Partials:

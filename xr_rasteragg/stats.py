@@ -9,14 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Literal, get_args
 
+import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
 from .partials import Needs, Partials
 
-__all__ = ["STATISTICS", "StatName", "Statistic", "finalize", "needs_of", "validate_stats"]
+__all__ = ["STATISTICS", "Derived", "StatName", "Statistic", "finalize", "needs_of", "validate_stats"]
 
 StatName = Literal["count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"]
 
@@ -33,8 +35,8 @@ class Statistic:
     needs
         What the partials must carry for it.
     compute
-        Turns partials (of labels that have pixels) into values, shape ``(k,)``, ``(k, C)`` or
-        ``(k, 3)``.
+        Turns partials (of labels that have pixels, wrapped in :class:`Derived`) into values,
+        shape ``(k,)``, ``(k, C)`` or ``(k, 3)``.
     fill
         Its value for a label without pixels.
     per_channel
@@ -42,61 +44,103 @@ class Statistic:
     """
 
     needs: Needs
-    compute: Callable[[Partials], NDArray[np.generic]]
+    compute: Callable[[Derived], NDArray[np.generic]]
     fill: float
     per_channel: bool = True
 
 
-def _n(p: Partials) -> NDArray[np.float64]:
-    return p.n().astype(np.float64)
+class Derived:
+    """Merged partials with the quantities that several statistics share, each computed once.
+
+    Finalizing var, std, skew and kurtosis together would otherwise convert the counts, divide
+    the sums and form the variance once per statistic, over every label and channel.
+
+    Parameters
+    ----------
+    partials
+        Merged partials (of labels that have pixels).
+    """
+
+    def __init__(self, partials: Partials) -> None:
+        self.p = partials
+
+    @cached_property
+    def n(self) -> NDArray[np.float64]:
+        """Pixels entering the moments, shape ``(k, C)`` or ``(k, 1)``, as float64."""
+        return self.p.n().astype(np.float64)
+
+    @cached_property
+    def mean(self) -> NDArray[np.float64]:
+        """Per-channel means (NaN where a channel has no valid pixel)."""
+        assert self.p.sum is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.p.sum / self.n
+
+    @cached_property
+    def var(self) -> NDArray[np.float64]:
+        """Per-channel population variances."""
+        assert self.p.m2 is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.maximum(self.p.m2, 0.0) / self.n
 
 
-def _sum(p: Partials) -> NDArray[np.float64]:
-    assert p.sum is not None
-    return p.sum
+def _sum(d: Derived) -> NDArray[np.float64]:
+    assert d.p.sum is not None
+    return d.p.sum
 
 
-def _mean(p: Partials) -> NDArray[np.float64]:
-    assert p.sum is not None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return p.sum / _n(p)
+def _standardized(
+    d: Derived, moment: NDArray[np.float64] | None, power: int, offset: float = 0.0
+) -> NDArray[np.float64]:
+    """``m_k / m_2^(k/2) + offset`` for ``k = power``, NaN where the label is constant (m_2 ≈ 0).
 
-
-def _var(p: Partials) -> NDArray[np.float64]:
-    assert p.m2 is not None
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.maximum(p.m2, 0.0) / _n(p)
-
-
-def _standardized(p: Partials, moment: NDArray[np.float64] | None, power: float) -> NDArray[np.float64]:
-    """``m_k / m_2^(k/2)``, NaN where the label is constant (m_2 ≈ 0), as scipy.stats does."""
+    As scipy.stats does.
+    """
     assert moment is not None
-    var = _var(p)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        value = moment / _n(p) / var**power
-        constant = var <= (_CONSTANT * _mean(p)) ** 2
-    return np.where(constant, np.nan, value)
+    return _standardized_rows(moment, d.n, d.var, d.mean, power, offset)
 
 
-def _extremum(values: NDArray[np.generic] | None, p: Partials) -> NDArray[np.float64]:
+@nb.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in NumPy
+def _standardized_rows(moment, n, var, mean, power, offset):  # type: ignore[no-untyped-def]
+    """One loop over labels and channels for :func:`_standardized` (no temporaries of size (k, C)).
+
+    A label counts as constant where ``var <= (resolution * mean)**2``; ``power`` is 3 (skewness,
+    ``var**1.5``) or 4 (kurtosis, ``var**2``).
+    """
+    out = np.empty(moment.shape)
+    wide = n.shape[1] > 1
+    for i in range(moment.shape[0]):
+        for c in range(moment.shape[1]):
+            v = var[i, c]
+            if v <= (_CONSTANT * mean[i, c]) ** 2:
+                out[i, c] = np.nan
+                continue
+            scale = v * v if power == 4 else v * np.sqrt(v)
+            out[i, c] = moment[i, c] / n[i, c if wide else 0] / scale + offset
+    return out
+
+
+def _extremum(values: NDArray[np.generic] | None, d: Derived) -> NDArray[np.float64]:
     assert values is not None
     out = values.astype(np.float64)
-    if p.nvalid is not None:
-        out[p.nvalid == 0] = np.nan
+    if d.p.nvalid is not None:
+        out[d.p.nvalid == 0] = np.nan
     return out
 
 
 STATISTICS: dict[str, Statistic] = {
-    "count": Statistic(Needs(0), lambda p: p.count, 0, per_channel=False),
+    "count": Statistic(Needs(0), lambda d: d.p.count, 0, per_channel=False),
     "sum": Statistic(Needs(1), _sum, 0),
-    "mean": Statistic(Needs(1), _mean, np.nan),
-    "var": Statistic(Needs(2), _var, np.nan),
-    "std": Statistic(Needs(2), lambda p: np.sqrt(_var(p)), np.nan),
-    "skew": Statistic(Needs(3), lambda p: _standardized(p, p.m3, 1.5), np.nan),
-    "kurtosis": Statistic(Needs(4), lambda p: _standardized(p, p.m4, 2.0) - 3.0, np.nan),
-    "min": Statistic(Needs(0, extrema=True), lambda p: _extremum(p.min, p), np.nan),
-    "max": Statistic(Needs(0, extrema=True), lambda p: _extremum(p.max, p), np.nan),
-    "center_of_mass": Statistic(Needs(0), lambda p: p.coords / p.count[:, None], np.nan, per_channel=False),
+    "mean": Statistic(Needs(1), lambda d: d.mean, np.nan),
+    "var": Statistic(Needs(2), lambda d: d.var, np.nan),
+    "std": Statistic(Needs(2), lambda d: np.sqrt(d.var), np.nan),
+    "skew": Statistic(Needs(3), lambda d: _standardized(d, d.p.m3, 3), np.nan),
+    "kurtosis": Statistic(Needs(4), lambda d: _standardized(d, d.p.m4, 4, -3.0), np.nan),
+    "min": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.min, d), np.nan),
+    "max": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.max, d), np.nan),
+    "center_of_mass": Statistic(
+        Needs(0), lambda d: d.p.coords / d.p.count[:, None], np.nan, per_channel=False
+    ),
 }
 
 assert set(STATISTICS) == set(get_args(StatName))
@@ -166,10 +210,11 @@ def finalize(
     """
     everything = found.all() and rows.shape[0] == parts.size and np.array_equal(rows, np.arange(parts.size))
     present = parts if everything else parts.take(rows[found])
+    derived = Derived(present)
     out: dict[str, NDArray[np.generic]] = {}
     for name in stats:
         spec = STATISTICS[name]
-        values = np.asarray(spec.compute(present))
+        values = np.asarray(spec.compute(derived))
         dtype = np.int64 if name == "count" else np.float64
         if everything:
             out[name] = values.astype(dtype, copy=False)
