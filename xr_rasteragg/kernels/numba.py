@@ -291,21 +291,35 @@ def _sweep(
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
+def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
     """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
 
-    The pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
-    ``(o, sz, sy) = rows[j, 1:]`` (see :func:`_flat_channels`).
+    The pixel (z, y, x) of channel ``rows[j, 1]`` is ``flats[f][o + sz * z + sy * y + x]`` with
+    ``(f, _, o, sz, sy) = rows[j]`` (see :func:`_flat_channels`).
     ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
     label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
     uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
     later integer combination of these sums is exact as soon as its true value fits in 64 bits
     (see :func:`_moments_from_powers`). Integer additions have no rounding and a short latency,
     and no run needs a division or a merge formula: the per-pixel loop is a few integer
-    operations on a unit-stride array, which the compiler vectorises. Runs are outer and
-    channels inner, so the channels of a run share its loop bounds (which the branch predictor
-    then learns) and its label's rows of the accumulators.
+    operations on a unit-stride array, which the compiler vectorises. For each flat array, runs
+    are outer and its channels inner, so the channels of a run share its loop bounds (which the
+    branch predictor then learns) and its label's rows of the accumulators; with label ids
+    numbered in order of first appearance (see :func:`_encode_runs`), neighbouring runs touch
+    neighbouring rows.
     """
+    for f in range(len(flats)):
+        flat = flats[f]  # taken out of the list once: each access counts a reference
+        _power_sweep_flat(
+            flat, rows, f, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi
+        )
+
+
+@nb.njit(nogil=True, cache=True)
+def _power_sweep_flat(
+    flat, rows, f, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi
+):
+    """:func:`_power_sweep` over the channels in the flat array ``flat`` (number ``f``)."""
     seen = np.zeros(shift.shape[0], np.bool_)
     for r in range(run_id.shape[0]):
         i = run_id[r]
@@ -316,8 +330,10 @@ def _power_sweep(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrem
         first = not seen[i]
         seen[i] = True
         for j in range(rows.shape[0]):
-            c = rows[j, 0]
-            start = rows[j, 1] + rows[j, 2] * z + rows[j, 3] * y
+            if rows[j, 0] != f:
+                continue
+            c = rows[j, 1]
+            start = rows[j, 2] + rows[j, 3] * z + rows[j, 4] * y
             row = flat[start + a : start + b]
             if first:
                 shift[i, c] = np.uint64(row[0])
@@ -418,26 +434,28 @@ def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3,
 
 
 @nb.njit(nogil=True, cache=True)
-def _sums_about_mean(flat, rows, run_z, run_y, run_x, run_len, run_id, unsafe, count, sums, t):
+def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, unsafe, count, sums, t):
     """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[i, c, p - 1]`` where ``unsafe``.
 
     The image layout is that of :func:`_power_sweep`; the means are ``sums / count``.
     """
-    for r in range(run_id.shape[0]):
-        i = run_id[r]
-        for j in range(rows.shape[0]):
-            c = rows[j, 0]
-            if not unsafe[i, c]:
-                continue
-            start = rows[j, 1] + rows[j, 2] * run_z[r] + rows[j, 3] * run_y[r] + run_x[r]
-            mean = sums[i, c] / count[i]
-            for p in range(start, start + run_len[r]):
-                d = flat[p] - mean
-                d2 = d * d
-                t[i, c, 0] += d
-                t[i, c, 1] += d2
-                t[i, c, 2] += d2 * d
-                t[i, c, 3] += d2 * d2
+    for f in range(len(flats)):
+        flat = flats[f]
+        for r in range(run_id.shape[0]):
+            i = run_id[r]
+            for j in range(rows.shape[0]):
+                c = rows[j, 1]
+                if rows[j, 0] != f or not unsafe[i, c]:
+                    continue
+                start = rows[j, 2] + rows[j, 3] * run_z[r] + rows[j, 4] * run_y[r] + run_x[r]
+                mean = sums[i, c] / count[i]
+                for p in range(start, start + run_len[r]):
+                    d = flat[p] - mean
+                    d2 = d * d
+                    t[i, c, 0] += d
+                    t[i, c, 1] += d2
+                    t[i, c, 2] += d2 * d
+                    t[i, c, 3] += d2 * d2
 
 
 @nb.njit(nogil=True, cache=True)
@@ -459,29 +477,32 @@ def _central_moments(t, count, unsafe, order, m2, m3, m4):
                 m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
 
 
-def _flat_channels(image: Sequence[NDArray[np.number]]) -> list[tuple[NDArray[np.number], NDArray[np.int64]]]:
-    """The channel chunks of a block as flat arrays, each with where its channels' rows are.
+def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[Any, NDArray[np.int64]]:
+    """The channel chunks of a block as flat arrays, with where each channel's rows are.
 
-    Returns pairs ``(flat, rows)``: ``flat`` is 1-D and contiguous, ``rows`` has shape ``(C_f, 4)``
-    and the pixel (z, y, x) of channel ``rows[j, 0]`` is ``flat[o + sz * z + sy * y + x]`` with
-    ``(o, sz, sy) = rows[j, 1:]``. A chunk whose rows are contiguous is read in place, through a
-    flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory array all
-    share one, so all channels come in one pair); other chunks are copied.
+    Returns ``(flats, rows)``: ``flats`` is a typed list of 1-D contiguous arrays (typed
+    read-only, so that read-only blocks need no copy), ``rows`` has shape ``(C, 5)`` and the
+    pixel (z, y, x) of channel ``c`` is ``flats[f][o + sz * z + sy * y + x]`` with
+    ``(f, c, o, sz, sy) = rows[c]``. A chunk whose rows are contiguous is read in place, through
+    a flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory array
+    all share one, so all channels come from one flat array); other chunks are copied.
     """
-    groups: dict[int, tuple[NDArray[np.number], list[tuple[int, int, int, int]]]] = {}
-    channel = 0
+    owners: dict[int, int] = {}
+    flats = List.empty_list(nb.types.Array(nb.from_dtype(image[0].dtype), 1, "C", readonly=True))
+    rows: list[tuple[int, int, int, int, int]] = []
     for chunk in image:
         owner = _owner(chunk)
         if not _is_flat_view(chunk, owner):
             chunk = owner = np.ascontiguousarray(chunk)
-        _, rows = groups.setdefault(id(owner), (owner.reshape(-1), []))
+        if id(owner) not in owners:
+            owners[id(owner)] = len(flats)
+            flats.append(owner.reshape(-1))
         item = chunk.dtype.itemsize
         start = (chunk.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // item
         step_c, step_z, step_y = (s // item for s in chunk.strides[:3])
         for cc in range(chunk.shape[0]):
-            rows.append((channel, start + cc * step_c, step_z, step_y))
-            channel += 1
-    return [(flat, np.array(rows, np.int64).reshape(-1, 4)) for flat, rows in groups.values()]
+            rows.append((owners[id(owner)], len(rows), start + cc * step_c, step_z, step_y))
+    return flats, np.array(rows, np.int64).reshape(-1, 5)
 
 
 def _owner(array: NDArray[Any]) -> NDArray[Any]:
@@ -547,24 +568,26 @@ def block_partials(
     """
     use_skip, skip_value = _as_label_value(skip, labels.dtype)
     nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
-    keys, count, coords, (run_z, run_y, run_x, run_len, run_id) = _encode_runs(
-        labels, nmax, kmax, skip_value, use_skip
-    )
-    order = np.argsort(keys, kind="stable")
-    rank = np.empty_like(order, dtype=np.int32)
-    rank[order] = np.arange(order.shape[0], dtype=np.int32)
-    run_id = rank[run_id]
-    coords = coords[order] + np.asarray(offset, dtype=np.float64) * count[order, None]
-    parts = Partials(labels=keys[order], count=count[order], coords=coords)
-    if image is None or (needs.order == 0 and not needs.extrema):
-        return parts
+    keys, count, coords, runs = _encode_runs(labels, nmax, kmax, skip_value, use_skip)
+    # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
+    # neighbouring rows of the accumulators; the rows are sorted by label id at the end.
+    local = Partials(labels=keys, count=count, coords=coords)
+    if image is not None and (needs.order >= 1 or needs.extrema):
+        if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
+            _small_integer_partials(local, image, runs, needs, labels.size)
+        else:
+            _general_partials(local, image, runs, needs)
+    parts = local.take(np.argsort(keys, kind="stable"))
+    parts.coords += np.asarray(offset, dtype=np.float64) * parts.count[:, None]
+    return parts
 
+
+def _general_partials(
+    parts: Partials, image: Sequence[NDArray[np.number]], runs: tuple[Any, ...], needs: Needs
+) -> None:
+    """Fill ``parts`` for any image with the run-merging sweep (:func:`_sweep`), in place."""
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
-    runs = (run_z, run_y, run_x, run_len, run_id)
-    if dtype.kind in "iu" and dtype.itemsize <= 2:
-        _small_integer_partials(parts, image, runs, dtype, nchan, needs, labels.size)
-        return parts
     # The kernel only reads the chunks: typed as read-only, so that read-only blocks need no cast.
     chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A", readonly=True))
     for chunk in image:
@@ -603,19 +626,14 @@ def block_partials(
         parts.m3 = moments[2]
     if needs.order >= 4:
         parts.m4 = moments[3]
-    return parts
 
 
 def _small_integer_partials(
-    parts: Partials,
-    image: Sequence[NDArray[np.number]],
-    runs: tuple[Any, ...],
-    dtype: np.dtype,
-    nchan: int,
-    needs: Needs,
-    pixels: int,
+    parts: Partials, image: Sequence[NDArray[np.number]], runs: tuple[Any, ...], needs: Needs, pixels: int
 ) -> None:
     """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
+    dtype: Any = image[0].dtype
+    nchan = sum(chunk.shape[0] for chunk in image)
     k = parts.size
     order = 4 if needs.order >= 3 else needs.order
     info = np.iinfo(dtype)
@@ -627,9 +645,8 @@ def _small_integer_partials(
     hi = np.full((k, nchan), hi_init, dtype)
     shift = np.zeros((k, nchan), np.uint64)
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
-    groups = _flat_channels(image)
-    for flat, rows in groups:
-        _power_sweep(flat, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    flats, rows = _flat_channels(image)
+    _power_sweep(flats, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
     if needs.extrema:
         parts.min, parts.max = lo, hi
     if needs.skipna:
@@ -642,8 +659,7 @@ def _small_integer_partials(
     _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
-        for flat, rows in groups:
-            _sums_about_mean(flat, rows, *runs, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+        _sums_about_mean(flats, rows, *runs, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
         _central_moments(about_mean, parts.count, unsafe, order, *moments)
     parts.sum = sums
     m2, m3, m4 = moments
