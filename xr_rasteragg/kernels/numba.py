@@ -488,7 +488,8 @@ def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[Any, NDArray[np
     all share one, so all channels come from one flat array); other chunks are copied.
     """
     owners: dict[int, int] = {}
-    flats = List.empty_list(nb.types.Array(nb.from_dtype(image[0].dtype), 1, "C", readonly=True))
+    dtype: Any = image[0].dtype
+    flats = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 1, "C", readonly=True))
     rows: list[tuple[int, int, int, int, int]] = []
     for chunk in image:
         owner = _owner(chunk)
