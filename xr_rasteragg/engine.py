@@ -13,8 +13,10 @@ NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, wh
 from __future__ import annotations
 
 import operator
+import os
 import uuid
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 from typing import Any
@@ -27,7 +29,7 @@ from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import ArrayLike, NDArray
 
 from .kernels import array_backend, kernel_for
-from .partials import Needs, Partials, concat_channels, merge
+from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
@@ -42,6 +44,8 @@ GROUP_BYTES = 256 * 2**20
 ROWS_PER_CHUNK = 2**20
 #: Pixels per block when NumPy or CuPy inputs are split for the threads.
 BLOCK_PIXELS = 2**22
+#: Labels per piece of the final merge and finalization (small enough for the caches).
+PIECE_LABELS = 2**16
 
 
 @dataclass
@@ -110,17 +114,77 @@ def aggregate(
     skip = background
     if wanted is not None and background is not None and np.any(wanted == background):
         skip = None
-    merged = _merged_partials(labels, image, needs_of(stats, skipna), skip, split_every)
-
+    needs = needs_of(stats, skipna)
+    if wanted is not None and lazy:
+        graph = _merged_partials(labels, image, needs, skip, split_every, 1)
+        return Aggregation(wanted, _lazy_values(graph, wanted, stats, image))
+    # The tree stops one level short of the top: the last merge runs in pieces over the label
+    # ids, in parallel and fused with finalization (see :func:`final_table`).
+    (parts,) = dask.compute(_merged_partials(labels, image, needs, skip, split_every, split_every))
     if wanted is None:
-        (parts,) = dask.compute(merged)
-        every = np.arange(parts.size)
-        return Aggregation(parts.labels, finalize(parts, stats, every, np.ones(parts.size, bool)))
-    if not lazy:
-        (parts,) = dask.compute(merged)
-        rows, found = locate(parts.labels, wanted)
-        return Aggregation(wanted, finalize(parts, stats, rows, found))
-    return Aggregation(wanted, _lazy_values(merged, wanted, stats, image))
+        return Aggregation(*final_table(parts, stats, PIECE_LABELS))
+    merged = merge(parts)
+    rows, found = locate(merged.labels, wanted)
+    return Aggregation(wanted, finalize(merged, stats, rows, found))
+
+
+def final_table(
+    parts: Sequence[Partials], stats: Sequence[str], piece: int
+) -> tuple[NDArray[np.integer], dict[str, NDArray[Any]]]:
+    """Merge partials and finalize every label they hold, piece by piece over the sorted label ids.
+
+    Each piece of ``piece`` labels takes the rows of its ids from every part, merges them and
+    finalizes them straight into its rows of the result. Pieces are independent, so they run
+    on all cores (the compiled merge releases the GIL), and their temporaries stay in the
+    caches: no table of merged partials of all labels is ever made.
+
+    Parameters
+    ----------
+    parts
+        Partials of disjoint pixel sets (the outputs of the merge tree).
+    stats
+        Names of the statistics.
+    piece
+        Labels per piece.
+
+    Returns
+    -------
+    labels, values
+        The sorted label ids of all parts, and one array per statistic with one row per label.
+    """
+    labels = label_union([p.labels for p in parts])
+    if len(parts) == 1 or labels.shape[0] <= piece:
+        merged = merge(parts)
+        every = np.arange(merged.size)
+        return merged.labels, finalize(merged, stats, every, np.ones(merged.size, bool))
+    starts = range(0, labels.shape[0], piece)
+    values: dict[str, NDArray[Any]] = {}
+
+    def run(start: int) -> dict[str, NDArray[Any]]:
+        stop = min(start + piece, labels.shape[0])
+        low, high = labels[start], labels[stop - 1]
+        rows = [(np.searchsorted(p.labels, low), np.searchsorted(p.labels, high, "right")) for p in parts]
+        merged = merge([p.rows(int(a), int(b)) for p, (a, b) in zip(parts, rows, strict=True)])
+        return finalize(merged, stats, np.arange(stop - start), np.ones(stop - start, bool))
+
+    def write(start: int) -> None:
+        for name, value in run(start).items():
+            values[name][start : start + value.shape[0]] = value
+
+    for name, value in run(0).items():  # the first piece gives each result's shape and dtype
+        values[name] = np.empty((labels.shape[0], *value.shape[1:]), value.dtype)
+        values[name][: value.shape[0]] = value
+    with ThreadPoolExecutor(min(len(starts) - 1, _cores()) or 1) as pool:
+        list(pool.map(write, starts[1:]))
+    return labels, values
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
@@ -267,9 +331,11 @@ def _channel_groups(image: da.Array | None) -> list[list[int]]:
 
 
 def _merged_partials(
-    labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int
+    labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int, left: int
 ) -> Delayed:
     """The graph of the pass: block tasks, a tree merge per channel group, and the join.
+
+    The tree merges until at most ``left`` partials are left; the graph's value is their list.
 
     Built as a plain task graph on top of the arrays' graphs (cheaper than one ``delayed`` call per
     task, which merges the arrays' graphs again for every block). Keys start with what the task
@@ -290,22 +356,26 @@ def _merged_partials(
             graph[key] = (_block_task, (labels.name, iz, iy, ix), chunks, offset, needs, skip)
             keys.append(key)
         level = 0
-        while len(keys) > 1:
+        while len(keys) > left:
             merged = []
             for i in range(0, len(keys), split_every):
                 key = (f"rasteragg-merge-{token}", g, level, i)
                 graph[key] = (merge, keys[i : i + split_every])
                 merged.append(key)
             keys, level = merged, level + 1
-        finals.append(keys[0])
-    graph[name] = finals[0] if len(finals) == 1 else (concat_channels, finals)
+        finals.append(keys)
+    # The groups' trees are alike, so their i-th partials hold the same labels.
+    graph[name] = [
+        keys[0] if len(finals) == 1 else (concat_channels, list(keys)) for keys in zip(*finals, strict=True)
+    ]
     inputs: list[Any] = [labels] if image is None else [labels, image]
     return Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=inputs))
 
 
-def _finalize_rows(parts: Partials, index: NDArray[np.integer], stats: Sequence[str]) -> dict[str, Any]:
-    rows, found = locate(parts.labels, index)
-    return finalize(parts, stats, rows, found)
+def _finalize_rows(parts: list[Partials], index: NDArray[np.integer], stats: Sequence[str]) -> dict[str, Any]:
+    (merged,) = parts
+    rows, found = locate(merged.labels, index)
+    return finalize(merged, stats, rows, found)
 
 
 def _lazy_values(

@@ -19,7 +19,7 @@ import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["Needs", "Partials", "concat_channels", "merge"]
+__all__ = ["Needs", "Partials", "concat_channels", "label_union", "merge"]
 
 #: The fields of :class:`Partials` that hold one column per channel.
 CHANNEL_FIELDS = ("nvalid", "sum", "m2", "m3", "m4", "min", "max")
@@ -103,6 +103,17 @@ class Partials:
         if self.nvalid is not None:
             return self.nvalid
         return self.count[:, None]
+
+    def rows(self, start: int, stop: int) -> Partials:
+        """The labels in rows ``start`` to ``stop`` (views, no copy)."""
+        channel = {name: value[start:stop] for name, value in self.channel_arrays().items()}
+        return replace(
+            self,
+            labels=self.labels[start:stop],
+            count=self.count[start:stop],
+            coords=self.coords[start:stop],
+            **channel,
+        )
 
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
@@ -262,17 +273,90 @@ def _fold_rows(  # type: ignore[no-untyped-def]
             coords[i, j] += coords_b[r, j]
 
 
+def label_union(ids: Sequence[NDArray[Any]]) -> NDArray[Any]:
+    """Sorted union of sorted, unique id arrays of one dtype.
+
+    Ids that span a range no wider than a few times their number (the usual case: labels
+    numbered 1..n) are marked in a table over that range, one pass over each array; others are
+    merged pairwise in a balanced tree.
+    """
+    ids = [a for a in ids if a.shape[0]] or list(ids[:1])
+    if len(ids) == 1:
+        return ids[0]
+    low = _dense_low(ids)
+    if low is None:
+        while len(ids) > 1:
+            pairs = zip(ids[::2], ids[1::2], strict=False)
+            ids = [_union2(a, b)[0] for a, b in pairs] + ids[len(ids) // 2 * 2 :]
+        return ids[0]
+    return _marked(ids, low)[0]
+
+
+def _dense_low(ids: Sequence[NDArray[Any]]) -> Any | None:
+    """The smallest id (in the ids' dtype) if the ids span a range at most a few times their number."""
+    low = min(int(a[0]) for a in ids)
+    width = max(int(a[-1]) for a in ids) - low + 1
+    return ids[0].dtype.type(low) if width <= 4 * sum(a.shape[0] for a in ids) + 1024 else None
+
+
+def _marked(ids: Sequence[NDArray[Any]], low: Any) -> tuple[NDArray[Any], NDArray[np.bool_]]:
+    """Union of ids from ``low`` on, through a table that marks each id present, and the table."""
+    width = max(int(a[-1]) for a in ids) - int(low) + 1
+    seen = np.zeros(width, np.bool_)
+    for a in ids:
+        _mark(seen, a, low)
+    return np.flatnonzero(seen).astype(ids[0].dtype) + low, seen
+
+
+@nb.njit(nogil=True, cache=True)
+def _mark(seen, ids, low):  # type: ignore[no-untyped-def]
+    """Set ``seen[id - low]`` for each id (in the ids' dtype, so that uint64 ids do not overflow)."""
+    for i in range(ids.shape[0]):
+        seen[ids[i] - low] = True
+
+
+@nb.njit(nogil=True, cache=True)
+def _ranks(seen):  # type: ignore[no-untyped-def]
+    """For each marked entry of ``seen``, its number among the marked ones."""
+    rank = np.empty(seen.shape[0], np.intp)
+    k = 0
+    for i in range(seen.shape[0]):
+        rank[i] = k
+        k += seen[i]
+    return rank
+
+
+@nb.njit(nogil=True, cache=True)
+def _rows_of(rank, ids, low):  # type: ignore[no-untyped-def]
+    """``rank[id - low]`` for each id."""
+    rows = np.empty(ids.shape[0], np.intp)
+    for i in range(ids.shape[0]):
+        rows[i] = rank[ids[i] - low]
+    return rows
+
+
 def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
     """Sorted union of sorted, unique id arrays, and the row of each part's ids in the union.
 
-    Parts are merged pairwise in a balanced tree, so each id takes ``log2(len(ids))`` linear
-    merges.
+    Dense ids (see :func:`label_union`) find their rows through a table of ranks over their
+    range; others are merged pairwise in a balanced tree, so each id takes
+    ``log2(len(ids))`` linear merges.
     """
+    low = _dense_low(ids)
+    if low is not None:
+        union, seen = _marked(ids, low)
+        rank = _ranks(seen)
+        return union, [_rows_of(rank, a, low) for a in ids]
+    return _tree_union(ids)
+
+
+def _tree_union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]]]:
+    """:func:`_union` by pairwise merges in a balanced tree."""
     if len(ids) == 1:
         return ids[0], [np.arange(ids[0].shape[0])]
     half = len(ids) // 2
-    left, left_rows = _union(ids[:half])
-    right, right_rows = _union(ids[half:])
+    left, left_rows = _tree_union(ids[:half])
+    right, right_rows = _tree_union(ids[half:])
     union, to_left, to_right = _union2(left, right)
     return union, [to_left[rows] for rows in left_rows] + [to_right[rows] for rows in right_rows]
 

@@ -2,14 +2,16 @@
 
 The kernel walks the label block once, row by row, and encodes it as runs of equal labels
 ((z, y, x) start, length, local id). Label ids are discovered in the same walk with an
-open-addressing hash table, so nothing is ever allocated by the size of the largest id. The runs
-then drive the sweep over the image (strided blocks are read in place):
+open-addressing hash table, so nothing is ever allocated by the size of the largest id, and
+numbered in order of first appearance, so that neighbouring runs use neighbouring rows of the
+accumulators; the rows are put in label order at the end. The runs then drive the sweep over the
+image (strided blocks are read in place):
 
 - for images of at most 16-bit integers (the common microscopy case), one loop per run and
-  channel accumulates exact integer power sums ``Σ (x - K)**p`` about the label's first pixel
-  value ``K``, modulo 2**64, and the extrema. The central moments follow per label at the end by
-  exact integer shifts; where the bound that guarantees exactness fails (wide ranges in large
-  labels), those labels are recomputed in float64 about their exact mean;
+  channel accumulates exact integer power sums ``Σ x**p`` modulo 2**64 and the extrema. The
+  central moments follow per label at the end by exact integer shifts to the rounded mean; where
+  the bound that guarantees exactness fails (wide ranges in large labels), those labels are
+  recomputed in float64 about their exact mean;
 - for other images, sums come from exact int64 prefix sums of the row for integer images, or
   from a loop over the run otherwise, and one more loop over the run (then in L1 cache) finds
   the extrema and the central moments about the run's own mean, which are merged into the
@@ -291,53 +293,41 @@ def _sweep(
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi):
-    """Exact shifted power sums and extrema of an image of at most 16-bit integers, run by run.
+def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi):
+    """Exact power sums and extrema of an image of at most 16-bit integers, run by run.
 
     The pixel (z, y, x) of channel ``rows[j, 1]`` is ``flats[f][o + sz * z + sy * y + x]`` with
     ``(f, _, o, sz, sy) = rows[j]`` (see :func:`_flat_channels`).
-    ``power[i, c, p - 1]`` receives ``Σ (x - shift[i, c])**p`` (p = 1..order) over the pixels of
-    label ``i`` in channel ``c``, modulo 2**64, where the shift is the label's first pixel value.
-    uint64 arithmetic wraps, and sums, differences and products modulo 2**64 are exact, so any
-    later integer combination of these sums is exact as soon as its true value fits in 64 bits
-    (see :func:`_moments_from_powers`). Integer additions have no rounding and a short latency,
-    and no run needs a division or a merge formula: the per-pixel loop is a few integer
-    operations on a unit-stride array, which the compiler vectorises. For each flat array, runs
-    are outer and its channels inner, so the channels of a run share its loop bounds (which the
-    branch predictor then learns) and its label's rows of the accumulators; with label ids
-    numbered in order of first appearance (see :func:`_encode_runs`), neighbouring runs touch
-    neighbouring rows.
+    ``power[i, c, p - 1]`` receives ``Σ x**p`` (p = 1..order) over the pixels of label ``i`` in
+    channel ``c``, modulo 2**64. uint64 arithmetic wraps, and sums, differences and products
+    modulo 2**64 are exact, so any later integer combination of these sums is exact as soon as
+    its true value fits in 64 bits (see :func:`_moments_from_powers`). Integer additions have no
+    rounding and a short latency, and no run needs a division or a merge formula: the per-pixel
+    loop is a few integer operations on a unit-stride array. For each flat array, runs are outer
+    and its channels inner, so the channels of a run share its loop bounds (which the branch
+    predictor then learns) and its label's rows of the accumulators; with label ids numbered in
+    order of first appearance (see :func:`_encode_runs`), neighbouring runs touch neighbouring
+    rows.
     """
     for f in range(len(flats)):
         flat = flats[f]  # taken out of the list once: each access counts a reference
-        _power_sweep_flat(
-            flat, rows, f, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi
-        )
+        mine = rows[rows[:, 0] == f]
+        _power_sweep_flat(flat, mine, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi)
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep_flat(
-    flat, rows, f, run_z, run_y, run_x, run_len, run_id, order, extrema, shift, power, lo, hi
-):
-    """:func:`_power_sweep` over the channels in the flat array ``flat`` (number ``f``)."""
-    seen = np.zeros(shift.shape[0], np.bool_)
+def _power_sweep_flat(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi):
+    """:func:`_power_sweep` over the channels ``rows`` of one flat array."""
     for r in range(run_id.shape[0]):
         i = run_id[r]
         z = run_z[r]
         y = run_y[r]
         a = run_x[r]
         b = a + run_len[r]
-        first = not seen[i]
-        seen[i] = True
         for j in range(rows.shape[0]):
-            if rows[j, 0] != f:
-                continue
             c = rows[j, 1]
             start = rows[j, 2] + rows[j, 3] * z + rows[j, 4] * y
             row = flat[start + a : start + b]
-            if first:
-                shift[i, c] = np.uint64(row[0])
-            k = shift[i, c]
             mn = lo[i, c]
             mx = hi[i, c]
             t1 = np.uint64(0)
@@ -349,7 +339,7 @@ def _power_sweep_flat(
                 if extrema:
                     mn = min(mn, x)
                     mx = max(mx, x)
-                d = np.uint64(x) - k  # x - shift, modulo 2**64
+                d = np.uint64(x)  # negative values wrap: exact modulo 2**64
                 t1 += d
                 if order >= 2:
                     d2 = d * d
@@ -357,7 +347,7 @@ def _power_sweep_flat(
                     if order >= 3:
                         t3 += d2 * d
                         t4 += d2 * d2
-            lo[i, c] = mn
+            lo[i, c] = mn  # stored even when unused: a conditional store makes the loop 2x slower
             hi[i, c] = mx
             power[i, c, 0] += t1
             if order >= 2:
@@ -368,12 +358,16 @@ def _power_sweep_flat(
 
 
 @nb.njit(nogil=True, cache=True)
-def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3, m4, unsafe):
-    """Sums and central moments per label and channel from shifted power sums modulo 2**64.
+def _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe):
+    """Sums and central moments per label and channel from power sums modulo 2**64.
 
-    With ``T_p = Σ (x - K)**p`` about the first pixel value ``K`` (from :func:`_power_sweep`),
-    the sum is ``n K + T_1`` (exact: below 2**63 for 16-bit values). The sums about the rounded
-    mean ``s`` follow from the binomial theorem with ``e = K - s``, again modulo 2**64::
+    The inputs are indexed by local label id ``i``, the outputs by row ``rank[i]`` (so the rows
+    come out sorted by label id in the same pass).
+
+    With ``T_p = Σ x**p`` modulo 2**64 (from :func:`_power_sweep`), the sum is ``T_1`` (exact:
+    below 2**63 for 16-bit values). The sums about the rounded mean ``s`` follow from the
+    binomial theorem with ``e = -s``, again modulo 2**64, where they are exact whatever the size
+    of the raw power sums::
 
         U_p = Σ (x - s)**p = Σ_j C(p, j) e**(p - j) T_j        (T_0 = n)
 
@@ -389,31 +383,37 @@ def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3,
     """
     k, nchan = sums.shape
     for i in range(k):
+        r = rank[i]
         n = count[i]
         un = np.uint64(n)
         for c in range(nchan):
             t1 = power[i, c, 0]
-            total = np.int64(un * shift[i, c] + t1)
-            sums[i, c] = total
+            total = np.int64(t1)
+            sums[r, c] = total
             if order < 2 or n == 0:
                 continue
             s = (2 * total + n) // (2 * n)  # the mean rounded to an integer (floor division)
-            reach = span
+            reach = float(span)
             if lo[i, c] <= hi[i, c]:
-                reach = max(np.int64(hi[i, c]) - s, s - np.int64(lo[i, c]))
-            if n * float(max(reach, 1)) ** order >= 2.0**62:
-                unsafe[i, c] = True
+                reach = float(max(np.int64(hi[i, c]) - s, s - np.int64(lo[i, c]), 1))
+            bound = reach * reach
+            if order == 4:
+                bound *= bound
+            elif order == 3:
+                bound *= reach
+            if n * bound >= 2.0**62:
+                unsafe[r, c] = True
                 continue
-            e = shift[i, c] - np.uint64(s)
+            e = np.uint64(0) - np.uint64(s)  # -s modulo 2**64
             t2 = power[i, c, 1]
             u1 = np.int64(t1 + un * e)
             u2 = np.int64(t2 + e * (np.uint64(2) * t1 + un * e))
             f1 = float(u1)
             delta = f1 / n
             if n * float(u2) < 2.0**62:
-                m2[i, c] = float(n * u2 - u1 * u1) / n
+                m2[r, c] = float(n * u2 - u1 * u1) / n
             else:
-                m2[i, c] = float(u2) - delta * f1
+                m2[r, c] = float(u2) - delta * f1
             if order < 3:
                 continue
             t3 = power[i, c, 2]
@@ -429,33 +429,35 @@ def _moments_from_powers(count, shift, power, order, lo, hi, span, sums, m2, m3,
             )
             f2 = float(u2)
             f3 = float(u3)
-            m3[i, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
-            m4[i, c] = float(u4) - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
+            m3[r, c] = f3 - delta * (3.0 * f2 - 2.0 * delta * f1)
+            m4[r, c] = float(u4) - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
 
 
 @nb.njit(nogil=True, cache=True)
-def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, unsafe, count, sums, t):
-    """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[i, c, p - 1]`` where ``unsafe``.
+def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, unsafe, count, sums, t):
+    """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[r, c, p - 1]`` where ``unsafe``.
 
-    The image layout is that of :func:`_power_sweep`; the means are ``sums / count``.
+    The image layout is that of :func:`_power_sweep`; the runs hold local label ids, and the
+    label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``count``, ``sums`` and ``t``; the means
+    are ``sums / count``.
     """
     for f in range(len(flats)):
         flat = flats[f]
-        for r in range(run_id.shape[0]):
-            i = run_id[r]
+        for q in range(run_id.shape[0]):
+            r = rank[run_id[q]]
             for j in range(rows.shape[0]):
                 c = rows[j, 1]
-                if rows[j, 0] != f or not unsafe[i, c]:
+                if rows[j, 0] != f or not unsafe[r, c]:
                     continue
-                start = rows[j, 2] + rows[j, 3] * run_z[r] + rows[j, 4] * run_y[r] + run_x[r]
-                mean = sums[i, c] / count[i]
-                for p in range(start, start + run_len[r]):
+                start = rows[j, 2] + rows[j, 3] * run_z[q] + rows[j, 4] * run_y[q] + run_x[q]
+                mean = sums[r, c] / count[r]
+                for p in range(start, start + run_len[q]):
                     d = flat[p] - mean
                     d2 = d * d
-                    t[i, c, 0] += d
-                    t[i, c, 1] += d2
-                    t[i, c, 2] += d2 * d
-                    t[i, c, 3] += d2 * d2
+                    t[r, c, 0] += d
+                    t[r, c, 1] += d2
+                    t[r, c, 2] += d2 * d
+                    t[r, c, 3] += d2 * d2
 
 
 @nb.njit(nogil=True, cache=True)
@@ -571,22 +573,29 @@ def block_partials(
     nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
     keys, count, coords, runs = _encode_runs(labels, nmax, kmax, skip_value, use_skip)
     # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
-    # neighbouring rows of the accumulators; the rows are sorted by label id at the end.
-    local = Partials(labels=keys, count=count, coords=coords)
+    # neighbouring rows of the accumulators; the rows come out sorted by label id.
+    local = np.argsort(keys, kind="stable")
+    parts = Partials(labels=keys[local], count=count[local], coords=coords[local])
+    parts.coords += np.asarray(offset, dtype=np.float64) * parts.count[:, None]
     if image is not None and (needs.order >= 1 or needs.extrema):
         if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
-            _small_integer_partials(local, image, runs, needs, labels.size)
+            _small_integer_partials(parts, image, runs, local, count, needs, labels.size)
         else:
-            _general_partials(local, image, runs, needs)
-    parts = local.take(np.argsort(keys, kind="stable"))
-    parts.coords += np.asarray(offset, dtype=np.float64) * parts.count[:, None]
+            _general_partials(parts, image, runs, local, needs)
     return parts
 
 
 def _general_partials(
-    parts: Partials, image: Sequence[NDArray[np.number]], runs: tuple[Any, ...], needs: Needs
+    parts: Partials,
+    image: Sequence[NDArray[np.number]],
+    runs: tuple[Any, ...],
+    local: NDArray[np.intp],
+    needs: Needs,
 ) -> None:
-    """Fill ``parts`` for any image with the run-merging sweep (:func:`_sweep`), in place."""
+    """Fill ``parts`` for any image with the run-merging sweep (:func:`_sweep`), in place.
+
+    ``runs`` hold local label ids; row ``r`` of ``parts`` is the label ``local[r]``.
+    """
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
     # The kernel only reads the chunks: typed as read-only, so that read-only blocks need no cast.
@@ -616,54 +625,64 @@ def _general_partials(
         hi,
     )
     if needs.skipna:
-        parts.nvalid = nvalid if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
+        parts.nvalid = nvalid[local] if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
     if needs.extrema:
-        parts.min, parts.max = lo, hi
+        parts.min, parts.max = lo[local], hi[local]
     if needs.order >= 1:
-        parts.sum = sums
+        parts.sum = sums[local]
     if needs.order >= 2:
-        parts.m2 = moments[1]
+        parts.m2 = moments[1][local]
     if needs.order >= 3:
-        parts.m3 = moments[2]
+        parts.m3 = moments[2][local]
     if needs.order >= 4:
-        parts.m4 = moments[3]
+        parts.m4 = moments[3][local]
 
 
 def _small_integer_partials(
-    parts: Partials, image: Sequence[NDArray[np.number]], runs: tuple[Any, ...], needs: Needs, pixels: int
+    parts: Partials,
+    image: Sequence[NDArray[np.number]],
+    runs: tuple[Any, ...],
+    local: NDArray[np.intp],
+    count: NDArray[np.int64],
+    needs: Needs,
+    pixels: int,
 ) -> None:
-    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
+    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place.
+
+    ``runs`` hold local label ids, whose pixel counts are ``count``; row ``r`` of ``parts`` is
+    the label ``local[r]``.
+    """
     dtype: Any = image[0].dtype
     nchan = sum(chunk.shape[0] for chunk in image)
     k = parts.size
     order = 4 if needs.order >= 3 else needs.order
     info = np.iinfo(dtype)
     span = int(info.max) - int(info.min)
-    # The extrema bound the shifted power sums; without them the dtype's range must do.
+    # The extrema bound the power sums about the mean; without them the dtype's range must do.
     extrema = needs.extrema or (order >= 2 and pixels * float(span) ** order >= 2.0**62)
     lo_init, hi_init = _extrema_init(dtype)
     lo = np.full((k, nchan), lo_init, dtype)
     hi = np.full((k, nchan), hi_init, dtype)
-    shift = np.zeros((k, nchan), np.uint64)
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
     flats, rows = _flat_channels(image)
-    _power_sweep(flats, rows, *runs, order, extrema, shift, power, lo, hi)  # type: ignore[call-arg]
+    _power_sweep(flats, rows, *runs, order, extrema, power, lo, hi)  # type: ignore[call-arg]
     if needs.extrema:
-        parts.min, parts.max = lo, hi
+        parts.min, parts.max = lo[local], hi[local]
     if needs.skipna:
         parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
     if order == 0:
         return
-    sums = np.zeros((k, nchan))
-    moments = [np.zeros((k, nchan)) for _ in range(3)]
+    sums = np.empty((k, nchan))
+    m2, m3, m4 = (np.empty((k, nchan)) if order >= p else sums for p in (2, 3, 4))
     unsafe = np.zeros((k, nchan), np.bool_)
-    _moments_from_powers(parts.count, shift, power, order, lo, hi, span, sums, *moments, unsafe)  # type: ignore[call-arg]
+    rank = np.empty(k, np.intp)
+    rank[local] = np.arange(k)
+    _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe)
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
-        _sums_about_mean(flats, rows, *runs, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
-        _central_moments(about_mean, parts.count, unsafe, order, *moments)
+        _sums_about_mean(flats, rows, *runs, rank, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+        _central_moments(about_mean, parts.count, unsafe, order, m2, m3, m4)
     parts.sum = sums
-    m2, m3, m4 = moments
     if needs.order >= 2:
         parts.m2 = m2
     if needs.order >= 3:

@@ -1,0 +1,140 @@
+"""The last merge and finalization, run in pieces over the label ids, and the union of label ids."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import ALL_STATS, KERNELS, assert_all_stats, reference
+from numpy.typing import NDArray
+
+import xr_rasteragg.engine
+from xr_rasteragg.engine import aggregate, final_table
+from xr_rasteragg.partials import Needs, Partials, _union, label_union, merge
+from xr_rasteragg.stats import finalize, needs_of
+
+
+def sorted_ids(rng: np.random.Generator, pool: NDArray[Any], size: int) -> NDArray[Any]:
+    return np.unique(rng.choice(pool, size=min(size, pool.shape[0]), replace=False))
+
+
+#: Pools of ids per dtype: dense ranges (the table of marks) and sparse extremes (the merge tree).
+POOLS = {
+    "int8 dense": np.arange(-128, 128).astype(np.int8),
+    "uint16 dense": np.arange(0, 2**16).astype(np.uint16),
+    "int32 dense from negative": np.arange(-5000, 5000).astype(np.int32),
+    "int64 sparse": np.array([-(2**63), -(2**40), 2**40 + 3, 2**63 - 1, *range(-1, 100)], np.int64),
+    "uint64 sparse high": (np.arange(500, dtype=np.uint64) * np.uint64(2**40) + np.uint64(2**63)),
+    "uint64 dense high": np.arange(2**64 - 3000, 2**64 - 1, dtype=np.uint64),
+}
+
+
+@pytest.mark.parametrize("pool", sorted(POOLS))
+@pytest.mark.parametrize("n_parts", [1, 2, 5, 16])
+def test_union_of_ids_and_their_rows(pool: str, n_parts: int) -> None:
+    rng = np.random.default_rng(n_parts)
+    ids = [sorted_ids(rng, POOLS[pool], int(rng.integers(0, 300))) for _ in range(n_parts)]
+    expected = np.unique(np.concatenate(ids))
+    union = label_union(ids)
+    np.testing.assert_array_equal(union, expected)
+    assert union.dtype == POOLS[pool].dtype
+    nonempty = [a for a in ids if a.shape[0]]
+    if nonempty:
+        union, rows = _union(nonempty)
+        np.testing.assert_array_equal(union, expected)
+        for a, r in zip(nonempty, rows, strict=True):
+            np.testing.assert_array_equal(union[r], a)
+
+
+def block_partials(
+    labels: NDArray[np.integer], image: NDArray[Any] | None, step: int, needs: Needs
+) -> list[Partials]:
+    """Partials of the (step x step) blocks of a 2-D image, in row-major block order."""
+    parts = []
+    _, ny, nx = labels.shape
+    for y0, x0 in itertools.product(range(0, ny, step), range(0, nx, step)):
+        block = None if image is None else [image[:, :, y0 : y0 + step, x0 : x0 + step]]
+        parts.append(KERNELS["numba"](labels[:, y0 : y0 + step, x0 : x0 + step], block, (0, y0, x0), needs))
+    return parts
+
+
+CASES = {
+    "all": (ALL_STATS, False),
+    "all skipna": (ALL_STATS, True),
+    "mean": (("mean",), False),
+    "count and center of mass": (("count", "center_of_mass"), False),
+    "min max": (("min", "max"), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("piece", [1, 2, 7, 100, 10**6])
+def test_pieces_agree_with_one_merge(case: str, piece: int) -> None:
+    stats, skipna = CASES[case]
+    rng = np.random.default_rng(1)
+    labels = rng.integers(-40, 200, size=(1, 48, 64)).astype(np.int32)
+    image = 1e3 + rng.normal(0.0, 5.0, size=(3, *labels.shape))
+    image[1, 0, :5, :7] = np.nan  # NaN pixels: propagated, or skipped with skipna
+    parts = block_partials(labels, image, 16, needs_of(stats, skipna))
+    merged = merge(parts)
+    every = np.arange(merged.size)
+    expected = finalize(merged, stats, every, np.ones(merged.size, bool))
+    ids, values = final_table(parts, stats, piece)
+    np.testing.assert_array_equal(ids, merged.labels)
+    assert set(values) == set(stats)
+    for name in stats:
+        assert values[name].dtype == expected[name].dtype
+        np.testing.assert_allclose(
+            values[name], expected[name], rtol=1e-13, atol=0, equal_nan=True, err_msg=name
+        )
+
+
+def test_pieces_with_empty_and_single_parts() -> None:
+    rng = np.random.default_rng(2)
+    labels = rng.integers(1, 50, size=(1, 20, 30)).astype(np.uint16)
+    labels[:, :10] = 0  # blocks of background only give empty partials
+    image = rng.integers(0, 4096, size=(2, *labels.shape)).astype(np.uint16)
+    needs = needs_of(ALL_STATS)
+    parts = [
+        KERNELS["numba"](b, [i], (0, 0, 0), needs, 0) for b, i in [(labels[:, :10], image[:, :, :10])] * 2
+    ]
+    parts += block_partials(labels[:, 10:], image[:, :, 10:], 7, needs)
+    assert parts[0].size == 0
+    for subset in (parts, parts[:1], parts[:3]):
+        merged = merge(subset)
+        expected = finalize(merged, ALL_STATS, np.arange(merged.size), np.ones(merged.size, bool))
+        ids, values = final_table(subset, ALL_STATS, 3)
+        np.testing.assert_array_equal(ids, merged.labels)
+        for name in ALL_STATS:
+            assert values[name].shape == expected[name].shape
+            np.testing.assert_allclose(values[name], expected[name], rtol=1e-13, equal_nan=True)
+
+
+@pytest.mark.parametrize("label_dtype", ["int8", "uint16", "int64", "uint64"])
+@pytest.mark.parametrize("image_dtype", ["uint16", "float32"])
+def test_engine_with_small_pieces_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, label_dtype: str, image_dtype: str
+) -> None:
+    """The whole engine, with the final merge split into pieces of 3 labels."""
+    import dask.array as da
+
+    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 3)
+    rng = np.random.default_rng(3)
+    info = np.iinfo(label_dtype)
+    pool = np.unique(np.array([info.min, info.max, 0, 1, 5, 17, 100], dtype=label_dtype))
+    labels = rng.choice(pool, size=(2, 30, 40))
+    if np.dtype(image_dtype).kind == "u":
+        image = rng.integers(0, 2**16, size=(3, *labels.shape)).astype(image_dtype)
+    else:
+        image = rng.normal(50.0, 3.0, size=(3, *labels.shape)).astype(image_dtype)
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 11, 13)),
+        da.from_array(image, chunks=(2, 1, 7, 40)),
+        ALL_STATS,
+        split_every=2,
+    )
+    ids = np.unique(labels)
+    np.testing.assert_array_equal(result.labels, ids)
+    assert_all_stats(result.values, reference(labels, image, [int(i) for i in ids]), ALL_STATS)
