@@ -118,9 +118,10 @@ def aggregate(
     if wanted is not None and lazy:
         graph = _merged_partials(labels, image, needs, skip, split_every, 1)
         return Aggregation(wanted, _lazy_values(graph, wanted, stats, image))
-    # The tree stops one level short of the top: the last merge runs in pieces over the label
-    # ids, in parallel and fused with finalization (see :func:`final_table`).
-    (parts,) = dask.compute(_merged_partials(labels, image, needs, skip, split_every, split_every))
+    # The tree stops at split_every**2 partials (two levels short of the top): the rest of the
+    # merge runs in pieces over the label ids, in parallel and fused with finalization (see
+    # :func:`final_table`), which saves writing every label once more per level.
+    (parts,) = dask.compute(_merged_partials(labels, image, needs, skip, split_every, split_every**2))
     if wanted is None:
         return Aggregation(*final_table(parts, stats, PIECE_LABELS))
     merged = merge(parts)
