@@ -11,6 +11,7 @@ from conftest import ALL_STATS, KERNELS, assert_all_stats, reference
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
+import xr_rasteragg.partials
 from xr_rasteragg.engine import aggregate, final_table
 from xr_rasteragg.partials import Needs, Partials, _union, label_union, merge
 from xr_rasteragg.stats import finalize, needs_of
@@ -138,3 +139,52 @@ def test_engine_with_small_pieces_matches_reference(
     ids = np.unique(labels)
     np.testing.assert_array_equal(result.labels, ids)
     assert_all_stats(result.values, reference(labels, image, [int(i) for i in ids]), ALL_STATS)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_stacked_and_part_by_part_merges_agree(monkeypatch: pytest.MonkeyPatch, case: str) -> None:
+    """Small parts are stacked and folded in one call; larger ones are folded part by part."""
+    stats, skipna = CASES[case]
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 300, size=(1, 40, 60)).astype(np.uint32)
+    image = rng.normal(10.0, 2.0, size=(2, *labels.shape)).astype(np.float32)
+    image[0, 0, 3, :9] = np.nan
+    parts = block_partials(labels, image, 8, needs_of(stats, skipna))
+    assert len(parts) > 2
+    stacked = merge(parts)
+    monkeypatch.setattr(xr_rasteragg.partials, "STACK_ROWS", 0)
+    by_part = merge(parts)
+    np.testing.assert_array_equal(stacked.labels, by_part.labels)
+    np.testing.assert_array_equal(stacked.count, by_part.count)
+    for name, value in by_part.channel_arrays().items():
+        np.testing.assert_allclose(getattr(stacked, name), value, rtol=1e-12, equal_nan=True, err_msg=name)
+
+
+def test_large_results_on_a_memory_map(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results allocated on a memory map are ordinary, writable arrays that pickle by value."""
+    import mmap
+    import pickle
+
+    import dask.array as da
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(1, 40, size=(1, 30, 30)).astype(np.int32)
+    image = rng.integers(0, 255, size=(2, *labels.shape)).astype(np.uint8)
+    expected = aggregate(labels, image, ALL_STATS)
+    monkeypatch.setattr(xr_rasteragg.engine, "MAPPED_BYTES", 0)
+    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 4)
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 10, 10)), da.from_array(image, chunks=(1, 1, 10, 10)), ALL_STATS
+    )
+    for name in ALL_STATS:
+        value = result.values[name]
+        owner = value
+        while isinstance(owner, np.ndarray):
+            owner = owner.base
+        assert isinstance(owner, memoryview), name
+        assert isinstance(owner.obj, mmap.mmap), name
+        np.testing.assert_allclose(value, expected.values[name], rtol=1e-13)
+        assert value.flags.writeable
+        assert value.flags.c_contiguous
+        np.testing.assert_array_equal(pickle.loads(pickle.dumps(value)), value)
+    result.values["mean"][0] = -1.0  # the caller owns the results

@@ -12,6 +12,7 @@ NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, wh
 
 from __future__ import annotations
 
+import mmap
 import operator
 import os
 import uuid
@@ -46,6 +47,8 @@ ROWS_PER_CHUNK = 2**20
 BLOCK_PIXELS = 2**22
 #: Labels per piece of the final merge and finalization (small enough for the caches).
 PIECE_LABELS = 2**16
+#: Results of at least this many bytes are allocated on a memory map (see :func:`_empty`).
+MAPPED_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -173,11 +176,27 @@ def final_table(
             values[name][start : start + value.shape[0]] = value
 
     for name, value in run(0).items():  # the first piece gives each result's shape and dtype
-        values[name] = np.empty((labels.shape[0], *value.shape[1:]), value.dtype)
+        values[name] = _empty((labels.shape[0], *value.shape[1:]), value.dtype)
         values[name][: value.shape[0]] = value
     with ThreadPoolExecutor(min(len(starts) - 1, _cores()) or 1) as pool:
         list(pool.map(write, starts[1:]))
     return labels, values
+
+
+def _empty(shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:
+    """An uninitialised array for a result; large ones on fresh pages of an anonymous memory map.
+
+    NumPy asks the kernel for huge pages on large arrays (``madvise``). Where memory is
+    fragmented, the kernel then compacts memory on the first write of each huge page, which
+    made writing 2.9 GiB of results (10^7 labels, all statistics, 4 channels) 1.7-2.6x slower
+    than on ordinary pages. The results are written once, piece by piece, and handed to the
+    caller, so ordinary pages lose nothing.
+    """
+    count = int(np.prod(shape))
+    size = count * dtype.itemsize
+    if size < MAPPED_BYTES:
+        return np.empty(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, size), dtype, count).reshape(shape)
 
 
 def _cores() -> int:
