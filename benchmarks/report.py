@@ -369,8 +369,7 @@ Versions: {versions}.
   up on a 256² crop first. Time is the best of up to 7 wall-clock runs (fewer for slow methods).
 - **Read limit**: NumPy summing the in-memory image and mask once. In each process the method's
   runs alternate with runs of the read limit (best of 3 before each run and after the last), and
-  the ratio is best over best, so that load from other processes hits both sides alike. (The
-  scale series times each point once or a few times, so its ratios are noisier.)
+  the ratio is best over best, so that load from other processes hits both sides alike.
 - **Peak memory**: growth of the process's resident set during the method's first run (kernel
   high-water mark `VmHWM`, reset through `/proc/self/clear_refs`, minus the resident set before).
   It counts everything the run allocates (NumPy, Numba, dask's threads, the result), not the
@@ -390,7 +389,9 @@ Versions: {versions}.
   pixel coordinates (nothing stored; see `benchmarks/datasets.py`): a grid of rectangular cells
   with background borders, ids scrambled, and a hashed uint16 image of 4 channels, chunks
   {scale_chunk}² × 1 channel. "× generate" is our time over the time to generate the same
-  blocks and sum them with dask, in the same process. Ours is `xr_rasteragg.aggregate` (the
+  blocks and sum them with dask, in the same process: generate, mean and all run in rounds (up
+  to 7), best over best, because the generator's own speed changes with the machine's memory
+  state by up to 1.5×. Ours is `xr_rasteragg.aggregate` (the
   engine) with background 0 left out; "result MiB" is the size of the float64 result table of
   all statistics, which necessarily grows with the label count.
 
