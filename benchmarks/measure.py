@@ -15,11 +15,12 @@ is stopped. Two kinds:
     state of the machine.
 
 Time is the best of a few wall-clock runs. Peak memory is the growth of the process's resident
-set during a run (for scale jobs, the largest over the rounds): the kernel's high-water mark (``VmHWM``, reset through
-``/proc/self/clear_refs``) minus the resident set before the run, in MiB. It counts every
-allocation the job touches — NumPy, Numba, dask's threads, the result — and not the input data
-that were already resident. A job that runs past the cap is stopped (``SIGALRM``) and reported as
-not finished; the process then exits and the parent starts a new one for the jobs left.
+set during a run (for scale jobs, the largest over the rounds): the kernel's high-water mark
+(``VmHWM``, reset through ``/proc/self/clear_refs``) minus the resident set before the run, in MiB.
+It counts every allocation the job touches — NumPy, Numba, dask's threads, the result — and not
+the input data that were already resident. A job that runs past the cap is stopped (``SIGALRM``)
+and reported as not finished; the process then exits and the parent starts a new one for the jobs
+left.
 """
 
 from __future__ import annotations
