@@ -188,3 +188,64 @@ def test_large_results_on_a_memory_map(monkeypatch: pytest.MonkeyPatch) -> None:
         assert value.flags.c_contiguous
         np.testing.assert_array_equal(pickle.loads(pickle.dumps(value)), value)
     result.values["mean"][0] = -1.0  # the caller owns the results
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("piece", [1, 3, 50, 10**6])
+def test_pieces_for_an_index(case: str, piece: int) -> None:
+    """Requested ids in any order, repeated, absent, or none at all, from the pieces."""
+    stats, skipna = CASES[case]
+    rng = np.random.default_rng(6)
+    labels = rng.integers(-40, 200, size=(1, 48, 64)).astype(np.int32)
+    image = 1e3 + rng.normal(0.0, 5.0, size=(3, *labels.shape))
+    image[2, 0, 7:9, :30] = np.nan
+    parts = block_partials(labels, image, 16, needs_of(stats, skipna))
+    merged = merge(parts)
+    present = merged.labels
+    indexes = {
+        "shuffled with repeats and absent ids": np.concatenate(
+            [rng.permutation(present)[:150], present[[5, 5, 77]], np.array([-1000, 10**6, 250], np.int64)]
+        ),
+        "one id": present[[17]],
+        "only absent ids": np.array([-41, 200, 10**9]),
+        "empty": np.array([], np.int64),
+    }
+    for name, index in indexes.items():
+        rows, found = xr_rasteragg.engine.locate(present, index)
+        expected = finalize(merged, stats, rows, found)
+        ids, values = final_table(parts, stats, piece, index)
+        np.testing.assert_array_equal(ids, index)
+        for stat in stats:
+            assert values[stat].shape == expected[stat].shape, (name, stat)
+            assert values[stat].dtype == expected[stat].dtype, (name, stat)
+            np.testing.assert_allclose(
+                values[stat], expected[stat], rtol=1e-13, equal_nan=True, err_msg=f"{name}: {stat}"
+            )
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_engine_index_with_small_pieces_matches_reference(
+    monkeypatch: pytest.MonkeyPatch, lazy: bool
+) -> None:
+    """An index, eager or lazy (several row chunks), with the final merge in pieces of 2 labels."""
+    import dask
+    import dask.array as da
+
+    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 2)
+    monkeypatch.setattr(xr_rasteragg.engine, "ROWS_PER_CHUNK", 3)
+    rng = np.random.default_rng(7)
+    labels = rng.choice(np.array([0, 3, 9, 12, 40, 41, 77], np.uint16), size=(1, 40, 30))
+    image = rng.integers(0, 4096, size=(2, *labels.shape)).astype(np.uint16)
+    index = [41, 0, 1000, 3, 3, 77]
+    dlabels, dimage = da.from_array(labels, chunks=(1, 9, 7)), da.from_array(image, chunks=(1, 1, 40, 30))
+    if not lazy:  # NumPy inputs, split into blocks of 64 px
+        monkeypatch.setattr(xr_rasteragg.engine, "BLOCK_PIXELS", 64)
+        dlabels, dimage = labels, image
+    result = aggregate(dlabels, dimage, ALL_STATS, index=index, split_every=2)
+    values = result.values
+    if lazy:
+        assert isinstance(values["mean"], da.Array)
+        assert values["mean"].numblocks[0] == 2
+        (values,) = dask.compute(values)
+    np.testing.assert_array_equal(result.labels, index)
+    assert_all_stats(values, reference(labels, image, index), ALL_STATS)

@@ -13,7 +13,6 @@ NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, wh
 from __future__ import annotations
 
 import mmap
-import operator
 import os
 import uuid
 from collections.abc import Iterable, Sequence
@@ -118,29 +117,25 @@ def aggregate(
     if wanted is not None and background is not None and np.any(wanted == background):
         skip = None
     needs = needs_of(stats, skipna)
-    if wanted is not None and lazy:
-        graph = _merged_partials(labels, image, needs, skip, split_every, 1)
-        return Aggregation(wanted, _lazy_values(graph, wanted, stats, image))
     # The tree stops at split_every**2 partials (two levels short of the top): the rest of the
     # merge runs in pieces over the label ids, in parallel and fused with finalization (see
     # :func:`final_table`), which saves writing every label once more per level.
-    (parts,) = dask.compute(_merged_partials(labels, image, needs, skip, split_every, split_every**2))
-    if wanted is None:
-        return Aggregation(*final_table(parts, stats, PIECE_LABELS))
-    merged = merge(parts)
-    rows, found = locate(merged.labels, wanted)
-    return Aggregation(wanted, finalize(merged, stats, rows, found))
+    parts = _merged_partials(labels, image, needs, skip, split_every, split_every**2)
+    if wanted is not None and lazy:
+        return Aggregation(wanted, _lazy_values(parts, wanted, stats, image))
+    (parts,) = dask.compute(parts)
+    return Aggregation(*final_table(parts, stats, PIECE_LABELS, wanted))
 
 
 def final_table(
-    parts: Sequence[Partials], stats: Sequence[str], piece: int
+    parts: Sequence[Partials], stats: Sequence[str], piece: int, index: NDArray[np.integer] | None = None
 ) -> tuple[NDArray[np.integer], dict[str, NDArray[Any]]]:
-    """Merge partials and finalize every label they hold, piece by piece over the sorted label ids.
+    """Merge partials and finalize them, piece by piece over the sorted label ids.
 
     Each piece of ``piece`` labels takes the rows of its ids from every part, merges them and
-    finalizes them straight into its rows of the result. Pieces are independent, so they run
-    on all cores (the compiled merge releases the GIL), and their temporaries stay in the
-    caches: no table of merged partials of all labels is ever made.
+    finalizes the labels asked for straight into their rows of the result. Pieces are
+    independent, so they run on all cores (the compiled merge releases the GIL), and their
+    temporaries stay in the caches: no table of merged partials of all labels is ever made.
 
     Parameters
     ----------
@@ -150,37 +145,65 @@ def final_table(
         Names of the statistics.
     piece
         Labels per piece.
+    index
+        Label ids to report, in this order (absent ids get count 0, sum 0 and NaN otherwise);
+        None reports every label of the parts, sorted.
 
     Returns
     -------
     labels, values
-        The sorted label ids of all parts, and one array per statistic with one row per label.
+        The label ids of the rows, and one array per statistic with one row per label.
     """
     labels = label_union([p.labels for p in parts])
-    if len(parts) == 1 or labels.shape[0] <= piece:
-        merged = merge(parts)
-        every = np.arange(merged.size)
-        return merged.labels, finalize(merged, stats, every, np.ones(merged.size, bool))
-    starts = range(0, labels.shape[0], piece)
+    k = labels.shape[0]
+    if index is None:
+        ids, rows, found = labels, np.arange(k), np.ones(k, bool)
+    else:
+        ids, (rows, found) = index, locate(labels, index)
+    if len(parts) == 1 or k <= piece or not found.any():
+        return ids, finalize(merge(parts), stats, rows, found)
+    # The result rows that each piece serves, in the order of their labels' rows in the union.
+    at = np.flatnonzero(found)
+    if index is not None:
+        at = at[np.argsort(rows[at], kind="stable")]
+    served = rows[at]
+    starts = np.arange(0, k, piece)
+    bounds = np.searchsorted(served, np.append(starts, k))
+    busy = [i for i in range(starts.shape[0]) if bounds[i] < bounds[i + 1]]
     values: dict[str, NDArray[Any]] = {}
 
-    def run(start: int) -> dict[str, NDArray[Any]]:
-        stop = min(start + piece, labels.shape[0])
+    def run(i: int) -> tuple[NDArray[np.intp], dict[str, NDArray[Any]]]:
+        start, stop = int(starts[i]), min(int(starts[i]) + piece, k)
         low, high = labels[start], labels[stop - 1]
-        rows = [(np.searchsorted(p.labels, low), np.searchsorted(p.labels, high, "right")) for p in parts]
-        merged = merge([p.rows(int(a), int(b)) for p, (a, b) in zip(parts, rows, strict=True)])
-        return finalize(merged, stats, np.arange(stop - start), np.ones(stop - start, bool))
+        cuts = [(np.searchsorted(p.labels, low), np.searchsorted(p.labels, high, "right")) for p in parts]
+        merged = merge([p.rows(int(a), int(b)) for p, (a, b) in zip(parts, cuts, strict=True)])
+        mine = slice(bounds[i], bounds[i + 1])
+        return at[mine], finalize(
+            merged, stats, served[mine] - start, np.ones(bounds[i + 1] - bounds[i], bool)
+        )
 
-    def write(start: int) -> None:
-        for name, value in run(start).items():
-            values[name][start : start + value.shape[0]] = value
+    def write(i: int) -> None:
+        where, piece_values = run(i)
+        for name, value in piece_values.items():
+            _put(values[name], where, value)
 
-    for name, value in run(0).items():  # the first piece gives each result's shape and dtype
-        values[name] = _empty((labels.shape[0], *value.shape[1:]), value.dtype)
-        values[name][: value.shape[0]] = value
-    with ThreadPoolExecutor(min(len(starts) - 1, _cores()) or 1) as pool:
-        list(pool.map(write, starts[1:]))
-    return labels, values
+    where, first = run(busy[0])  # the first piece gives each result's shape and dtype
+    for name, value in first.items():
+        values[name] = _empty((ids.shape[0], *value.shape[1:]), value.dtype)
+        if not found.all():
+            values[name][~found] = STATISTICS[name].fill
+        _put(values[name], where, value)
+    with ThreadPoolExecutor(min(len(busy) - 1, _cores()) or 1) as pool:
+        list(pool.map(write, busy[1:]))
+    return ids, values
+
+
+def _put(out: NDArray[Any], rows: NDArray[np.intp], value: NDArray[Any]) -> None:
+    """``out[rows] = value``, as a slice where the rows follow each other."""
+    if rows.shape[0] and rows[-1] - rows[0] + 1 == rows.shape[0] and np.all(rows[1:] > rows[:-1]):
+        out[rows[0] : rows[-1] + 1] = value
+    else:
+        out[rows] = value
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:
@@ -392,22 +415,15 @@ def _merged_partials(
     return Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=inputs))
 
 
-def _finalize_rows(parts: list[Partials], index: NDArray[np.integer], stats: Sequence[str]) -> dict[str, Any]:
-    (merged,) = parts
-    rows, found = locate(merged.labels, index)
-    return finalize(merged, stats, rows, found)
-
-
 def _lazy_values(
-    merged: Delayed, index: NDArray[np.integer], stats: Sequence[str], image: da.Array | None
+    parts: Delayed, index: NDArray[np.integer], stats: Sequence[str], image: da.Array | None
 ) -> dict[str, da.Array]:
-    """Dask arrays of the statistics for ``index``, row chunk by row chunk, all from one pass."""
+    """Dask arrays of the statistics for ``index``, in chunks of rows, all from one pass."""
     nchan = 0 if image is None else image.shape[0]
+    table = delayed(_finalize_table, pure=True)(parts, stats, index)
     pieces: dict[str, list[da.Array]] = {name: [] for name in stats}
-    finalize_task = delayed(_finalize_rows, pure=True)
     for start in range(0, max(index.shape[0], 1), ROWS_PER_CHUNK):
-        part = index[start : start + ROWS_PER_CHUNK]
-        table = finalize_task(merged, part, stats)
+        stop = min(start + ROWS_PER_CHUNK, index.shape[0])
         for name in stats:
             width: tuple[int, ...] = ()
             if name == "center_of_mass":
@@ -415,6 +431,18 @@ def _lazy_values(
             elif name != "count":
                 width = (nchan,)
             dtype = np.int64 if name == "count" else np.float64
-            value = delayed(operator.getitem, pure=True)(table, name)
-            pieces[name].append(da.from_delayed(value, (part.shape[0], *width), dtype=dtype))
+            value = delayed(_table_rows, pure=True)(table, name, start, stop)
+            pieces[name].append(da.from_delayed(value, (stop - start, *width), dtype=dtype))
     return {name: da.concatenate(arrays) for name, arrays in pieces.items()}
+
+
+def _finalize_table(
+    parts: list[Partials], stats: Sequence[str], index: NDArray[np.integer]
+) -> dict[str, Any]:
+    """The statistics for ``index`` (a task of the lazy graph)."""
+    return final_table(parts, stats, PIECE_LABELS, index)[1]
+
+
+def _table_rows(values: dict[str, Any], name: str, start: int, stop: int) -> Any:
+    """Rows ``start`` to ``stop`` of one statistic (a task of the lazy graph)."""
+    return values[name][start:stop]
