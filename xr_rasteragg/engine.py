@@ -2,7 +2,8 @@
 
 ::
 
-    blocks of (labels, image) ──map──► per-block partials ──tree-merge──► partials ──finalize──► stats
+    blocks of (labels, image) ──map──► per-block partials ──tree-merge──► ≤ 64 partials
+        ──merge + finalize in pieces of label ids, on all cores──► stats
 
 Every statistic asked for, and the set of labels itself, comes out of one read of each block.
 The kernel for a block is chosen by the block's type when the task runs, so one graph serves
