@@ -12,14 +12,18 @@ chunks 1024²); ``--size 12800 --cell 4`` gives 10**7 labels; ``--quick`` is a s
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.measure import best_of
 from xr_rasteragg.engine import aggregate
 
 STATS = ("mean", "var", "min", "max", "center_of_mass")
@@ -55,16 +59,6 @@ def random_image(size: int, channels: int, chunk: int) -> da.Array:
     return da.map_blocks(block, chunks=chunks, dtype=np.uint16, meta=np.empty((0, 0, 0, 0), np.uint16))
 
 
-def best_of(repeat: int, function: Callable[[], object]) -> float:
-    """Shortest wall time of ``repeat`` calls."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,8 +78,8 @@ def main() -> None:
     aggregate(labels[:, :64, :64], image[:, :, :64, :64], STATS)  # compile the kernels
 
     with dask.config.set(scheduler="threads"):
-        read = best_of(args.repeat, lambda: dask.compute(labels.sum(), image.sum()))
-        ours = best_of(args.repeat, lambda: aggregate(labels, image, STATS))
+        read = best_of(args.repeat, lambda: dask.compute(labels.sum(), image.sum()))[0]
+        ours = best_of(args.repeat, lambda: aggregate(labels, image, STATS))[0]
     corner = 4 * args.cell
     result = aggregate(labels[:, :corner, :corner], image[:, :, :corner, :corner], STATS)
     assert result.labels.shape[0] == 16

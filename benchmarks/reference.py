@@ -11,27 +11,21 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-from collections.abc import Callable
+import sys
+from pathlib import Path
 
 import dask
 import dask.array as da
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.measure import best_of
 from xr_rasteragg import RasterAggregator
 from xr_rasteragg.synthetic import make_cells
 
 ALL_STATS = ("sum", "mean", "count", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
-
-
-def best_of(repeat: int, function: Callable[[], object]) -> float:
-    """Shortest wall time of ``repeat`` calls."""
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -50,10 +44,10 @@ def main() -> None:
     aggregator = RasterAggregator(mask, pixels, run_on_gpu=False)
     RasterAggregator(mask[:, :64, :64], pixels[:, :, :64, :64], run_on_gpu=False).aggregate_stats(ALL_STATS)
 
-    read = best_of(args.repeat, lambda: (image.sum(), labels.sum()))
+    read = best_of(args.repeat, lambda: (image.sum(), labels.sum()))[0]
     with dask.config.set(scheduler="threads"):
-        mean = best_of(args.repeat, lambda: aggregator.aggregate_mean())
-        every = best_of(args.repeat, lambda: aggregator.aggregate_stats(ALL_STATS))
+        mean = best_of(args.repeat, lambda: aggregator.aggregate_mean())[0]
+        every = best_of(args.repeat, lambda: aggregator.aggregate_stats(ALL_STATS))[0]
     cells = int(np.count_nonzero(np.unique(labels)))
     print(f"dataset: {size}x{size} px, 8 channels uint16, {cells} cells, chunks {chunk}x{chunk}x1")
     print(f"read limit: {read * 1e3:.1f} ms")
