@@ -7,6 +7,7 @@ the label's pixels, in float64 with two passes (as ``scipy.ndimage.variance`` an
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,7 +23,7 @@ import xr_rasteragg.kernels.cupy
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
 from xr_rasteragg.gpu import probe_cupy
-from xr_rasteragg.partials import Partials
+from xr_rasteragg.partials import Needs, Partials
 
 ALL_STATS = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
 PER_CHANNEL = ("sum", "mean", "var", "std", "skew", "kurtosis", "min", "max")
@@ -216,3 +217,16 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
 
     monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", counting_kernel_for)
     return calls
+
+
+def sub_block_partials(
+    labels: NDArray[np.integer], image: NDArray[Any], cuts_y: list[int], cuts_x: list[int], needs: Needs
+) -> list[Partials]:
+    """Partials of the sub-blocks between the cuts, each with its global offset (numba kernel)."""
+    kernel = KERNELS["numba"]
+    ys = [0, *cuts_y, labels.shape[1]]
+    xs = [0, *cuts_x, labels.shape[2]]
+    parts = []
+    for (y0, y1), (x0, x1) in itertools.product(itertools.pairwise(ys), itertools.pairwise(xs)):
+        parts.append(kernel(labels[:, y0:y1, x0:x1], [image[:, :, y0:y1, x0:x1]], (0, y0, x0), needs))
+    return parts

@@ -8,8 +8,6 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("benchmarks.datasets", reason="run from the repository root (python -m pytest)")
-
 import benchmarks.datasets
 from benchmarks.datasets import CellGrid, image_block, lazy_image, lazy_labels
 from benchmarks.measure import best_of, peak_rss

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
 import pytest
-from conftest import ALL_STATS, KERNELS, assert_all_stats, reference
+from conftest import ALL_STATS, KERNELS, assert_all_stats, reference, sub_block_partials
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
@@ -50,15 +49,11 @@ def test_union_of_ids_and_their_rows(pool: str, n_parts: int) -> None:
 
 
 def block_partials(
-    labels: NDArray[np.integer], image: NDArray[Any] | None, step: int, needs: Needs
+    labels: NDArray[np.integer], image: NDArray[Any], step: int, needs: Needs
 ) -> list[Partials]:
-    """Partials of the (step x step) blocks of a 2-D image, in row-major block order."""
-    parts = []
+    """Partials of the (step x step) blocks of an image, in row-major block order."""
     _, ny, nx = labels.shape
-    for y0, x0 in itertools.product(range(0, ny, step), range(0, nx, step)):
-        block = None if image is None else [image[:, :, y0 : y0 + step, x0 : x0 + step]]
-        parts.append(KERNELS["numba"](labels[:, y0 : y0 + step, x0 : x0 + step], block, (0, y0, x0), needs))
-    return parts
+    return sub_block_partials(labels, image, list(range(step, ny, step)), list(range(step, nx, step)), needs)
 
 
 CASES = {

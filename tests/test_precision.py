@@ -12,7 +12,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import pytest
-from conftest import KERNELS, assert_partials_close, label_mask
+from conftest import KERNELS, assert_partials_close, label_mask, sub_block_partials
 from numpy.typing import NDArray
 
 from xr_rasteragg.engine import aggregate
@@ -167,19 +167,6 @@ def test_small_integer_images_over_their_whole_range(dtype: str, stats: tuple[st
 
 
 # --- merge ------------------------------------------------------------------------------------
-
-
-def sub_block_partials(
-    labels: NDArray[np.integer], image: NDArray[Any], cuts_y: list[int], cuts_x: list[int], needs: Needs
-) -> list[Partials]:
-    """Partials of the sub-blocks between the cuts, each with its global offset (numba kernel)."""
-    kernel = KERNELS["numba"]
-    ys = [0, *cuts_y, labels.shape[1]]
-    xs = [0, *cuts_x, labels.shape[2]]
-    parts = []
-    for (y0, y1), (x0, x1) in itertools.product(itertools.pairwise(ys), itertools.pairwise(xs)):
-        parts.append(kernel(labels[:, y0:y1, x0:x1], [image[:, :, y0:y1, x0:x1]], (0, y0, x0), needs))
-    return parts
 
 
 def merge_case(skipna: bool) -> tuple[NDArray[np.integer], NDArray[Any], Needs]:

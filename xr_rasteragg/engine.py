@@ -163,48 +163,40 @@ def final_table(
         ids, (rows, found) = index, locate(labels, index)
     if len(parts) == 1 or k <= piece or not found.any():
         return ids, finalize(merge(parts), stats, rows, found)
-    # The result rows that each piece serves, in the order of their labels' rows in the union.
-    at = np.flatnonzero(found)
+    # The result rows that each piece serves (``at``), in the order of their labels' rows in the
+    # union (``served``); without an index, result row and union row are the same.
+    at = rows if index is None else np.flatnonzero(found)
     if index is not None:
         at = at[np.argsort(rows[at], kind="stable")]
-    served = rows[at]
+    served = at if index is None else rows[at]
     starts = np.arange(0, k, piece)
     bounds = np.searchsorted(served, np.append(starts, k))
     busy = [i for i in range(starts.shape[0]) if bounds[i] < bounds[i + 1]]
     values: dict[str, NDArray[Any]] = {}
 
-    def run(i: int) -> tuple[NDArray[np.intp], dict[str, NDArray[Any]]]:
+    def run(i: int) -> tuple[slice | NDArray[np.intp], dict[str, NDArray[Any]]]:
         start, stop = int(starts[i]), min(int(starts[i]) + piece, k)
         low, high = labels[start], labels[stop - 1]
         cuts = [(np.searchsorted(p.labels, low), np.searchsorted(p.labels, high, "right")) for p in parts]
         merged = merge([p.rows(int(a), int(b)) for p, (a, b) in zip(parts, cuts, strict=True)])
         mine = slice(bounds[i], bounds[i + 1])
-        return at[mine], finalize(
-            merged, stats, served[mine] - start, np.ones(bounds[i + 1] - bounds[i], bool)
-        )
+        where = mine if index is None else at[mine]
+        return where, finalize(merged, stats, served[mine] - start, np.ones(bounds[i + 1] - bounds[i], bool))
 
     def write(i: int) -> None:
         where, piece_values = run(i)
         for name, value in piece_values.items():
-            _put(values[name], where, value)
+            values[name][where] = value
 
     where, first = run(busy[0])  # the first piece gives each result's shape and dtype
     for name, value in first.items():
         values[name] = _empty((ids.shape[0], *value.shape[1:]), value.dtype)
         if not found.all():
             values[name][~found] = STATISTICS[name].fill
-        _put(values[name], where, value)
+        values[name][where] = value
     with ThreadPoolExecutor(min(len(busy) - 1, _cores()) or 1) as pool:
         list(pool.map(write, busy[1:]))
     return ids, values
-
-
-def _put(out: NDArray[Any], rows: NDArray[np.intp], value: NDArray[Any]) -> None:
-    """``out[rows] = value``, as a slice where the rows follow each other."""
-    if rows.shape[0] and rows[-1] - rows[0] + 1 == rows.shape[0] and np.all(rows[1:] > rows[:-1]):
-        out[rows[0] : rows[-1] + 1] = value
-    else:
-        out[rows] = value
 
 
 def _empty(shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:

@@ -158,14 +158,11 @@ def merge(parts: Sequence[Partials]) -> Partials:
         return parts[0]
     if all(a.labels[-1] < b.labels[0] for a, b in pairwise(parts)):
         return _concat(parts)
+    labels, positions = _union([p.labels for p in parts])
     if len(parts) > 2 and sum(p.size for p in parts) <= STACK_ROWS:
         # Many small parts (the pieces of the final merge): the cost is per call, not per row,
         # so they are stacked and folded in one call.
-        stacked = _concat(parts)
-        labels, rows = _stacked_union([p.labels for p in parts], stacked.labels)
-        parts, positions = [stacked], [rows]
-    else:
-        labels, positions = _union([p.labels for p in parts])
+        parts, positions = [_concat(parts)], [np.concatenate(positions)]
     k = labels.shape[0]
     first = parts[0]
     merged = replace(
@@ -293,12 +290,7 @@ def label_union(ids: Sequence[NDArray[Any]]) -> NDArray[Any]:
     if len(ids) == 1:
         return ids[0]
     low = _dense_low(ids)
-    if low is None:
-        while len(ids) > 1:
-            pairs = zip(ids[::2], ids[1::2], strict=False)
-            ids = [_union2(a, b)[0] for a, b in pairs] + ids[len(ids) // 2 * 2 :]
-        return ids[0]
-    return _marked(ids, low, max(a[-1] for a in ids))[0]
+    return _tree_union(ids)[0] if low is None else _marked(ids, low)[0]
 
 
 def _dense_low(ids: Sequence[NDArray[Any]]) -> Any | None:
@@ -308,24 +300,12 @@ def _dense_low(ids: Sequence[NDArray[Any]]) -> Any | None:
     return ids[0].dtype.type(low) if width <= 4 * sum(a.shape[0] for a in ids) + 1024 else None
 
 
-def _marked(ids: Sequence[NDArray[Any]], low: Any, high: Any) -> tuple[NDArray[Any], NDArray[np.bool_]]:
-    """Union of ids in ``low..high``, through a table that marks each id present, and the table."""
-    seen = np.zeros(int(high) - int(low) + 1, np.bool_)
+def _marked(ids: Sequence[NDArray[Any]], low: Any) -> tuple[NDArray[Any], NDArray[np.bool_]]:
+    """Union of sorted ids from ``low`` on, through a table that marks each id present, and the table."""
+    seen = np.zeros(max(int(a[-1]) for a in ids) - int(low) + 1, np.bool_)
     for a in ids:
         _mark(seen, a, low)
     return np.flatnonzero(seen).astype(ids[0].dtype) + low, seen
-
-
-def _stacked_union(
-    ids: Sequence[NDArray[Any]], stacked: NDArray[Any]
-) -> tuple[NDArray[Any], NDArray[np.intp]]:
-    """Sorted union of sorted, unique id arrays, and the row in it of each id of their concatenation."""
-    low = _dense_low(ids)
-    if low is None:
-        union = label_union(ids)
-        return union, np.searchsorted(union, stacked)
-    union, seen = _marked([stacked], low, max(a[-1] for a in ids))
-    return union, _rows_of(_ranks(seen), stacked, low)
 
 
 @nb.njit(nogil=True, cache=True)
@@ -364,7 +344,7 @@ def _union(ids: list[NDArray[Any]]) -> tuple[NDArray[Any], list[NDArray[np.intp]
     """
     low = _dense_low(ids)
     if low is not None:
-        union, seen = _marked(ids, low, max(a[-1] for a in ids))
+        union, seen = _marked(ids, low)
         rank = _ranks(seen)
         return union, [_rows_of(rank, a, low) for a in ids]
     return _tree_union(ids)

@@ -89,14 +89,13 @@ class ScatterReductions(ArrayReductions):
             info = np.iinfo(dtype)
             largest, smallest = dtype.type(info.max), dtype.type(info.min)
         bounds = order_keys(np, np.array([largest, smallest], dtype=dtype))
-        keys = order_keys(xp, channel) if ignore is None else None  # one set of keys for both
+        keys = order_keys(xp, channel)  # one set of keys for both
         results = []
-        for init, low, scatter in ((0, True, self.scatter_min), (1, False, self.scatter_max)):
-            if ignore is not None:
-                kept = xp.where(ignore, largest if low else smallest, channel).astype(dtype, copy=False)
-                keys = order_keys(xp, kept)
+        for init, scatter in ((0, self.scatter_min), (1, self.scatter_max)):
+            # Skipped pixels take the neutral key (that of the dtype's largest or smallest value).
+            kept = keys if ignore is None else xp.where(ignore, bounds[init], keys)
             out = xp.full(k, bounds[init], dtype=bounds.dtype)
-            scatter(out, inverse, keys)
+            scatter(out, inverse, kept)
             results.append(from_order_keys(xp, out, dtype))
         return results[0], results[1]
 

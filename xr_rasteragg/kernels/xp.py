@@ -164,17 +164,19 @@ def partials_with(
         for channel in chunk.reshape(chunk.shape[0], -1):
             if keep is not None:
                 channel = channel[keep]
-            values = channel.astype(xp.float64)
             nan = xp.isnan(channel) if floating else None
             if nan is not None and not bool(nan.any()):
                 nan = None  # no NaN in this channel: nothing to skip or to propagate
             n = pixels
             if skipna and nan is not None:
                 n = per_label((~nan).astype(xp.float64))
-                values = xp.where(nan, 0.0, values)
             columns["nvalid"].append(n)
-            total = reductions.channel_sum(channel, values, inverse, k)
-            columns["sum"].append(total)
+            if needs.order >= 1:  # only the extrema need no float copy of the values and no sum
+                values = channel.astype(xp.float64)
+                if skipna and nan is not None:
+                    values = xp.where(nan, 0.0, values)
+                total = reductions.channel_sum(channel, values, inverse, k)
+                columns["sum"].append(total)
             if needs.extrema:
                 lo, hi = reductions.extrema(channel, inverse, k, nan)
                 if nan is not None and not skipna:
