@@ -26,7 +26,7 @@ import xr_rasteragg.engine
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
 from xr_rasteragg.engine import aggregate
-from xr_rasteragg.partials import Needs
+from xr_rasteragg.partials import Needs, concat_channels
 
 #: Label ids per dtype: extremes of the dtype, negatives where signed, huge sparse values.
 IDS: dict[str, list[int]] = {
@@ -429,8 +429,14 @@ def test_numpy_inputs_give_numpy_results() -> None:
             assert isinstance(value, np.ndarray), name
 
 
+@pytest.mark.parametrize("groups", ["one group", "a group per chunk"])
 @pytest.mark.parametrize("lazy", [False, True])
-def test_one_kernel_call_per_spatial_block(kernel_calls: list[tuple[int, int, int]], lazy: bool) -> None:
+def test_one_kernel_call_per_spatial_block(
+    kernel_calls: list[tuple[int, int, int]], lazy: bool, groups: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each label block is encoded once, however many tasks read its channels."""
+    if groups == "a group per chunk":
+        monkeypatch.setattr(xr_rasteragg.engine, "GROUP_BYTES", 1)
     rng = np.random.default_rng(12)
     labels = make_labels(SHAPES["3d"], "int32", rng)
     image = make_image(4, labels, "float32", rng)
@@ -568,16 +574,24 @@ def test_cupy_matches_numpy() -> None:
 @pytest.mark.parametrize("layout", ["views", "separate", "flipped", "fortran", "one chunk"])
 @pytest.mark.parametrize("dtype", ["uint16", "int8"])
 def test_numba_kernel_reads_any_channel_layout(layout: str, dtype: str) -> None:
-    """The integer sweep reads views of one array in place and copies other layouts; all agree with xp."""
+    """The integer sweep reads views of one array in place and copies other layouts; all agree with xp.
+
+    Six channels in separate arrays take two sweeps (four flat arrays each at most), and uint16
+    values over the full range send the large labels to the float64 recomputation, which then
+    reads both batches too.
+    """
     rng = np.random.default_rng(7)
     info = np.iinfo(dtype)
     labels = rng.integers(0, 9, size=(2, 30, 41)).repeat(2, axis=2)[:, :, :70].astype(np.int32)
-    whole = rng.integers(info.min, int(info.max) + 1, size=(3, 2, 40, 90)).astype(dtype)
+    whole = rng.integers(info.min, int(info.max) + 1, size=(6, 2, 40, 90)).astype(dtype)
     image = whole[:, :, 5:35, 10:80]  # a strided view, as dask cuts from an in-memory array
+    separate = [image[c : c + 1].copy() for c in range(6)]
+    for chunk in separate[::2]:
+        chunk.flags.writeable = False  # read-only blocks (from zarr, say) beside writable ones
     chunks = {
-        "views": [image[c : c + 1] for c in range(3)],
-        "separate": [image[c : c + 1].copy() for c in range(3)],
-        "flipped": [image[c : c + 1, ::-1, ::-1, ::-1] for c in range(3)],
+        "views": [image[c : c + 1] for c in range(6)],
+        "separate": separate,
+        "flipped": [image[c : c + 1, ::-1, ::-1, ::-1] for c in range(6)],
         "fortran": [np.asfortranarray(image)[c : c + 1] for c in range(3)],
         "one chunk": [image],
     }[layout]
@@ -587,3 +601,25 @@ def test_numba_kernel_reads_any_channel_layout(layout: str, dtype: str) -> None:
     got = xr_rasteragg.kernels.numba.block_partials(labels, chunks, (0, 0, 0), needs, 0)
     expected = xr_rasteragg.kernels.xp.block_partials(labels, [np.concatenate(chunks)], (0, 0, 0), needs, 0)
     assert_partials_close(got, expected)
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "float32"])
+def test_numba_kernel_stages(dtype: str) -> None:
+    """One encoding of the labels serves any groups of channels, and is not changed by them."""
+    rng = np.random.default_rng(8)
+    labels = make_labels(SHAPES["3d"], "int64", rng)
+    image = make_image(5, labels, dtype, rng)
+    kernel, everything = xr_rasteragg.kernels.numba.block_partials, Needs(4, extrema=True)
+    offset = (3, 40, 500)
+    runs = kernel.encode(labels, offset, 0)
+    before = {name: value.copy() for name, value in vars(runs.parts).items() if value is not None}
+    groups = [
+        kernel.channels(runs, [image[:2], image[2:3]], everything),
+        kernel.channels(runs, [image[3:]], everything),
+    ]
+    assert kernel.channels(runs, None, everything).sum is None
+    for name, value in before.items():
+        np.testing.assert_array_equal(getattr(runs.parts, name), value, err_msg=name)
+    expected = xr_rasteragg.kernels.xp.block_partials(labels, [image], offset, everything, 0)
+    assert_partials_close(concat_channels(groups), expected)
+    assert_partials_close(kernel(labels, [image], offset, everything, 0), expected)

@@ -7,7 +7,9 @@
 
 Every statistic asked for, and the set of labels itself, comes out of one read of each block.
 The kernel for a block is chosen by the block's type when the task runs, so one graph serves
-NumPy and CuPy blocks alike. Tasks are small, pure functions of their inputs, which is all a
+NumPy and CuPy blocks alike. A kernel that runs in two stages (the compiled CPU kernel) encodes
+each label block in a task of its own, as soon as the block is read, and the channels' tasks
+start from that encoding. Tasks are small, pure functions of their inputs, which is all a
 ``dask.distributed`` cluster needs.
 """
 
@@ -29,7 +31,7 @@ from dask.delayed import Delayed, delayed
 from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import ArrayLike, NDArray
 
-from .kernels import array_backend, kernel_for
+from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
@@ -39,7 +41,8 @@ __all__ = ["Aggregation", "aggregate", "locate", "prepare_index"]
 #: How many partials one merge task combines.
 SPLIT_EVERY = 8
 #: Upper bound on the image bytes one task reads: channel chunks of a spatial block are grouped
-#: up to this size, so that the labels are encoded once per group rather than once per chunk.
+#: up to this size, so that a group's sweep shares the runs of the labels across its channels
+#: (and kernels that take whole blocks read the labels once per group rather than once per chunk).
 GROUP_BYTES = 256 * 2**20
 #: Rows of the result per task when results are lazy.
 ROWS_PER_CHUNK = 2**20
@@ -339,18 +342,44 @@ def _check_inputs(
     return labels, image
 
 
-def _block_task(
-    labels: Any, image: list[Any], offset: tuple[int, int, int], needs: Needs, skip: int | None
-) -> Partials:
+@dataclass(frozen=True)
+class _LabelStage:
+    """A label block as the channel tasks of its spatial block receive it (see :func:`_label_task`).
+
+    Kernels that run in two stages hand over their encoding (``encoded``); for others the block
+    itself goes on (``labels``), with its offset and the label to skip.
+    """
+
+    backend: str
+    kernel: BlockKernel
+    encoded: Any
+    labels: Any
+    offset: tuple[int, int, int]
+    skip: int | None
+
+
+def _label_task(labels: Any, offset: tuple[int, int, int], skip: int | None) -> _LabelStage:
+    """The label stage of one spatial block (a dask task)."""
+    kernel = kernel_for(labels)
+    if isinstance(kernel, StagedKernel):
+        return _LabelStage(
+            array_backend(labels), kernel, kernel.encode(labels, offset, skip), None, offset, skip
+        )
+    return _LabelStage(array_backend(labels), kernel, None, labels, offset, skip)
+
+
+def _channel_task(stage: _LabelStage, image: list[Any], needs: Needs) -> Partials:
     """Partials of one spatial block over a group of channel chunks (a dask task)."""
-    backends = {array_backend(labels), *(array_backend(chunk) for chunk in image)}
+    backends = {stage.backend, *(array_backend(chunk) for chunk in image)}
     if len(backends) > 1:
         raise TypeError(f"a block mixes arrays from {sorted(backends)}; put labels and image on one device")
-    return kernel_for(labels)(labels, image or None, offset, needs, skip)
+    if stage.labels is None and isinstance(stage.kernel, StagedKernel):
+        return stage.kernel.channels(stage.encoded, image or None, needs)
+    return stage.kernel(stage.labels, image or None, stage.offset, needs, stage.skip)
 
 
 def _channel_groups(image: da.Array | None) -> list[list[int]]:
-    """Channel-chunk indices grouped so that one task reads at most :data:`GROUP_BYTES`."""
+    """Channel-chunk indices grouped so that one task reads at most :data:`GROUP_BYTES` (or one chunk)."""
     if image is None:
         return [[]]
     block_bytes = image.dtype.itemsize * int(np.prod([max(c) for c in image.chunks[1:]]))
@@ -369,41 +398,46 @@ def _channel_groups(image: da.Array | None) -> list[list[int]]:
 def _merged_partials(
     labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int, left: int
 ) -> Delayed:
-    """The graph of the pass: block tasks, a tree merge per channel group, and the join.
+    """The graph of the pass: label and channel tasks per spatial block, and a tree merge.
 
-    The tree merges until at most ``left`` partials are left; the graph's value is their list.
+    Each spatial block has a label task, one task per group of channel chunks (the block's
+    partials for those channels) and, with several groups, a join of their channels. The tree
+    merges the blocks' partials until at most ``left`` are left; the graph's value is their list.
 
     Built as a plain task graph on top of the arrays' graphs (cheaper than one ``delayed`` call per
     task, which merges the arrays' graphs again for every block). Keys start with what the task
-    does (``rasteragg-block-…``, ``rasteragg-merge-…``), so that the dask dashboard shows the block
-    tasks and the merge tree apart.
+    does (``rasteragg-labels-…``, ``rasteragg-block-…``, ``rasteragg-merge-…``), so that the dask
+    dashboard shows the stages apart.
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     name = f"rasteragg-{token}"
+    groups = _channel_groups(image)
     starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
     graph: dict[Any, Any] = {}
-    finals = []
-    for g, group in enumerate(_channel_groups(image)):
-        keys: list[Any] = []
-        for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
+    keys: list[Any] = []
+    for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
+        offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
+        stage: Any = (f"rasteragg-labels-{token}", iz, iy, ix)
+        graph[stage] = (_label_task, (labels.name, iz, iy, ix), offset, skip)
+        parts = []
+        for g, group in enumerate(groups):
             chunks = [] if image is None else [(image.name, c, iz, iy, ix) for c in group]
-            offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
             key: Any = (f"rasteragg-block-{token}", g, iz, iy, ix)
-            graph[key] = (_block_task, (labels.name, iz, iy, ix), chunks, offset, needs, skip)
-            keys.append(key)
-        level = 0
-        while len(keys) > left:
-            merged = []
-            for i in range(0, len(keys), split_every):
-                key = (f"rasteragg-merge-{token}", g, level, i)
-                graph[key] = (merge, keys[i : i + split_every])
-                merged.append(key)
-            keys, level = merged, level + 1
-        finals.append(keys)
-    # The groups' trees are alike, so their i-th partials hold the same labels.
-    graph[name] = [
-        keys[0] if len(finals) == 1 else (concat_channels, list(keys)) for keys in zip(*finals, strict=True)
-    ]
+            graph[key] = (_channel_task, stage, chunks, needs)
+            parts.append(key)
+        if len(parts) > 1:
+            key = (f"rasteragg-join-{token}", iz, iy, ix)
+            graph[key] = (concat_channels, parts)
+        keys.append(key)
+    level = 0
+    while len(keys) > left:
+        merged = []
+        for i in range(0, len(keys), split_every):
+            key = (f"rasteragg-merge-{token}", level, i)
+            graph[key] = (merge, keys[i : i + split_every])
+            merged.append(key)
+        keys, level = merged, level + 1
+    graph[name] = keys
     inputs: list[Any] = [labels] if image is None else [labels, image]
     return Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=inputs))
 

@@ -2,7 +2,9 @@
 
 A kernel turns one block of labels ``(z, y, x)`` and, optionally, the image over the same pixels
 (a list of channel chunks, each ``(c_i, z, y, x)``) into the
-:class:`~xr_rasteragg.partials.Partials` of the labels it contains.
+:class:`~xr_rasteragg.partials.Partials` of the labels it contains. A kernel may also offer the
+work in two stages (:class:`StagedKernel`): the label block once, then each group of channel
+chunks on its own; the engine then gives each stage its own task.
 Kernels are registered by the top-level module of the array type and imported lazily, so that
 CuPy is imported only when CuPy data arrive (as dask-image does).
 """
@@ -11,11 +13,11 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from ..partials import Needs, Partials
 
-__all__ = ["BlockKernel", "array_backend", "kernel_for", "register_kernel"]
+__all__ = ["BlockKernel", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
 
 
 class BlockKernel(Protocol):
@@ -29,6 +31,17 @@ class BlockKernel(Protocol):
         needs: Needs,
         skip: int | None = None,
     ) -> Partials: ...
+
+
+@runtime_checkable
+class StagedKernel(BlockKernel, Protocol):
+    """A block kernel that also runs in two stages: labels first, then groups of channels."""
+
+    def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> Any:
+        """What every group of channels of the block needs from its labels."""
+
+    def channels(self, encoded: Any, image: Sequence[Any] | None, needs: Needs) -> Partials:
+        """Partials of a group of channel chunks over the block encoded by :meth:`encode`."""
 
 
 _KERNELS: dict[str, str] = {

@@ -17,7 +17,9 @@ image (strided blocks are read in place):
   the extrema and the central moments about the run's own mean, which are merged into the
   label's running moments with the pairwise formulas of Pébay (2008).
 
-No statistic rests on float power sums that cancel.
+No statistic rests on float power sums that cancel. Encoding and sweep are separate stages
+(:class:`RunKernel`): the engine encodes each label block once, in a task of its own, and sweeps
+each group of channel chunks over it in another.
 
 All loops are compiled with Numba (``nogil``, cached on disk) and specialise on the label and
 image dtypes; the statistics to compute are run-time flags.
@@ -26,6 +28,7 @@ image dtypes; the statistics to compute are run-time flags.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numba as nb
@@ -35,9 +38,11 @@ from numpy.typing import NDArray
 
 from ..partials import Needs, Partials
 
-__all__ = ["block_partials"]
+__all__ = ["LabelRuns", "RunKernel", "block_partials"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+#: Flat image arrays that one sweep over the runs reads side by side (see :func:`_flat_channels`).
+FLATS_PER_SWEEP = 4
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -303,21 +308,11 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
     modulo 2**64 are exact, so any later integer combination of these sums is exact as soon as
     its true value fits in 64 bits (see :func:`_moments_from_powers`). Integer additions have no
     rounding and a short latency, and no run needs a division or a merge formula: the per-pixel
-    loop is a few integer operations on a unit-stride array. For each flat array, runs are outer
-    and its channels inner, so the channels of a run share its loop bounds (which the branch
-    predictor then learns) and its label's rows of the accumulators; with label ids numbered in
-    order of first appearance (see :func:`_encode_runs`), neighbouring runs touch neighbouring
-    rows.
+    loop is a few integer operations on a unit-stride array. Runs are outer and channels inner,
+    so the channels of a run share its loop bounds (which the branch predictor then learns) and
+    its label's rows of the accumulators; with label ids numbered in order of first appearance
+    (see :func:`_encode_runs`), neighbouring runs touch neighbouring rows.
     """
-    for f in range(len(flats)):
-        flat = flats[f]  # taken out of the list once: each access counts a reference
-        mine = rows[rows[:, 0] == f]
-        _power_sweep_flat(flat, mine, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi)
-
-
-@nb.njit(nogil=True, cache=True)
-def _power_sweep_flat(flat, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi):
-    """:func:`_power_sweep` over the channels ``rows`` of one flat array."""
     for r in range(run_id.shape[0]):
         i = run_id[r]
         z = run_z[r]
@@ -327,7 +322,7 @@ def _power_sweep_flat(flat, rows, run_z, run_y, run_x, run_len, run_id, order, e
         for j in range(rows.shape[0]):
             c = rows[j, 1]
             start = rows[j, 2] + rows[j, 3] * z + rows[j, 4] * y
-            row = flat[start + a : start + b]
+            row = flats[rows[j, 0]][start + a : start + b]
             mn = lo[i, c]
             mx = hi[i, c]
             if extrema:  # its own loop, in the image dtype: faster than one loop for everything
@@ -441,23 +436,22 @@ def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, un
     label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``count``, ``sums`` and ``t``; the means
     are ``sums / count``.
     """
-    for f in range(len(flats)):
-        flat = flats[f]
-        for q in range(run_id.shape[0]):
-            r = rank[run_id[q]]
-            for j in range(rows.shape[0]):
-                c = rows[j, 1]
-                if rows[j, 0] != f or not unsafe[r, c]:
-                    continue
-                start = rows[j, 2] + rows[j, 3] * run_z[q] + rows[j, 4] * run_y[q] + run_x[q]
-                mean = sums[r, c] / count[r]
-                for p in range(start, start + run_len[q]):
-                    d = flat[p] - mean
-                    d2 = d * d
-                    t[r, c, 0] += d
-                    t[r, c, 1] += d2
-                    t[r, c, 2] += d2 * d
-                    t[r, c, 3] += d2 * d2
+    for q in range(run_id.shape[0]):
+        r = rank[run_id[q]]
+        for j in range(rows.shape[0]):
+            c = rows[j, 1]
+            if not unsafe[r, c]:
+                continue
+            start = rows[j, 2] + rows[j, 3] * run_z[q] + rows[j, 4] * run_y[q] + run_x[q]
+            flat = flats[rows[j, 0]]
+            mean = sums[r, c] / count[r]
+            for p in range(start, start + run_len[q]):
+                d = flat[p] - mean
+                d2 = d * d
+                t[r, c, 0] += d
+                t[r, c, 1] += d2
+                t[r, c, 2] += d2 * d
+                t[r, c, 3] += d2 * d2
 
 
 @nb.njit(nogil=True, cache=True)
@@ -479,19 +473,52 @@ def _central_moments(t, count, unsafe, order, m2, m3, m4):
                 m4[i, c] = f4 - delta * (4.0 * f3 - delta * (6.0 * f2 - 3.0 * delta * f1))
 
 
-def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[Any, NDArray[np.int64]]:
+@nb.njit(nogil=True, cache=True)
+def _in_label_order(local, keys, count, coords, offset):
+    """The block's ids, pixel counts and global coordinate sums, in the label order ``local``.
+
+    ``coords`` hold sums of indices within the block; ``offset`` (float64) is the block's first
+    pixel, so each sum gains ``offset * count``.
+    """
+    k = local.shape[0]
+    labels = np.empty(k, keys.dtype)
+    counts = np.empty(k, np.int64)
+    sums = np.empty((k, 3), np.float64)
+    for r in range(k):
+        i = local[r]
+        labels[r] = keys[i]
+        counts[r] = count[i]
+        for j in range(3):
+            sums[r, j] = coords[i, j] + offset[j] * count[i]
+    return labels, counts, sums
+
+
+@nb.njit(nogil=True, cache=True)
+def _take_rows(values, rows):
+    """``values[rows]`` for a 2-D array (one compiled loop: faster than NumPy's fancy indexing)."""
+    out = np.empty((rows.shape[0], values.shape[1]), values.dtype)
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        for c in range(values.shape[1]):
+            out[r, c] = values[i, c]
+    return out
+
+
+def _flat_channels(
+    image: Sequence[NDArray[np.number]],
+) -> list[tuple[tuple[NDArray[Any], ...], NDArray[np.int64]]]:
     """The channel chunks of a block as flat arrays, with where each channel's rows are.
 
-    Returns ``(flats, rows)``: ``flats`` is a typed list of 1-D contiguous arrays (typed
-    read-only, so that read-only blocks need no copy), ``rows`` has shape ``(C, 5)`` and the
-    pixel (z, y, x) of channel ``c`` is ``flats[f][o + sz * z + sy * y + x]`` with
-    ``(f, c, o, sz, sy) = rows[c]``. A chunk whose rows are contiguous is read in place, through
-    a flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory array
-    all share one, so all channels come from one flat array); other chunks are copied.
+    Returns batches ``(flats, rows)``, one per :data:`FLATS_PER_SWEEP` flat arrays: ``flats`` is
+    a tuple of that many read-only, 1-D contiguous arrays (padded with repeats, so that one
+    compiled sweep serves any number of arrays), ``rows`` has shape ``(C_b, 5)`` and the pixel
+    (z, y, x) of channel ``c`` is ``flats[f][o + sz * z + sy * y + x]`` with
+    ``(f, c, o, sz, sy)`` a row of ``rows``. A chunk whose rows are contiguous is read in place,
+    through a flat view of the C-contiguous array it is a view of (dask's blocks of an in-memory
+    array all share one, so all channels come from one flat array); other chunks are copied.
     """
     owners: dict[int, int] = {}
-    dtype: Any = image[0].dtype
-    flats = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 1, "C", readonly=True))
+    flats: list[NDArray[Any]] = []
     rows: list[tuple[int, int, int, int, int]] = []
     for chunk in image:
         owner = _owner(chunk)
@@ -499,13 +526,23 @@ def _flat_channels(image: Sequence[NDArray[np.number]]) -> tuple[Any, NDArray[np
             chunk = owner = np.ascontiguousarray(chunk)
         if id(owner) not in owners:
             owners[id(owner)] = len(flats)
-            flats.append(owner.reshape(-1))
+            flat = owner.reshape(-1).view()
+            flat.flags.writeable = False  # one type for read-only and writable blocks alike
+            flats.append(flat)
         item = chunk.dtype.itemsize
         start = (chunk.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // item
         step_c, step_z, step_y = (s // item for s in chunk.strides[:3])
         for cc in range(chunk.shape[0]):
             rows.append((owners[id(owner)], len(rows), start + cc * step_c, step_z, step_y))
-    return flats, np.array(rows, np.int64).reshape(-1, 5)
+    table = np.array(rows, np.int64).reshape(-1, 5)
+    batches = []
+    for first in range(0, len(flats), FLATS_PER_SWEEP):
+        mine = flats[first : first + FLATS_PER_SWEEP]
+        padded = tuple(mine + mine[:1] * (FLATS_PER_SWEEP - len(mine)))
+        batch = table[(table[:, 0] >= first) & (table[:, 0] < first + FLATS_PER_SWEEP)]
+        batch[:, 0] -= first
+        batches.append((padded, batch))
+    return batches
 
 
 def _owner(array: NDArray[Any]) -> NDArray[Any]:
@@ -541,61 +578,115 @@ def _run_accumulator(dtype: np.dtype) -> np.generic:
     return np.float64(0.0)
 
 
-def block_partials(
-    labels: NDArray[np.integer],
-    image: Sequence[NDArray[np.number]] | None,
-    offset: tuple[int, int, int],
-    needs: Needs,
-    skip: int | None = None,
-) -> Partials:
-    """Partials of one block with the compiled CPU kernel.
+@dataclass(frozen=True)
+class LabelRuns:
+    """A label block encoded as runs: what every group of channels of the block starts from.
 
-    Parameters
+    Attributes
     ----------
-    labels
-        Label block, shape ``(z, y, x)``, any integer dtype.
-    image
-        The image over the same pixels as chunks of channels, each of shape ``(c_i, z, y, x)``
-        and of one dtype; or None when only counts and coordinates are needed.
-    offset
-        Global (z, y, x) index of the block's first pixel.
-    needs
-        What the partials must carry.
-    skip
-        A label whose pixels are ignored entirely (the background), or None.
-
-    Returns
-    -------
-    Partials
-        The partials of the labels present in the block, sorted by id.
+    parts
+        The block's label ids, pixel counts and global coordinate sums, in label order.
+    runs
+        (z, y, x) start, length and local id of each run of equal labels along the rows (the
+        background's runs left out); local ids number the labels in order of first appearance.
+    local
+        The local id of each row of ``parts``.
+    count
+        Pixel counts by local id.
+    pixels
+        Pixels in the block.
     """
-    use_skip, skip_value = _as_label_value(skip, labels.dtype)
-    nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
-    keys, count, coords, runs = _encode_runs(labels, nmax, kmax, skip_value, use_skip)
-    # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
-    # neighbouring rows of the accumulators; the rows come out sorted by label id.
-    local = np.argsort(keys)  # the ids are unique: any sort gives this order (and quicksort is SIMD)
-    parts = Partials(labels=keys[local], count=count[local], coords=coords[local])
-    parts.coords += np.asarray(offset, dtype=np.float64) * parts.count[:, None]
-    if image is not None and (needs.order >= 1 or needs.extrema):
-        if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
-            _small_integer_partials(parts, image, runs, local, count, needs, labels.size)
-        else:
-            _general_partials(parts, image, runs, local, needs)
-    return parts
+
+    parts: Partials
+    runs: tuple[NDArray[np.int32], ...]
+    local: NDArray[np.intp]
+    count: NDArray[np.int64]
+    pixels: int
+
+
+class RunKernel:
+    """The compiled CPU kernel, in two stages: the label block once, then each group of channels.
+
+    The engine encodes a block's labels in one task (:meth:`encode`) and sweeps each group of
+    channel chunks in its own task (:meth:`channels`), so that a chunk is read as soon as it is
+    made (while it is still in the caches) and the labels are encoded once for all channels.
+    Calling the kernel runs both stages on one block, as every block kernel does.
+    """
+
+    def encode(
+        self, labels: NDArray[np.integer], offset: tuple[int, int, int], skip: int | None = None
+    ) -> LabelRuns:
+        """Run-length encode a label block ``(z, y, x)`` of any integer dtype.
+
+        ``offset`` is the global (z, y, x) index of the block's first pixel, and ``skip`` a label
+        whose pixels are ignored entirely (the background), or None.
+        """
+        use_skip, skip_value = _as_label_value(skip, labels.dtype)
+        nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
+        keys, count, coords, runs = _encode_runs(labels, nmax, kmax, skip_value, use_skip)
+        # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
+        # neighbouring rows of the accumulators; the rows come out sorted by label id.
+        local = np.argsort(keys)  # the ids are unique: any sort gives this order (and quicksort is SIMD)
+        parts = Partials(*_in_label_order(local, keys, count, coords, np.asarray(offset, dtype=np.float64)))
+        return LabelRuns(parts, runs, local, count, int(labels.size))
+
+    def channels(self, runs: LabelRuns, image: Sequence[NDArray[np.number]] | None, needs: Needs) -> Partials:
+        """Partials of a group of channel chunks over an encoded label block.
+
+        ``image`` holds chunks of shape ``(c_i, z, y, x)`` over the block's pixels, of one
+        dtype, or is None when only counts and coordinates are needed. The partials share the
+        label ids, counts and coordinate sums of ``runs``.
+        """
+        parts = replace(runs.parts)
+        if image is not None and (needs.order >= 1 or needs.extrema):
+            if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
+                _small_integer_partials(parts, image, runs, needs)
+            else:
+                _general_partials(parts, image, runs, needs)
+        return parts
+
+    def __call__(
+        self,
+        labels: NDArray[np.integer],
+        image: Sequence[NDArray[np.number]] | None,
+        offset: tuple[int, int, int],
+        needs: Needs,
+        skip: int | None = None,
+    ) -> Partials:
+        """Partials of one block (both stages).
+
+        Parameters
+        ----------
+        labels
+            Label block, shape ``(z, y, x)``, any integer dtype.
+        image
+            The image over the same pixels as chunks of channels, each of shape
+            ``(c_i, z, y, x)`` and of one dtype; or None when only counts and coordinates are
+            needed.
+        offset
+            Global (z, y, x) index of the block's first pixel.
+        needs
+            What the partials must carry.
+        skip
+            A label whose pixels are ignored entirely (the background), or None.
+
+        Returns
+        -------
+        Partials
+            The partials of the labels present in the block, sorted by id.
+        """
+        return self.channels(self.encode(labels, offset, skip), image, needs)
+
+
+#: The kernel for NumPy blocks.
+block_partials = RunKernel()
 
 
 def _general_partials(
-    parts: Partials,
-    image: Sequence[NDArray[np.number]],
-    runs: tuple[Any, ...],
-    local: NDArray[np.intp],
-    needs: Needs,
+    parts: Partials, image: Sequence[NDArray[np.number]], runs: LabelRuns, needs: Needs
 ) -> None:
-    """Fill ``parts`` for any image with the run-merging sweep (:func:`_sweep`), in place.
-
-    ``runs`` hold local label ids; row ``r`` of ``parts`` is the label ``local[r]``.
-    """
+    """Fill ``parts`` for any image with the run-merging sweep (:func:`_sweep`), in place."""
+    local = runs.local
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
     # The kernel only reads the chunks: typed as read-only, so that read-only blocks need no cast.
@@ -611,7 +702,7 @@ def _general_partials(
     moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
     _sweep(  # type: ignore[call-arg]
         chunks,
-        *runs,
+        *runs.runs,
         _run_accumulator(dtype),
         _run_accumulator(dtype).dtype.kind == "i",
         needs.order,
@@ -625,33 +716,24 @@ def _general_partials(
         hi,
     )
     if needs.skipna:
-        parts.nvalid = nvalid[local] if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
+        parts.nvalid = _take_rows(nvalid, local) if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
     if needs.extrema:
-        parts.min, parts.max = lo[local], hi[local]
+        parts.min, parts.max = _take_rows(lo, local), _take_rows(hi, local)
     if needs.order >= 1:
-        parts.sum = sums[local]
+        parts.sum = _take_rows(sums, local)
     if needs.order >= 2:
-        parts.m2 = moments[1][local]
+        parts.m2 = _take_rows(moments[1], local)
     if needs.order >= 3:
-        parts.m3 = moments[2][local]
+        parts.m3 = _take_rows(moments[2], local)
     if needs.order >= 4:
-        parts.m4 = moments[3][local]
+        parts.m4 = _take_rows(moments[3], local)
 
 
 def _small_integer_partials(
-    parts: Partials,
-    image: Sequence[NDArray[np.number]],
-    runs: tuple[Any, ...],
-    local: NDArray[np.intp],
-    count: NDArray[np.int64],
-    needs: Needs,
-    pixels: int,
+    parts: Partials, image: Sequence[NDArray[np.number]], runs: LabelRuns, needs: Needs
 ) -> None:
-    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place.
-
-    ``runs`` hold local label ids, whose pixel counts are ``count``; row ``r`` of ``parts`` is
-    the label ``local[r]``.
-    """
+    """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
+    local, count, pixels = runs.local, runs.count, runs.pixels
     dtype: Any = image[0].dtype
     nchan = sum(chunk.shape[0] for chunk in image)
     k = parts.size
@@ -664,10 +746,11 @@ def _small_integer_partials(
     lo = np.full((k, nchan), lo_init, dtype)
     hi = np.full((k, nchan), hi_init, dtype)
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
-    flats, rows = _flat_channels(image)
-    _power_sweep(flats, rows, *runs, order, extrema, power, lo, hi)  # type: ignore[call-arg]
+    batches = _flat_channels(image)
+    for flats, rows in batches:
+        _power_sweep(flats, rows, *runs.runs, order, extrema, power, lo, hi)  # type: ignore[call-arg]
     if needs.extrema:
-        parts.min, parts.max = lo[local], hi[local]
+        parts.min, parts.max = _take_rows(lo, local), _take_rows(hi, local)
     if needs.skipna:
         parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
     if order == 0:
@@ -680,7 +763,8 @@ def _small_integer_partials(
     _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe)
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
-        _sums_about_mean(flats, rows, *runs, rank, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+        for flats, rows in batches:
+            _sums_about_mean(flats, rows, *runs.runs, rank, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
         _central_moments(about_mean, parts.count, unsafe, order, m2, m3, m4)
     parts.sum = sums
     if needs.order >= 2:
