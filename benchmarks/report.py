@@ -390,8 +390,10 @@ Versions: {versions}.
   with background borders, ids scrambled, and a hashed uint16 image of 4 channels, chunks
   {scale_chunk}² × 1 channel. "× generate" is our time over the time to generate the same
   blocks and sum them with dask, in the same process: generate, mean and all run in rounds (up
-  to 7), best over best, because the generator's own speed changes with the machine's memory
-  state by up to 1.5×. Ours is `xr_rasteragg.aggregate` (the
+  to 7), best over best, so that a change in the machine's state hits both sides alike. The
+  generators work in bands of rows with small temporaries: with whole-block temporaries their
+  speed depended on the state of the machine's memory (huge pages and their compaction) and
+  swung the baseline by up to 1.8× between processes. Ours is `xr_rasteragg.aggregate` (the
   engine) with background 0 left out; "result MiB" is the size of the float64 result table of
   all statistics, which necessarily grows with the label count.
 

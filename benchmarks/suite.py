@@ -41,7 +41,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.datasets import REFERENCE, reference_dataset
+from benchmarks.datasets import REFERENCE, reference_files
 from benchmarks.machine import describe_machine
 from benchmarks.peers import METHODS
 
@@ -121,19 +121,27 @@ def _progress(record: dict[str, Any]) -> None:
         )
 
 
-def reference_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
-    size, chunk = settings["size"], settings["spatial_chunk"]
-    reference_dataset(size, REFERENCE["channels"], CACHE)  # made once, loaded by each process
-    skipped = {name: method.missing() for name, method in METHODS.items() if method.missing()}
-    spec = {
+def _reference_spec(settings: dict[str, Any], cap: float) -> dict[str, Any]:
+    """The measurement spec of the reference dataset, without its jobs.
+
+    The dataset is made here once and cached, so that each measurement process only loads it.
+    """
+    reference_files(settings["size"], REFERENCE["channels"], CACHE)
+    return {
         "kind": "reference",
         "cache": str(CACHE),
-        "size": size,
+        "size": settings["size"],
         "channels": REFERENCE["channels"],
         "cap": cap,
         "repeat": settings["repeat"],
         "budget": settings["budget"],
     }
+
+
+def reference_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
+    size, chunk = settings["size"], settings["spatial_chunk"]
+    skipped = {name: method.missing() for name, method in METHODS.items() if method.missing()}
+    spec = _reference_spec(settings, cap)
 
     def jobs(name: str) -> list[dict[str, Any]]:
         return [
@@ -162,16 +170,7 @@ def reference_section(settings: dict[str, Any], cap: float, quick: bool) -> dict
 
 def chunks_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
     size = settings["size"]
-    reference_dataset(size, REFERENCE["channels"], CACHE)
-    spec = {
-        "kind": "reference",
-        "cache": str(CACHE),
-        "size": size,
-        "channels": REFERENCE["channels"],
-        "cap": cap,
-        "repeat": settings["repeat"],
-        "budget": settings["budget"],
-    }
+    spec = _reference_spec(settings, cap)
     groups = [
         [{"method": "ours", "work": work, "spatial_chunk": s, "channel_chunk": c} for work in ("mean", "all")]
         for s, c in settings["chunks"]

@@ -58,6 +58,20 @@ def test_lazy_image_is_a_function_of_the_pixel() -> None:
     assert len(np.unique(a[0])) > 1000  # not constant: a hash spreads the values
 
 
+@pytest.mark.parametrize("band", [1, 7, 64, 10**6])
+def test_generators_work_in_bands_of_any_size(band: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bands of rows (one row, part of one, whole blocks) give the values of one whole block."""
+    y0, y1, x0, x1, width = 5, 40, 3, 33, 50
+    grid = CellGrid(60, width, 37)
+    whole = grid.block(0, 60, 0, width)  # one band
+    monkeypatch.setattr(benchmarks.datasets, "BAND_PIXELS", band)
+    flat = np.arange(y0, y1)[:, None] * width + np.arange(x0, x1)[None, :]
+    hashed = (flat * 2654435761 % 2**32) >> 20
+    expected = np.stack([hashed + c for c in (2, 3)]).astype(np.uint16)
+    np.testing.assert_array_equal(image_block(2, 4, y0, y1, x0, x1, width), expected)
+    np.testing.assert_array_equal(grid.block(y0, y1, x0, x1), whole[y0:y1, x0:x1])
+
+
 def test_lazy_labels_check_the_dtype() -> None:
     with pytest.raises(ValueError, match="dtype"):
         lazy_labels(64, 64, 300, dtype=np.uint8)
