@@ -653,27 +653,11 @@ class RunKernel:
         needs: Needs,
         skip: int | None = None,
     ) -> Partials:
-        """Partials of one block (both stages).
+        """Partials of one block, both stages in turn (the :class:`~xr_rasteragg.kernels.BlockKernel` call).
 
-        Parameters
-        ----------
-        labels
-            Label block, shape ``(z, y, x)``, any integer dtype.
-        image
-            The image over the same pixels as chunks of channels, each of shape
-            ``(c_i, z, y, x)`` and of one dtype; or None when only counts and coordinates are
-            needed.
-        offset
-            Global (z, y, x) index of the block's first pixel.
-        needs
-            What the partials must carry.
-        skip
-            A label whose pixels are ignored entirely (the background), or None.
-
-        Returns
-        -------
-        Partials
-            The partials of the labels present in the block, sorted by id.
+        ``labels`` is a block ``(z, y, x)`` of any integer dtype; the other arguments are those of
+        :meth:`encode` and :meth:`channels`. The partials hold the labels present in the block,
+        sorted by id.
         """
         return self.channels(self.encode(labels, offset, skip), image, needs)
 
