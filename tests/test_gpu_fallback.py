@@ -216,6 +216,22 @@ def test_mixed_host_and_device_inputs_are_an_error(
         aggregate(dlabels, dimage, ["mean"])
 
 
+@pytest.mark.parametrize("device_side", ["labels", "image"])
+def test_blocks_that_mix_host_and_device_are_an_error(
+    data: tuple[np.ndarray, np.ndarray], device_side: str, fakegpu_kernel: None
+) -> None:
+    """Inputs whose metadata say NumPy but whose blocks live elsewhere fail in the task that meets both."""
+    labels, image = data
+    dlabels: Any = da.from_array(labels, chunks=(1, 6, 5))
+    dimage: Any = da.from_array(image, chunks=(1, 1, 6, 5))
+    if device_side == "labels":
+        dlabels = dlabels.map_blocks(fake_device.asarray, meta=np.empty((0, 0, 0), labels.dtype))
+    else:
+        dimage = dimage.map_blocks(fake_device.asarray, meta=np.empty((0, 0, 0, 0), image.dtype))
+    with pytest.raises(TypeError, match=r"a block mixes arrays from \['fakegpu', 'numpy'\]"):
+        aggregate(dlabels, dimage, ["mean"])
+
+
 def test_device_arrays_are_not_read_to_name_the_graph(
     data: tuple[np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch, fakegpu_kernel: None
 ) -> None:
