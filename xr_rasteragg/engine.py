@@ -346,14 +346,13 @@ def _check_inputs(
 class _LabelStage:
     """A label block as the channel tasks of its spatial block receive it (see :func:`_label_task`).
 
-    Kernels that run in two stages hand over their encoding (``encoded``); for others the block
-    itself goes on (``labels``), with its offset and the label to skip.
+    ``block`` is the kernel's encoding of the labels for a kernel that runs in two stages, and
+    the labels block itself for a kernel that takes whole blocks.
     """
 
     backend: str
     kernel: BlockKernel
-    encoded: Any
-    labels: Any
+    block: Any
     offset: tuple[int, int, int]
     skip: int | None
 
@@ -361,11 +360,8 @@ class _LabelStage:
 def _label_task(labels: Any, offset: tuple[int, int, int], skip: int | None) -> _LabelStage:
     """The label stage of one spatial block (a dask task)."""
     kernel = kernel_for(labels)
-    if isinstance(kernel, StagedKernel):
-        return _LabelStage(
-            array_backend(labels), kernel, kernel.encode(labels, offset, skip), None, offset, skip
-        )
-    return _LabelStage(array_backend(labels), kernel, None, labels, offset, skip)
+    block = kernel.encode(labels, offset, skip) if isinstance(kernel, StagedKernel) else labels
+    return _LabelStage(array_backend(labels), kernel, block, offset, skip)
 
 
 def _channel_task(stage: _LabelStage, image: list[Any], needs: Needs) -> Partials:
@@ -373,9 +369,9 @@ def _channel_task(stage: _LabelStage, image: list[Any], needs: Needs) -> Partial
     backends = {stage.backend, *(array_backend(chunk) for chunk in image)}
     if len(backends) > 1:
         raise TypeError(f"a block mixes arrays from {sorted(backends)}; put labels and image on one device")
-    if stage.labels is None and isinstance(stage.kernel, StagedKernel):
-        return stage.kernel.channels(stage.encoded, image or None, needs)
-    return stage.kernel(stage.labels, image or None, stage.offset, needs, stage.skip)
+    if isinstance(stage.kernel, StagedKernel):
+        return stage.kernel.channels(stage.block, image or None, needs)
+    return stage.kernel(stage.block, image or None, stage.offset, needs, stage.skip)
 
 
 def _channel_groups(image: da.Array | None) -> list[list[int]]:

@@ -591,6 +591,8 @@ class LabelRuns:
         background's runs left out); local ids number the labels in order of first appearance.
     local
         The local id of each row of ``parts``.
+    rank
+        The row of ``parts`` of each local id (the inverse of ``local``).
     count
         Pixel counts by local id.
     pixels
@@ -600,6 +602,7 @@ class LabelRuns:
     parts: Partials
     runs: tuple[NDArray[np.int32], ...]
     local: NDArray[np.intp]
+    rank: NDArray[np.intp]
     count: NDArray[np.int64]
     pixels: int
 
@@ -627,8 +630,10 @@ class RunKernel:
         # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
         # neighbouring rows of the accumulators; the rows come out sorted by label id.
         local = np.argsort(keys)  # the ids are unique: any sort gives this order (and quicksort is SIMD)
+        rank = np.empty_like(local)
+        rank[local] = np.arange(local.shape[0])
         parts = Partials(*_in_label_order(local, keys, count, coords, np.asarray(offset, dtype=np.float64)))
-        return LabelRuns(parts, runs, local, count, int(labels.size))
+        return LabelRuns(parts, runs, local, rank, count, int(labels.size))
 
     def channels(self, runs: LabelRuns, image: Sequence[NDArray[np.number]] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over an encoded label block.
@@ -717,7 +722,7 @@ def _small_integer_partials(
     parts: Partials, image: Sequence[NDArray[np.number]], runs: LabelRuns, needs: Needs
 ) -> None:
     """Fill ``parts`` for an image of at most 16-bit integers from exact power sums, in place."""
-    local, count, pixels = runs.local, runs.count, runs.pixels
+    local, rank, count, pixels = runs.local, runs.rank, runs.count, runs.pixels
     dtype: Any = image[0].dtype
     nchan = sum(chunk.shape[0] for chunk in image)
     k = parts.size
@@ -742,8 +747,6 @@ def _small_integer_partials(
     sums = np.empty((k, nchan))
     m2, m3, m4 = (np.empty((k, nchan)) if order >= p else sums for p in (2, 3, 4))
     unsafe = np.zeros((k, nchan), np.bool_)
-    rank = np.empty(k, np.intp)
-    rank[local] = np.arange(k)
     _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe)
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
