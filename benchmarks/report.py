@@ -370,8 +370,9 @@ Versions: {versions}.
 - **Read limit**: NumPy summing the in-memory image and mask once. In each process the method's
   runs alternate with runs of the read limit (best of 3 before each run and after the last), and
   the ratio is best over best, so that load from other processes hits both sides alike.
-- **Peak memory**: growth of the process's resident set during the method's first run (kernel
-  high-water mark `VmHWM`, reset through `/proc/self/clear_refs`, minus the resident set before).
+- **Peak memory**: growth of the process's resident set during the method's first run (in the
+  scale series, the largest over the rounds): the kernel's high-water mark `VmHWM`, reset
+  through `/proc/self/clear_refs`, minus the resident set before.
   It counts everything the run allocates (NumPy, Numba, dask's threads, the result), not the
   input data already in memory; memory that the process freed earlier and reuses is not counted,
   so a few MiB are within noise.

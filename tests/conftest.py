@@ -7,9 +7,11 @@ the label's pixels, in float64 with two passes (as ``scipy.ndimage.variance`` an
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,6 +66,16 @@ def engine_kernel(kernel: Callable[..., Any], monkeypatch: pytest.MonkeyPatch) -
     """Run the engine with each block kernel in turn (for NumPy blocks)."""
     monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: kernel)
     return kernel
+
+
+def tree_hash(path: Path) -> str:
+    """A digest of every path and file content under ``path`` (to show that nothing changed)."""
+    digest = hashlib.sha256()
+    for item in sorted(path.rglob("*")):
+        digest.update(str(item.relative_to(path)).encode())
+        if item.is_file():
+            digest.update(item.read_bytes())
+    return digest.hexdigest()
 
 
 def label_mask(labels: NDArray[np.integer], label: int) -> NDArray[np.bool_]:

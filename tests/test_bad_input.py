@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import logging
 import re
@@ -29,6 +28,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+from conftest import tree_hash
 
 import xr_rasteragg  # noqa: F401  (registers the accessor)
 from xr_rasteragg import RasterAggregator, aggregate
@@ -1087,15 +1087,6 @@ def workdir() -> Path:
     return folder
 
 
-def folder_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for item in sorted(path.rglob("*")):
-        digest.update(str(item.relative_to(path)).encode())
-        if item.is_file():
-            digest.update(item.read_bytes())
-    return digest.hexdigest()
-
-
 def no_reading(*args: Any, **kwargs: Any) -> None:
     raise AssertionError("pixels were read before the arguments were checked")
 
@@ -1110,7 +1101,7 @@ def rasteragg(store: str, *options: str, reads: bool = False) -> str:
     from xr_rasteragg import spatialdata as adapter
 
     folder = workdir()
-    before = folder_hash(folder)
+    before = tree_hash(folder)
     out, err = io.StringIO(), io.StringIO()
     guard = contextlib.nullcontext() if reads else mock.patch.object(adapter, "compute_table", no_reading)
     with contextlib.chdir(folder), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), guard:
@@ -1121,7 +1112,7 @@ def rasteragg(store: str, *options: str, reads: bool = False) -> str:
     assert status == 1, err.getvalue()
     assert len(lines) == 1, err.getvalue()
     assert out.getvalue() == ""
-    assert folder_hash(folder) == before, "a failed command changed a store"
+    assert tree_hash(folder) == before, "a failed command changed a store"
     raise CommandFailed(lines[0])
 
 

@@ -58,9 +58,9 @@ def test_lazy_image_is_a_function_of_the_pixel() -> None:
     assert len(np.unique(a[0])) > 1000  # not constant: a hash spreads the values
 
 
-@pytest.mark.parametrize("band", [1, 7, 64, 10**6])
+@pytest.mark.parametrize("band", [1, 90, 10**6])
 def test_generators_work_in_bands_of_any_size(band: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Bands of rows (one row, part of one, whole blocks) give the values of one whole block."""
+    """Bands of one row, a few rows or the whole block give the values of one whole block."""
     y0, y1, x0, x1, width = 5, 40, 3, 33, 50
     grid = CellGrid(60, width, 37)
     whole = grid.block(0, 60, 0, width)  # one band

@@ -7,7 +7,6 @@ store before and after. Failures are injected by a small driver that patches the
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import io
 import re
@@ -19,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tree_hash
 
 spatialdata = pytest.importorskip("spatialdata")
 from spatialdata.models import Image2DModel, Labels2DModel, TableModel  # noqa: E402
@@ -56,15 +56,6 @@ def failing_consolidate(store):
 {patch}
 sys.exit(main(sys.argv[1:]))
 """
-
-
-def store_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for item in sorted(path.rglob("*")):
-        digest.update(str(item.relative_to(path)).encode())
-        if item.is_file():
-            digest.update(item.read_bytes())
-    return digest.hexdigest()
 
 
 def make_store(path: Path) -> Path:
@@ -153,7 +144,7 @@ def test_overwrite_replaces_a_table(store: Path) -> None:
     ],
 )
 def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str], message: str) -> None:
-    before = store_hash(store)
+    before = tree_hash(store)
     result = rasteragg("aggregate", str(store), *args)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
@@ -161,7 +152,7 @@ def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str
     assert lines[0].startswith("rasteragg: error: ")
     assert re.search(message, lines[0]), lines[0]
     assert result.stdout == ""
-    assert store_hash(store) == before
+    assert tree_hash(store) == before
 
 
 def test_usage_errors_exit_2(store: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -175,7 +166,7 @@ def test_usage_errors_exit_2(store: Path, capsys: pytest.CaptureFixture[str]) ->
 def test_failure_mid_aggregation_leaves_the_store_as_it_was(store: Path, existing: bool) -> None:
     if existing:  # a table that --overwrite would replace
         assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
-    before = store_hash(store)
+    before = tree_hash(store)
     args = [
         "aggregate",
         str(store),
@@ -191,31 +182,31 @@ def test_failure_mid_aggregation_leaves_the_store_as_it_was(store: Path, existin
     assert result.returncode != 0
     assert "RuntimeError: injected" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"rasteragg: failed; {store} is as it was"
-    assert store_hash(store) == before
+    assert tree_hash(store) == before
     assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]
 
 
 def test_interrupt_mid_aggregation_leaves_the_store_as_it_was(store: Path) -> None:
-    before = store_hash(store)
+    before = tree_hash(store)
     result = rasteragg(
         "aggregate", str(store), "--image", "img", "--labels", "cells",
         patch="engine.kernel_for = failing_kernel_for", error="KeyboardInterrupt()",
     )  # fmt: skip
     assert result.returncode == 130
     assert "interrupted; nothing was written" in result.stderr
-    assert store_hash(store) == before
+    assert tree_hash(store) == before
 
 
 def test_failure_while_moving_the_table_in_leaves_the_store_as_it_was(store: Path) -> None:
     """Injected after the new table replaced the old one (a new table: in test_spatialdata.py)."""
     assert main(["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]) == 0
-    before = store_hash(store)
+    before = tree_hash(store)
     args = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "max", "--overwrite"]
     result = rasteragg(*args, patch="adapter._consolidate = failing_consolidate")
     assert result.returncode == 1
     assert "OSError: disk full" in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"rasteragg: failed; {store} is as it was"
-    assert store_hash(store) == before
+    assert tree_hash(store) == before
     assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]
 
 

@@ -34,6 +34,8 @@ distributed = pytest.importorskip("distributed")
 #: Memory limit of each worker process. A worker peaks at 400–500 MiB here (interpreter, NumPy, Numba,
 #: xarray, 2048² blocks and their temporaries); the nanny kills it at 95% of the limit.
 WORKER_MEMORY = 640 * 2**20
+#: Worker processes of the test cluster.
+WORKERS = 2
 #: Spatial block of the generated images: 2048² float32 = 16 MiB per channel.
 BLOCK = 2048
 STATS = ("count", "sum", "mean", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
@@ -58,7 +60,7 @@ def client() -> Iterator[Any]:
             {"distributed.scheduler.allowed-failures": 3, "distributed.worker.memory.pause": False}
         ),
         distributed.LocalCluster(
-            n_workers=2,
+            n_workers=WORKERS,
             threads_per_worker=1,
             processes=True,
             memory_limit=WORKER_MEMORY,
@@ -191,11 +193,13 @@ def test_worker_killed_mid_computation(client: Any, tmp_path: Path) -> None:
 def test_image_larger_than_cluster_memory(client: Any) -> None:
     nchan, ny, nx = 4, 3 * BLOCK, 7 * BLOCK  # 1344 MiB of float32
     labels, image = generated(nchan, ny, nx)
+    client.wait_for_workers(WORKERS)  # a worker that an earlier test killed may still be starting
     limits = [w["memory_limit"] for w in client.scheduler_info()["workers"].values()]
     assert image.nbytes > sum(limits)
-    client.run(reset_peak_rss)  # count this run only, not the imports or any compiling before it
+    before = client.run(reset_peak_rss)  # count this run only, not the imports or any compiling before it
     result = aggregate(labels, image, ["count", "sum", "mean", "max"])
     peaks = client.run(peak_rss)
+    assert peaks.keys() == before.keys()  # no worker was killed for its memory and replaced
     print(
         f"image {image.nbytes / 2**20:.0f} MiB; worker peak RSS (MiB): {[p / 2**20 for p in peaks.values()]}"
     )

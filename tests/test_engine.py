@@ -592,7 +592,7 @@ def test_numba_kernel_reads_any_channel_layout(layout: str, dtype: str) -> None:
         "views": [image[c : c + 1] for c in range(6)],
         "separate": separate,
         "flipped": [image[c : c + 1, ::-1, ::-1, ::-1] for c in range(6)],
-        "fortran": [np.asfortranarray(image)[c : c + 1] for c in range(3)],
+        "fortran": [np.asfortranarray(image)[c : c + 1] for c in range(6)],
         "one chunk": [image],
     }[layout]
     if layout == "flipped":

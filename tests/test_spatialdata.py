@@ -7,7 +7,6 @@ round trip through a zarr store.
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import warnings
@@ -16,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from conftest import tree_hash
 from numpy.typing import NDArray
 
 spatialdata = pytest.importorskip("spatialdata")
@@ -103,15 +103,6 @@ def centroids_of(sdata: Any, labels: str, cs: str = "global") -> NDArray[np.floa
     """spatialdata's own centroids (x, y[, z]) of a labels element, sorted by id."""
     points = spatialdata.get_centroids(sdata.labels[labels], coordinate_system=cs).compute()
     return points.sort_index()[[c for c in ("x", "y", "z") if c in points.columns]].to_numpy()
-
-
-def tree_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for item in sorted(path.rglob("*")):
-        digest.update(str(item.relative_to(path)).encode())
-        if item.is_file():
-            digest.update(item.read_bytes())
-    return digest.hexdigest()
 
 
 # -- the table ------------------------------------------------------------------------------
