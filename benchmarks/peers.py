@@ -110,6 +110,43 @@ def _ours_class(data: Data, work: Work) -> Callable[[], Any]:
     return run
 
 
+def _ours_index(data: Data, work: Work) -> Callable[[], Any]:
+    from xr_rasteragg import RasterAggregator
+
+    mask, image = data.dask_mask(), data.dask_image()
+    index = np.unique(data.labels)  # the user's list of ids, made beforehand (untimed)
+
+    def run() -> Any:
+        aggregator = RasterAggregator(mask, image, run_on_gpu=False)
+        with dask.config.set(scheduler="threads"):
+            if work == "mean":
+                return aggregator.aggregate_mean(index=index)
+            return aggregator.aggregate_stats(ALL_STATS, index=index)
+
+    return run
+
+
+def _ours_script(data: Data, work: Work) -> Callable[[], Any]:
+    from xr_rasteragg import RasterAggregator
+
+    mask, image = data.dask_mask(), data.dask_image()
+    index = np.unique(data.labels)  # the user's list of ids, made beforehand (untimed)
+
+    def run() -> Any:
+        aggregator = RasterAggregator(mask, image, run_on_gpu=False)
+        with dask.config.set(scheduler="threads"):
+            if work == "mean":
+                return aggregator.aggregate_mean(index=index)
+            return (
+                aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index),
+                aggregator.aggregate_min(index=index),
+                aggregator.aggregate_max(index=index),
+                aggregator.center_of_mass(index=index),
+            )
+
+    return run
+
+
 def _ours_accessor(data: Data, work: Work) -> Callable[[], Any]:
     import xarray as xr
 
@@ -279,6 +316,20 @@ METHODS: dict[str, Method] = {
     for method in (
         Method("read", "read limit (NumPy sum of image and mask)", (), {"mean": (), "all": ()}, _read_limit),
         Method("ours", "xr_rasteragg RasterAggregator", (), _all(*ALL_STATS), _ours_class),
+        Method(
+            "ours-index",
+            "xr_rasteragg RasterAggregator, index=np.unique(mask)",
+            (),
+            _all(*ALL_STATS),
+            _ours_index,
+        ),
+        Method(
+            "ours-script",
+            "xr_rasteragg RasterAggregator, harpy's four-call script with an index",
+            (),
+            _all(*ALL_STATS),
+            _ours_script,
+        ),
         Method("accessor", "xr_rasteragg .rasteragg accessor", (), _all(*ALL_STATS), _ours_accessor),
         Method("bincount", "NumPy bincount (+ ufunc.at for min/max)", (), _all(*ALL_STATS), _bincount),
         Method(

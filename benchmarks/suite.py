@@ -11,9 +11,11 @@ Sections (``--only`` picks some):
 
 ``reference``
     DESIGN §6's dataset (4096² px, 8 channels uint16, ~18.8k cells, chunks 2048² x 1 channel) in
-    memory; "mean" and all nine statistics by each method of :mod:`benchmarks.peers`, as ratios
-    to the read limit (NumPy summing image and mask once, measured in the same process right
-    before) and to ours, with peak memory.
+    memory; "mean" and all nine statistics by each method of :mod:`benchmarks.peers` (``--methods``
+    picks some), as ratios to the read limit (NumPy summing image and mask once, measured in the
+    same process right before) and to ours, with peak memory. Ours runs three ways through the
+    class: without an index, with ``index=np.unique(mask)``, and as harpy's four-call script
+    (aggregate_stats, aggregate_min, aggregate_max, center_of_mass) with that index.
 ``chunks``
     Ours on the same dataset with spatial chunks 512..4096 and channel chunks 1, 4, all.
 ``scale``
@@ -47,7 +49,7 @@ from benchmarks.peers import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "xr_rasteragg_bench"
-OWN = ("ours", "accessor", "read")  # methods whose failure fails the run
+OWN = ("ours", "ours-index", "ours-script", "accessor", "read")  # methods whose failure fails the run
 
 __all__ = ["main", "plan"]
 
@@ -138,9 +140,14 @@ def _reference_spec(settings: dict[str, Any], cap: float) -> dict[str, Any]:
     }
 
 
-def reference_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
+def reference_section(
+    settings: dict[str, Any], cap: float, quick: bool, methods: list[str] | None = None
+) -> dict[str, Any]:
     size, chunk = settings["size"], settings["spatial_chunk"]
-    skipped = {name: method.missing() for name, method in METHODS.items() if method.missing()}
+    skipped = {name: f"not installed: {', '.join(m.missing())}" for name, m in METHODS.items() if m.missing()}
+    if methods:
+        unasked = [name for name in METHODS if name not in {"read", *methods}]
+        skipped.update({name: "not asked for (--methods)" for name in unasked})
     spec = _reference_spec(settings, cap)
 
     def jobs(name: str) -> list[dict[str, Any]]:
@@ -163,12 +170,14 @@ def reference_section(settings: dict[str, Any], cap: float, quick: bool) -> dict
         "spatial_chunk": chunk,
         "channel_chunk": REFERENCE["channel_chunk"],
         "methods": {name: {"title": m.title, "computes": m.computes} for name, m in METHODS.items()},
-        "skipped": {name: f"not installed: {', '.join(missing)}" for name, missing in skipped.items()},
+        "skipped": skipped,
         "results": results,
     }
 
 
-def chunks_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
+def chunks_section(
+    settings: dict[str, Any], cap: float, quick: bool, methods: list[str] | None = None
+) -> dict[str, Any]:
     size = settings["size"]
     spec = _reference_spec(settings, cap)
     groups = [
@@ -181,7 +190,9 @@ def chunks_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[st
     return {"size": size, "results": results}
 
 
-def scale_section(settings: dict[str, Any], cap: float, quick: bool) -> dict[str, Any]:
+def scale_section(
+    settings: dict[str, Any], cap: float, quick: bool, methods: list[str] | None = None
+) -> dict[str, Any]:
     channels, chunk = 4, settings["spatial_chunk"]
     by_labels, by_size = settings["labels_series"], settings["size_series"]
     points = [(by_labels["size"], n) for n in by_labels["n_labels"]]
@@ -221,6 +232,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--note", default="", help="a line for the docs, e.g. how busy the machine was")
     parser.add_argument("--only", nargs="+", choices=sorted(SECTIONS), help="run only these sections")
     parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="reference section: only these methods (and the read limit)",
+    )
+    parser.add_argument(
         "--cap", type=float, default=None, help="seconds one measurement may take (600; 60 quick)"
     )
     parser.add_argument("--json", type=Path, default=CACHE / "results.json", help="results file")
@@ -234,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": args.quick, "note": args.note, "machine": describe_machine()}
     for name in sections:
         print(f"{name}:", file=sys.stderr, flush=True)
-        results[name] = SECTIONS[name](settings, cap, args.quick)
+        results[name] = SECTIONS[name](settings, cap, args.quick, args.methods)
     results["machine"]["load_after"] = os.getloadavg()
     results["wall_seconds"] = time.time() - started
 

@@ -229,8 +229,8 @@ class RasterAggregator:
                 )
         shape_stats = {"skew", "kurtosis"} & set(names)
         helpers = ("count", "var") if shape_stats else ()
-        result = aggregate(self._mask, self._image, (*names, *helpers), index=index)
-        values = {name: np.asarray(value) for name, value in result.values.items()}
+        result = aggregate(self._mask, self._image, (*names, *helpers), index=index, eager=True)
+        values = result.values
         if shape_stats:
             # Constant labels: harpy reports 0.0 where scipy (and the accessor) report NaN.
             # With pixels and a finite variance, a NaN skew or kurtosis means a constant label.

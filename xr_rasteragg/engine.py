@@ -80,6 +80,7 @@ def aggregate(
     background: int | None = None,
     skipna: bool = False,
     split_every: int = SPLIT_EVERY,
+    eager: bool = False,
 ) -> Aggregation:
     """Compute per-label statistics of ``image`` over ``labels`` in one pass.
 
@@ -102,18 +103,23 @@ def aggregate(
         Ignore NaN pixels; by default they make their label's statistics NaN, as in NumPy.
     split_every
         How many partials one merge task combines.
+    eager
+        Run the pass now and return NumPy arrays even for dask inputs with an ``index`` (for
+        callers that need the values at once).
 
     Returns
     -------
     Aggregation
-        The labels and one array per statistic. With dask inputs and an ``index`` the arrays are
-        dask arrays and nothing has been computed; otherwise the pass has run.
+        The labels and one array per statistic. With dask inputs and an ``index`` (and not
+        ``eager``) the arrays are dask arrays of one graph and nothing has been computed: compute
+        them together (``dask.compute(result.values)``) to read the data once; each array
+        computed by itself runs the pass again. Otherwise the pass has run.
     """
     stats = validate_stats(stats)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
     check_background(background)
-    lazy = index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
+    lazy = not eager and index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
     wanted = None if index is None else prepare_index(index)

@@ -1,0 +1,189 @@
+"""Every public entry point reads the data once per call, with or without an index, lazy or eager.
+
+The ``kernel_calls`` fixture (``conftest.py``) records each read of a label block by the engine's
+kernels: one call is one read of each spatial block, whatever it asks for. Lazy results are
+computed the way their docs say (``.compute()`` on the Dataset, ``dask.compute`` on the engine's
+values), and that must be one read too.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+
+import xr_rasteragg
+from xr_rasteragg import RasterAggregator
+
+ALL_STATS = ("sum", "mean", "count", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
+SHAPE, CHUNKS = (1, 12, 16), (1, 6, 8)  # four spatial blocks
+BLOCKS = 4
+
+
+@pytest.fixture
+def data() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 9, size=SHAPE).astype(np.int32)
+    image = rng.random((3, *SHAPE))
+    return labels, image
+
+
+def _index(labels: np.ndarray, with_index: bool) -> np.ndarray | None:
+    return np.unique(labels) if with_index else None
+
+
+# -- RasterAggregator -----------------------------------------------------------------------------
+
+CLASS_CALLS: dict[str, Callable[[RasterAggregator, Any], Any]] = {
+    "aggregate_stats (default)": lambda a, index: a.aggregate_stats(index=index),
+    "aggregate_stats (all nine)": lambda a, index: a.aggregate_stats(ALL_STATS, index=index),
+    "aggregate_mean": lambda a, index: a.aggregate_mean(index=index),
+    "aggregate_skew": lambda a, index: a.aggregate_skew(index=index),
+    "aggregate_area": lambda a, index: a.aggregate_area(index=index),
+    "center_of_mass": lambda a, index: a.center_of_mass(index=index),
+}
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+@pytest.mark.parametrize("backing", ["dask", "numpy"])
+@pytest.mark.parametrize("call", sorted(CLASS_CALLS))
+def test_raster_aggregator_reads_once_per_call(
+    data: tuple[np.ndarray, np.ndarray],
+    kernel_calls: list[tuple[int, int, int]],
+    call: str,
+    backing: str,
+    with_index: bool,
+) -> None:
+    labels, image = data
+    mask, pixels = da.from_array(labels, chunks=CHUNKS), da.from_array(image, chunks=(1, *CHUNKS))
+    if backing == "numpy":  # the class splits in-memory arrays into blocks of its own choosing
+        mask, pixels = labels, image
+    aggregator = RasterAggregator(mask, pixels, run_on_gpu=False)
+    result = CLASS_CALLS[call](aggregator, _index(labels, with_index))
+    blocks = BLOCKS if backing == "dask" else 1
+    assert len(kernel_calls) == blocks
+    frames = result if isinstance(result, list) else [result]
+    assert all(len(frame) == len(np.unique(labels)) for frame in frames)
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+def test_harpy_style_script_reads_once_per_call(
+    data: tuple[np.ndarray, np.ndarray], kernel_calls: list[tuple[int, int, int]], with_index: bool
+) -> None:
+    labels, image = data
+    aggregator = RasterAggregator(
+        da.from_array(labels, chunks=CHUNKS), da.from_array(image, chunks=(1, *CHUNKS)), run_on_gpu=False
+    )
+    index = _index(labels, with_index)
+    aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index)
+    aggregator.aggregate_min(index=index)
+    aggregator.aggregate_max(index=index)
+    aggregator.center_of_mass(index=index)
+    assert len(kernel_calls) == 4 * BLOCKS
+
+
+# -- the accessor and the engine ------------------------------------------------------------------
+
+
+def _arrays(data: tuple[np.ndarray, np.ndarray], backing: str) -> tuple[xr.DataArray, xr.DataArray]:
+    labels, image = data[0][0], data[1][:, 0]
+    if backing == "dask":
+        labels = da.from_array(labels, chunks=CHUNKS[1:])
+        image = da.from_array(image, chunks=(1, *CHUNKS[1:]))
+    coords = {"y": np.arange(SHAPE[1]) * 0.5, "x": np.arange(SHAPE[2]) * 0.5}
+    return (
+        xr.DataArray(labels, dims=("y", "x"), coords=coords),
+        xr.DataArray(image, dims=("c", "y", "x"), coords=coords),
+    )
+
+
+ACCESSOR_CALLS: dict[str, Callable[[xr.DataArray, xr.DataArray, Any], Any]] = {
+    "aggregate": lambda image, labels, index: image.rasteragg.aggregate(labels, ALL_STATS, index=index),
+    "mean": lambda image, labels, index: image.rasteragg.mean(labels, index=index),
+    "kurtosis": lambda image, labels, index: image.rasteragg.kurtosis(labels, index=index),
+    "area": lambda image, labels, index: labels.rasteragg.area(index=index),
+    "center_of_mass": lambda image, labels, index: labels.rasteragg.center_of_mass(index=index),
+}
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+@pytest.mark.parametrize("backing", ["dask", "numpy"])
+@pytest.mark.parametrize("call", sorted(ACCESSOR_CALLS))
+def test_accessor_reads_once_per_call(
+    data: tuple[np.ndarray, np.ndarray],
+    kernel_calls: list[tuple[int, int, int]],
+    call: str,
+    backing: str,
+    with_index: bool,
+) -> None:
+    labels, image = _arrays(data, backing)
+    result = ACCESSOR_CALLS[call](image, labels, _index(data[0], with_index))
+    result.compute()  # a lazy result (dask inputs with an index) is computed as a whole
+    assert len(kernel_calls) == (BLOCKS if backing == "dask" else 1)
+
+
+def test_lazy_engine_values_computed_together_read_once(
+    data: tuple[np.ndarray, np.ndarray], kernel_calls: list[tuple[int, int, int]]
+) -> None:
+    labels, image = data
+    result = xr_rasteragg.aggregate(
+        da.from_array(labels, chunks=CHUNKS),
+        da.from_array(image, chunks=(1, *CHUNKS)),
+        ALL_STATS,
+        index=np.unique(labels),
+    )
+    assert all(isinstance(value, da.Array) for value in result.values.values())
+    assert kernel_calls == []  # lazy: nothing read yet
+    (values,) = dask.compute(result.values)
+    assert len(kernel_calls) == BLOCKS
+    assert set(values) == set(ALL_STATS)
+
+
+# -- SpatialData and the command line --------------------------------------------------------------
+
+
+@pytest.fixture
+def sdata(data: tuple[np.ndarray, np.ndarray]) -> Any:
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import Image2DModel, Labels2DModel
+
+    labels, image = data[0][0], (data[1][:, 0] * 1000).astype(np.uint16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return spatialdata.SpatialData(
+            images={"img": Image2DModel.parse(image, dims=("c", "y", "x"), chunks=(1, *CHUNKS[1:]))},
+            labels={"cells": Labels2DModel.parse(labels, dims=("y", "x"), chunks=CHUNKS[1:])},
+        )
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_spatialdata_adapter_reads_once(sdata: Any, kernel_calls: list[tuple[int, int, int]]) -> None:
+    from xr_rasteragg.spatialdata import aggregate
+
+    table = aggregate(sdata, "img", "cells", ("mean", "var", "skew", "max"))
+    assert len(kernel_calls) == BLOCKS
+    assert table.n_obs == len(np.unique(sdata["cells"].values)) - 1  # background left out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+def test_command_line_reads_once(
+    sdata: Any, tmp_path: Path, kernel_calls: list[tuple[int, int, int]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from xr_rasteragg.cli import main
+
+    store = tmp_path / "data.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sdata.write(store)
+    code = main(
+        ["aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "mean,var,kurtosis"]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert len(kernel_calls) == BLOCKS
