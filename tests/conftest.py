@@ -173,8 +173,9 @@ def assert_all_stats(values: dict[str, Any], expected: dict[str, NDArray[Any]], 
 
 
 def assert_partials_close(got: Partials, expected: Partials, rtol: float = 1e-9) -> None:
-    """Partials agree: ids, counts, coordinates, valid counts and extrema exactly; sums and central
-    moments to ``rtol`` of their natural scale (``n * (std + 1e-12 |mean|) ** k`` for ``M_k``)."""
+    """Partials agree: ids, counts, coordinates, valid counts and extrema exactly; sums (whatever
+    the shifts) and central moments to ``rtol`` of their natural scale (``n * (std + 1e-12 |mean|)
+    ** k`` for ``M_k``)."""
     np.testing.assert_array_equal(got.labels, expected.labels)
     assert got.labels.dtype == expected.labels.dtype
     np.testing.assert_array_equal(got.count, expected.count)
@@ -184,18 +185,23 @@ def assert_partials_close(got: Partials, expected: Partials, rtol: float = 1e-9)
         assert (a is None) == (b is None), name
         if b is not None:
             np.testing.assert_array_equal(a, b, err_msg=name)
-    if expected.sum is None:
-        assert got.sum is None
+    if expected.shifted is None:
+        assert got.shifted is None
+        assert got.shift is None
         return
-    assert got.sum is not None
+    assert got.shifted is not None
+    assert got.shift is not None
+    assert expected.shift is not None
+    assert got.shift.dtype == expected.shift.dtype
     n = expected.n().astype(np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = np.where(n > 0, expected.sum / n, 0.0)
+        mean = np.where(n > 0, expected.means(), 0.0)
         std = (
             np.sqrt(np.maximum(np.where(n > 0, expected.m2 / n, 0.0), 0.0)) if expected.m2 is not None else 0
         )
     scale = n * (np.abs(mean) + std)
-    _assert_scaled("sum", got.sum, expected.sum, rtol * np.maximum(scale, np.abs(expected.sum)))
+    sums = expected.sums()
+    _assert_scaled("sum", got.sums(), sums, rtol * np.maximum(scale, np.abs(sums)))
     for k, name in ((2, "m2"), (3, "m3"), (4, "m4")):
         a, b = getattr(got, name), getattr(expected, name)
         assert (a is None) == (b is None), name

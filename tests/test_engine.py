@@ -617,7 +617,7 @@ def test_numba_kernel_stages(dtype: str) -> None:
         kernel.channels(runs, [image[:2], image[2:3]], everything),
         kernel.channels(runs, [image[3:]], everything),
     ]
-    assert kernel.channels(runs, None, everything).sum is None
+    assert kernel.channels(runs, None, everything).shifted is None
     for name, value in before.items():
         np.testing.assert_array_equal(getattr(runs.parts, name), value, err_msg=name)
     expected = xr_rasteragg.kernels.xp.block_partials(labels, [image], offset, everything, 0)

@@ -129,17 +129,20 @@ def test_no_allocation_by_the_largest_id() -> None:
 
 
 def test_integer_sums_are_exact_where_float64_accumulation_is_not() -> None:
-    """2**23 pixels of 2**31 - 1 (and a few of -2**31): the float64 running sum passes 2**53 and rounds."""
+    """2**23 pixels: the first (the shift) -2**31, most 2**31 - 1, so that the differences from the
+    shift, 2**32 - 1 each, pass 2**53 in a float64 running sum and round there."""
     labels = np.zeros((1, 2048, 4096), np.uint8)
     image = np.full((1, *labels.shape), 2**31 - 1, np.int32)
     image[0, 0, ::7] = -(2**31)
-    exact = int(image.astype(np.int64).sum())
+    shifted = int(image.astype(np.int64).sum()) - labels.size * -(2**31)
     got = gpu_logic(labels, image, Needs(1))
-    assert got.sum is not None
-    assert got.sum[0, 0] == float(exact)
+    assert got.shift is not None
+    assert got.shifted is not None
+    assert got.shift[0, 0] == -(2**31)
+    assert got.shifted[0, 0] == float(shifted)
     rounded = partials_with(ArrayReductions(np), labels, [image], (0, 0, 0), Needs(1))
-    assert rounded.sum is not None
-    assert rounded.sum[0, 0] != float(exact)  # the plain float64 bincount does round here
+    assert rounded.shifted is not None
+    assert rounded.shifted[0, 0] != float(shifted)  # the plain float64 bincount does round here
 
 
 @pytest.mark.parametrize("dtype", IMAGE_DTYPES)

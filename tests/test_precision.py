@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from fractions import Fraction
 from typing import Any
 
 import dask.array as da
 import numpy as np
 import pytest
+import scipy.stats
 from conftest import KERNELS, assert_partials_close, label_mask, sub_block_partials
 from numpy.typing import NDArray
 
@@ -224,3 +226,77 @@ def _fold(parts: list[Partials], step: Callable[[Partials, Partials], Partials])
     for q in parts[1:]:
         acc = step(acc, q)
     return acc
+
+
+# --- large means, 64-bit integers and constant labels --------------------------------------------
+
+
+def exact_variance(x: NDArray[Any]) -> Fraction:
+    """The population variance of ``x`` in exact rational arithmetic."""
+    values = [Fraction(int(v)) if x.dtype.kind in "iu" else Fraction(float(v)) for v in x.ravel()]
+    mean = sum(values, Fraction(0)) / len(values)
+    return sum(((v - mean) ** 2 for v in values), Fraction(0)) / len(values)
+
+
+LARGE_MEANS: dict[str, Callable[[np.random.Generator, tuple[int, ...]], NDArray[Any]]] = {
+    "float64 1e8 ± 1": lambda rng, shape: 1e8 + rng.integers(-1, 2, shape).astype(np.float64),
+    "float64 1e12 + N(0, 1)": lambda rng, shape: 1e12 + rng.normal(0.0, 1.0, shape),
+    "uint32 near 2**32": lambda rng, shape: (2**32 - 1 - rng.integers(0, 3, shape)).astype(np.uint32),
+    "int32 near -2**31": lambda rng, shape: (-(2**31) + rng.integers(0, 3, shape)).astype(np.int32),
+    "int64 within 500 of 2**62": lambda rng, shape: 2**62 + rng.integers(-500, 500, shape),
+    "uint64 within 1000 of 2**64": lambda rng, shape: (
+        np.uint64(2**64 - 1) - rng.integers(0, 1000, shape).astype(np.uint64)
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LARGE_MEANS))
+def test_large_means_spanning_blocks(engine_kernel: Callable[..., Any], case: str) -> None:
+    """Labels whose mean is 1e8 to 1e19 times their spread, each spanning several blocks: the
+    variance to 1e-9 of the exact one (the float64 merge of raw sums and of rounded run means
+    lost up to 2.6e-4 here, and int64 values converted to float64 before centring lost all)."""
+    rng = np.random.default_rng(7)
+    labels = (np.arange(60 * 50).reshape(1, 60, 50) // 700).astype(np.int32)
+    image = LARGE_MEANS[case](rng, (1, *labels.shape))
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 25, 20)),
+        da.from_array(image, chunks=(1, 1, 25, 20)),
+        ("var", "std", "skew", "kurtosis"),
+        background=None,
+    )
+    for row, label in enumerate(result.labels):
+        x = image[0][labels == label]
+        var = exact_variance(x)
+        assert result.values["var"][row, 0] == pytest.approx(float(var), rel=1e-9, abs=0)
+        assert result.values["std"][row, 0] == pytest.approx(float(var) ** 0.5, rel=1e-9, abs=0)
+        shape = (
+            scipy.stats.skew((x - x.min()).astype(np.float64)),
+            scipy.stats.kurtosis((x - x.min()).astype(np.float64)),
+        )
+        assert result.values["skew"][row, 0] == pytest.approx(shape[0], rel=1e-6, abs=1e-6)
+        assert result.values["kurtosis"][row, 0] == pytest.approx(shape[1], rel=1e-6, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("value", "dtype"),
+    [(0.1, "float64"), (0.1, "float32"), (1e300, "float64"), (int(1.2e17), "int64"), (2**64 - 7, "uint64"),
+     (-(2**31), "int32"), (65535, "uint16"), (-3, "int8")],
+)  # fmt: skip
+def test_constant_labels_have_no_spread(engine_kernel: Callable[..., Any], value: Any, dtype: str) -> None:
+    """All values equal: var and std exactly 0, skew and kurtosis NaN, over any number of blocks
+    (0.1 over 1000 px gave var 1.2e-32, skew 1 and kurtosis -2; int64 1.2e17 gave var 95265)."""
+    labels = np.zeros((1, 30, 100), np.int16)
+    labels[0, 0, :] = 1  # a row of 100 px, in 4 blocks
+    labels[0, 1:, 10:40] = 2  # 870 px in 6 blocks
+    image = np.full((2, *labels.shape), value, dtype=dtype)
+    image[1, 0, 1:, 10:40] = np.array(0, dtype=dtype) if dtype != "uint64" else 5  # constant too
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 16, 30)),
+        da.from_array(image, chunks=(1, 1, 16, 30)),
+        ("mean", "var", "std", "skew", "kurtosis"),
+    )
+    np.testing.assert_array_equal(result.values["var"], 0.0)
+    np.testing.assert_array_equal(result.values["std"], 0.0)
+    assert np.isnan(result.values["skew"]).all()
+    assert np.isnan(result.values["kurtosis"]).all()
+    assert result.values["mean"][1, 0] == float(np.array(value, dtype=dtype))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 from fractions import Fraction
 from typing import Any
+from unittest import mock
 
 import dask.array as da
 import numpy as np
@@ -18,7 +19,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
-import xr_rasteragg  # noqa: F401  (registers the accessor)
+import xr_rasteragg  # registers the accessor
+import xr_rasteragg.engine
 from xr_rasteragg import RasterAggregator
 from xr_rasteragg.engine import aggregate
 from xr_rasteragg.partials import Needs, merge
@@ -188,20 +190,41 @@ def test_merge_is_associative_and_commutative(data: st.DataObject, case: Any, ne
 MOMENTS = ("sum", "mean", "var", "std", "skew", "kurtosis")
 
 
+#: Integer image dtypes, every one over its whole range.
+INTEGER_DTYPES = ["int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64"]
+
+
 @st.composite
 def adversarial(draw: st.DrawFn) -> tuple[NDArray[np.integer], NDArray[Any]]:
-    """Few labels over values far from zero with a tiny spread, where raw power sums cancel:
-    uint16 65533..65535 (±1 about 65534), or float64 ``offset + spread * k`` with
-    ``|offset| / spread`` up to 1e6 and k in 0..4."""
+    """Few labels over values where float arithmetic loses the answer.
+
+    Either integers of any dtype (a base anywhere in the dtype's range, its extremes included,
+    plus a spread of 0 to 1000, clipped to the range; or values over the whole range), or
+    float64 ``offset + spread * k`` with ``|offset| / spread`` up to 1e12 and k in 0..4 (float32
+    up to 1e6, the most its 24 bits carry).
+    """
     shape = (draw(st.integers(1, 2)), draw(st.integers(1, 10)), draw(st.integers(1, 10)))
     labels = draw(hnp.arrays(np.int32, shape, elements=st.integers(0, 3)))
-    if draw(st.booleans()):
-        image = draw(hnp.arrays(np.uint16, (2, *shape), elements=st.integers(65533, 65535)))
-        return labels, image
+    kind = draw(st.sampled_from(["integer", "float64", "float32"]))
+    if kind == "integer":
+        dtype = np.dtype(draw(st.sampled_from(INTEGER_DTYPES)))
+        info = np.iinfo(dtype)
+        if draw(st.booleans()):
+            values = draw(hnp.arrays(dtype, (2, *shape), elements=st.integers(int(info.min), int(info.max))))
+            return labels, values
+        base = draw(
+            st.sampled_from([int(info.min), int(info.max), 0, int(info.max) // 3, int(info.min) // 3])
+        )
+        base = draw(st.integers(int(info.min), int(info.max)) | st.just(base))
+        spread = draw(st.sampled_from([0, 1, 2, 1000]))
+        steps = draw(hnp.arrays(np.int64, (2, *shape), elements=st.integers(-spread, spread)))
+        values = np.clip(base + steps.astype(object), int(info.min), int(info.max))
+        return labels, values.astype(dtype)
     spread = draw(st.sampled_from([1.0, 1e-3, 0.37, 1e5]))
-    offset = draw(st.sampled_from([-1.0, 1.0])) * spread * 10.0 ** draw(st.integers(0, 6))
+    exponent = draw(st.integers(0, 12 if kind == "float64" else 6))
+    offset = draw(st.sampled_from([-1.0, 1.0])) * spread * 10.0**exponent
     steps = draw(hnp.arrays(np.float64, (2, *shape), elements=st.integers(0, 4).map(float)))
-    return labels, offset + spread * steps
+    return labels, (offset + spread * steps).astype(kind)
 
 
 def exact_moments(x: NDArray[Any]) -> dict[str, float]:
@@ -211,7 +234,7 @@ def exact_moments(x: NDArray[Any]) -> dict[str, float]:
     of their mean: three pixels of 0.1 have a float64 mean of 0.1 + 1 ulp, a variance of 1e-34 and
     a skewness of -1.)
     """
-    values = [Fraction(float(v)) for v in x.ravel()]
+    values = [Fraction(int(v)) if x.dtype.kind in "iu" else Fraction(float(v)) for v in x.ravel()]
     n = len(values)
     mean = sum(values, Fraction(0)) / n
     m2, m3, m4 = (sum(((v - mean) ** k for v in values), Fraction(0)) / n for k in (2, 3, 4))
@@ -221,27 +244,90 @@ def exact_moments(x: NDArray[Any]) -> dict[str, float]:
     return {"sum": float(mean * n), "mean": float(mean), "var": float(m2), "std": float(m2) ** 0.5, **shape}
 
 
-@settings(max_examples=40, deadline=None)
-@given(data=st.data(), case=adversarial())
-def test_adversarial_precision_for_any_chunking(data: st.DataObject, case: Any) -> None:
+def assert_contract(got: dict[str, float], x: NDArray[Any], where: Any) -> None:
+    """The precision contract of docs/statistics.md against the exact moments of ``x``.
+
+    sum and mean: relative error 1e-9, or for values of both signs that cancel, an error of at
+    most 2**-50 · n · max|x| (the rounding of float64 numbers of the size of the values) in the
+    sum; var and std: relative 1e-9; skew and kurtosis: 1e-6 relative, absolute below 1; a
+    constant label has var and std exactly 0 and skew and kurtosis NaN.
+    """
+    expected = exact_moments(x)
+    n = x.size
+    cancel = 2.0**-50 * float(np.max(np.abs(x.astype(np.float64))))
+    for name, slack in (("sum", n * cancel), ("mean", cancel), ("var", 0.0), ("std", 0.0)):
+        assert abs(got[name] - expected[name]) <= 1e-9 * abs(expected[name]) + slack, (
+            name,
+            got,
+            expected,
+            where,
+        )
+    if "skew" not in expected:  # a constant label: exactly no spread, no shape (NaN, as scipy.stats)
+        assert got["var"] == got["std"] == 0.0, where
+        assert np.isnan(got["skew"])
+        assert np.isnan(got["kurtosis"])
+        return
+    for name in ("skew", "kurtosis"):
+        assert got[name] == pytest.approx(expected[name], rel=1e-6, abs=1e-6), (name, got, expected, where)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), case=adversarial(), kernel=st.sampled_from(sorted(KERNELS)))
+def test_adversarial_precision_for_any_chunking(data: st.DataObject, case: Any, kernel: str) -> None:
+    """Every kernel, any chunking, lazy or eager: within the contract of the exact moments."""
     labels, image = case
     label_chunks = data.draw(chunks_for(labels.shape), label="label chunks")
     image_chunks = data.draw(chunks_for(image.shape), label="image chunks")
-    result = aggregate(
-        da.from_array(labels, chunks=label_chunks), da.from_array(image, chunks=image_chunks), MOMENTS
-    )
+    lazy = data.draw(st.booleans(), label="lazy (with an index)")
+    index = np.arange(4) if lazy else None
+    with mock.patch.object(xr_rasteragg.engine, "kernel_for", return_value=KERNELS[kernel]):
+        result = aggregate(
+            da.from_array(labels, chunks=label_chunks),
+            da.from_array(image, chunks=image_chunks),
+            MOMENTS,
+            index=index,
+        )
+        (values,) = da.compute(result.values)
     for row, label in enumerate(result.labels):
         for channel in range(image.shape[0]):
-            expected = exact_moments(image[channel][labels == label])
-            got = {name: float(result.values[name][row, channel]) for name in MOMENTS}
-            for name in ("sum", "mean", "var", "std"):
-                assert got[name] == pytest.approx(expected[name], rel=1e-9, abs=0), (name, label, channel)
-            if "skew" not in expected:  # a constant label: no shape (NaN, as scipy.stats)
-                assert np.isnan(got["skew"])
-                assert np.isnan(got["kurtosis"])
-                continue
-            for name in ("skew", "kurtosis"):
-                assert got[name] == pytest.approx(expected[name], rel=0, abs=1e-6), (name, label, channel)
+            x = image[channel][labels == label]
+            if x.size:
+                got = {name: float(values[name][row, channel]) for name in MOMENTS}
+                assert_contract(got, x, (label, channel))
+
+
+@FAST
+@given(data=st.data(), case=adversarial())
+def test_adversarial_results_agree_across_kernels_chunkings_and_laziness(
+    data: st.DataObject, case: Any
+) -> None:
+    """The compiled and the array-API kernel, eager and lazy, any chunking: the same statistics.
+
+    They differ only in the order of float64 roundings, so they agree to the contract's
+    tolerance wherever it is relative, and to the rounding of the values where they cancel.
+    """
+    labels, image = case
+    runs = []
+    for kernel in ("numba", "xp"):
+        label_chunks = data.draw(chunks_for(labels.shape), label="label chunks")
+        image_chunks = data.draw(chunks_for(image.shape), label="image chunks")
+        with mock.patch.object(xr_rasteragg.engine, "kernel_for", return_value=KERNELS[kernel]):
+            args = (da.from_array(labels, chunks=label_chunks), da.from_array(image, chunks=image_chunks))
+            eager = aggregate(*args, MOMENTS, background=None)
+            lazy = aggregate(*args, MOMENTS, index=eager.labels)
+            (lazy_values,) = da.compute(lazy.values)
+        runs += [eager.values, lazy_values]
+    scale = float(np.max(np.abs(image.astype(np.float64)))) if image.size else 0.0
+    for values in runs[1:]:
+        for name in MOMENTS:
+            a, b = np.asarray(runs[0][name]), np.asarray(values[name])
+            slack = 2.0**-49 * scale * (labels.size if name == "sum" else 1)
+            rtol, atol = (
+                (1e-6, 1e-6)
+                if name in ("skew", "kurtosis")
+                else (2e-9, slack if name in ("sum", "mean") else 0)
+            )
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=atol, equal_nan=True, err_msg=name)
 
 
 # --- the accessor and the class, any chunking ---------------------------------------------------

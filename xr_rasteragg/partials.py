@@ -2,10 +2,18 @@
 
 A :class:`Partials` holds, for the labels present in some part of the data (one block, or the
 merge of several), everything the requested statistics need: the pixel count, coordinate sums,
-and per channel the sum, the central moments about the part's own mean, and the extrema.
+and per channel a shift (one of the label's own values), the sum of the values less the shift,
+the central moments about the part's own mean, and the extrema.
 Partials are merged with the multi-set form of the pairwise update formulas for central moments
 (Chan et al. for M2, Pébay 2008 for M3 and M4), so no statistic is ever derived from raw power
 sums that cancel catastrophically.
+
+Why a shift: a mean far larger than the spread (1e8 ± 1 in float64, uint32 values near 2**32,
+int64 values near 2**62) is not representable to the precision the merge formulas need, and
+64-bit integers are not representable in float64 at all. Every value enters the moments as its
+difference from the shift, taken exactly in the image's own arithmetic (:func:`difference`), so
+the means that the merges compare are small numbers close to the spread, and a constant label has
+deviations, moments and variance exactly 0.
 """
 
 from __future__ import annotations
@@ -17,14 +25,15 @@ from typing import Any
 
 import numba as nb
 import numpy as np
+from numba.extending import overload
 from numpy.typing import NDArray
 
-__all__ = ["Needs", "Partials", "concat_channels", "label_union", "merge"]
+__all__ = ["Needs", "Partials", "concat_channels", "difference", "label_union", "merge", "shift_dtype"]
 
 #: Parts of at most this many rows in all are stacked before a merge (see :func:`merge`).
 STACK_ROWS = 2**20
 #: The fields of :class:`Partials` that hold one column per channel.
-CHANNEL_FIELDS = ("nvalid", "sum", "m2", "m3", "m4", "min", "max")
+CHANNEL_FIELDS = ("nvalid", "shift", "shifted", "m2", "m3", "m4", "min", "max")
 
 
 @dataclass(frozen=True)
@@ -68,9 +77,17 @@ class Partials:
     nvalid
         Per-channel number of non-NaN pixels, shape ``(k, C)``, int64; only when NaN pixels are
         skipped, otherwise every channel counts ``count`` pixels.
-    sum, m2, m3, m4
-        Per-channel sum and central moments ``sum((x - mean) ** p)`` about the part's own mean,
-        shape ``(k, C)``, float64; present up to the order that was needed.
+    shift
+        Per-channel shift ``K``: one of the label's values in the part (its first finite one),
+        or 0 where it has none, shape ``(k, C)``, in :func:`shift_dtype` of the image dtype
+        (int64 or uint64 for integer images, float64 otherwise); present with ``shifted``.
+    shifted
+        Per-channel ``sum(x - K)``, shape ``(k, C)``, float64, each difference taken exactly
+        where float64 can hold it (:func:`difference`); the sum is ``n K + shifted`` and the
+        mean ``K + shifted / n``.
+    m2, m3, m4
+        Per-channel central moments ``sum((x - mean) ** p)`` about the part's own mean, shape
+        ``(k, C)``, float64; present up to the order that was needed.
     min, max
         Per-channel extrema, shape ``(k, C)``, in the image dtype (so merges are exact).
     """
@@ -79,7 +96,8 @@ class Partials:
     count: NDArray[Any]
     coords: NDArray[Any]
     nvalid: NDArray[Any] | None = None
-    sum: NDArray[Any] | None = None
+    shift: NDArray[Any] | None = None
+    shifted: NDArray[Any] | None = None
     m2: NDArray[Any] | None = None
     m3: NDArray[Any] | None = None
     m4: NDArray[Any] | None = None
@@ -99,6 +117,19 @@ class Partials:
             if value is not None:
                 out[name] = value
         return out
+
+    def sums(self) -> NDArray[np.float64]:
+        """Per-channel sums ``n K + sum(x - K)``, shape ``(k, C)``."""
+        assert self.shift is not None
+        assert self.shifted is not None
+        return self.n() * self.shift.astype(np.float64) + self.shifted
+
+    def means(self) -> NDArray[np.float64]:
+        """Per-channel means ``K + sum(x - K) / n`` (NaN where a channel has no valid pixel)."""
+        assert self.shift is not None
+        assert self.shifted is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.shift.astype(np.float64) + self.shifted / self.n()
 
     def n(self) -> NDArray[Any]:
         """Number of pixels entering the moments, shape ``(k, C)`` or ``(k, 1)``."""
@@ -123,6 +154,49 @@ class Partials:
         return replace(
             self, labels=self.labels[rows], count=self.count[rows], coords=self.coords[rows], **channel
         )
+
+
+def shift_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype of the shifts of an image of ``dtype``: uint64 for uint64, int64 for other integers
+    (and booleans), float64 for floating-point images."""
+    if dtype.kind in "iub":
+        return np.dtype(np.uint64 if dtype == np.uint64 else np.int64)
+    return np.dtype(np.float64)
+
+
+def difference(x: Any, k: Any) -> float:
+    """``x - k`` as float64, exact whenever float64 can hold the difference.
+
+    Integers are subtracted in 64-bit two's complement arithmetic first, which is exact while
+    ``|x - k| < 2**63`` (always, for values of at most 32 bits), and only the difference is
+    rounded to float64; this is what keeps 64-bit integer images exact, whose values float64
+    cannot hold. Where the difference itself leaves the 64-bit range, both are rounded to float64
+    first. Floats are subtracted in float64 (exact for values within a factor of two of each
+    other, as a label's values and its shift are when the mean is large against the spread).
+    Compiled for Numba code; from Python it runs as plain arithmetic.
+    """
+    if isinstance(x, int | np.integer) and isinstance(k, int | np.integer):
+        return float(int(x) - int(k))
+    return float(x) - float(k)
+
+
+@overload(difference, jit_options={"nogil": True})
+def _difference_compiled(x: Any, k: Any) -> Any:
+    """The compiled :func:`difference`, chosen by the types of its arguments."""
+    if isinstance(x, nb.types.Integer) and isinstance(k, nb.types.Integer):
+
+        def integers(x: Any, k: Any) -> float:
+            wrapped = np.int64(np.uint64(x) - np.uint64(k))  # modulo 2**64
+            if (x >= k) != (wrapped >= 0):  # the difference left the int64 range
+                return float(x) - float(k)
+            return float(wrapped)
+
+        return integers
+
+    def floats(x: Any, k: Any) -> float:
+        return float(x) - float(k)
+
+    return floats
 
 
 def merge(parts: Sequence[Partials]) -> Partials:
@@ -175,7 +249,7 @@ def merge(parts: Sequence[Partials]) -> Partials:
         },
     )
     order = 4 if first.m4 is not None else 3 if first.m3 is not None else 2 if first.m2 is not None else 1
-    order = order if first.sum is not None else 0
+    order = order if first.shifted is not None else 0
     seen = np.zeros(k, np.bool_)
     for part, rows in zip(parts, positions, strict=True):
         _fold(merged, part, rows, seen, order)
@@ -210,10 +284,15 @@ def _fold(
 @nb.njit(nogil=True, cache=True)
 def _fold_rows(  # type: ignore[no-untyped-def]
     seen, rows, order, skipna, extrema,
-    count, coords, nvalid, total, m2, m3, m4, lo, hi,
-    count_b, coords_b, nvalid_b, total_b, m2_b, m3_b, m4_b, lo_b, hi_b,
+    count, coords, nvalid, shift, total, m2, m3, m4, lo, hi,
+    count_b, coords_b, nvalid_b, shift_b, total_b, m2_b, m3_b, m4_b, lo_b, hi_b,
 ):  # fmt: skip
-    """Copy or combine one part's rows into the output rows ``rows`` (see :func:`merge`)."""
+    """Copy or combine one part's rows into the output rows ``rows`` (see :func:`merge`).
+
+    A combined row keeps its shift ``K``; the part's sum moves onto it by ``Δ = K_b - K``
+    (:func:`difference`), and the means the moment formulas compare are ``sum(x - K) / n``,
+    small numbers where the label's spread is small.
+    """
     nchan = total_b.shape[1] if order >= 1 else lo_b.shape[1] if extrema else 0
     for r in range(rows.shape[0]):
         i = rows[r]
@@ -226,6 +305,7 @@ def _fold_rows(  # type: ignore[no-untyped-def]
                 if skipna:
                     nvalid[i, c] = nvalid_b[r, c]
                 if order >= 1:
+                    shift[i, c] = shift_b[r, c]
                     total[i, c] = total_b[r, c]
                 if order >= 2:
                     m2[i, c] = m2_b[r, c]
@@ -240,32 +320,38 @@ def _fold_rows(  # type: ignore[no-untyped-def]
         for c in range(nchan):
             na = float(nvalid[i, c] if skipna else count[i])
             nb_ = float(nvalid_b[r, c] if skipna else count_b[r])
-            if order >= 2 and na > 0 and nb_ > 0:
-                n = na + nb_
-                delta = total_b[r, c] / nb_ - total[i, c] / na
-                dn = delta / n
-                ab = na * nb_
-                a2, b2 = m2[i, c], m2_b[r, c]
-                if order >= 3:
-                    a3, b3 = m3[i, c], m3_b[r, c]
-                    if order >= 4:
-                        m4[i, c] = (
-                            m4[i, c]
-                            + m4_b[r, c]
-                            + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
-                            + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
-                            + 4.0 * dn * (na * b3 - nb_ * a3)
-                        )
-                    m3[i, c] = a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
-                m2[i, c] = a2 + b2 + delta * dn * ab
-            elif order >= 2 and nb_ > 0:  # the output has no valid pixel in this channel yet
-                m2[i, c] = m2_b[r, c]
+            if order >= 1 and nb_ > 0 and na == 0:  # no valid pixel in this channel yet: take the part's
+                shift[i, c] = shift_b[r, c]
+                total[i, c] = total_b[r, c]
+                if order >= 2:
+                    m2[i, c] = m2_b[r, c]
                 if order >= 3:
                     m3[i, c] = m3_b[r, c]
                 if order >= 4:
                     m4[i, c] = m4_b[r, c]
-            if order >= 1:
-                total[i, c] += total_b[r, c]
+            elif order >= 1 and nb_ > 0:
+                moved = difference(shift_b[r, c], shift[i, c])
+                if order >= 2:
+                    n = na + nb_
+                    delta = moved + total_b[r, c] / nb_ - total[i, c] / na
+                    dn = delta / n
+                    ab = na * nb_
+                    a2, b2 = m2[i, c], m2_b[r, c]
+                    if order >= 3:
+                        a3, b3 = m3[i, c], m3_b[r, c]
+                        if order >= 4:
+                            m4[i, c] = (
+                                m4[i, c]
+                                + m4_b[r, c]
+                                + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
+                                + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
+                                + 4.0 * dn * (na * b3 - nb_ * a3)
+                            )
+                        m3[i, c] = (
+                            a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
+                        )
+                    m2[i, c] = a2 + b2 + delta * dn * ab
+                total[i, c] += total_b[r, c] + nb_ * moved
             if skipna:
                 nvalid[i, c] += nvalid_b[r, c]
             if extrema:

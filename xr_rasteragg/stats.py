@@ -22,9 +22,6 @@ __all__ = ["STATISTICS", "Derived", "StatName", "Statistic", "finalize", "needs_
 
 StatName = Literal["count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"]
 
-#: Relative size of the variance below which a label counts as constant (as in scipy.stats).
-_CONSTANT = np.finfo(np.float64).resolution
-
 
 @dataclass(frozen=True)
 class Statistic:
@@ -72,9 +69,7 @@ class Derived:
     @cached_property
     def mean(self) -> NDArray[np.float64]:
         """Per-channel means (NaN where a channel has no valid pixel)."""
-        assert self.p.sum is not None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return self.p.sum / self.n
+        return self.p.means()
 
     @cached_property
     def var(self) -> NDArray[np.float64]:
@@ -84,35 +79,32 @@ class Derived:
             return np.maximum(self.p.m2, 0.0) / self.n
 
 
-def _sum(d: Derived) -> NDArray[np.float64]:
-    assert d.p.sum is not None
-    return d.p.sum
-
-
 def _standardized(
     d: Derived, moment: NDArray[np.float64] | None, power: int, offset: float = 0.0
 ) -> NDArray[np.float64]:
-    """``m_k / m_2^(k/2) + offset`` for ``k = power``, NaN where the label is constant (m_2 ≈ 0).
+    """``m_k / m_2^(k/2) + offset`` for ``k = power``, NaN where the label is constant (m_2 = 0).
 
-    As scipy.stats does.
+    The moments are exact for a constant label (every deviation from its shift is 0), so
+    constancy is tested exactly; scipy.stats also calls a label constant whose variance is below
+    ``(1e-14 mean)**2``, which would wrongly cover 64-bit integer images with large values.
     """
     assert moment is not None
-    return _standardized_rows(moment, d.n, d.var, d.mean, power, offset)
+    return _standardized_rows(moment, d.n, d.var, power, offset)
 
 
 @nb.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in NumPy
-def _standardized_rows(moment, n, var, mean, power, offset):  # type: ignore[no-untyped-def]
+def _standardized_rows(moment, n, var, power, offset):  # type: ignore[no-untyped-def]
     """One loop over labels and channels for :func:`_standardized` (no temporaries of size (k, C)).
 
-    A label counts as constant where ``var <= (resolution * mean)**2``; ``power`` is 3 (skewness,
-    ``var**1.5``) or 4 (kurtosis, ``var**2``).
+    A label counts as constant where ``var == 0``; ``power`` is 3 (skewness, ``var**1.5``) or 4
+    (kurtosis, ``var**2``).
     """
     out = np.empty(moment.shape)
     wide = n.shape[1] > 1
     for i in range(moment.shape[0]):
         for c in range(moment.shape[1]):
             v = var[i, c]
-            if v <= (_CONSTANT * mean[i, c]) ** 2:
+            if v == 0:
                 out[i, c] = np.nan
                 continue
             scale = v * v if power == 4 else v * np.sqrt(v)
@@ -130,7 +122,7 @@ def _extremum(values: NDArray[np.generic] | None, d: Derived) -> NDArray[np.floa
 
 STATISTICS: dict[str, Statistic] = {
     "count": Statistic(Needs(0), lambda d: d.p.count, 0, per_channel=False),
-    "sum": Statistic(Needs(1), _sum, 0),
+    "sum": Statistic(Needs(1), lambda d: d.p.sums(), 0),
     "mean": Statistic(Needs(1), lambda d: d.mean, np.nan),
     "var": Statistic(Needs(2), lambda d: d.var, np.nan),
     "std": Statistic(Needs(2), lambda d: np.sqrt(d.var), np.nan),

@@ -6,8 +6,9 @@ The block stays on the device. It is relabelled with ``cupy.unique(..., return_i
 scatter reduction over the inverse index, one kernel launch per quantity and channel:
 
 - sums of float64 values with ``bincount(weights=...)`` (atomic adds);
-- sums of integer images of up to 32 bits exactly, with integer atomic adds into uint64
-  (two's complement, so negative values add exactly too), rounded to float64 once;
+- sums of the differences from the shifts of integer images of up to 32 bits exactly, with
+  integer atomic adds into uint64 (two's complement, so negative values add exactly too),
+  rounded to float64 once;
 - extrema with ``cupyx.scatter_min`` / ``scatter_max`` on order-preserving unsigned keys
   (uint32 or uint64) of the values, which makes them exact for every dtype: CuPy's own float64
   ``atomicMin``/``atomicMax`` compare through ``fminf``/``fmaxf`` in single precision;
@@ -59,18 +60,18 @@ class ScatterReductions(ArrayReductions):
         self.scatter_min = scatter_min
         self.scatter_max = scatter_max
 
-    def channel_sum(self, channel: Any, values: Any, inverse: Any, k: int) -> Any:
-        """Per-label sums in float64; exact integer sums for integer images of up to 32 bits.
+    def channel_sum(self, exact: Any, values: Any, inverse: Any, k: int) -> Any:
+        """Per-label sums of the differences from the shifts; exact for integer images of up to 32 bits.
 
-        Values of at most 32 bits are added as 64-bit two's complement integers (in uint64,
-        where CUDA has atomic adds), which is exact for fewer than 2**31 pixels per block, and
-        rounded to float64 once.
+        Their int64 differences (``exact``) are added as 64-bit two's complement integers (in
+        uint64, where CUDA has atomic adds), which is exact for fewer than 2**30 pixels per
+        block, and rounded to float64 once. Other differences are summed in float64.
         """
         xp = self.xp
-        if channel.dtype.kind not in "iu" or channel.dtype.itemsize > 4:
+        if exact.dtype.kind != "i":
             return self.sum(values, inverse, k)
         total = xp.zeros(k, dtype=xp.uint64)
-        self.scatter_add(total, inverse, channel.astype(xp.int64).view(xp.uint64))
+        self.scatter_add(total, inverse, exact.view(xp.uint64))
         return total.view(xp.int64).astype(xp.float64)
 
     def extrema(self, channel: Any, inverse: Any, k: int, ignore: Any | None) -> tuple[Any, Any]:

@@ -9,13 +9,15 @@ image (strided blocks are read in place):
 
 - for images of at most 16-bit integers (the common microscopy case), one loop per run and
   channel accumulates exact integer power sums ``Σ x**p`` modulo 2**64 and the extrema. The
-  central moments follow per label at the end by exact integer shifts to the rounded mean; where
-  the bound that guarantees exactness fails (wide ranges in large labels), those labels are
-  recomputed in float64 about their exact mean;
-- for other images, sums come from exact int64 prefix sums of the row for integer images, or
-  from a loop over the run otherwise, and one more loop over the run (then in L1 cache) finds
-  the extrema and the central moments about the run's own mean, which are merged into the
-  label's running moments with the pairwise formulas of Pébay (2008).
+  shifted sums and central moments follow per label at the end by exact integer shifts to the
+  rounded mean; where the bound that guarantees exactness fails (wide ranges in large labels),
+  those labels are recomputed in float64 about that integer;
+- for other images, every pixel enters as its exact difference from its label's shift (see
+  :class:`~xr_rasteragg.partials.Partials`). Run sums of differences come from exact int64
+  prefix sums of the row for integer images of up to 32 bits, or from a loop over the run
+  otherwise, and one more loop over the run (then in L1 cache) finds the extrema and the
+  central moments about the run's own mean, which are merged into the label's running moments
+  with the pairwise formulas of Pébay (2008).
 
 No statistic rests on float power sums that cancel. Encoding and sweep are separate stages
 (:class:`RunKernel`): the engine encodes each label block once, in a task of its own, and sweeps
@@ -36,7 +38,7 @@ import numpy as np
 from numba.typed import List
 from numpy.typing import NDArray
 
-from ..partials import Needs, Partials
+from ..partials import Needs, Partials, difference, shift_dtype
 
 __all__ = ["LabelRuns", "RunKernel", "block_partials"]
 
@@ -158,6 +160,16 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
     return keys[:k], count[:k], coords[:k], runs
 
 
+@nb.njit(nogil=True, cache=True)
+def _first_shift(row, a, b, zero):
+    """The shift of a label: the first finite value of ``row[a:b]``, or ``zero`` if there is none."""
+    for p in range(a, b):
+        x = row[p]
+        if x - x == 0:  # neither NaN nor ±inf (always true for integers)
+            return zero + x
+    return zero
+
+
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
 def _sweep(
     chunks,
@@ -166,15 +178,14 @@ def _sweep(
     run_x,
     run_len,
     run_id,
-    acc0,
     prefix,
     order,
     extrema,
     skipna,
     done,
     nvalid,
+    shift,
     sums,
-    mean,
     m2,
     m3,
     m4,
@@ -184,14 +195,18 @@ def _sweep(
     """Accumulate one block's image into per-label partials, run by run.
 
     ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other.
-    For each run and channel the pixels (then in L1 cache) are read twice: once for the sum (in
-    the type of ``acc0``), the extrema and the valid count; once for the central moments about
-    the run's own mean. With ``prefix`` (integer images), run sums are differences of exact int64
-    prefix sums of the row: one long, fast loop per row instead of one short loop per run. The
-    run's moments are then merged into the label's running moments with the pairwise formulas of
-    Pébay (2008), so accuracy never rests on power sums that cancel.
+    A label's shift ``K`` in a channel is the first finite value of its first run there (see
+    :class:`~xr_rasteragg.partials.Partials`), and every pixel enters as ``d = x - K``, taken
+    exactly (:func:`~xr_rasteragg.partials.difference`). For each run and channel the pixels
+    (then in L1 cache) are read twice: once for ``Σ d``, the extrema and the valid count; once
+    for the central moments about the run's own mean. With ``prefix`` (integer images of at most
+    32 bits), run sums are differences of exact int64 prefix sums of the row: one long, fast
+    loop per row instead of one short loop per run. The run's moments are then merged into the
+    label's running moments with the pairwise formulas of Pébay (2008), comparing the means of
+    ``d``, so accuracy never rests on power sums that cancel nor on large means.
     """
     nruns = run_id.shape[0]
+    zero = shift.dtype.type(0)
     c0 = 0
     for chunk in chunks:
         cumulative = np.zeros(chunk.shape[3] + 1, np.int64)
@@ -216,25 +231,27 @@ def _sweep(
                     na_all = done[i]
                     nb_all = b - a
                     done[i] = na_all + nb_all
-                    acc = acc0
+                    na = nvalid[i, c] if skipna else na_all
+                    if na == 0:
+                        shift[i, c] = _first_shift(row, a, b, zero)
+                    k = shift[i, c]
+                    acc = 0.0
                     nb_ = nb_all
                     if skipna:
                         nb_ = 0
                         for p in range(a, b):
                             x = row[p]
                             if x == x:
-                                acc += x
+                                acc += difference(x, k)
                                 nb_ += 1
-                        na = nvalid[i, c]
                         nvalid[i, c] = na + nb_
                     elif prefix:
-                        acc = cumulative[b] - cumulative[a]
-                        na = na_all
+                        acc = float(cumulative[b] - cumulative[a] - nb_all * np.int64(k))
                     else:
                         for p in range(a, b):
-                            acc += row[p]
-                        na = na_all
-                    sums[i, c] += acc
+                            acc += difference(row[p], k)
+                    ua = sums[i, c]
+                    sums[i, c] = ua + acc
                     if not extrema and (order < 2 or nb_ == 0):
                         continue
                     # One loop over the run for the extrema and the moments about the run mean.
@@ -250,7 +267,7 @@ def _sweep(
                             mn = min(mn, x)
                             mx = max(mx, x)
                         if order >= 2 and not (skipna and x != x):
-                            d = x - mb
+                            d = difference(x, k) - mb
                             d2 = d * d
                             t2 += d2
                             if order >= 3:
@@ -269,17 +286,15 @@ def _sweep(
                     if order < 2 or nb_ == 0:
                         continue
                     if na == 0:
-                        mean[i, c] = mb
                         m2[i, c] = t2
                         m3[i, c] = t3
                         m4[i, c] = t4
                         continue
                     n = na + nb_
-                    delta = mb - mean[i, c]
+                    delta = mb - ua / na
                     dn = delta / n
                     ab = float(na) * nb_
                     a2 = m2[i, c]
-                    mean[i, c] += dn * nb_
                     m2[i, c] = a2 + t2 + delta * dn * ab
                     if order >= 3:
                         a3 = m3[i, c]
@@ -353,24 +368,24 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
 
 
 @nb.njit(nogil=True, cache=True)
-def _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe):
-    """Sums and central moments per label and channel from power sums modulo 2**64.
+def _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m2, m3, m4, unsafe):
+    """Shifts, shifted sums and central moments per label and channel from power sums modulo 2**64.
 
     The inputs are indexed by local label id ``i``, the outputs by row ``rank[i]`` (so the rows
     come out sorted by label id in the same pass).
 
-    With ``T_p = Σ x**p`` modulo 2**64 (from :func:`_power_sweep`), the sum is ``T_1`` (exact:
-    below 2**63 for 16-bit values). The sums about the rounded mean ``s`` follow from the
-    binomial theorem with ``e = -s``, again modulo 2**64, where they are exact whatever the size
-    of the raw power sums::
+    With ``T_p = Σ x**p`` modulo 2**64 (from :func:`_power_sweep`), the sum ``T_1`` is exact
+    (below 2**63 for 16-bit values). The shift is the mean rounded to an integer, ``s``; the
+    sums about it follow from the binomial theorem with ``e = -s``, again modulo 2**64, where they
+    are exact whatever the size of the raw power sums::
 
         U_p = Σ (x - s)**p = Σ_j C(p, j) e**(p - j) T_j        (T_0 = n)
 
-    Each ``U_p`` equals the true integer as soon as ``|U_p| < 2**63``, which holds when
-    ``n R**order < 2**62`` for ``R = max(max - s, s - min)`` (or ``span``, the dtype's range,
-    when the extrema were not collected, ``lo > hi``). Labels and channels where that bound
-    fails are marked ``unsafe`` for :func:`_central_moments`. With ``δ = U_1 / n``
-    (``|δ| <= 1/2``) the central moments follow with little cancellation::
+    ``U_1`` is the shifted sum. Each ``U_p`` equals the true integer as soon as
+    ``|U_p| < 2**63``, which holds when ``n R**order < 2**62`` for ``R = max(max - s, s - min)``
+    (or ``span``, the dtype's range, when the extrema were not collected, ``lo > hi``). Labels and
+    channels where that bound fails are marked ``unsafe`` for :func:`_central_moments`. With
+    ``δ = U_1 / n`` (``|δ| <= 1/2``) the central moments follow with little cancellation::
 
         M2 = U2 - δ U1            (exact in integers, (n U2 - U1²) / n, when n U2 < 2**62)
         M3 = U3 - 3 δ U2 + 2 δ² U1
@@ -384,10 +399,13 @@ def _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, 
         for c in range(nchan):
             t1 = power[i, c, 0]
             total = np.int64(t1)
-            sums[r, c] = total
-            if order < 2 or n == 0:
-                continue
             s = (2 * total + n) // (2 * n)  # the mean rounded to an integer (floor division)
+            e = np.uint64(0) - np.uint64(s)  # -s modulo 2**64
+            u1 = np.int64(t1 + un * e)
+            shift[r, c] = s
+            sums[r, c] = u1
+            if order < 2:
+                continue
             reach = float(span)
             if lo[i, c] <= hi[i, c]:
                 reach = float(max(np.int64(hi[i, c]) - s, s - np.int64(lo[i, c]), 1))
@@ -399,9 +417,7 @@ def _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, 
             if n * bound >= 2.0**62:
                 unsafe[r, c] = True
                 continue
-            e = np.uint64(0) - np.uint64(s)  # -s modulo 2**64
             t2 = power[i, c, 1]
-            u1 = np.int64(t1 + un * e)
             u2 = np.int64(t2 + e * (np.uint64(2) * t1 + un * e))
             f1 = float(u1)
             delta = f1 / n
@@ -429,12 +445,11 @@ def _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, 
 
 
 @nb.njit(nogil=True, cache=True)
-def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, unsafe, count, sums, t):
-    """Add ``Σ d**p`` (p = 1..4, ``d = x - mean`` in float64) to ``t[r, c, p - 1]`` where ``unsafe``.
+def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, unsafe, shift, t):
+    """Add ``Σ d**p`` (p = 1..4, ``d = x - shift``, exact) to ``t[r, c, p - 1]`` where ``unsafe``.
 
     The image layout is that of :func:`_power_sweep`; the runs hold local label ids, and the
-    label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``count``, ``sums`` and ``t``; the means
-    are ``sums / count``.
+    label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``shift`` and ``t``.
     """
     for q in range(run_id.shape[0]):
         r = rank[run_id[q]]
@@ -444,9 +459,9 @@ def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, un
                 continue
             start = rows[j, 2] + rows[j, 3] * run_z[q] + rows[j, 4] * run_y[q] + run_x[q]
             flat = flats[rows[j, 0]]
-            mean = sums[r, c] / count[r]
+            s = shift[r, c]
             for p in range(start, start + run_len[q]):
-                d = flat[p] - mean
+                d = float(np.int64(flat[p]) - s)
                 d2 = d * d
                 t[r, c, 0] += d
                 t[r, c, 1] += d2
@@ -458,7 +473,8 @@ def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, un
 def _central_moments(t, count, unsafe, order, m2, m3, m4):
     """Central moments where ``unsafe`` from the sums of :func:`_sums_about_mean`.
 
-    The mean rounded to float64 is corrected by ``δ = Σd / n`` as in :func:`_moments_from_powers`.
+    The deviations from the rounded mean are corrected by ``δ = Σd / n`` as in
+    :func:`_moments_from_powers`.
     """
     k, nchan = unsafe.shape
     for i in range(k):
@@ -571,13 +587,6 @@ def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
     return dtype.type(info.max), dtype.type(info.min)
 
 
-def _run_accumulator(dtype: np.dtype) -> np.generic:
-    """Zero in the type that sums one run exactly and fast: int64 for small integers."""
-    if np.issubdtype(dtype, np.integer) and dtype.itemsize <= 4:
-        return np.int64(0)
-    return np.float64(0.0)
-
-
 @dataclass(frozen=True)
 class LabelRuns:
     """A label block encoded as runs: what every group of channels of the block starts from.
@@ -685,20 +694,21 @@ def _general_partials(
     lo_init, hi_init = _extrema_init(dtype)
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
+    shift = np.zeros((k, nchan), shift_dtype(dtype))
     sums = np.zeros((k, nchan), np.float64)
     lo = np.full((k, nchan), lo_init, dtype)
     hi = np.full((k, nchan), hi_init, dtype)
-    moments = [np.zeros((k, nchan)) for _ in range(4)] if needs.order >= 2 else [sums] * 4
+    moments = [np.zeros((k, nchan)) for _ in range(3)] if needs.order >= 2 else [sums] * 3
     _sweep(  # type: ignore[call-arg]
         chunks,
         *runs.runs,
-        _run_accumulator(dtype),
-        _run_accumulator(dtype).dtype.kind == "i",
+        dtype.kind in "iu" and dtype.itemsize <= 4,  # exact int64 prefix sums of the rows
         needs.order,
         needs.extrema,
         skipna,
         np.zeros(k, np.int64),
         nvalid,
+        shift,
         sums,
         *moments,
         lo,
@@ -709,13 +719,13 @@ def _general_partials(
     if needs.extrema:
         parts.min, parts.max = _take_rows(lo, local), _take_rows(hi, local)
     if needs.order >= 1:
-        parts.sum = _take_rows(sums, local)
+        parts.shift, parts.shifted = _take_rows(shift, local), _take_rows(sums, local)
     if needs.order >= 2:
-        parts.m2 = _take_rows(moments[1], local)
+        parts.m2 = _take_rows(moments[0], local)
     if needs.order >= 3:
-        parts.m3 = _take_rows(moments[2], local)
+        parts.m3 = _take_rows(moments[1], local)
     if needs.order >= 4:
-        parts.m4 = _take_rows(moments[3], local)
+        parts.m4 = _take_rows(moments[2], local)
 
 
 def _small_integer_partials(
@@ -744,16 +754,17 @@ def _small_integer_partials(
         parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
     if order == 0:
         return
+    shift = np.empty((k, nchan), np.int64)
     sums = np.empty((k, nchan))
     m2, m3, m4 = (np.empty((k, nchan)) if order >= p else sums for p in (2, 3, 4))
     unsafe = np.zeros((k, nchan), np.bool_)
-    _moments_from_powers(rank, count, power, order, lo, hi, span, sums, m2, m3, m4, unsafe)
+    _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m2, m3, m4, unsafe)
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
         for flats, rows in batches:
-            _sums_about_mean(flats, rows, *runs.runs, rank, unsafe, parts.count, sums, about_mean)  # type: ignore[call-arg]
+            _sums_about_mean(flats, rows, *runs.runs, rank, unsafe, shift, about_mean)  # type: ignore[call-arg]
         _central_moments(about_mean, parts.count, unsafe, order, m2, m3, m4)
-    parts.sum = sums
+    parts.shift, parts.shifted = shift, sums
     if needs.order >= 2:
         parts.m2 = m2
     if needs.order >= 3:

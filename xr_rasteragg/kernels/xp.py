@@ -1,11 +1,13 @@
 """Generic array kernel, written with array operations only: runs on NumPy and on CuPy.
 
-A block is relabelled with ``unique(..., return_inverse=True)`` (so nothing is allocated by the
-size of the largest id), background pixels are dropped, and every per-label quantity is a
-segmented reduction over the inverse index. The per-channel central moments are computed in two
-passes over the block (mean first, then the moments about it, corrected for the rounding of the
-mean), which is the most accurate form while the block is in memory anyway. Only the small
-per-label tables are copied to the host.
+A block is relabelled with ``unique(..., return_index=True, return_inverse=True)`` (so nothing is
+allocated by the size of the largest id), background pixels are dropped, and every per-label
+quantity is a segmented reduction over the inverse index. Each label's shift in a channel is its
+first finite value there, and every value enters as its exact difference from the shift (see
+:class:`~xr_rasteragg.partials.Partials`). The per-channel central moments are computed in two
+passes over the block (the mean of the differences first, then the moments about it, corrected
+for the rounding of that mean), which is the most accurate form while the block is in memory
+anyway. Only the small per-label tables are copied to the host.
 
 The reductions themselves are a small object, :class:`ArrayReductions`: weighted ``bincount``
 for sums and sorting for extrema, which NumPy and CuPy provide with the same signature. This
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..partials import CHANNEL_FIELDS, Needs, Partials
+from ..partials import CHANNEL_FIELDS, Needs, Partials, shift_dtype
 
 __all__ = ["ArrayReductions", "block_partials", "namespace", "partials_with", "to_numpy"]
 
@@ -58,8 +60,13 @@ class ArrayReductions:
         """Per-label sums of float64 ``weights``, shape ``(k,)``."""
         return self.xp.bincount(inverse, weights=weights, minlength=k)
 
-    def channel_sum(self, channel: Any, values: Any, inverse: Any, k: int) -> Any:
-        """Per-label sums of one channel in float64; ``values`` is ``channel`` in float64."""
+    def channel_sum(self, exact: Any, values: Any, inverse: Any, k: int) -> Any:
+        """Per-label sums of one channel's differences from the shifts, in float64.
+
+        ``values`` are the differences in float64; ``exact`` are the same differences as int64
+        where they are integers that int64 sums hold exactly (images of at most 32 bits), else
+        ``values`` again.
+        """
         return self.sum(values, inverse, k)
 
     def extrema(self, channel: Any, inverse: Any, k: int, ignore: Any | None) -> tuple[Any, Any]:
@@ -137,7 +144,7 @@ def partials_with(
         flat = flat[keep]
     if flat.shape[0] == 0:
         return _empty(labels.dtype, image, needs)
-    uniq, inverse = xp.unique(flat, return_inverse=True)
+    uniq, first, inverse = xp.unique(flat, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)
     k = int(uniq.shape[0])
 
@@ -171,12 +178,14 @@ def partials_with(
             if skipna and nan is not None:
                 n = per_label((~nan).astype(xp.float64))
             columns["nvalid"].append(n)
-            if needs.order >= 1:  # only the extrema need no float copy of the values and no sum
-                values = channel.astype(xp.float64)
+            if needs.order >= 1:  # only the extrema need no differences and no sum
+                shift = _shifts(xp, channel, first, inverse, k)
+                exact, values = _differences(xp, channel, shift[inverse])
                 if skipna and nan is not None:
                     values = xp.where(nan, 0.0, values)
-                total = reductions.channel_sum(channel, values, inverse, k)
-                columns["sum"].append(total)
+                total = reductions.channel_sum(exact, values, inverse, k)
+                columns["shift"].append(shift)
+                columns["shifted"].append(total)
             if needs.extrema:
                 lo, hi = reductions.extrema(channel, inverse, k, nan)
                 if nan is not None and not skipna:
@@ -199,11 +208,49 @@ def partials_with(
     if needs.extrema:
         parts.min, parts.max = table("min"), table("max")
     if needs.order >= 1:
-        parts.sum = table("sum")
+        parts.shift, parts.shifted = table("shift"), table("shifted")
     for order, name in ((2, "m2"), (3, "m3"), (4, "m4")):
         if needs.order >= order:
             setattr(parts, name, table(name))
     return parts
+
+
+def _shifts(xp: ModuleType, channel: Any, first: Any, inverse: Any, k: int) -> Any:
+    """Each label's first finite value in ``channel`` (0 where it has none), in :func:`shift_dtype`.
+
+    ``first`` holds the position of each label's first pixel, ``inverse`` the label of each pixel.
+    """
+    dtype = shift_dtype(channel.dtype)
+    finite = xp.isfinite(channel) if channel.dtype.kind == "f" else None
+    if finite is None or bool(finite.all()):
+        return channel[first].astype(dtype)
+    where = xp.flatnonzero(finite)
+    found, at = xp.unique(inverse[where], return_index=True)
+    shift = xp.zeros(k, dtype=dtype)
+    shift[found] = channel[where[at]]
+    return shift
+
+
+def _differences(xp: ModuleType, channel: Any, shift: Any) -> tuple[Any, Any]:
+    """``channel - shift`` pixel by pixel, as exact int64 differences (or None) and as float64.
+
+    The float64 differences are exact wherever float64 holds them, as
+    :func:`~xr_rasteragg.partials.difference` explains: integers are subtracted in 64-bit two's
+    complement arithmetic and only the difference is rounded, unless it leaves the int64 range.
+    The int64 differences are returned for integer images of at most 32 bits, whose differences
+    and per-block sums int64 holds exactly; otherwise the float64 differences stand in for them.
+    """
+    if channel.dtype.kind == "f":
+        values = channel.astype(xp.float64) - shift
+        return values, values
+    if channel.dtype.itemsize <= 4:
+        exact = channel.astype(xp.int64) - shift
+        return exact, exact.astype(xp.float64)
+    wrapped = (channel.astype(xp.uint64) - shift.astype(xp.uint64)).view(xp.int64)  # modulo 2**64
+    outside = (channel >= shift) != (wrapped >= 0)  # the difference left the int64 range
+    rounded_first = channel.astype(xp.float64) - shift.astype(xp.float64)
+    values = xp.where(outside, rounded_first, wrapped.astype(xp.float64))
+    return values, values
 
 
 def _central_moments(
@@ -211,7 +258,8 @@ def _central_moments(
 ) -> list[Any]:
     """``sum((x - mean) ** p)`` per label for p = 2 .. ``order``, in a second pass over the values.
 
-    The deviations are taken about the rounded mean and corrected for its rounding with the
+    ``values`` are the differences from the shifts and ``total`` their per-label sums. The
+    deviations are taken about their rounded mean and corrected for its rounding with the
     per-label mean deviation ``delta`` (exact algebra, not an approximation). Pixels flagged in
     ``ignore`` (skipped NaNs) contribute nothing; otherwise a NaN pixel makes its label's moments
     NaN, as in NumPy.
@@ -246,7 +294,9 @@ def _empty(dtype: np.dtype, image: Sequence[Any] | None, needs: Needs) -> Partia
         parts.nvalid = np.empty((0, nchan), np.int64)
     if needs.extrema:
         parts.min = parts.max = np.empty((0, nchan), image[0].dtype)
-    for order, name in ((1, "sum"), (2, "m2"), (3, "m3"), (4, "m4")):
+    if needs.order >= 1:
+        parts.shift = np.empty((0, nchan), shift_dtype(image[0].dtype))
+    for order, name in ((1, "shifted"), (2, "m2"), (3, "m3"), (4, "m4")):
         if needs.order >= order:
             setattr(parts, name, np.empty((0, nchan), np.float64))
     return parts
