@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from typing import Any
 
 import dask
@@ -159,7 +161,55 @@ def test_errors(data: tuple[np.ndarray, np.ndarray]) -> None:
     with pytest.raises(AssertionError, match="chunk size"):
         RasterAggregator(mask, pixels.rechunk((1, 1, 10, 10)), run_on_gpu=False)
     aggregator = RasterAggregator(mask, pixels, run_on_gpu=False)
-    with pytest.raises(ValueError, match="unknown statistic"):
+    with pytest.raises(ValueError, match=r"^Invalid statistic function\(s\): \['median'\]"):
         aggregator.aggregate_stats(("mean", "median"))
     with pytest.raises(ValueError, match="need an image"):
         RasterAggregator(mask, run_on_gpu=False).aggregate_mean()
+
+
+@pytest.mark.parametrize("stats_funcs", [("sum", "wrong_stat"), "wrong_stat", ["mean", "median", "std"]])
+def test_unknown_statistic_is_harpys_assertion_and_a_value_error(
+    data: tuple[np.ndarray, np.ndarray], stats_funcs: Any
+) -> None:
+    """harpy's own test expects ``AssertionError`` matching ``^Invalid statistic function``."""
+    aggregator = make(*data)
+    with pytest.raises(AssertionError, match=r"^Invalid statistic function") as caught:
+        aggregator.aggregate_stats(stats_funcs=stats_funcs)
+    assert isinstance(caught.value, ValueError)
+    assert "'stats_funcs'" in str(caught.value)
+
+
+def test_whole_float_index_is_taken_as_ids(data: tuple[np.ndarray, np.ndarray]) -> None:
+    aggregator = make(*data)
+    ids = np.array([7, 0, 3, 99])
+    expected = aggregator.aggregate_stats(("mean", "count"), index=ids)
+    got = aggregator.aggregate_stats(("mean", "count"), index=ids.astype(np.float64))
+    for frame, reference in zip(got, expected, strict=True):
+        pd.testing.assert_frame_equal(frame, reference)
+
+
+def test_validation_holds_under_python_optimize(tmp_path: Any) -> None:
+    """The class's AssertionErrors are raised explicitly: ``python -O`` strips ``assert`` statements."""
+    script = tmp_path / "check.py"
+    script.write_text(
+        "import dask.array as da, numpy as np\n"
+        "from xr_rasteragg import RasterAggregator\n"
+        "mask = da.zeros((1, 4, 4), dtype=np.int32, chunks=2)\n"
+        "for args in [(mask[0],), (mask, da.zeros((1, 4, 4))), (mask, da.zeros((1, 1, 4, 3))),\n"
+        "             (mask, da.zeros((1, 1, 4, 4), chunks=4))]:\n"
+        "    try:\n"
+        "        RasterAggregator(*args, run_on_gpu=False)\n"
+        "    except AssertionError as error:\n"
+        "        print('raised:', error)\n"
+        "    else:\n"
+        "        print('accepted', [a.shape for a in args])\n"
+        "try:\n"
+        "    RasterAggregator(mask, run_on_gpu=False).aggregate_stats(('count', 'median'))\n"
+        "except AssertionError:\n"
+        "    print('raised: unknown statistic')\n"
+    )
+    done = subprocess.run([sys.executable, "-O", str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 5
+    assert all(line.startswith("raised:") for line in lines), lines

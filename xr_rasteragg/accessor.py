@@ -13,12 +13,12 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
 from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
 from .stats import STATISTICS, validate_stats
-from .validation import check_labels_dtype
+from .validation import check_labels_dtype, integral_ids
 
 __all__ = ["RasterAggAccessor"]
 
@@ -207,16 +207,32 @@ class RasterAggAccessor:
         labels = self._obj
         _check_dims(labels, SPATIAL, "labels")
         check_labels_dtype(labels.dtype)
+        if not isinstance(values, xr.DataArray):
+            # A bare array does not say which label each row belongs to (results leave out the
+            # background, so row i is rarely label i): ask for the ids rather than guess them.
+            raise TypeError(
+                f"'values' must be an xarray.DataArray with a 'label' dim whose coordinate holds the "
+                f"label ids (such as a statistic from this accessor); got {type(values).__name__} "
+                "(wrap it: xr.DataArray(values, dims='label', coords={'label': ids}))"
+            )
         if "label" not in values.dims:
             raise ValueError(f"'values' must have a 'label' dim; got dims {values.dims}")
         extra = [d for d in values.dims if d not in ("label", "c")]
         if extra:
             raise ValueError(f"'values' may only have dims 'label' and 'c'; got extra dims {extra}")
         table = values.transpose("label", ...)
-        ids = (
-            np.asarray(table["label"].values) if "label" in table.coords else np.arange(table.sizes["label"])
+        ids = np.asarray(
+            integral_ids(table["label"].values, "the 'label' coordinate of 'values'")
+            if "label" in table.coords
+            else np.arange(table.sizes["label"])
         )
-        order = np.argsort(ids, kind="stable")
+        check_labels_dtype(ids.dtype, "the 'label' coordinate of 'values'")
+        # Ids are compared in the labels' dtype, exactly (NumPy compares uint64 with int64 through
+        # float64, which merges ids beyond 2**53); ids that dtype cannot hold paint no pixel.
+        info = np.iinfo(labels.dtype)
+        fits = np.flatnonzero((ids >= info.min) & (ids <= info.max))
+        order = fits[np.argsort(ids[fits].astype(labels.dtype), kind="stable")]
+        ids = ids[order].astype(labels.dtype)
         has_c = "c" in table.dims
         rows = table.data if has_c else table.data[:, None]
         rows = rows[order]  # lazy when the values are
@@ -229,7 +245,7 @@ class RasterAggAccessor:
                 (("c",) if has_c else ()) + spatial,
                 da.asarray(data),
                 spatial,
-                ids[order],
+                ids,
                 None,
                 da.asarray(rows),
                 ("label", "c" if has_c else "one"),
@@ -239,7 +255,7 @@ class RasterAggAccessor:
                 dtype=np.float64,
             )
         else:
-            painted = _paint_block(data, ids[order], rows, has_c)
+            painted = _paint_block(data, ids, rows, has_c)
         dims = (("c",) if has_c else ()) + tuple(labels.dims)
         coords = {name: coord for name, coord in labels.coords.items() if set(coord.dims) <= set(labels.dims)}
         if has_c and "c" in table.coords:
@@ -458,8 +474,18 @@ def _run(
     return xr.Dataset(variables, coords=coords)
 
 
-def _interp(x: np.ndarray, grid: np.ndarray, values: np.ndarray) -> np.ndarray:
-    return np.interp(x, grid, values)
+def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Positions in pixel indices as coordinate values, interpolated between the pixels' ``values``.
+
+    NaN (a label without pixels) stays NaN, and so does every position on a zero-length dim:
+    :func:`numpy.interp` would clamp NaN to the only coordinate of a one-pixel dim, and fails on
+    an empty one.
+    """
+    out = np.full(x.shape, np.nan)
+    known = ~np.isnan(x)
+    if values.shape[0] and known.any():
+        out[known] = np.interp(x[known], np.arange(values.shape[0], dtype=np.float64), values)
+    return out
 
 
 def _to_coordinates(positions: Any, labels: xr.DataArray, axes: Sequence[str]) -> Any:
@@ -469,11 +495,10 @@ def _to_coordinates(positions: Any, labels: xr.DataArray, axes: Sequence[str]) -
         column = positions[:, j]
         if dim in labels.coords:
             values = np.asarray(labels[dim].values, dtype=np.float64)
-            grid = np.arange(values.shape[0], dtype=np.float64)
             if isinstance(column, da.Array):
-                column = da.map_blocks(_interp, column, grid, values, dtype=np.float64)
+                column = da.map_blocks(_pixel_to_coordinate, column, values, dtype=np.float64)
             else:
-                column = np.interp(column, grid, values)
+                column = _pixel_to_coordinate(column, values)
         columns.append(column)
     stack = da.stack if isinstance(positions, da.Array) else np.stack
     return stack(columns, axis=1)

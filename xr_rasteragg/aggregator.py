@@ -16,10 +16,10 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
-from .engine import aggregate
+from .engine import aggregate, as_dask
 from .gpu import probe_cupy, to_device, to_host
 from .stats import STATISTICS, validate_stats
-from .validation import check_image_dtype
+from .validation import InvalidStatisticError, check_image_dtype, integral_ids
 
 __all__ = ["RasterAggregator"]
 
@@ -84,10 +84,11 @@ class RasterAggregator:
 
     Notes
     -----
-    Results are computed, not lazy. ``index=None`` means every label in the mask, including the
-    background 0, sorted. Labels named in ``index`` but absent from the mask get area 0, sum 0 and
-    NaN for every other statistic. The skewness and kurtosis of a label with constant values are
-    0.0 (with a logged warning), as in harpy.
+    Results are computed, not lazy: each call reads the data once, with or without an ``index``.
+    ``index=None`` means every label in the mask, including the background 0, sorted. Labels
+    named in ``index`` but absent from the mask get area 0, sum 0 and NaN for every other
+    statistic. The skewness and kurtosis of a label with constant values are 0.0 (with a logged
+    warning), as in harpy.
 
     Examples
     --------
@@ -126,23 +127,31 @@ class RasterAggregator:
             raise ValueError(
                 f"'mask_dask_array' should contain integer labels; got dtype {mask_dask_array.dtype}"
             )
-        mask = da.asarray(mask_dask_array)
-        assert mask.ndim == 3, f"Only 3D masks ('z', 'y', 'x') are supported; got shape {mask.shape}."
+        mask = as_dask(mask_dask_array, "mask")
+        # harpy raises AssertionError for these; raised explicitly, so that they hold under ``python -O``.
+        if mask.ndim != 3:
+            raise AssertionError(
+                f"Only 3D masks ('z', 'y', 'x') are supported in 'mask_dask_array'; got shape {mask.shape}."
+            )
         image = None
         if image_dask_array is not None:
             check_image_dtype(image_dask_array.dtype, "image_dask_array")
-            image = da.asarray(image_dask_array)
-            assert image.ndim == 4, (
-                f"Only 4D image arrays ('c', 'z', 'y', 'x') are supported; got shape {image.shape}."
-            )
-            assert image.shape[1:] == mask.shape, (
-                "The mask and the image should have the same spatial dimensions ('z', 'y', 'x'); "
-                f"got mask {mask.shape} and image {image.shape[1:]}."
-            )
-            assert image.chunksize[1:] == mask.chunksize, (
-                "The mask and the image should have the same chunk size in ('z', 'y', 'x'); got mask "
-                f"{mask.chunksize} and image {image.chunksize[1:]}. Please rechunk."
-            )
+            image = as_dask(image_dask_array, "image")
+            if image.ndim != 4:
+                raise AssertionError(
+                    "Only 4D image arrays ('c', 'z', 'y', 'x') are supported in 'image_dask_array'; "
+                    f"got shape {image.shape}."
+                )
+            if image.shape[1:] != mask.shape:
+                raise AssertionError(
+                    "The mask and the image should have the same spatial dimensions ('z', 'y', 'x'); "
+                    f"got mask {mask.shape} and image {image.shape[1:]}."
+                )
+            if image.chunksize[1:] != mask.chunksize:
+                raise AssertionError(
+                    "The mask and the image should have the same chunk size in ('z', 'y', 'x'); got "
+                    f"mask {mask.chunksize} and image {image.chunksize[1:]}. Please rechunk."
+                )
 
         cupy = None
         if run_on_gpu:
@@ -181,6 +190,7 @@ class RasterAggregator:
             ``"center_of_mass"``; a single string is one statistic.
         index
             Label ids to report, in this order. None reports every label, including background.
+            Floats that are whole numbers are taken as integers, as in harpy.
 
         Returns
         -------
@@ -194,10 +204,13 @@ class RasterAggregator:
         ------
         TypeError
             If ``stats_funcs`` is not a string or a sequence of strings, or ``index`` does not
-            hold integers.
+            hold integers (or floats that are whole numbers).
+        InvalidStatisticError
+            If a name is unknown: a ``ValueError`` and, as harpy raises, an ``AssertionError``,
+            with harpy's message first (``"Invalid statistic function(s): ..."``).
         ValueError
-            If the list is empty, a name is unknown, or a per-channel statistic is asked for
-            without an image.
+            If the list is empty, a per-channel statistic is asked for without an image, or an
+            id in ``index`` is outside the 64-bit integer range.
 
         Examples
         --------
@@ -219,6 +232,14 @@ class RasterAggregator:
         """
         if isinstance(stats_funcs, Iterable) and not isinstance(stats_funcs, str):
             stats_funcs = tuple(stats_funcs)  # read once, even if it is an iterator
+        requested = (stats_funcs,) if isinstance(stats_funcs, str) else stats_funcs
+        if isinstance(requested, tuple):
+            unknown = [name for name in requested if isinstance(name, str) and name not in STATISTICS]
+            if unknown:
+                raise InvalidStatisticError(
+                    f"Invalid statistic function(s): {unknown}. 'stats_funcs' must name statistics "
+                    f"from {sorted(STATISTICS)}; got {stats_funcs!r}"
+                )
         names = validate_stats(stats_funcs, "stats_funcs")
         if self._image is None:
             per_channel = [n for n in names if STATISTICS[n].per_channel]
@@ -229,6 +250,7 @@ class RasterAggregator:
                 )
         shape_stats = {"skew", "kurtosis"} & set(names)
         helpers = ("count", "var") if shape_stats else ()
+        index = None if index is None else integral_ids(index, "'index'")
         result = aggregate(self._mask, self._image, (*names, *helpers), index=index, eager=True)
         values = result.values
         if shape_stats:
@@ -250,7 +272,6 @@ class RasterAggregator:
             frame[self._instance_key] = ids
             frames[name] = frame
         # One frame per requested name, in the given order; a repeated name gets its own copy.
-        requested = (stats_funcs,) if isinstance(stats_funcs, str) else stats_funcs
         out: list[pd.DataFrame] = []
         for name in requested:
             out.append(frames.pop(name) if name in frames else out[requested.index(name)].copy())

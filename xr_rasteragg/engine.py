@@ -36,7 +36,7 @@ from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
-__all__ = ["Aggregation", "aggregate", "locate", "prepare_index"]
+__all__ = ["Aggregation", "aggregate", "as_dask", "locate", "prepare_index"]
 
 #: How many partials one merge task combines.
 SPLIT_EVERY = 8
@@ -120,7 +120,7 @@ def aggregate(
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
     check_background(background)
     lazy = not eager and index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
-    labels, image = _as_dask(labels, "labels"), None if image is None else _as_dask(image, "image")
+    labels, image = as_dask(labels, "labels"), None if image is None else as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
     wanted = None if index is None else prepare_index(index)
     skip = background
@@ -240,11 +240,12 @@ def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
     TypeError
         If the ids are not integers.
     ValueError
-        If ``index`` is not one-dimensional.
+        If ``index`` is not one-dimensional, or holds ids outside the 64-bit integer range (or
+        negative ids next to ids of 2**63 or more).
     """
     values = np.atleast_1d(np.asarray(index))
-    if values.dtype.kind in "fO" and isinstance(index, Sequence):
-        values = _integer_ids(index, values)
+    if values.dtype.kind in "fO" and values.ndim == 1:
+        values = _integer_ids(list(index) if isinstance(index, Sequence) else values.tolist(), values)
     if values.ndim != 1:
         raise ValueError(f"'index' must be a 1-D sequence of label ids; got an array of shape {values.shape}")
     if values.size == 0:
@@ -258,10 +259,13 @@ def _integer_ids(items: Sequence[Any], values: NDArray[Any]) -> NDArray[Any]:
     """Python ints that NumPy could not fit in one dtype (such as 2**64 - 1 next to 1) as an array."""
     if not all(isinstance(v, int | np.integer) and not isinstance(v, bool | np.bool_) for v in items):
         return values
-    if all(v >= 0 for v in items):
-        return np.array(items, dtype=np.uint64)
+    outside = [v for v in items if not -(2**63) <= v < 2**64]
+    if outside:
+        raise ValueError(f"'index' must hold ids within the 64-bit integer range; got {outside[:5]}")
     if all(v <= np.iinfo(np.int64).max for v in items):
         return np.array(items, dtype=np.int64)
+    if all(v >= 0 for v in items):
+        return np.array(items, dtype=np.uint64)
     raise ValueError("'index' mixes negative ids with ids of 2**63 or more; no integer dtype holds both")
 
 
@@ -281,8 +285,22 @@ def locate(
     return rows, found
 
 
-def _as_dask(array: Any, name: str) -> da.Array:
-    """A dask array over ``array``; NumPy and CuPy arrays are split into blocks for the threads."""
+def as_dask(array: Any, name: str) -> da.Array:
+    """A dask array over ``array``; NumPy and CuPy arrays are split into blocks for the threads.
+
+    Parameters
+    ----------
+    array
+        A dask, NumPy or CuPy array, or anything :func:`numpy.asarray` takes.
+    name
+        The start of the graph name (``labels``, ``image``).
+
+    Returns
+    -------
+    dask.array.Array
+        ``array`` itself if it is a dask array; otherwise a dask array over it, in blocks of about
+        :data:`BLOCK_PIXELS` pixels (whatever its size, including zero-sized dims) and all channels.
+    """
     if isinstance(array, da.Array):
         return array
     if not hasattr(array, "shape") or not hasattr(array, "dtype"):
@@ -290,9 +308,9 @@ def _as_dask(array: Any, name: str) -> da.Array:
     chunks: Any = "auto"
     if array.ndim in (3, 4):
         chunks = (*array.shape[:-3], *_spatial_chunks(array.shape[-3:]))
-    # Tokenizing by content reads the whole array: for device arrays, through a copy to the host.
-    token = dask.base.tokenize(array) if array_backend(array) == "numpy" else uuid.uuid4().hex
-    return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{token}")
+    # A fresh name, not a token of the content: tokenizing reads the whole array (0.6 s for the
+    # reference dataset; for device arrays, through a copy to the host).
+    return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{uuid.uuid4().hex}")
 
 
 def _spatial_chunks(shape: Sequence[int]) -> tuple[int, ...]:
@@ -331,6 +349,8 @@ def _check_inputs(
             f"{image.shape[1:]} and labels shape {labels.shape}"
         )
     check_image_dtype(image.dtype)
+    if not image.dtype.isnative:  # first, so that the dtype checks below see native dtypes
+        image = image.astype(image.dtype.newbyteorder("="))
     if image.dtype.kind == "b":
         image = image.astype(np.uint8)
     elif image.dtype == np.float16:
@@ -341,8 +361,6 @@ def _check_inputs(
             f"and a {array_backend(image)} image (move both to the GPU with cupy.asarray, or both to "
             "the host with cupy.asnumpy)"
         )
-    if not image.dtype.isnative:
-        image = image.astype(image.dtype.newbyteorder("="))
     if labels.chunks != image.chunks[1:]:
         labels = labels.rechunk(image.chunks[1:])
     return labels, image

@@ -9,8 +9,20 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
-__all__ = ["check_background", "check_image_dtype", "check_known_shape", "check_labels_dtype"]
+__all__ = [
+    "InvalidStatisticError",
+    "check_background",
+    "check_image_dtype",
+    "check_known_shape",
+    "check_labels_dtype",
+    "integral_ids",
+]
+
+
+class InvalidStatisticError(ValueError, AssertionError):
+    """Unknown statistic names: a ``ValueError``, and the ``AssertionError`` that harpy raises."""
 
 
 def check_labels_dtype(dtype: np.dtype[Any], argument: str = "labels") -> None:
@@ -72,3 +84,39 @@ def check_known_shape(shape: tuple[float, ...], argument: str) -> None:
         raise ValueError(
             f"'{argument}' has unknown chunk sizes (shape {shape}); call '.compute_chunk_sizes()' on it first"
         )
+
+
+def integral_ids(ids: ArrayLike, argument: str) -> Any:
+    """Label ids with float values that are all whole numbers, as integers; other ids unchanged.
+
+    harpy accepts ``index=np.array([1.0, 2.0])``; so does :class:`~xr_rasteragg.RasterAggregator`.
+    Whole floats become int64 (uint64 where an id is 2**63 or more).
+
+    Raises
+    ------
+    TypeError
+        For floats that are not whole numbers (or NaN, or infinite).
+    ValueError
+        For whole floats outside the 64-bit integer range.
+    """
+    values = np.asarray(ids)
+    if values.dtype.kind != "f":
+        return ids
+    whole = np.isfinite(values) & (values == np.round(values))
+    if not whole.all():
+        wrong = values[~whole].ravel()[:5].tolist()
+        raise TypeError(
+            f"{argument} must hold integer label ids (whole numbers); got {wrong} (dtype {values.dtype})"
+        )
+    if values.size == 0:
+        return values.astype(np.int64)
+    outside = (values < -(2.0**63)) | (values >= 2.0**64)
+    if outside.any():
+        wrong = values[outside].ravel()[:5].tolist()
+        raise ValueError(f"{argument} must hold ids within the 64-bit integer range; got {wrong}")
+    if values.max() >= 2.0**63 and values.min() < 0:
+        raise ValueError(
+            f"{argument} mixes negative ids with ids of 2**63 or more; no integer dtype holds both"
+        )
+    out: NDArray[np.integer] = values.astype(np.uint64 if values.max() >= 2.0**63 else np.int64)
+    return out
