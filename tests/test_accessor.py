@@ -8,6 +8,8 @@ chunk alignment, laziness, index and background, NaN pixels, center of mass in c
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -352,6 +354,29 @@ def test_alignment_errors(labels_coords: dict[str, Any], message: str) -> None:
     image = image_array(make_image(labels), coords=grid_coords())
     with pytest.raises(ValueError, match=message):
         image.rasteragg.mean(labels_array(labels, coords=labels_coords))
+
+
+def test_plain_arrays_align_on_coordinates_without_spatialdata() -> None:
+    """A ``transform`` attribute that is not SpatialData's is left alone, spatialdata unimported.
+
+    (A raster reader's GDAL tuple, say.) ``coordinate_system`` needs SpatialData elements.
+    """
+    code = """
+import sys, numpy as np, xarray as xr, xr_rasteragg
+labels = xr.DataArray(np.array([[0, 1, 1, 2]]), dims=("y", "x"), coords={"x": [2.0, 3.0, 4.0, 5.0]})
+image = xr.DataArray(np.arange(6.0)[None], dims=("y", "x"), coords={"x": np.arange(6.0)})
+for array in (labels, image):
+    array.attrs["transform"] = (1.0, 0.0, 0.0, 0.0, -1.0, 0.0)
+assert image.rasteragg.mean(labels).values.tolist() == [3.5, 5.0]
+try:
+    image.rasteragg.mean(labels, coordinate_system="global")
+except ValueError as error:
+    assert "'coordinate_system' 'global' needs SpatialData elements" in str(error), error
+else:
+    raise AssertionError("no error")
+assert "spatialdata" not in sys.modules
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_shape_mismatch_without_coords_shows_both_shapes() -> None:

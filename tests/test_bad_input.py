@@ -1110,7 +1110,7 @@ def _other_cases() -> list[Case]:
 #: Channel names of the SpatialData image.
 CHANNELS = ["DAPI", "CD3"]
 #: The entry points that need the ``spatialdata`` extra.
-SPATIALDATA_ENTRIES = ("spatialdata", "command line")
+SPATIALDATA_ENTRIES = ("spatialdata", "accessor, SpatialData elements", "command line")
 
 
 def sdata(
@@ -1361,7 +1361,7 @@ def _spatialdata_cases() -> list[Case]:
             "`coordinate_system='aligned'` (the elements have only 'global')",
             lambda: sd_aggregate(coordinate_system="aligned"),
             ValueError,
-            r"'coordinate_system' 'aligned' is not one of element 'img''s coordinate systems \['global'\]",
+            r"'coordinate_system' 'aligned' is not one of image 'img''s coordinate systems \['global'\]",
         ),
         case(
             "dims",
@@ -1613,7 +1613,7 @@ def _command_line_cases() -> list[Case]:
             "`--coordinate-system xy`",
             lambda: rasteragg("data.zarr", *both, "--coordinate-system", "xy"),
             CommandFailed,
-            r"--coordinate-system 'xy' is not one of element 'img''s coordinate systems \['global'\]$",
+            r"--coordinate-system 'xy' is not one of image 'img''s coordinate systems \['global'\]$",
         ),
         case(
             "grid-pixel-size",
@@ -1663,6 +1663,143 @@ def _command_line_cases() -> list[Case]:
     ]
 
 
+def element(name: str, **transforms: Any) -> Any:
+    """Element ``name`` of :func:`sdata`, with these transformations (by coordinate system) if given."""
+    found = sdata()[name]
+    if transforms:
+        found.attrs["transform"] = transforms
+    return found
+
+
+def crop_of_cells() -> Any:
+    """A ``bounding_box_query`` crop of the labels element: its columns 2..3, coordinates from 0.5."""
+    import spatialdata
+
+    return spatialdata.bounding_box_query(
+        element("cells"),
+        axes=("x", "y"),
+        min_coordinate=[2, 0],
+        max_coordinate=[4, 2],
+        target_coordinate_system="global",
+    )
+
+
+def _accessor_element_cases() -> list[Case]:
+    def identity() -> Any:
+        from spatialdata.transformations import Identity
+
+        return Identity()
+
+    def case(id: str, given: str, call: Callable[[], Any], *outcome: Any, **kw: Any) -> Case:
+        return Case(f"sd-accessor-{id}", "accessor, SpatialData elements", given, call, *outcome, **kw)
+
+    def multiscale() -> Any:
+        from spatialdata.models import Labels2DModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return Labels2DModel.parse(np.tile(LAB, (2, 2)), dims=("y", "x"), scale_factors=[2])
+
+    return [
+        case(
+            "crop",
+            "labels: a `bounding_box_query` crop of the labels element (x 2..3)",
+            lambda: element("img").rasteragg.mean(crop_of_cells()),
+            result="statistics over the image pixels under the crop (its transformation places it)",
+            check=lambda result: check_mean(result, [2, 3], [[2.0, 10.0], [7.0, 15.0]]),
+        ),
+        case(
+            "pixel-size",
+            "labels element scaled ×2 against the image element",
+            lambda: element("img").rasteragg.mean(element("cells", **{"global": scale(2.0)})),
+            ValueError,
+            r"the image and 'labels' are not on the same pixel grid in coordinate system 'global': "
+            r"their pixel sizes \(x, y\) differ: image \(1, 1\), labels \(2, 2\) \(transformations: "
+            r"image Identity, labels Scale\(x=2, y=2\)\)",
+        ),
+        case(
+            "half-pixel",
+            "labels element translated by half a pixel",
+            lambda: element("img").rasteragg.mean(element("cells", **{"global": shift(0.5)})),
+            ValueError,
+            r"the labels start at image pixel \(x=0.5, y=0\), not a whole-pixel offset \(transformations: "
+            r"image Identity, labels Translation\(x=0.5, y=0\)\)",
+        ),
+        case(
+            "outside",
+            "labels element translated 10 pixels past the image",
+            lambda: element("img").rasteragg.mean(element("cells", **{"global": shift(10.0)})),
+            ValueError,
+            r"the image and 'labels' do not overlap in coordinate system 'global': along 'x' the labels "
+            r"cover image pixels 10..13, the image has 0..3",
+        ),
+        case(
+            "one-transformation",
+            "labels: the crop; image: a plain DataArray without transformation",
+            lambda: ximg().rasteragg.mean(crop_of_cells()),
+            ValueError,
+            r"'labels' carries a SpatialData transformation to 'global' \(Sequence\(Translation\(y=0, x=2\), "
+            r"Identity\)\) but the image carries none",
+        ),
+        case(
+            "one-identity",
+            "labels: the labels element (identity); image: a plain DataArray without coordinates",
+            lambda: ximg().rasteragg.mean(element("cells")),
+            result="aligned as plain arrays (same shape needed): the identity places the pixels alike",
+            check=check_mean,
+        ),
+        case(
+            "coordinate-system",
+            "`coordinate_system='slide'` (the elements have only 'global')",
+            lambda: element("img").rasteragg.mean(element("cells"), coordinate_system="slide"),
+            ValueError,
+            r"'coordinate_system' 'slide' is not one of the image's coordinate systems \['global'\]",
+        ),
+        case(
+            "no-shared-system",
+            "image element in 'global' only, labels element in 'slide' only",
+            lambda: element("img").rasteragg.mean(element("cells", slide=identity())),
+            ValueError,
+            r"the image and 'labels' share no coordinate system \(the image \['global'\], 'labels' "
+            r"\['slide'\]\)",
+        ),
+        case(
+            "several-systems",
+            "both elements in 'a' and 'b', neither in 'global'",
+            lambda: element("img", a=identity(), b=identity()).rasteragg.mean(
+                element("cells", a=identity(), b=identity())
+            ),
+            ValueError,
+            r"share several coordinate systems \['a', 'b'\], none of them 'global'; choose one with "
+            r"'coordinate_system='",
+        ),
+        case(
+            "multiscale",
+            "labels: a multiscale labels element (a `DataTree`)",
+            lambda: xr.DataArray(np.tile(IMG, (1, 2, 2)), dims=("c", "y", "x")).rasteragg.mean(multiscale()),
+            result="its full-resolution level, `scale0`",
+            check=lambda result: check_mean(result, [1, 2, 3], MEAN),
+        ),
+        case(
+            "datatree",
+            "labels: a `DataTree` without a `scale0` level",
+            lambda: ximg().rasteragg.mean(xr.DataTree.from_dict({"level0": xr.Dataset({"a": xlab()})})),
+            ValueError,
+            r"'labels' is a DataTree but not a multiscale element with one array in 'scale0'; got levels "
+            r"\['level0'\]; pass one level as a DataArray",
+        ),
+        Case(
+            "coordinate-system-plain",
+            "accessor",
+            "`coordinate_system='global'` for plain DataArrays",
+            lambda: ximg().rasteragg.mean(xlab(), coordinate_system="global"),
+            ValueError,
+            r"'coordinate_system' 'global' needs SpatialData elements .*; neither the image nor 'labels' "
+            r"carries one",
+        ),
+    ]
+
+
 CASES: list[Case] = [
     *_label_dtype_cases(),
     *_image_dtype_cases(),
@@ -1677,6 +1814,7 @@ CASES: list[Case] = [
     *_value_cases(),
     *_other_cases(),
     *_spatialdata_cases(),
+    *_accessor_element_cases(),
     *_command_line_cases(),
 ]
 

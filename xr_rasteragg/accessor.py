@@ -1,8 +1,9 @@
 """The ``.rasteragg`` accessor on ``xarray.DataArray``.
 
-Thin by design (as ``flox.xarray``): it finds the dims by name, aligns image and labels on their
-coordinates, puts them in the engine's canonical ``(c, z, y, x)`` / ``(z, y, x)`` layout, and wraps
-the engine's arrays back into xarray objects. No statistics are computed here.
+Thin by design (as ``flox.xarray``): it finds the dims by name, has image and labels aligned (on
+their coordinates, or on their SpatialData transformations: :mod:`xr_rasteragg.alignment`), puts
+them in the engine's canonical ``(c, z, y, x)`` / ``(z, y, x)`` layout, and wraps the engine's
+arrays back into xarray objects. No statistics are computed here.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 import xarray as xr
 from numpy.typing import ArrayLike, NDArray
 
+from .alignment import SPATIAL, Aligned, align, scale0, to_coordinate_system, transformations
 from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
 from .stats import STATISTICS, validate_stats
@@ -22,11 +24,7 @@ from .validation import check_labels_dtype, integral_ids
 
 __all__ = ["RasterAggAccessor"]
 
-SPATIAL = ("z", "y", "x")
 IMAGE_DIMS = ("c", *SPATIAL)
-#: Positions on two coordinate grids closer than this fraction of a pixel (beyond the rounding of
-#: the coordinates' dtypes) are the same pixel.
-GRID_TOLERANCE = 1e-3
 
 
 def _statistic(name: str, summary: str) -> Callable[..., xr.DataArray]:
@@ -39,8 +37,16 @@ def _statistic(name: str, summary: str) -> Callable[..., xr.DataArray]:
         index: ArrayLike | None = None,
         background: int | None = 0,
         skipna: bool = False,
+        coordinate_system: str | None = None,
     ) -> xr.DataArray:
-        dataset = self.aggregate(labels, (name,), index=index, background=background, skipna=skipna)
+        dataset = self.aggregate(
+            labels,
+            (name,),
+            index=index,
+            background=background,
+            skipna=skipna,
+            coordinate_system=coordinate_system,
+        )
         return dataset[name]
 
     method.__name__ = method.__qualname__ = name
@@ -90,6 +96,7 @@ class RasterAggAccessor:
         index: ArrayLike | None = None,
         background: int | None = 0,
         skipna: bool = False,
+        coordinate_system: str | None = None,
     ) -> xr.Dataset:
         """Several statistics per label and channel, all from one pass over the data.
 
@@ -97,7 +104,8 @@ class RasterAggAccessor:
         ----------
         labels
             Integer label mask with dims ⊆ ``{z, y, x}``, over the same pixels as the image (or a
-            crop of them, when both carry coordinates).
+            crop of them, when both carry coordinates or SpatialData transformations). A
+            multiscale SpatialData element (``DataTree``) stands for its ``scale0`` level.
         stats
             Names of the statistics: ``count``, ``sum``, ``mean``, ``var``, ``std``, ``skew``,
             ``kurtosis``, ``min``, ``max``, ``center_of_mass``.
@@ -110,6 +118,10 @@ class RasterAggAccessor:
         skipna
             Ignore NaN pixels; by default a NaN pixel makes its label's statistics NaN for that
             channel.
+        coordinate_system
+            For SpatialData elements (transformations in ``attrs["transform"]``): the coordinate
+            system in which image and labels are aligned and centres of mass are given. None
+            picks the one both share (of several, ``"global"``).
 
         Returns
         -------
@@ -117,6 +129,13 @@ class RasterAggAccessor:
             One variable per statistic, with dims ``("label", "c")`` (``"label"`` only for
             ``count``; ``("label", "axis")`` for ``center_of_mass``). The ``c`` coordinate holds
             the image's channel coordinate.
+
+        Raises
+        ------
+        ValueError
+            When image and labels do not sit on one pixel grid (coordinates or transformations),
+            do not overlap, or share no (or no single) coordinate system; when only one of them
+            carries a transformation that is not the identity. The message says which.
 
         Examples
         --------
@@ -128,8 +147,8 @@ class RasterAggAccessor:
         (array([2., 7.]), array([1., 4.]), array([2, 2]))
         """
         names = validate_stats(stats)
-        image, labels = _prepare(self._obj, labels)
-        return _run(image, labels, names, index=index, background=background, skipna=skipna)
+        aligned = _prepare(self._obj, labels, coordinate_system)
+        return _run(aligned, names, index=index, background=background, skipna=skipna)
 
     sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
     mean = _statistic("mean", "Mean of the pixel values of each label, per channel.")
@@ -155,14 +174,23 @@ class RasterAggAccessor:
         >>> labels.rasteragg.area().to_series().to_dict()
         {1: 2, 2: 3}
         """
-        _, labels = _prepare(None, self._obj)
-        return _run(None, labels, ("count",), index=index, background=background, skipna=False)["count"]
+        aligned = _prepare(None, self._obj, None)
+        return _run(aligned, ("count",), index=index, background=background, skipna=False)["count"]
 
-    def center_of_mass(self, *, index: ArrayLike | None = None, background: int | None = 0) -> xr.DataArray:
+    def center_of_mass(
+        self,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        coordinate_system: str | None = None,
+    ) -> xr.DataArray:
         """Mean position of the pixels of each label, with dims ``("label", "axis")``.
 
-        The ``axis`` coordinate names the spatial dims present; positions are in the labels'
-        coordinate values where they carry coordinates, in pixel indices otherwise.
+        The ``axis`` coordinate names the spatial dims present. Positions are in the labels'
+        coordinate values where they carry coordinates, in pixel indices otherwise; for a
+        SpatialData labels element (a transformation in ``attrs["transform"]``), they are the
+        mean of the pixel centres in ``coordinate_system`` (None: the element's only one, or
+        ``"global"``), as :func:`spatialdata.get_centroids` gives them.
 
         Examples
         --------
@@ -174,8 +202,8 @@ class RasterAggAccessor:
         array([[0.  , 0.25],
                [1.  , 0.75]])
         """
-        _, labels = _prepare(None, self._obj)
-        return _run(None, labels, ("center_of_mass",), index=index, background=background, skipna=False)[
+        aligned = _prepare(None, self._obj, coordinate_system)
+        return _run(aligned, ("center_of_mass",), index=index, background=background, skipna=False)[
             "center_of_mass"
         ]
 
@@ -194,6 +222,8 @@ class RasterAggAccessor:
             Float64 array with the labels' dims (``c`` first when ``values`` has it) holding, at
             each pixel, the value of its label; NaN where the label is not in ``values``. Dask
             backed when the labels are, and on the labels' device (CuPy labels give a CuPy image).
+            It keeps the labels' coordinates and SpatialData transformation (``attrs["transform"]``),
+            so it lies where the labels lie.
 
         Examples
         --------
@@ -260,7 +290,8 @@ class RasterAggAccessor:
         coords = {name: coord for name, coord in labels.coords.items() if set(coord.dims) <= set(labels.dims)}
         if has_c and "c" in table.coords:
             coords["c"] = table["c"]
-        return xr.DataArray(painted, dims=dims, coords=coords, name=values.name)
+        placed = {"transform": labels.attrs["transform"]} if transformations(labels) is not None else {}
+        return xr.DataArray(painted, dims=dims, coords=coords, name=values.name, attrs=placed)
 
 
 def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bool) -> np.ndarray:
@@ -298,135 +329,23 @@ def _check_dims(array: xr.DataArray, allowed: Sequence[str], name: str) -> None:
         )
 
 
-def _prepare(image: xr.DataArray | None, labels: xr.DataArray) -> tuple[xr.DataArray | None, xr.DataArray]:
-    """Check dims, align on coordinates, and give both the same spatial dims."""
+def _prepare(image: xr.DataArray | None, labels: xr.DataArray, coordinate_system: str | None) -> Aligned:
+    """Check dims and dtypes, and align image and labels (coordinates or transformations)."""
+    labels = scale0(labels, "'labels'")
     if not isinstance(labels, xr.DataArray):
         raise TypeError(f"'labels' must be an xarray.DataArray; got {type(labels).__name__}")
     _check_dims(labels, SPATIAL, "labels")
     check_labels_dtype(labels.dtype)
-    if image is None:
-        return None, labels
-    _check_dims(image, IMAGE_DIMS, "image")
-    image_spatial = [d for d in SPATIAL if d in image.dims]
-    label_spatial = [d for d in SPATIAL if d in labels.dims]
-    if image_spatial != label_spatial:
-        raise ValueError(
-            f"'labels' and the image must have the same spatial dims; got labels {label_spatial} "
-            f"and image {image_spatial}"
-        )
-    for dim in label_spatial:
-        image, labels = _align_dim(image, labels, dim)
-    return image, labels
-
-
-def _align_dim(image: xr.DataArray, labels: xr.DataArray, dim: str) -> tuple[xr.DataArray, xr.DataArray]:
-    """Cut image and labels to their common extent along ``dim``, by coordinates if both have them.
-
-    Coordinates may ascend or descend; labels that run the other way than the image are flipped
-    onto the image's direction first (statistics do not depend on pixel order, and the center of
-    mass is reported in coordinate values).
-    """
-    if dim not in image.coords or dim not in labels.coords:
-        if image.sizes[dim] != labels.sizes[dim]:
+    if image is not None:
+        _check_dims(image, IMAGE_DIMS, "image")
+        image_spatial = [d for d in SPATIAL if d in image.dims]
+        label_spatial = [d for d in SPATIAL if d in labels.dims]
+        if image_spatial != label_spatial:
             raise ValueError(
-                f"'labels' and the image must have the same shape when they carry no coordinates; got "
-                f"labels {dict(labels.sizes)} and image {dict(image.sizes)} (they differ along {dim!r})"
+                f"'labels' and the image must have the same spatial dims; got labels {label_spatial} "
+                f"and image {image_spatial}"
             )
-        return image, labels
-    if image.sizes[dim] == labels.sizes[dim] and np.array_equal(image[dim].values, labels[dim].values):
-        return image, labels
-    a, step_a, res_a = _grid(image, "image", dim)
-    b, step_b, res_b = _grid(labels, "labels", dim)
-    if step_a is not None and step_b is not None and (step_a > 0) != (step_b > 0):
-        labels = labels.isel({dim: slice(None, None, -1)})
-        b, step_b = b[::-1], -step_b
-    step = step_a if step_a is not None else step_b
-    if step is None:  # both single-pixel
-        if abs(a[0] - b[0]) > res_a + res_b:
-            raise ValueError(f"'labels' and the image do not overlap along {dim!r}: {b[0]} vs {a[0]}")
-        return image, labels
-    # How far apart (in pixels) two positions may be and still be the same pixel: a fraction of a
-    # pixel, plus the rounding of the coordinates' own dtype (float32 coordinates of a float64 grid).
-    slack = GRID_TOLERANCE + (res_a + res_b) / abs(step)
-    if slack >= 0.5:
-        raise ValueError(
-            f"the coordinates along {dim!r} are too coarse to tell pixels apart (their dtype resolves "
-            f"{res_a + res_b:.3g} at a step of {abs(step):.3g}); use float64 coordinates"
-        )
-    if step_a is not None and step_b is not None:
-        drift = abs(step_a - step_b) * max(a.shape[0], b.shape[0]) / abs(step)
-        if drift > slack:
-            raise ValueError(
-                f"'labels' and the image have different pixel spacing along {dim!r}: {step_b} vs "
-                f"{step_a}; resample one of them onto the other's grid first"
-            )
-    offset = (b[0] - a[0]) / step
-    shift = round(offset)
-    if abs(offset - shift) > slack:
-        raise ValueError(
-            f"'labels' and the image sit on different pixel grids along {dim!r}: the labels start "
-            f"{offset:.6g} pixels into the image, not a whole number"
-        )
-    start, stop = max(0, shift), min(a.shape[0], shift + b.shape[0])
-    if stop <= start:
-        raise ValueError(
-            f"'labels' and the image do not overlap along {dim!r}: labels cover {b[0]}..{b[-1]}, "
-            f"image covers {a[0]}..{a[-1]}"
-        )
-    image = image.isel({dim: slice(start, stop)})
-    labels = labels.isel({dim: slice(start - shift, stop - shift)})
-    return image, labels.assign_coords({dim: image[dim].values})
-
-
-def _grid(array: xr.DataArray, name: str, dim: str) -> tuple[np.ndarray, float | None, float]:
-    """The coordinate ``dim`` of ``array`` as a regular grid.
-
-    Returns
-    -------
-    values
-        The coordinate as float64.
-    step
-        Its step, end to end (None for a single value).
-    resolution
-        How finely its dtype resolves values of its size (0 for integers).
-
-    Raises
-    ------
-    ValueError
-        If the coordinate is not numeric, not finite, too coarse for its dtype to tell its pixels
-        apart, or not evenly spaced (to within :data:`GRID_TOLERANCE` of a pixel, beyond the
-        rounding of its dtype).
-    """
-    raw = np.asarray(array[dim].values)
-    if raw.dtype.kind not in "iuf":
-        raise ValueError(
-            f"the coordinate {dim!r} of '{name}' must be numeric to align on it; got dtype {raw.dtype} "
-            "(drop or replace the coordinate to match pixels by position)"
-        )
-    values = raw.astype(np.float64)
-    if not np.isfinite(values).all():
-        raise ValueError(
-            f"the coordinate {dim!r} of '{name}' must be finite to align on it; it holds NaN or inf"
-        )
-    resolution = float(np.finfo(raw.dtype).eps * np.abs(values).max()) if raw.dtype.kind == "f" else 0.0
-    n = values.shape[0]
-    if n < 2:
-        return values, None, resolution
-    step = float(values[-1] - values[0]) / (n - 1)
-    if resolution >= 0.5 * abs(step) > 0 or (step == 0 and resolution > 0):
-        raise ValueError(
-            f"the coordinate {dim!r} of '{name}' is too coarse to tell pixels apart: its dtype "
-            f"{raw.dtype} resolves {resolution:.3g} at values of this size, with pixels {abs(step):.3g} "
-            "apart; use float64 coordinates"
-        )
-    deviation = float(np.abs(values - (values[0] + step * np.arange(n))).max())
-    if step == 0 or deviation > GRID_TOLERANCE * abs(step) + resolution:
-        steps = np.diff(values)
-        raise ValueError(
-            f"the coordinate {dim!r} of '{name}' must be evenly spaced to align on it; got steps from "
-            f"{steps.min()} to {steps.max()}"
-        )
-    return values, step, resolution
+    return align(image, labels, coordinate_system)
 
 
 # -- running the engine and wrapping the result -------------------------------------------------
@@ -441,14 +360,14 @@ def _canonical(array: xr.DataArray, dims: Sequence[str]) -> Any:
 
 
 def _run(
-    image: xr.DataArray | None,
-    labels: xr.DataArray,
+    aligned: Aligned,
     names: Sequence[str],
     *,
     index: ArrayLike | None,
     background: int | None,
     skipna: bool,
 ) -> xr.Dataset:
+    image, labels = aligned.image, aligned.labels
     image_data = None if image is None else _canonical(image, IMAGE_DIMS)
     result = run_engine(
         _canonical(labels, SPATIAL), image_data, names, index=index, background=background, skipna=skipna
@@ -462,7 +381,7 @@ def _run(
         value = result.values[name]
         if name == "center_of_mass":
             keep = [SPATIAL.index(d) for d in axes]
-            value = _to_coordinates(value[:, keep], labels, axes)
+            value = _positions(value[:, keep], labels, axes, aligned.affine)
             variables[name] = xr.Variable(("label", "axis"), value)
             coords["axis"] = axes
         elif not STATISTICS[name].per_channel:
@@ -488,8 +407,16 @@ def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) ->
     return out
 
 
-def _to_coordinates(positions: Any, labels: xr.DataArray, axes: Sequence[str]) -> Any:
-    """Pixel indices turned into the labels' coordinate values, on the dims that have them."""
+def _positions(
+    positions: Any, labels: xr.DataArray, axes: Sequence[str], affine: NDArray[np.float64] | None
+) -> Any:
+    """Mean pixel indices as positions: in the coordinate system of ``affine``, if given.
+
+    Without ``affine``, in the labels' coordinate values on the dims that have them, in pixel
+    indices on the others.
+    """
+    if affine is not None:
+        return to_coordinate_system(positions, affine)[:, ::-1]  # back to the order of ``axes``
     columns = []
     for j, dim in enumerate(axes):
         column = positions[:, j]
