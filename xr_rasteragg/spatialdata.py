@@ -1,0 +1,524 @@
+"""Per-cell statistics of a SpatialData image over a labels element, as an annotating table.
+
+The adapter finds the two elements, takes the full-resolution level of multiscale ones, checks
+from their transformations that they sit on one pixel grid (the labels may cover an
+integer-aligned crop of the image; the check is :mod:`xr_rasteragg.alignment`'s, shared with the
+accessor), hands the pixels to the ``.rasteragg`` accessor, and packs the result into an AnnData
+table parsed with spatialdata's ``TableModel``. No statistics are computed here. ``spatialdata``
+and ``anndata`` are imported only when a function of this module runs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from numpy.typing import NDArray
+
+from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
+from .alignment import locate, scale0, to_coordinate_system
+from .stats import STATISTICS
+
+if TYPE_CHECKING:
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+__all__ = ["Plan", "aggregate", "compute_table", "plan", "store_table"]
+
+#: Statistics that are always in the table, outside ``X`` and ``layers``.
+_ALWAYS = {"count": "obs['area']", "center_of_mass": "obsm['spatial']"}
+#: Zarr metadata files that writing a table may rewrite (the store's root and ``tables`` group).
+_METADATA = ("zarr.json", ".zgroup", ".zattrs", ".zmetadata")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything checked and resolved before any pixel is read.
+
+    Attributes
+    ----------
+    image, labels
+        The pixels: the image with dims ``(c, [z,] y, x)`` cut to the labels' extent, and the
+        labels with dims ``([z,] y, x)``, both without spatial coordinates and transformations
+        (pixel indices).
+    labels_name
+        The labels element's name (the table's region).
+    stats
+        Per-channel statistics, in order; ``X`` holds the first.
+    affine
+        Homogeneous matrix from the labels' pixel indices ``(x, y[, z])`` to the coordinate
+        system (as :func:`xr_rasteragg.alignment.locate` gives it).
+    image_name, coordinate_system, region_key, instance_key
+        As passed to :func:`aggregate`.
+    """
+
+    image: xr.DataArray
+    labels: xr.DataArray
+    image_name: str
+    labels_name: str
+    stats: tuple[str, ...]
+    affine: NDArray[np.float64]
+    coordinate_system: str
+    region_key: str
+    instance_key: str
+
+
+def aggregate(
+    sdata: SpatialData,
+    image: str,
+    labels: str,
+    stats: str | Iterable[str] = ("mean",),
+    *,
+    table_name: str | None = None,
+    coordinate_system: str = "global",
+    region_key: str = "region",
+    instance_key: str = "instance_id",
+    channels: Sequence[Any] | None = None,
+    write: bool = False,
+    overwrite: bool = False,
+) -> AnnData:
+    """Per-cell, per-channel statistics of an image element over a labels element.
+
+    Every argument is checked before any pixel is read; the statistics then come from one pass
+    over the data.
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object holding both elements.
+    image
+        Name of an image element, dims ``(c, y, x)`` or ``(c, z, y, x)``; of a multiscale image,
+        the full-resolution level (``scale0``) is used.
+    labels
+        Name of a labels element, dims ``(y, x)`` or ``(z, y, x)``, 0 for background. It must map
+        to the image's pixel grid in ``coordinate_system``: the same pixel size and orientation,
+        a whole-pixel offset, and no pixel outside the image.
+    stats
+        Per-channel statistics: ``sum``, ``mean``, ``var``, ``std``, ``skew``, ``kurtosis``,
+        ``min``, ``max``. The first goes to ``X``, each other to ``layers[stat]``. The pixel count
+        and centroid are always in the table (``obs["area"]``, ``obsm["spatial"]``).
+    table_name
+        Put the table in ``sdata.tables[table_name]``.
+    coordinate_system
+        The coordinate system both elements are compared in and the centroids are given in.
+    region_key, instance_key
+        Columns of ``obs`` holding the labels element's name and the label ids.
+    channels
+        Channel names to keep, in this order; None keeps every channel.
+    write
+        Also write the table into the store that backs ``sdata`` (needs ``table_name``). The
+        table is written beside the store first and moved into place, so a failure leaves the
+        store as it was.
+    overwrite
+        Replace a table of the same name (in memory and, with ``write``, on disk).
+
+    Returns
+    -------
+    anndata.AnnData
+        One row per label (background 0 left out), sorted by id, indexed by the id as a string;
+        one column per channel (``var_names`` = channel names). ``obs`` holds ``instance_key``,
+        ``region_key`` (categorical) and ``area`` (pixels); ``obsm["spatial"]`` the centroid of
+        each label's pixel centres in ``coordinate_system``, in the ``(x, y[, z])`` order of
+        :func:`spatialdata.get_centroids`.
+
+    Raises
+    ------
+    TypeError
+        For ``sdata`` that is not a SpatialData object, ``stats`` that are not names, labels of a
+        non-integer dtype (float, bool, complex: spatialdata's ``Labels2DModel`` admits them) or
+        an image of a complex or object dtype; before any pixel is read.
+    ValueError
+        For an unknown element (or one of the other kind), statistic, channel or coordinate
+        system, a repeated channel, elements on different pixel grids (the message says what
+        differs), or a table that exists without ``overwrite``; all of these before any pixel is
+        read. After the pass, for labels that hold no cell (spatialdata's ``TableModel`` admits
+        no table without instances).
+
+    Notes
+    -----
+    Negative ids are cells like any other (only 0 is background); ids keep the labels' dtype,
+    ``uint64`` extremes included, in ``obs[instance_key]`` and as text in ``obs_names``, except
+    that ``int8`` and ``uint8`` ids are stored as ``int16`` and ``uint16`` (spatialdata's
+    ``TableModel`` admits no 8-bit instance ids). A NaN pixel makes that cell's statistic NaN in
+    that channel (as NumPy).
+    """
+    resolved = plan(
+        sdata,
+        image,
+        labels,
+        stats,
+        table_name=table_name,
+        coordinate_system=coordinate_system,
+        region_key=region_key,
+        instance_key=instance_key,
+        channels=channels,
+        write=write,
+        overwrite=overwrite,
+    )
+    table = compute_table(resolved)
+    if table_name is not None:
+        if write:
+            store_table(sdata, table_name, table, overwrite=overwrite)
+        sdata.tables[table_name] = table
+    return table
+
+
+def plan(
+    sdata: SpatialData,
+    image: str,
+    labels: str,
+    stats: str | Iterable[str] = ("mean",),
+    *,
+    table_name: str | None = None,
+    coordinate_system: str = "global",
+    region_key: str = "region",
+    instance_key: str = "instance_id",
+    channels: Sequence[Any] | None = None,
+    write: bool = False,
+    overwrite: bool = False,
+) -> Plan:
+    """Check every argument of :func:`aggregate` and resolve the pixels, reading none of them.
+
+    Raises the errors of :func:`aggregate`.
+    """
+    from spatialdata import SpatialData
+
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"'sdata' must be a spatialdata.SpatialData; got {type(sdata).__name__}")
+    names = _per_channel_stats(stats)
+    image_element = _element(sdata, "images", image, "image")
+    labels_element = _element(sdata, "labels", labels, "labels")
+    if region_key == instance_key or "area" in (region_key, instance_key):
+        raise ValueError(
+            "'region_key' and 'instance_key' must differ from each other and from 'area' (the column of "
+            f"pixel counts); got {region_key!r} and {instance_key!r}"
+        )
+    _check_table_name(sdata, table_name, write=write, overwrite=overwrite)
+
+    pixels = scale0(image_element, f"image {image!r}")
+    mask = scale0(labels_element, f"labels {labels!r}")
+    image_axes = [d for d in ("z", "y", "x") if d in pixels.dims]
+    label_axes = [d for d in ("z", "y", "x") if d in mask.dims]
+    if "c" not in pixels.dims or image_axes != label_axes:
+        raise ValueError(
+            f"image {image!r} and labels {labels!r} must have the same spatial dims, as (c, y, x) with "
+            f"(y, x) or (c, z, y, x) with (z, y, x); got {tuple(pixels.dims)} and {tuple(mask.dims)}"
+        )
+    if mask.dtype.kind not in "iu":
+        raise TypeError(
+            f"'labels' element {labels!r} must have an integer dtype (label ids); got {mask.dtype} "
+            "(spatialdata's Labels models admit it; convert the element, e.g. with .astype('int32'))"
+        )
+    if pixels.dtype.kind not in "biuf":
+        raise TypeError(
+            f"'image' element {image!r} must have a real numeric dtype (bool, integer or float); "
+            f"got {pixels.dtype}"
+        )
+    pixels = pixels.transpose("c", *image_axes)
+    mask = mask.transpose(*label_axes)
+    if channels is not None:
+        pixels = _select_channels(pixels, channels, image)
+
+    axes = image_axes[::-1]  # spatialdata's (x, y[, z])
+    _, offset, labels_affine = locate(
+        pixels, mask, coordinate_system, image_name=f"image {image!r}", labels_name=f"labels {labels!r}"
+    )
+    crop = _crop(pixels, mask, dict(zip(axes, offset, strict=True)), image, labels)
+
+    return Plan(
+        image=_by_pixel_index(crop, image_axes),
+        labels=_by_pixel_index(mask, label_axes),
+        image_name=image,
+        labels_name=labels,
+        stats=names,
+        affine=labels_affine,
+        coordinate_system=coordinate_system,
+        region_key=region_key,
+        instance_key=instance_key,
+    )
+
+
+def compute_table(resolved: Plan) -> AnnData:
+    """Run the one pass over the planned pixels and build the table (held in memory).
+
+    Under a ``dask.diagnostics.ProgressBar`` (or any dask callback) the pass reports progress.
+    Raises a ``TypeError`` for ``resolved`` that is not a :class:`Plan`, and the ``ValueError`` of
+    :func:`aggregate` for labels that hold no cell.
+    """
+    import anndata as ad
+    from spatialdata.models import TableModel
+
+    if not isinstance(resolved, Plan):
+        raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
+    result = resolved.image.rasteragg.aggregate(resolved.labels, (*resolved.stats, "count", "center_of_mass"))
+    ids = np.asarray(result["label"].values)
+    if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
+        raise ValueError(
+            f"labels {resolved.labels_name!r} hold no cells over image {resolved.image_name!r}: every pixel "
+            "is background (0); there is no table to make"
+        )
+    if ids.dtype.itemsize == 1:  # TableModel admits no 8-bit instance ids; widening keeps every id
+        ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
+    channels = [str(c) for c in resolved.image["c"].values]
+    layers = {name: np.asarray(result[name].values, dtype=np.float64) for name in resolved.stats}
+    obs = pd.DataFrame(
+        {
+            resolved.instance_key: ids,
+            resolved.region_key: pd.Categorical.from_codes(
+                np.zeros(ids.shape[0], np.int8), categories=pd.Index([resolved.labels_name])
+            ),
+            "area": np.asarray(result["count"].values, dtype=np.int64),
+        },
+        index=pd.Index(ids.astype(str)),
+    )
+    first, *others = resolved.stats
+    table = ad.AnnData(
+        X=layers[first],
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(channels)),
+        layers={name: layers[name] for name in others},
+        obsm={"spatial": to_coordinate_system(np.asarray(result["center_of_mass"].values), resolved.affine)},
+        uns={
+            "rasteragg": {
+                "image": resolved.image_name,
+                "labels": resolved.labels_name,
+                "stats": list(resolved.stats),
+                "X": first,
+                "coordinate_system": resolved.coordinate_system,
+            }
+        },
+    )
+    return TableModel.parse(
+        table,
+        region=resolved.labels_name,
+        region_key=resolved.region_key,
+        instance_key=resolved.instance_key,
+    )
+
+
+def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: bool = False) -> None:
+    """Write ``table`` as ``tables/<name>`` into the store that backs ``sdata``, all or nothing.
+
+    spatialdata writes the table into a staging store beside the backing store (same
+    filesystem); it is then renamed into place and the store's consolidated metadata updated.
+    Should anything fail, the store's metadata files are restored, a replaced table moved back,
+    and the store is byte for byte as before.
+
+    Raises
+    ------
+    TypeError
+        If ``sdata`` is not a SpatialData object or ``table`` not an AnnData.
+    ValueError
+        If ``name`` is not a valid element name, ``sdata`` is not backed by a store, or the table
+        exists and ``overwrite`` is False.
+    """
+    from anndata import AnnData
+    from spatialdata import SpatialData
+
+    if not isinstance(sdata, SpatialData):
+        raise TypeError(f"'sdata' must be a spatialdata.SpatialData; got {type(sdata).__name__}")
+    if not isinstance(table, AnnData):
+        raise TypeError(f"'table' must be an anndata.AnnData; got {type(table).__name__}")
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"'name' {name!r} is not a valid element name: {problem}")
+    if sdata.path is None:
+        raise ValueError("'sdata' is not backed by a zarr store; write it with sdata.write(path) first")
+    store = Path(sdata.path)
+    tables = store / "tables"
+    target = tables / name
+    if target.exists() and not overwrite:
+        raise ValueError(
+            f"the store {str(store)!r} already has a table {name!r}; pass overwrite=True to replace it"
+        )
+    with tempfile.TemporaryDirectory(prefix=f".{store.name}.rasteragg-", dir=store.parent) as tmp:
+        staging = Path(tmp)
+        with warnings.catch_warnings():  # the staging store holds the table without its labels
+            warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
+            staged = SpatialData(tables={name: table})
+        staged.write(staging / "staged.zarr")
+        staged_tables = staging / "staged.zarr" / "tables"
+        saved = _metadata_snapshot(store)
+        had_tables = tables.exists()
+        replaced = staging / "replaced"
+        made_tables = moved_old = moved_new = False
+        try:
+            if not had_tables:
+                os.rename(staged_tables, tables)
+                made_tables = True
+            else:
+                if target.exists():
+                    os.rename(target, replaced)
+                    moved_old = True
+                os.rename(staged_tables / name, target)
+                moved_new = True
+            _consolidate(store)
+        except BaseException:
+            if made_tables:
+                shutil.rmtree(tables)
+            if moved_new:
+                shutil.rmtree(target)
+            if moved_old:
+                os.rename(replaced, target)
+            _restore_metadata(store, saved)
+            raise
+
+
+# -- checks ---------------------------------------------------------------------------------
+
+
+def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
+    per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+    names: tuple[Any, ...] | None = (
+        (stats,) if isinstance(stats, str) else tuple(stats) if isinstance(stats, Iterable) else None
+    )
+    if names is None or not all(isinstance(name, str) for name in names):
+        raise TypeError(
+            f"'stats' must be a statistic name or a sequence of names from {per_channel}; got {stats!r}"
+        )
+    if not names:
+        raise ValueError(f"'stats' must name at least one statistic of {per_channel}; got an empty list")
+    unknown = [name for name in names if name not in STATISTICS]
+    if unknown:
+        raise ValueError(f"'stats' holds unknown statistic(s) {unknown}; expected names from {per_channel}")
+    fixed = [name for name in names if name in _ALWAYS]
+    if fixed:
+        where = ", ".join(f"{name!r} is always in {_ALWAYS[name]}" for name in fixed)
+        raise ValueError(
+            f"'stats' must name per-channel statistics only ({where}); got {list(names)}; expected names "
+            f"from {per_channel}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+def _element(sdata: SpatialData, kind: str, name: str, argument: str) -> Any:
+    elements = getattr(sdata, kind)
+    if name not in elements:
+        others = [k for k in ("images", "labels", "points", "shapes", "tables") if name in getattr(sdata, k)]
+        hint = f" ({name!r} is one of its {others[0]})" if others else ""
+        raise ValueError(
+            f"'{argument}' must name one of the {kind} elements {sorted(elements)}; got {name!r}{hint}"
+        )
+    return elements[name]
+
+
+def _check_table_name(sdata: SpatialData, name: str | None, *, write: bool, overwrite: bool) -> None:
+    if name is None:
+        if write:
+            raise ValueError("'write=True' needs a 'table_name' to write the table under; got None")
+        return
+    problem = _name_problem(name)
+    if problem:
+        raise ValueError(f"'table_name' {name!r} is not a valid element name: {problem}")
+    taken = [k for k in ("images", "labels", "points", "shapes") if name in getattr(sdata, k)]
+    if taken:
+        raise ValueError(
+            f"'table_name' {name!r} is already the name of one of the {taken[0]}; choose another"
+        )
+    on_disk = write and sdata.path is not None and (Path(sdata.path) / "tables" / name).exists()
+    if (name in sdata.tables or on_disk) and not overwrite:
+        raise ValueError(
+            f"a table {name!r} already exists; pass overwrite=True (--overwrite on the command line) to "
+            "replace it"
+        )
+    if write and sdata.path is None:
+        raise ValueError("'write=True' needs 'sdata' backed by a zarr store; write it with sdata.write(path)")
+
+
+def _name_problem(name: Any) -> str:
+    """Why ``name`` breaks spatialdata's naming rules for elements ("" when it does not)."""
+    if not isinstance(name, str):
+        return f"it must be a string, not {type(name).__name__}"
+    if name in ("", ".", ".."):
+        return "it must not be empty, '.' or '..'"
+    if name.startswith("__"):
+        return "it must not start with '__'"
+    if not all(c.isalnum() or c in "_-." for c in name):
+        return "it may hold only letters, digits, '_', '-' and '.'"
+    return ""
+
+
+def _select_channels(pixels: xr.DataArray, channels: Sequence[Any], image: str) -> xr.DataArray:
+    wanted = [channels] if isinstance(channels, str) else list(channels)
+    present = list(pixels["c"].values)
+    as_text = {str(c): c for c in present}
+    missing = [c for c in wanted if c not in present and str(c) not in as_text]
+    if not wanted or missing:
+        raise ValueError(
+            f"'channels' must name channels of image {image!r} {[str(c) for c in present]}; got "
+            f"{[str(c) for c in wanted]}" + (f" ({missing} not there)" if missing else "")
+        )
+    repeated = sorted({str(c) for c in wanted if wanted.count(c) > 1})
+    if repeated:
+        raise ValueError(
+            f"'channels' must name each channel of image {image!r} once; got {[str(c) for c in wanted]} "
+            f"({repeated} repeated)"
+        )
+    keys = [c if c in present else as_text[str(c)] for c in wanted]
+    return pixels.sel(c=keys)
+
+
+def _crop(
+    pixels: xr.DataArray, mask: xr.DataArray, offset: dict[str, int], image: str, labels: str
+) -> xr.DataArray:
+    """The image cut to the labels' extent; an error when the labels reach outside the image."""
+    outside = []
+    for dim, start in offset.items():
+        stop = start + mask.sizes[dim]
+        if start < 0 or stop > pixels.sizes[dim]:
+            outside.append(f"{dim} {start}..{stop - 1} (the image has 0..{pixels.sizes[dim] - 1})")
+    if outside:
+        raise ValueError(
+            f"labels {labels!r} reach outside image {image!r}: in image pixels they cover "
+            f"{'; '.join(outside)}; crop the labels to the image first"
+        )
+    return pixels.isel({dim: slice(start, start + mask.sizes[dim]) for dim, start in offset.items()})
+
+
+def _by_pixel_index(array: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:
+    """``array`` stripped of what places it (spatial coordinates, transformations): pixel indices."""
+    plain = array.drop_vars([d for d in dims if d in array.coords]).copy(deep=False)
+    plain.attrs = {key: value for key, value in plain.attrs.items() if key != "transform"}
+    return plain
+
+
+# -- writing --------------------------------------------------------------------------------
+
+
+def _metadata_snapshot(store: Path) -> dict[Path, bytes | None]:
+    """Bytes of the metadata files at the store's root and in its ``tables`` group (None: absent)."""
+    return {folder / name: _read(folder / name) for folder in (store, store / "tables") for name in _METADATA}
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+def _restore_metadata(store: Path, saved: dict[Path, bytes | None]) -> None:
+    for path, content in saved.items():
+        if content is None:
+            if path.is_file():
+                path.unlink()
+        elif _read(path) != content:
+            path.write_bytes(content)
+
+
+def _consolidate(store: Path) -> None:
+    """Update the store's consolidated metadata, where it has any (as spatialdata does)."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r")
+    if root.metadata.consolidated_metadata is None and not (store / ".zmetadata").exists():
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)
+        zarr.consolidate_metadata(store)
