@@ -186,6 +186,52 @@ def test_failure_mid_aggregation_leaves_the_store_as_it_was(store: Path, existin
     assert [p.name for p in store.parent.iterdir()] == ["data.zarr"]
 
 
+@pytest.mark.parametrize("error", ["ValueError('injected')", "TypeError('injected')", "KeyError('injected')"])
+def test_errors_inside_the_pass_show_their_traceback(store: Path, error: str) -> None:
+    """Only mistakes found before the pass are one-liners: an error inside it is a failure (a bug)."""
+    before = tree_hash(store)
+    args = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]
+    result = rasteragg(*args, patch="engine.kernel_for = failing_kernel_for", error=error)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert f"{error.split('(')[0]}: " in result.stderr
+    assert "rasteragg: error:" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"rasteragg: failed; {store} is as it was"
+    assert tree_hash(store) == before
+
+
+def test_warnings_are_shown(store: Path) -> None:
+    patch = (
+        "import warnings\n"
+        "real_compute_table = adapter.compute_table\n"
+        "def noisy(plan):\n"
+        "    warnings.warn('something odd in the pass', UserWarning)\n"
+        "    return real_compute_table(plan)\n"
+        "adapter.compute_table = noisy"
+    )
+    result = rasteragg(
+        "aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress", patch=patch
+    )
+    assert result.returncode == 0, result.stderr
+    assert "UserWarning: something odd in the pass" in result.stderr
+    assert "autosharding" not in result.stderr  # zarr's notice on every write stays quiet
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"rasteragg {importlib.metadata.version('xr_rasteragg')}"
+
+
+def test_demo_size_too_small_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--size", "10"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "rasteragg: error: --size must be at least 64 pixels for a useful demo; got 10"
+    )
+    assert not (tmp_path / "demo").exists()
+
+
 def test_interrupt_mid_aggregation_leaves_the_store_as_it_was(store: Path) -> None:
     before = tree_hash(store)
     result = rasteragg(

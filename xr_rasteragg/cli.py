@@ -7,9 +7,10 @@
                        [--coordinate-system CS] [--channels A,B] [--overwrite] [--scheduler ADDRESS]
 
 Mistakes in the input (a missing store or element, an unknown statistic, a table that exists)
-are reported in one line on stderr with exit status 1, before any pixel is read. Whatever goes
-wrong, the store is left as it was: the table is computed in memory, written beside the store and
-moved into place only when complete.
+are reported in one line on stderr with exit status 1, before any pixel is read. Anything that
+goes wrong later is a failure, reported with its traceback. Whatever goes wrong, the store is left
+as it was: the table is computed in memory, written beside the store and moved into place only
+when complete.
 """
 
 from __future__ import annotations
@@ -26,13 +27,22 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from . import __version__
 from .stats import STATISTICS
+from .validation import InputDataError
 
 __all__ = ["main"]
 
 PROG = "rasteragg"
-#: Errors that a wrong argument or input causes: reported in one line, without a traceback.
-_USER_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, NotADirectoryError, PermissionError)
+#: Errors of the file system (a path that is missing, not a directory, not writable): reported in
+#: one line, as :class:`UsageError` and :class:`~xr_rasteragg.validation.InputDataError` are.
+#: Every other error is a failure, shown with its traceback.
+_FILE_ERRORS = (FileNotFoundError, NotADirectoryError, PermissionError)
+#: The libraries' known chatter, silenced on stderr (other warnings are shown).
+_CHATTER: tuple[tuple[str, type[Warning], str], ...] = (
+    (r"zarr v3 autosharding", UserWarning, ""),  # (message, category, module), as regular expressions
+    (r"", DeprecationWarning, r"ome_zarr"),
+)
 
 
 #: The adapter's arguments that options set, named as options in its error messages.
@@ -50,7 +60,7 @@ _EXTRA = ("spatialdata", "anndata", "zarr", "matplotlib", "distributed")
 
 
 class UsageError(Exception):
-    """A mistake in the command line or its input; printed as one line."""
+    """A mistake in the command line or its input, found before the pass; printed as one line."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,12 +70,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _quiet_libraries():
             if args.command == "demo":
-                from .demo import run_demo
+                from .demo import MIN_SIZE, run_demo
 
+                if args.size < MIN_SIZE:
+                    raise UsageError(
+                        f"--size must be at least {MIN_SIZE} pixels for a useful demo; got {args.size}"
+                    )
                 run_demo(Path(args.out), size=args.size, seed=args.seed)
             else:
                 _aggregate(args)
-    except (UsageError, *_USER_ERRORS) as error:
+    except (UsageError, InputDataError, *_FILE_ERRORS) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return 1
@@ -97,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Per-cell, per-channel statistics of multiplexed images over segmentations."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser(
@@ -234,14 +249,15 @@ def _progress(address: str | None, *, enabled: bool) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """Silence the libraries' chatter (zarr's format warnings, ome-zarr's reader log) on stderr."""
+    """Silence the libraries' known chatter on stderr: zarr's format notice, ome-zarr's log, deprecations."""
     names = ("ome_zarr", "spatialdata", "distributed")
     levels = {name: logging.getLogger(name).level for name in names}
     for name in names:
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+            for message, category, module in _CHATTER:
+                warnings.filterwarnings("ignore", message, category, module)
             yield
     finally:
         for name, level in levels.items():

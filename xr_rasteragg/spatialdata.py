@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
 from .alignment import locate, scale0, to_coordinate_system
 from .stats import STATISTICS
+from .validation import InputDataError
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -251,8 +252,8 @@ def compute_table(resolved: Plan) -> AnnData:
     """Run the one pass over the planned pixels and build the table (held in memory).
 
     Under a ``dask.diagnostics.ProgressBar`` (or any dask callback) the pass reports progress.
-    Raises a ``TypeError`` for ``resolved`` that is not a :class:`Plan`, and the ``ValueError`` of
-    :func:`aggregate` for labels that hold no cell.
+    Raises a ``TypeError`` for ``resolved`` that is not a :class:`Plan`, and an
+    :class:`~xr_rasteragg.validation.InputDataError` (a ``ValueError``) for labels that hold no cell.
     """
     import anndata as ad
     from spatialdata.models import TableModel
@@ -262,7 +263,7 @@ def compute_table(resolved: Plan) -> AnnData:
     result = resolved.image.rasteragg.aggregate(resolved.labels, (*resolved.stats, "count", "center_of_mass"))
     ids = np.asarray(result["label"].values)
     if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
-        raise ValueError(
+        raise InputDataError(
             f"labels {resolved.labels_name!r} hold no cells over image {resolved.image_name!r}: every pixel "
             "is background (0); there is no table to make"
         )

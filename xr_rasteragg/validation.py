@@ -12,6 +12,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 __all__ = [
+    "InputDataError",
     "InvalidStatisticError",
     "check_background",
     "check_image_dtype",
@@ -19,6 +20,14 @@ __all__ = [
     "check_labels_dtype",
     "integral_ids",
 ]
+
+
+class InputDataError(ValueError):
+    """The data make the request impossible, as found by the pass (labels that hold no cell, ...).
+
+    Neither a mistake in the arguments, which are checked before any pixel is read, nor a bug:
+    the command line reports it in one line.
+    """
 
 
 class InvalidStatisticError(ValueError, AssertionError):
