@@ -94,7 +94,7 @@ def _print_summary(
         f"{len(channels)} channels (uint16), {n_cells:,} segmented cells"
     )
     print(f"  generated and written to {store} in {generated:.1f} s")
-    print(f"  compiled kernels loaded in {loaded:.1f} s (compiled on first use, then cached)")
+    print(f"  compiled kernels ready in {loaded:.1f} s (compiled on the first run, then loaded from a cache)")
     print(
         f"  one pass over {values / 1e6:.1f} M pixel values for {', '.join(STATS)} per cell and channel "
         f"(+ area, centroid): {aggregated:.2f} s"
