@@ -378,6 +378,9 @@ Versions: {versions}.
   so a few MiB are within noise.
 - Methods start from the in-memory arrays and end with their result table, written as a user of
   each library would: ours and harpy through `RasterAggregator` on dask arrays (chunks as below),
+  ours also with `index=np.unique(mask)` (one `aggregate_stats` call, and harpy's four-call
+  script: `aggregate_stats` of its six statistics, `aggregate_min`, `aggregate_max`,
+  `center_of_mass`, each with that index, made beforehand and not timed),
   ours through the `.rasteragg` accessor, flox `xarray_reduce` on the dask image (one call per
   statistic, computed together), scipy.ndimage and xarray-spatial per channel, scikit-image
   `regionprops_table` on the channel-last image, NumPy `bincount` (two-pass central moments,
