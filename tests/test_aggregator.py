@@ -188,6 +188,15 @@ def test_whole_float_index_is_taken_as_ids(data: tuple[np.ndarray, np.ndarray]) 
         pd.testing.assert_frame_equal(frame, reference)
 
 
+def test_python_int_index_at_the_ends_of_uint64_stays_exact() -> None:
+    """Python ints 0 and 2**64 - 1 (which NumPy turns into floats) are ids, not rounded floats."""
+    mask = np.array([[[0, 0, 2**64 - 1, 5]]], dtype=np.uint64)
+    image = np.arange(4.0).reshape(1, 1, 1, 4)
+    (frame,) = RasterAggregator(mask, image, run_on_gpu=False).aggregate_stats("sum", index=[2**64 - 1, 0, 7])
+    assert frame["cell_ID"].tolist() == [2**64 - 1, 0, 7]
+    assert frame[0].tolist() == [2.0, 1.0, 0.0]
+
+
 def test_validation_holds_under_python_optimize(tmp_path: Any) -> None:
     """The class's AssertionErrors are raised explicitly: ``python -O`` strips ``assert`` statements."""
     script = tmp_path / "check.py"

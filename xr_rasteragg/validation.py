@@ -6,6 +6,7 @@ Every check names the argument, what it expects and what it got. The bad-input m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,8 @@ def integral_ids(ids: ArrayLike, argument: str) -> Any:
     ValueError
         For whole floats outside the 64-bit integer range.
     """
+    if isinstance(ids, Sequence) and all(isinstance(v, int | np.integer) for v in ids):
+        return ids  # Python ints that NumPy would turn into floats (0 next to 2**64 - 1): exact as they are
     values = np.asarray(ids)
     if values.dtype.kind != "f":
         return ids
