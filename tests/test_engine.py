@@ -623,3 +623,34 @@ def test_numba_kernel_stages(dtype: str) -> None:
     expected = xr_rasteragg.kernels.xp.block_partials(labels, [image], offset, everything, 0)
     assert_partials_close(concat_channels(groups), expected)
     assert_partials_close(kernel(labels, [image], offset, everything, 0), expected)
+
+
+def test_numba_kernel_reads_label_blocks_of_any_layout() -> None:
+    """Views with contiguous rows are read in place; strided, reversed and Fortran-ordered blocks
+    (which are copied) give the same runs and partials as a C-contiguous copy."""
+    rng = np.random.default_rng(11)
+    whole = rng.integers(0, 6, size=(3, 40, 50)).astype(np.int32)
+    image = rng.random((2, 3, 40, 50))
+    kernel, everything = xr_rasteragg.kernels.numba.block_partials, Needs(4, extrema=True)
+    windows = {
+        "view with contiguous rows": (slice(1, None), slice(5, 30), slice(7, 41)),
+        "strided along x": (slice(1, None), slice(5, 30), slice(7, 41, 2)),
+        "reversed rows": (slice(1, None), slice(30, 5, -1), slice(7, 41)),
+    }
+    blocks = {name: (whole[window], image[(slice(None), *window)]) for name, window in windows.items()}
+    blocks["Fortran order"] = (np.asfortranarray(whole[1:, 5:30, 7:41]), image[:, 1:, 5:30, 7:41])
+    offset = (1, 5, 7)
+    for name, (labels, pixels) in blocks.items():
+        copy = np.ascontiguousarray(labels)
+        for a, b in zip(
+            kernel.encode(labels, offset, 0).runs, kernel.encode(copy, offset, 0).runs, strict=True
+        ):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+        try:
+            assert_partials_close(
+                kernel(labels, [pixels], offset, everything, 0),
+                kernel(copy, [pixels], offset, everything, 0),
+                rtol=0,
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{name}: {error}") from error

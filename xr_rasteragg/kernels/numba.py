@@ -55,20 +55,21 @@ def _slot(key, mask):
 
 
 @nb.njit(nogil=True, cache=True)
-def _count_runs(labels):
+def _count_runs(flat, starts, nx):
     """Number of runs of equal labels along the rows of a (z, y, x) block, and a bound on the labels.
 
+    Row ``(z, y)`` of the block is ``flat[starts[z, y]:starts[z, y] + nx]`` (see :func:`_flat_rows`).
     A label's first run cannot start below a pixel of the same label, so the runs that start
     below another label (or in a plane's first row) bound the number of labels: tight for small
     cells, and far below the number of runs when cells span many rows.
     """
-    nz, ny, nx = labels.shape
+    nz, ny = starts.shape
     n = 0
     fresh = 0
     for z in range(nz):
         for y in range(ny):
-            row = labels[z, y]
-            up = labels[z, y - 1] if y > 0 else row
+            row = flat[starts[z, y] : starts[z, y] + nx]
+            up = flat[starts[z, y - 1] : starts[z, y - 1] + nx] if y > 0 else row
             n += 1
             fresh += y == 0 or up[0] != row[0]
             for x in range(1, nx):
@@ -79,8 +80,8 @@ def _count_runs(labels):
 
 
 @nb.njit(nogil=True, cache=True)
-def _encode_runs(labels, nmax, kmax, skip, use_skip):
-    """Run-length encode a C-contiguous (z, y, x) label block and collect its label ids.
+def _encode_runs(flat, starts, nx, nmax, kmax, skip, use_skip):
+    """Run-length encode a (z, y, x) label block, laid out as in :func:`_count_runs`, and collect its ids.
 
     Returns the ids in order of first appearance, their pixel counts and (z, y, x) index sums, and
     the runs as (z, y, x) start, length and id (as a position in the returned id array).
@@ -89,7 +90,7 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
     A run takes the id of the previous run or of the pixel above when its label is theirs;
     only the others are looked up in the hash table.
     """
-    nz, ny, nx = labels.shape
+    nz, ny = starts.shape
     # Open addressing, at most half full (kmax bounds the labels), each slot holding its id and
     # the label's key so that a probe reads one place.
     size = 1024
@@ -97,8 +98,8 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
         size *= 2
     mask = size - 1
     table = np.full(size, -1, np.int64)
-    table_keys = np.empty(size, labels.dtype)
-    keys = np.empty(kmax, labels.dtype)
+    table_keys = np.empty(size, flat.dtype)
+    keys = np.empty(kmax, flat.dtype)
     count = np.zeros(kmax, np.int64)
     coords = np.zeros((kmax, 3), np.float64)
     run_z = np.empty(nmax, np.int32)
@@ -113,8 +114,8 @@ def _encode_runs(labels, nmax, kmax, skip, use_skip):
     row_start = 0
     for z in range(nz):
         for y in range(ny):
-            row = labels[z, y]
-            up = labels[z, y - 1] if y > 0 else row
+            row = flat[starts[z, y] : starts[z, y] + nx]
+            up = flat[starts[z, y - 1] : starts[z, y - 1] + nx] if y > 0 else row
             # The runs of the row above are above..row_start - 1 (none in a plane's first row).
             above, row_start = (row_start if y > 0 else nruns), nruns
             x0 = 0
@@ -344,6 +345,10 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
                 for p in range(row.shape[0]):
                     mn = min(mn, row[p])
                     mx = max(mx, row[p])
+            lo[i, c] = mn  # stored even when unused: a conditional store makes the loop 2x slower
+            hi[i, c] = mx
+            if order == 0:  # the extrema alone
+                continue
             t1 = np.uint64(0)
             t2 = np.uint64(0)
             t3 = np.uint64(0)
@@ -357,8 +362,6 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
                     if order >= 3:
                         t3 += d2 * d
                         t4 += d2 * d2
-            lo[i, c] = mn  # stored even when unused: a conditional store makes the loop 2x slower
-            hi[i, c] = mx
             power[i, c, 0] += t1
             if order >= 2:
                 power[i, c, 1] += t2
@@ -574,9 +577,30 @@ def _is_flat_view(chunk: NDArray[Any], owner: NDArray[Any]) -> bool:
     return bool(
         owner.flags.c_contiguous
         and chunk.dtype == owner.dtype
-        and (chunk.strides[3] == item or chunk.shape[3] <= 1)
+        and (chunk.strides[-1] == item or chunk.shape[-1] <= 1)
         and all(s >= 0 and s % item == 0 for s in chunk.strides)
     )
+
+
+def _flat_rows(labels: NDArray[Any]) -> tuple[NDArray[Any], NDArray[np.int64]]:
+    """A label block ``(z, y, x)`` as a flat, C-contiguous array and where each of its rows starts.
+
+    Row ``(z, y)`` is ``flat[starts[z, y]:starts[z, y] + nx]``. A block that views a C-contiguous
+    array with contiguous rows (as dask's blocks of an in-memory array do) is read in place: the
+    compiled loops then index contiguous rows, which is 1.8x faster than a strided view; others
+    are copied.
+    """
+    owner = _owner(labels)
+    if not _is_flat_view(labels, owner):
+        labels = owner = np.ascontiguousarray(labels)
+    item = labels.dtype.itemsize
+    start = (labels.__array_interface__["data"][0] - owner.__array_interface__["data"][0]) // item
+    step_z, step_y = (s // item for s in labels.strides[:2])
+    nz, ny = labels.shape[:2]
+    starts = start + step_z * np.arange(nz, dtype=np.int64)[:, None] + step_y * np.arange(ny, dtype=np.int64)
+    flat = owner.reshape(-1).view()
+    flat.flags.writeable = False  # one type for read-only and writable blocks alike
+    return flat, starts
 
 
 def _extrema_init(dtype: np.dtype) -> tuple[np.generic, np.generic]:
@@ -634,8 +658,10 @@ class RunKernel:
         whose pixels are ignored entirely (the background), or None.
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
-        nmax, kmax = _count_runs(labels) if labels.size else (0, 0)
-        keys, count, coords, runs = _encode_runs(labels, nmax, kmax, skip_value, use_skip)
+        flat, starts = _flat_rows(labels)
+        nx = labels.shape[2]
+        nmax, kmax = _count_runs(flat, starts, nx) if labels.size else (0, 0)
+        keys, count, coords, runs = _encode_runs(flat, starts, nx, nmax, kmax, skip_value, use_skip)
         # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
         # neighbouring rows of the accumulators; the rows come out sorted by label id.
         local = np.argsort(keys)  # the ids are unique: any sort gives this order (and quicksort is SIMD)
