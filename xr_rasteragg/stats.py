@@ -23,6 +23,10 @@ __all__ = ["STATISTICS", "Derived", "StatName", "Statistic", "finalize", "needs_
 StatName = Literal["count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"]
 
 
+#: The dtype of most statistics.
+FLOAT64 = np.dtype(np.float64)
+
+
 @dataclass(frozen=True)
 class Statistic:
     """How one statistic is computed.
@@ -33,17 +37,34 @@ class Statistic:
         What the partials must carry for it.
     compute
         Turns partials (of labels that have pixels, wrapped in :class:`Derived`) into values,
-        shape ``(k,)``, ``(k, C)`` or ``(k, 3)``.
+        shape ``(k, *row_shape(C))``.
     fill
         Its value for a label without pixels.
-    per_channel
-        Whether it has one value per channel.
+    dims
+        Names of the trailing dimensions of its values: ``()``, ``("c",)`` (one value per
+        channel) or ``("axis",)`` (one per spatial axis z, y, x).
+    dtype
+        The dtype of its values.
     """
 
     needs: Needs
     compute: Callable[[Derived], NDArray[np.generic]]
     fill: float
-    per_channel: bool = True
+    dims: tuple[str, ...] = ("c",)
+    dtype: np.dtype = FLOAT64
+
+    @property
+    def per_channel(self) -> bool:
+        """Whether it has one value per channel."""
+        return "c" in self.dims
+
+    def row_shape(self, nchan: int) -> tuple[int, ...]:
+        """Shape of its values for one label, for an image of ``nchan`` channels."""
+        return tuple(nchan if dim == "c" else _DIM_SIZES[dim] for dim in self.dims)
+
+
+#: Sizes of the trailing dimensions that do not depend on the image.
+_DIM_SIZES = {"axis": 3}
 
 
 class Derived:
@@ -121,7 +142,7 @@ def _extremum(values: NDArray[np.generic] | None, d: Derived) -> NDArray[np.floa
 
 
 STATISTICS: dict[str, Statistic] = {
-    "count": Statistic(Needs(0), lambda d: d.p.count, 0, per_channel=False),
+    "count": Statistic(Needs(0), lambda d: d.p.count, 0, dims=(), dtype=np.dtype(np.int64)),
     "sum": Statistic(Needs(1), lambda d: d.p.sums(), 0),
     "mean": Statistic(Needs(1), lambda d: d.mean, np.nan),
     "var": Statistic(Needs(2), lambda d: d.var, np.nan),
@@ -130,9 +151,7 @@ STATISTICS: dict[str, Statistic] = {
     "kurtosis": Statistic(Needs(4), lambda d: _standardized(d, d.p.m4, 4, -3.0), np.nan),
     "min": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.min, d), np.nan),
     "max": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.max, d), np.nan),
-    "center_of_mass": Statistic(
-        Needs(0), lambda d: d.p.coords / d.p.count[:, None], np.nan, per_channel=False
-    ),
+    "center_of_mass": Statistic(Needs(0), lambda d: d.p.coords / d.p.count[:, None], np.nan, dims=("axis",)),
 }
 
 assert set(STATISTICS) == set(get_args(StatName))
@@ -207,7 +226,7 @@ def finalize(
     for name in stats:
         spec = STATISTICS[name]
         values = np.asarray(spec.compute(derived))
-        dtype = np.int64 if name == "count" else np.float64
+        dtype = spec.dtype
         if everything:
             out[name] = values.astype(dtype, copy=False)
             continue
