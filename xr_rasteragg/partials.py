@@ -19,51 +19,82 @@ deviations, moments and variance exactly 0.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
 import numba as nb
 import numpy as np
-from numba.extending import overload
 from numpy.typing import NDArray
+
+from .families import (
+    FIELD_NAMES,
+    Counts,
+    Extrema,
+    Family,
+    Moments,
+    Valid,
+    difference,
+    pixel_counts,
+    shift_dtype,
+)
 
 __all__ = ["Needs", "Partials", "concat_channels", "difference", "label_union", "merge", "shift_dtype"]
 
-#: Parts of at most this many rows in all are stacked before a merge (see :func:`merge`).
+#: Parts of at most this many rows in all, and this many on average, are stacked before a
+#: merge (see :func:`merge`): below it the cost of a fold is its calls, not its rows.
 STACK_ROWS = 2**20
-#: The fields of :class:`Partials` that hold one column per channel.
-CHANNEL_FIELDS = ("nvalid", "shift", "shifted", "m2", "m3", "m4", "min", "max")
+STACK_MEAN_ROWS = 4096
 
 
 @dataclass(frozen=True)
 class Needs:
-    """What the partials must carry for a set of statistics.
+    """What the partials must carry for a set of statistics: a set of field families.
 
     Parameters
     ----------
     order
-        Highest moment needed: 0 for none (count only), 1 for the sum, 2 to 4 for the central
-        moments M2 to M4.
+        Highest moment needed (:class:`~xr_rasteragg.families.Moments`): 0 for none (count
+        only), 1 for the sum, 2 to 4 for the central moments M2 to M4.
     extrema
-        Whether per-channel minima and maxima are needed.
+        Whether per-channel minima and maxima are needed (:class:`~xr_rasteragg.families.Extrema`).
     skipna
-        Whether NaN pixels are ignored; then every channel carries its own count of valid pixels.
+        Whether NaN pixels are ignored; then every channel carries its own count of valid pixels
+        (:class:`~xr_rasteragg.families.Valid`).
+    more
+        Further families, for statistics beyond the moments and extrema; at most one per name.
     """
 
     order: int = 0
     extrema: bool = False
     skipna: bool = False
+    more: tuple[Family, ...] = ()
+
+    @property
+    def families(self) -> tuple[Family, ...]:
+        """The families, :class:`~xr_rasteragg.families.Counts` first."""
+        channel: list[Family] = [Moments(self.order)] if self.order >= 1 else []
+        channel += [Extrema()] if self.extrema else []
+        channel += [f for f in self.more if f.channel]
+        valid: list[Family] = [Valid()] if self.skipna and channel else []
+        return (Counts(), *valid, *channel, *(f for f in self.more if not f.channel))
 
     def __or__(self, other: Needs) -> Needs:
         if self.skipna != other.skipna:
             raise ValueError("cannot combine needs with different 'skipna' settings")
-        return Needs(max(self.order, other.order), self.extrema or other.extrema, self.skipna)
+        more = {f.name: f for f in self.more}
+        for f in other.more:
+            more[f.name] = more[f.name].join(f) if f.name in more else f
+        return Needs(
+            max(self.order, other.order), self.extrema or other.extrema, self.skipna, tuple(more.values())
+        )
 
 
-@dataclass
 class Partials:
     """Per-label partial results for the labels present in one part of the data.
+
+    The fields come in families (:mod:`xr_rasteragg.families`), each read as an attribute
+    (None where its family is absent):
 
     Attributes
     ----------
@@ -90,33 +121,65 @@ class Partials:
         ``(k, C)``, float64; present up to the order that was needed.
     min, max
         Per-channel extrema, shape ``(k, C)``, in the image dtype (so merges are exact).
+    fields
+        Every field, by name.
+    families
+        The families of the fields, :class:`~xr_rasteragg.families.Counts` first.
+
+    Parameters
+    ----------
+    labels, count, coords
+        As above.
     """
 
+    __slots__ = ("__dict__", "families")  # the instance dict holds the arrays only
+
     labels: NDArray[Any]
-    count: NDArray[Any]
-    coords: NDArray[Any]
-    nvalid: NDArray[Any] | None = None
-    shift: NDArray[Any] | None = None
-    shifted: NDArray[Any] | None = None
-    m2: NDArray[Any] | None = None
-    m3: NDArray[Any] | None = None
-    m4: NDArray[Any] | None = None
-    min: NDArray[Any] | None = None
-    max: NDArray[Any] | None = None
+    count: NDArray[np.int64]
+    coords: NDArray[np.float64]
+    families: tuple[Family, ...]
+
+    def __init__(self, labels: NDArray[Any], count: NDArray[Any], coords: NDArray[Any]) -> None:
+        self.__dict__.update(labels=labels, count=count, coords=coords)
+        self.families = (Counts(),)
+
+    def __getattr__(self, name: str) -> NDArray[Any] | None:
+        """An absent field: None (only called for names that are not set)."""
+        if name not in FIELD_NAMES:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return None
+
+    @property
+    def fields(self) -> dict[str, NDArray[Any]]:
+        """Every field, by name."""
+        return {name: value for name, value in self.__dict__.items() if name != "labels"}
+
+    def channel_arrays(self) -> dict[str, NDArray[Any]]:
+        """The fields that hold one column per channel, by name."""
+        return {name: self.__dict__[name] for f in self.families if f.channel for name in f.names()}
+
+    def add(self, family: Family, **fields: NDArray[Any]) -> None:
+        """Add (or replace) a family with its fields, one array per name of ``family.fields()``."""
+        if set(fields) != set(family.names()):
+            raise ValueError(f"family {family.name!r} has fields {family.names()}; got {sorted(fields)}")
+        for f in self.families:
+            if f.name == family.name:
+                for name in f.names():
+                    del self.__dict__[name]
+        self.families = (*(f for f in self.families if f.name != family.name), family)
+        self.__dict__.update(fields)
+
+    def _with(self, labels: NDArray[Any], fields: dict[str, NDArray[Any]]) -> Partials:
+        """Partials of the same families with other labels and fields."""
+        out = Partials.__new__(Partials)
+        out.__dict__.update(labels=labels, **fields)
+        out.families = self.families
+        return out
 
     @property
     def size(self) -> int:
         """Number of labels held."""
         return int(self.labels.shape[0])
-
-    def channel_arrays(self) -> dict[str, NDArray[Any]]:
-        """The per-channel arrays that are present, by field name."""
-        out = {}
-        for name in CHANNEL_FIELDS:
-            value = getattr(self, name)
-            if value is not None:
-                out[name] = value
-        return out
 
     def sums(self) -> NDArray[np.float64]:
         """Per-channel sums ``n K + sum(x - K)``, shape ``(k, C)``."""
@@ -133,70 +196,17 @@ class Partials:
 
     def n(self) -> NDArray[Any]:
         """Number of pixels entering the moments, shape ``(k, C)`` or ``(k, 1)``."""
-        if self.nvalid is not None:
-            return self.nvalid
-        return self.count[:, None]
+        return pixel_counts(self.fields)
 
     def rows(self, start: int, stop: int) -> Partials:
         """The labels in rows ``start`` to ``stop`` (views, no copy)."""
-        channel = {name: value[start:stop] for name, value in self.channel_arrays().items()}
-        return replace(
-            self,
-            labels=self.labels[start:stop],
-            count=self.count[start:stop],
-            coords=self.coords[start:stop],
-            **channel,
+        return self._with(
+            self.labels[start:stop], {name: value[start:stop] for name, value in self.fields.items()}
         )
 
     def take(self, rows: NDArray[Any]) -> Partials:
         """Select labels by position."""
-        channel = {name: value[rows] for name, value in self.channel_arrays().items()}
-        return replace(
-            self, labels=self.labels[rows], count=self.count[rows], coords=self.coords[rows], **channel
-        )
-
-
-def shift_dtype(dtype: np.dtype) -> np.dtype:
-    """The dtype of the shifts of an image of ``dtype``: uint64 for uint64, int64 for other integers
-    (and booleans), float64 for floating-point images."""
-    if dtype.kind in "iub":
-        return np.dtype(np.uint64 if dtype == np.uint64 else np.int64)
-    return np.dtype(np.float64)
-
-
-def difference(x: Any, k: Any) -> float:
-    """``x - k`` as float64, exact whenever float64 can hold the difference.
-
-    Integers are subtracted in 64-bit two's complement arithmetic first, which is exact while
-    ``|x - k| < 2**63`` (always, for values of at most 32 bits), and only the difference is
-    rounded to float64; this is what keeps 64-bit integer images exact, whose values float64
-    cannot hold. Where the difference itself leaves the 64-bit range, both are rounded to float64
-    first. Floats are subtracted in float64 (exact for values within a factor of two of each
-    other, as a label's values and its shift are when the mean is large against the spread).
-    Compiled for Numba code; from Python it runs as plain arithmetic.
-    """
-    if isinstance(x, int | np.integer) and isinstance(k, int | np.integer):
-        return float(int(x) - int(k))
-    return float(x) - float(k)
-
-
-@overload(difference, jit_options={"nogil": True})
-def _difference_compiled(x: Any, k: Any) -> Any:
-    """The compiled :func:`difference`, chosen by the types of its arguments."""
-    if isinstance(x, nb.types.Integer) and isinstance(k, nb.types.Integer):
-
-        def integers(x: Any, k: Any) -> float:
-            wrapped = np.int64(np.uint64(x) - np.uint64(k))  # modulo 2**64
-            if (x >= k) != (wrapped >= 0):  # the difference left the int64 range
-                return float(x) - float(k)
-            return float(wrapped)
-
-        return integers
-
-    def floats(x: Any, k: Any) -> float:
-        return float(x) - float(k)
-
-    return floats
+        return self._with(self.labels[rows], {name: value[rows] for name, value in self.fields.items()})
 
 
 def merge(parts: Sequence[Partials]) -> Partials:
@@ -205,7 +215,8 @@ def merge(parts: Sequence[Partials]) -> Partials:
     Label ids are merged as a sorted union (a linear merge of the sorted ids of the parts), and
     each part is then folded into the union's rows in one pass, in part order, so that every
     output row is written once per part that holds its label: a label's first part is copied,
-    and a later part's row is combined with it. Counts, sums and extrema are added or compared;
+    and a later part's row is combined with it, family by family
+    (:meth:`~xr_rasteragg.families.Family.fold`). Counts, sums and extrema are added or compared;
     the central moments use the pairwise update of Chan et al. (M2) and Pébay (2008) (M3, M4),
     with ``δ = mean_b - mean_a``, ``n = n_a + n_b``::
 
@@ -220,7 +231,7 @@ def merge(parts: Sequence[Partials]) -> Partials:
     Parameters
     ----------
     parts
-        Partials computed over disjoint sets of pixels, all with the same channels and fields.
+        Partials computed over disjoint sets of pixels, all with the same channels and families.
 
     Returns
     -------
@@ -233,136 +244,56 @@ def merge(parts: Sequence[Partials]) -> Partials:
     if all(a.labels[-1] < b.labels[0] for a, b in pairwise(parts)):
         return _concat(parts)
     labels, positions = _union([p.labels for p in parts])
-    if len(parts) > 2 and sum(p.size for p in parts) <= STACK_ROWS:
-        # Many small parts (the pieces of the final merge): the cost is per call, not per row,
-        # so they are stacked and folded in one call.
-        parts, positions = [_concat(parts)], [np.concatenate(positions)]
     k = labels.shape[0]
     first = parts[0]
-    merged = replace(
-        first,
-        labels=labels,
-        count=np.empty(k, first.count.dtype),
-        coords=np.empty((k, 3), first.coords.dtype),
-        **{
-            name: np.empty((k, value.shape[1]), value.dtype) for name, value in first.channel_arrays().items()
-        },
+    merged = first._with(
+        labels, {name: np.empty((k, *v.shape[1:]), v.dtype) for name, v in first.fields.items()}
     )
-    order = 4 if first.m4 is not None else 3 if first.m3 is not None else 2 if first.m2 is not None else 1
-    order = order if first.shifted is not None else 0
+    # Families that merge with the pixel counts fold before the counts themselves.
+    families = sorted(first.families, key=lambda f: f.weights)
     seen = np.zeros(k, np.bool_)
+    total = sum(p.size for p in parts)
+    if len(parts) > 2 and total <= STACK_ROWS and total <= STACK_MEAN_ROWS * len(parts):
+        # Many small parts (the pieces of the final merge): the cost is per call, not per row,
+        # so they are stacked and folded in one call per round, the j-th round holding the j-th
+        # holder of each label (so that the rows of one fold are distinct).
+        stacked, rows = _concat(parts), np.concatenate(positions)
+        rounds = _rounds(rows, k)  # each below len(parts): sorted by radix as uint16
+        order = np.argsort(rounds.astype(np.uint16 if len(parts) < 2**16 else np.int64), kind="stable")
+        stacked, rows = stacked.take(order), rows[order]
+        cuts = np.searchsorted(rounds[order], np.arange(int(rounds.max(initial=0)) + 2))
+        for a, b in pairwise(cuts.tolist()):
+            _fold(merged, stacked.rows(a, b), rows[a:b], seen, families)
+        return merged
     for part, rows in zip(parts, positions, strict=True):
-        _fold(merged, part, rows, seen, order)
+        _fold(merged, part, rows, seen, families)
     return merged
 
 
 def _fold(
-    merged: Partials, part: Partials, rows: NDArray[np.intp], seen: NDArray[np.bool_], order: int
+    merged: Partials,
+    part: Partials,
+    rows: NDArray[np.intp],
+    seen: NDArray[np.bool_],
+    families: Sequence[Family],
 ) -> None:
-    """Fold ``part`` into rows ``rows`` of ``merged`` (``seen`` marks the rows already written)."""
-    none = np.zeros((1, 1))  # stands in for the fields that are absent (never read)
-
-    def field(p: Partials, name: str) -> NDArray[Any]:
-        value = getattr(p, name)
-        return none if value is None else value
-
-    _fold_rows(  # type: ignore[call-arg]
-        seen,
-        rows,
-        order,
-        merged.nvalid is not None,
-        merged.min is not None,
-        merged.count,
-        merged.coords,
-        *(field(merged, name) for name in CHANNEL_FIELDS),
-        part.count,
-        part.coords,
-        *(field(part, name) for name in CHANNEL_FIELDS),
-    )
+    """Fold ``part`` into the distinct rows ``rows`` of ``merged`` (``seen``: the rows written before)."""
+    first = ~seen[rows]
+    into, fields = merged.fields, part.fields
+    for family in families:
+        family.fold(into, fields, rows, first)
+    seen[rows] = True
 
 
 @nb.njit(nogil=True, cache=True)
-def _fold_rows(  # type: ignore[no-untyped-def]
-    seen, rows, order, skipna, extrema,
-    count, coords, nvalid, shift, total, m2, m3, m4, lo, hi,
-    count_b, coords_b, nvalid_b, shift_b, total_b, m2_b, m3_b, m4_b, lo_b, hi_b,
-):  # fmt: skip
-    """Copy or combine one part's rows into the output rows ``rows`` (see :func:`merge`).
-
-    A combined row keeps its shift ``K``; the part's sum moves onto it by ``Δ = K_b - K``
-    (:func:`difference`), and the means the moment formulas compare are ``sum(x - K) / n``,
-    small numbers where the label's spread is small.
-    """
-    nchan = total_b.shape[1] if order >= 1 else lo_b.shape[1] if extrema else 0
+def _rounds(rows, k):  # type: ignore[no-untyped-def]
+    """For each of ``rows`` (values below ``k``), how many times its value came before it."""
+    times = np.zeros(k, np.int64)
+    out = np.empty(rows.shape[0], np.int64)
     for r in range(rows.shape[0]):
-        i = rows[r]
-        if not seen[i]:
-            seen[i] = True
-            count[i] = count_b[r]
-            for j in range(3):
-                coords[i, j] = coords_b[r, j]
-            for c in range(nchan):
-                if skipna:
-                    nvalid[i, c] = nvalid_b[r, c]
-                if order >= 1:
-                    shift[i, c] = shift_b[r, c]
-                    total[i, c] = total_b[r, c]
-                if order >= 2:
-                    m2[i, c] = m2_b[r, c]
-                if order >= 3:
-                    m3[i, c] = m3_b[r, c]
-                if order >= 4:
-                    m4[i, c] = m4_b[r, c]
-                if extrema:
-                    lo[i, c] = lo_b[r, c]
-                    hi[i, c] = hi_b[r, c]
-            continue
-        for c in range(nchan):
-            na = float(nvalid[i, c] if skipna else count[i])
-            nb_ = float(nvalid_b[r, c] if skipna else count_b[r])
-            if order >= 1 and nb_ > 0 and na == 0:  # no valid pixel in this channel yet: take the part's
-                shift[i, c] = shift_b[r, c]
-                total[i, c] = total_b[r, c]
-                if order >= 2:
-                    m2[i, c] = m2_b[r, c]
-                if order >= 3:
-                    m3[i, c] = m3_b[r, c]
-                if order >= 4:
-                    m4[i, c] = m4_b[r, c]
-            elif order >= 1 and nb_ > 0:
-                moved = difference(shift_b[r, c], shift[i, c])
-                if order >= 2:
-                    n = na + nb_
-                    delta = moved + total_b[r, c] / nb_ - total[i, c] / na
-                    dn = delta / n
-                    ab = na * nb_
-                    a2, b2 = m2[i, c], m2_b[r, c]
-                    if order >= 3:
-                        a3, b3 = m3[i, c], m3_b[r, c]
-                        if order >= 4:
-                            m4[i, c] = (
-                                m4[i, c]
-                                + m4_b[r, c]
-                                + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
-                                + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
-                                + 4.0 * dn * (na * b3 - nb_ * a3)
-                            )
-                        m3[i, c] = (
-                            a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
-                        )
-                    m2[i, c] = a2 + b2 + delta * dn * ab
-                total[i, c] += total_b[r, c] + nb_ * moved
-            if skipna:
-                nvalid[i, c] += nvalid_b[r, c]
-            if extrema:
-                low, high = lo_b[r, c], hi_b[r, c]
-                if low < lo[i, c] or low != low:  # NaN propagates, as in np.minimum
-                    lo[i, c] = low
-                if high > hi[i, c] or high != high:
-                    hi[i, c] = high
-        count[i] += count_b[r]
-        for j in range(3):
-            coords[i, j] += coords_b[r, j]
+        out[r] = times[rows[r]]
+        times[rows[r]] += 1
+    return out
 
 
 def label_union(ids: Sequence[NDArray[Any]]) -> NDArray[Any]:
@@ -497,22 +428,18 @@ def concat_channels(parts: Sequence[Partials]) -> Partials:
     for p in parts[1:]:
         if not np.array_equal(p.labels, first.labels):
             raise ValueError("channel groups of the same pixels must hold the same labels")
-    channel = {
-        name: np.concatenate([getattr(p, name) for p in parts], axis=1) for name in first.channel_arrays()
-    }
-    return replace(first, **channel)
+    fields = dict(first.fields)
+    for family in first.families:
+        if family.channel:
+            for name in family.names():
+                fields[name] = np.concatenate([p.fields[name] for p in parts], axis=1)
+    return first._with(first.labels, fields)
 
 
 def _concat(parts: Sequence[Partials]) -> Partials:
     """Stack partials row-wise, without merging repeated labels."""
     first = parts[0]
-    channel = {
-        name: np.concatenate([getattr(p, name) for p in parts], axis=0) for name in first.channel_arrays()
-    }
-    return replace(
-        first,
-        labels=np.concatenate([p.labels for p in parts]),
-        count=np.concatenate([p.count for p in parts]),
-        coords=np.concatenate([p.coords for p in parts]),
-        **channel,
+    return first._with(
+        np.concatenate([p.labels for p in parts]),
+        {name: np.concatenate([p.fields[name] for p in parts], axis=0) for name in first.fields},
     )

@@ -8,7 +8,7 @@ and the value it takes for a label that has no pixels. Adding a statistic is add
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Literal, get_args
 
@@ -192,8 +192,7 @@ def needs_of(stats: Sequence[str], skipna: bool = False) -> Needs:
     """The partials that a set of statistics needs, for one pass that serves them all."""
     needs = Needs(skipna=skipna)
     for name in stats:
-        spec = STATISTICS[name].needs
-        needs = needs | Needs(spec.order, spec.extrema, skipna)
+        needs = needs | replace(STATISTICS[name].needs, skipna=skipna)
     return needs
 
 

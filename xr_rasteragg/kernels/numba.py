@@ -29,22 +29,60 @@ image dtypes; the statistics to compute are run-time flags.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
 from numba.typed import List
 from numpy.typing import NDArray
 
+from ..families import Extrema, Family, Moments, Valid
 from ..partials import Needs, Partials, difference, shift_dtype
 
-__all__ = ["LabelRuns", "RunKernel", "block_partials"]
+__all__ = ["FAMILY_UPDATES", "LabelRuns", "RunKernel", "Runs", "block_partials"]
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 #: Flat image arrays that one sweep over the runs reads side by side (see :func:`_flat_channels`).
 FLATS_PER_SWEEP = 4
+
+
+class Runs(NamedTuple):
+    """Runs of equal labels along the rows of a block: (z, y, x) start, length and local id."""
+
+    z: NDArray[np.int32]
+    y: NDArray[np.int32]
+    x: NDArray[np.int32]
+    length: NDArray[np.int32]
+    id: NDArray[np.int32]
+
+
+class MomentSums(NamedTuple):
+    """Per-label, per-channel shift, ``Σ(x - K)`` and central moments M2..M4 (the fields of
+    :class:`~xr_rasteragg.families.Moments`; moments beyond the order needed stand in by any
+    float64 array and are never written)."""
+
+    shift: NDArray[Any]
+    shifted: NDArray[np.float64]
+    m2: NDArray[np.float64]
+    m3: NDArray[np.float64]
+    m4: NDArray[np.float64]
+
+
+class Extremes(NamedTuple):
+    """Per-label, per-channel running minima and maxima, in the image dtype."""
+
+    lo: NDArray[Any]
+    hi: NDArray[Any]
+
+
+class Flags(NamedTuple):
+    """What a sweep accumulates: moments up to ``order``, the ``extrema``, valid counts (``skipna``)."""
+
+    order: int
+    extrema: bool
+    skipna: bool
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -157,7 +195,7 @@ def _encode_runs(flat, starts, nx, nmax, kmax, skip, use_skip):
                     coords[last_id, 1] += y * length
                     coords[last_id, 2] += 0.5 * (x0 + x1 - 1) * length
                 x0 = x1
-    runs = (run_z[:nruns], run_y[:nruns], run_x[:nruns], run_len[:nruns], run_id[:nruns])
+    runs = Runs(run_z[:nruns], run_y[:nruns], run_x[:nruns], run_len[:nruns], run_id[:nruns])
     return keys[:k], count[:k], coords[:k], runs
 
 
@@ -172,30 +210,13 @@ def _first_shift(row, a, b, zero):
 
 
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _sweep(
-    chunks,
-    run_z,
-    run_y,
-    run_x,
-    run_len,
-    run_id,
-    prefix,
-    order,
-    extrema,
-    skipna,
-    done,
-    nvalid,
-    shift,
-    sums,
-    m2,
-    m3,
-    m4,
-    lo,
-    hi,
-):
+def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
     """Accumulate one block's image into per-label partials, run by run.
 
-    ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other.
+    ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other,
+    ``runs`` a :class:`Runs`, ``flags`` the :class:`Flags`, ``done`` a per-label scratch count,
+    ``nvalid`` the valid counts (written with ``skipna``), ``moments`` a :class:`MomentSums` and
+    ``extremes`` an :class:`Extremes`, all indexed by local label id.
     A label's shift ``K`` in a channel is the first finite value of its first run there (see
     :class:`~xr_rasteragg.partials.Partials`), and every pixel enters as ``d = x - K``, taken
     exactly (:func:`~xr_rasteragg.partials.difference`). For each run and channel the pixels
@@ -206,6 +227,10 @@ def _sweep(
     label's running moments with the pairwise formulas of Pébay (2008), comparing the means of
     ``d``, so accuracy never rests on power sums that cancel nor on large means.
     """
+    run_z, run_y, run_x, run_len, run_id = runs
+    order, extrema, skipna = flags
+    shift, sums, m2, m3, m4 = moments
+    lo, hi = extremes
     nruns = run_id.shape[0]
     zero = shift.dtype.type(0)
     c0 = 0
@@ -314,8 +339,11 @@ def _sweep(
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extrema, power, lo, hi):
+def _power_sweep(flats, rows, runs, flags, power, extremes):
     """Exact power sums and extrema of an image of at most 16-bit integers, run by run.
+
+    ``runs`` is a :class:`Runs`, ``flags`` the :class:`Flags` (``order`` and ``extrema`` read),
+    ``extremes`` an :class:`Extremes`.
 
     The pixel (z, y, x) of channel ``rows[j, 1]`` is ``flats[f][o + sz * z + sy * y + x]`` with
     ``(f, _, o, sz, sy) = rows[j]`` (see :func:`_flat_channels`).
@@ -329,6 +357,9 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
     its label's rows of the accumulators; with label ids numbered in order of first appearance
     (see :func:`_encode_runs`), neighbouring runs touch neighbouring rows.
     """
+    run_z, run_y, run_x, run_len, run_id = runs
+    order, extrema = flags.order, flags.extrema
+    lo, hi = extremes
     for r in range(run_id.shape[0]):
         i = run_id[r]
         z = run_z[r]
@@ -371,10 +402,11 @@ def _power_sweep(flats, rows, run_z, run_y, run_x, run_len, run_id, order, extre
 
 
 @nb.njit(nogil=True, cache=True)
-def _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m2, m3, m4, unsafe):
+def _moments_from_powers(rank, count, power, order, extremes, span, moments, unsafe):
     """Shifts, shifted sums and central moments per label and channel from power sums modulo 2**64.
 
-    The inputs are indexed by local label id ``i``, the outputs by row ``rank[i]`` (so the rows
+    The inputs (``extremes`` an :class:`Extremes`) are indexed by local label id ``i``, the
+    outputs (``moments`` a :class:`MomentSums`, and ``unsafe``) by row ``rank[i]`` (so the rows
     come out sorted by label id in the same pass).
 
     With ``T_p = Σ x**p`` modulo 2**64 (from :func:`_power_sweep`), the sum ``T_1`` is exact
@@ -394,6 +426,8 @@ def _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m
         M3 = U3 - 3 δ U2 + 2 δ² U1
         M4 = U4 - 4 δ U3 + 6 δ² U2 - 3 δ³ U1
     """
+    lo, hi = extremes
+    shift, sums, m2, m3, m4 = moments
     k, nchan = sums.shape
     for i in range(k):
         r = rank[i]
@@ -448,12 +482,13 @@ def _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m
 
 
 @nb.njit(nogil=True, cache=True)
-def _sums_about_mean(flats, rows, run_z, run_y, run_x, run_len, run_id, rank, unsafe, shift, t):
+def _sums_about_mean(flats, rows, runs, rank, unsafe, shift, t):
     """Add ``Σ d**p`` (p = 1..4, ``d = x - shift``, exact) to ``t[r, c, p - 1]`` where ``unsafe``.
 
-    The image layout is that of :func:`_power_sweep`; the runs hold local label ids, and the
-    label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``shift`` and ``t``.
+    The image layout is that of :func:`_power_sweep`; the :class:`Runs` hold local label ids, and
+    the label ``i`` has row ``r = rank[i]`` of ``unsafe``, ``shift`` and ``t``.
     """
+    run_z, run_y, run_x, run_len, run_id = runs
     for q in range(run_id.shape[0]):
         r = rank[run_id[q]]
         for j in range(rows.shape[0]):
@@ -633,7 +668,7 @@ class LabelRuns:
     """
 
     parts: Partials
-    runs: tuple[NDArray[np.int32], ...]
+    runs: Runs
     local: NDArray[np.intp]
     rank: NDArray[np.intp]
     count: NDArray[np.int64]
@@ -677,12 +712,16 @@ class RunKernel:
         dtype, or is None when only counts and coordinates are needed. The partials share the
         label ids, counts and coordinate sums of ``runs``.
         """
-        parts = replace(runs.parts)
+        parts = runs.parts.rows(0, runs.parts.size)
         if image is not None and (needs.order >= 1 or needs.extrema):
             if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
                 _small_integer_partials(parts, image, runs, needs)
             else:
                 _general_partials(parts, image, runs, needs)
+        for family in needs.more:
+            if type(family) not in FAMILY_UPDATES:
+                raise TypeError(f"the Numba kernel has no update for the family {family.name!r}")
+            FAMILY_UPDATES[type(family)](parts, image, runs, family)
         return parts
 
     def __call__(
@@ -720,38 +759,27 @@ def _general_partials(
     lo_init, hi_init = _extrema_init(dtype)
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
-    shift = np.zeros((k, nchan), shift_dtype(dtype))
     sums = np.zeros((k, nchan), np.float64)
-    lo = np.full((k, nchan), lo_init, dtype)
-    hi = np.full((k, nchan), hi_init, dtype)
-    moments = [np.zeros((k, nchan)) for _ in range(3)] if needs.order >= 2 else [sums] * 3
-    _sweep(  # type: ignore[call-arg]
+    central = [np.zeros((k, nchan)) for _ in range(3)] if needs.order >= 2 else [sums] * 3
+    moments = MomentSums(np.zeros((k, nchan), shift_dtype(dtype)), sums, *central)
+    extremes = Extremes(np.full((k, nchan), lo_init, dtype), np.full((k, nchan), hi_init, dtype))
+    _sweep(
         chunks,
-        *runs.runs,
+        runs.runs,
         dtype.kind in "iu" and dtype.itemsize <= 4,  # exact int64 prefix sums of the rows
-        needs.order,
-        needs.extrema,
-        skipna,
+        Flags(needs.order, needs.extrema, skipna),
         np.zeros(k, np.int64),
         nvalid,
-        shift,
-        sums,
-        *moments,
-        lo,
-        hi,
+        moments,
+        extremes,
     )
     if needs.skipna:
-        parts.nvalid = _take_rows(nvalid, local) if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
+        valid = _take_rows(nvalid, local) if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
+        parts.add(Valid(), nvalid=valid)
     if needs.extrema:
-        parts.min, parts.max = _take_rows(lo, local), _take_rows(hi, local)
+        parts.add(Extrema(), min=_take_rows(extremes.lo, local), max=_take_rows(extremes.hi, local))
     if needs.order >= 1:
-        parts.shift, parts.shifted = _take_rows(shift, local), _take_rows(sums, local)
-    if needs.order >= 2:
-        parts.m2 = _take_rows(moments[0], local)
-    if needs.order >= 3:
-        parts.m3 = _take_rows(moments[1], local)
-    if needs.order >= 4:
-        parts.m4 = _take_rows(moments[2], local)
+        _add_moments(parts, needs.order, [_take_rows(a, local) for a in moments[: needs.order + 1]])
 
 
 def _small_integer_partials(
@@ -768,35 +796,41 @@ def _small_integer_partials(
     # The extrema bound the power sums about the mean; without them the dtype's range must do.
     extrema = needs.extrema or (order >= 2 and pixels * float(span) ** order >= 2.0**62)
     lo_init, hi_init = _extrema_init(dtype)
-    lo = np.full((k, nchan), lo_init, dtype)
-    hi = np.full((k, nchan), hi_init, dtype)
+    extremes = Extremes(np.full((k, nchan), lo_init, dtype), np.full((k, nchan), hi_init, dtype))
     power = np.zeros((k, nchan, max(order, 1)), np.uint64)
     batches = _flat_channels(image)
     for flats, rows in batches:
-        _power_sweep(flats, rows, *runs.runs, order, extrema, power, lo, hi)  # type: ignore[call-arg]
-    if needs.extrema:
-        parts.min, parts.max = _take_rows(lo, local), _take_rows(hi, local)
+        _power_sweep(flats, rows, runs.runs, Flags(order, extrema, False), power, extremes)
     if needs.skipna:
-        parts.nvalid = np.repeat(parts.count[:, None], nchan, axis=1)
+        parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))
+    if needs.extrema:
+        parts.add(Extrema(), min=_take_rows(extremes.lo, local), max=_take_rows(extremes.hi, local))
     if order == 0:
         return
-    shift = np.empty((k, nchan), np.int64)
     sums = np.empty((k, nchan))
-    m2, m3, m4 = (np.empty((k, nchan)) if order >= p else sums for p in (2, 3, 4))
+    central = [np.empty((k, nchan)) if order >= p else sums for p in (2, 3, 4)]
+    moments = MomentSums(np.empty((k, nchan), np.int64), sums, *central)
     unsafe = np.zeros((k, nchan), np.bool_)
-    _moments_from_powers(rank, count, power, order, lo, hi, span, shift, sums, m2, m3, m4, unsafe)
+    _moments_from_powers(rank, count, power, order, extremes, span, moments, unsafe)
     if unsafe.any():
         about_mean = np.zeros((k, nchan, 4))
         for flats, rows in batches:
-            _sums_about_mean(flats, rows, *runs.runs, rank, unsafe, shift, about_mean)  # type: ignore[call-arg]
-        _central_moments(about_mean, parts.count, unsafe, order, m2, m3, m4)
-    parts.shift, parts.shifted = shift, sums
-    if needs.order >= 2:
-        parts.m2 = m2
-    if needs.order >= 3:
-        parts.m3 = m3
-    if needs.order >= 4:
-        parts.m4 = m4
+            _sums_about_mean(flats, rows, runs.runs, rank, unsafe, moments.shift, about_mean)
+        _central_moments(about_mean, parts.count, unsafe, order, *central)
+    _add_moments(parts, needs.order, list(moments[: needs.order + 1]))
+
+
+def _add_moments(parts: Partials, order: int, moments: list[NDArray[Any]]) -> None:
+    """Add the :class:`~xr_rasteragg.families.Moments` of ``order`` from a :class:`MomentSums`'s arrays."""
+    family = Moments(order)
+    parts.add(family, **dict(zip(family.names(), moments, strict=True)))
+
+
+#: Kernel code for the families beyond counts, moments and extrema, by family type: each fills
+#: its family's fields into the block's partials from the runs (and the image chunks, or None).
+FAMILY_UPDATES: dict[
+    type[Family], Callable[[Partials, Sequence[NDArray[np.number]] | None, LabelRuns, Any], None]
+] = {}
 
 
 def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generic]:

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..partials import CHANNEL_FIELDS, Needs, Partials, shift_dtype
+from ..families import Extrema, Moments, Valid
+from ..partials import Needs, Partials, shift_dtype
 
 __all__ = ["ArrayReductions", "block_partials", "namespace", "partials_with", "to_numpy"]
 
@@ -133,7 +134,14 @@ def partials_with(
 
     Parameters as in :func:`block_partials`; ``reductions`` supplies the array module and the
     segmented sums and extrema.
+
+    Raises
+    ------
+    TypeError
+        If ``needs`` holds families beyond counts, moments and extrema (``needs.more``).
     """
+    if needs.more:
+        raise TypeError(f"the array kernel has no update for the families {[f.name for f in needs.more]}")
     xp = reductions.xp
     _, ny, nx = labels.shape
     flat = labels.reshape(-1)
@@ -165,7 +173,8 @@ def partials_with(
     dtype = image[0].dtype
     floating = np.issubdtype(dtype, np.floating)
     skipna = needs.skipna and floating
-    columns: dict[str, list[Any]] = {name: [] for name in CHANNEL_FIELDS}
+    sums = Moments(max(needs.order, 1))
+    columns: dict[str, list[Any]] = {name: [] for name in ("nvalid", "min", "max", *sums.names())}
     pixels = count.astype(xp.float64)
     for chunk in image:
         for channel in chunk.reshape(chunk.shape[0], -1):
@@ -204,14 +213,11 @@ def partials_with(
         return to_numpy(xp.stack(columns[name], axis=1))
 
     if needs.skipna:
-        parts.nvalid = table("nvalid").astype(np.int64)
+        parts.add(Valid(), nvalid=table("nvalid").astype(np.int64))
     if needs.extrema:
-        parts.min, parts.max = table("min"), table("max")
+        parts.add(Extrema(), min=table("min"), max=table("max"))
     if needs.order >= 1:
-        parts.shift, parts.shifted = table("shift"), table("shifted")
-    for order, name in ((2, "m2"), (3, "m3"), (4, "m4")):
-        if needs.order >= order:
-            setattr(parts, name, table(name))
+        parts.add(sums, **{name: table(name) for name in sums.names()})
     return parts
 
 
@@ -290,13 +296,6 @@ def _empty(dtype: np.dtype, image: Sequence[Any] | None, needs: Needs) -> Partia
     if image is None or (needs.order == 0 and not needs.extrema):
         return parts
     nchan = sum(int(chunk.shape[0]) for chunk in image)
-    if needs.skipna:
-        parts.nvalid = np.empty((0, nchan), np.int64)
-    if needs.extrema:
-        parts.min = parts.max = np.empty((0, nchan), image[0].dtype)
-    if needs.order >= 1:
-        parts.shift = np.empty((0, nchan), shift_dtype(image[0].dtype))
-    for order, name in ((1, "shifted"), (2, "m2"), (3, "m3"), (4, "m4")):
-        if needs.order >= order:
-            setattr(parts, name, np.empty((0, nchan), np.float64))
+    for family in needs.families[1:]:
+        parts.add(family, **family.empty(0, nchan, image[0].dtype))
     return parts

@@ -1,0 +1,358 @@
+"""Families of partial fields: what each holds per label, how empty ones look and how they merge.
+
+A family is a group of per-label fields that one kernel computes together and that merge by one
+rule: the pixel count and coordinate sums (:class:`Counts`, always present), the per-channel
+counts of valid pixels (:class:`Valid`, when NaN pixels are skipped), the shifted sums and
+central moments up to an order (:class:`Moments`) and the extrema (:class:`Extrema`). A
+statistic names the families it needs (:class:`~xr_rasteragg.partials.Needs`); a new kind of
+statistic adds a family, with its fields and its merge rule, and the kernel code that fills it.
+
+Merging folds one part after another into the rows of the union of their labels
+(:func:`~xr_rasteragg.partials.merge`). A row's first holder is copied; a later one is combined
+with it. Each family's fold is a compiled loop over the part's rows that receives the arrays it
+merges as records (tuples), so a family with more fields takes a longer record, not more
+arguments.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numba as nb
+import numpy as np
+from numba.extending import overload
+from numpy.typing import NDArray
+
+__all__ = [
+    "Counts",
+    "Extrema",
+    "Family",
+    "Field",
+    "Moments",
+    "Valid",
+    "difference",
+    "pixel_counts",
+    "shift_dtype",
+]
+
+#: Per-label arrays of a part, by field name.
+Fields = Mapping[str, NDArray[Any]]
+#: The name of every field of every family.
+FIELD_NAMES: set[str] = set()
+
+
+@dataclass(frozen=True)
+class Field:
+    """One per-label array of the partials.
+
+    Attributes
+    ----------
+    name
+        The field's name (unique over all families).
+    dtype
+        Its dtype, as a function of the image dtype (None when there is no image).
+    width
+        Its trailing shape: None for one value per label, an int for that many values per label
+        (``(k, width)``), or ``"c"`` for one value per channel (``(k, C)``).
+    """
+
+    name: str
+    dtype: Callable[[np.dtype | None], np.dtype]
+    width: int | str | None = "c"
+
+    def empty(self, k: int, nchan: int, image_dtype: np.dtype | None) -> NDArray[Any]:
+        """An uninitialised array of this field for ``k`` labels and ``nchan`` channels."""
+        shape = (k,) if self.width is None else (k, nchan if self.width == "c" else int(self.width))
+        return np.empty(shape, self.dtype(image_dtype))
+
+
+def _fixed(dtype: type) -> Callable[[np.dtype | None], np.dtype]:
+    return lambda _image_dtype: np.dtype(dtype)
+
+
+def _image(image_dtype: np.dtype | None) -> np.dtype:
+    assert image_dtype is not None
+    return image_dtype
+
+
+def shift_dtype(dtype: np.dtype | None) -> np.dtype:
+    """The dtype of the shifts of an image of ``dtype``: uint64 for uint64, int64 for other integers
+    (and booleans), float64 for floating-point images."""
+    assert dtype is not None
+    if dtype.kind in "iub":
+        return np.dtype(np.uint64 if dtype == np.uint64 else np.int64)
+    return np.dtype(np.float64)
+
+
+class Family(ABC):
+    """A group of partial fields computed together and merged by one rule.
+
+    Subclasses are frozen dataclasses (so that equal families compare and hash equal) and set:
+
+    Attributes
+    ----------
+    name
+        The family's name; :class:`~xr_rasteragg.partials.Needs` holds one family per name.
+    weights
+        Whether its fields are the pixel counts other families merge with; those fold after
+        the others, which read the counts of the rows before the fold.
+    channel
+        Whether its fields hold one column per channel (and so need an image).
+    all_fields
+        The name of every field it may hold, whatever its parameters (registered in
+        :data:`FIELD_NAMES`).
+    """
+
+    name: ClassVar[str]
+    weights: ClassVar[bool] = False
+    channel: ClassVar[bool] = True
+    all_fields: ClassVar[tuple[str, ...]]
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        FIELD_NAMES.update(cls.all_fields)
+
+    @abstractmethod
+    def fields(self) -> tuple[Field, ...]:
+        """The fields it holds, in order."""
+
+    def join(self, other: Family) -> Family:
+        """One family that serves both ``self`` and ``other`` (of the same name)."""
+        return self
+
+    def empty(self, k: int, nchan: int, image_dtype: np.dtype | None) -> dict[str, NDArray[Any]]:
+        """Uninitialised fields for ``k`` labels and ``nchan`` channels."""
+        return {f.name: f.empty(k, nchan, image_dtype) for f in self.fields()}
+
+    @abstractmethod
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        """Copy or combine ``part``'s rows into rows ``rows`` (all distinct) of ``merged``, in place.
+
+        ``first[r]`` tells whether part row ``r`` is its label's first holder (then copied).
+        Families that merge with the pixel counts read them in ``merged`` as they were before
+        the fold (:func:`pixel_counts`): the ``weights`` families fold last.
+        """
+
+    def names(self) -> tuple[str, ...]:
+        """The names of its fields."""
+        return tuple(f.name for f in self.fields())
+
+
+@dataclass(frozen=True)
+class Counts(Family):
+    """Pixel count (int64) and (z, y, x) index sums (float64, shape ``(k, 3)``) of each label; added."""
+
+    name: ClassVar[str] = "counts"
+    weights: ClassVar[bool] = True
+    channel: ClassVar[bool] = False
+    all_fields: ClassVar[tuple[str, ...]] = ("count", "coords")
+
+    def fields(self) -> tuple[Field, ...]:
+        return (Field("count", _fixed(np.int64), None), Field("coords", _fixed(np.float64), 3))
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        _fold_sums(rows, first, merged["count"][:, None], part["count"][:, None])
+        _fold_sums(rows, first, merged["coords"], part["coords"])
+
+
+@dataclass(frozen=True)
+class Valid(Family):
+    """Per-channel number of non-NaN pixels (int64), when NaN pixels are skipped; added."""
+
+    name: ClassVar[str] = "valid"
+    weights: ClassVar[bool] = True
+    all_fields: ClassVar[tuple[str, ...]] = ("nvalid",)
+
+    def fields(self) -> tuple[Field, ...]:
+        return (Field("nvalid", _fixed(np.int64)),)
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        _fold_sums(rows, first, merged["nvalid"], part["nvalid"])
+
+
+@dataclass(frozen=True)
+class Moments(Family):
+    """Per-channel shift ``K``, ``Σ(x - K)`` and central moments ``M2..M_order``.
+
+    See :class:`~xr_rasteragg.partials.Partials` for the fields and
+    :func:`~xr_rasteragg.partials.merge` for the pairwise update formulas (Chan et al., Pébay).
+
+    Parameters
+    ----------
+    order
+        Highest moment: 1 (the sum), 2 to 4 (the central moments M2 to M4).
+    """
+
+    name: ClassVar[str] = "moments"
+    all_fields: ClassVar[tuple[str, ...]] = ("shift", "shifted", "m2", "m3", "m4")
+    order: int = 1
+
+    def fields(self) -> tuple[Field, ...]:
+        central = tuple(Field(f"m{p}", _fixed(np.float64)) for p in range(2, self.order + 1))
+        return (Field("shift", shift_dtype), Field("shifted", _fixed(np.float64)), *central)
+
+    def join(self, other: Family) -> Family:
+        assert isinstance(other, Moments)
+        return self if self.order >= other.order else other
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        _fold_moments(
+            rows,
+            first,
+            (pixel_counts(merged), pixel_counts(part)),
+            _moment_record(merged),
+            _moment_record(part),
+            self.order,
+        )
+
+
+def _moment_record(fields: Fields) -> tuple[NDArray[Any], ...]:
+    """(shift, shifted, m2, m3, m4), the absent moments standing in by ``shifted`` (never read)."""
+    shifted = fields["shifted"]
+    return (fields["shift"], shifted, *(fields.get(f"m{p}", shifted) for p in (2, 3, 4)))
+
+
+@dataclass(frozen=True)
+class Extrema(Family):
+    """Per-channel minima and maxima in the image dtype (merges are exact); NaN propagates."""
+
+    name: ClassVar[str] = "extrema"
+    all_fields: ClassVar[tuple[str, ...]] = ("min", "max")
+
+    def fields(self) -> tuple[Field, ...]:
+        return (Field("min", _image), Field("max", _image))
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        _fold_extrema(rows, first, (merged["min"], merged["max"]), (part["min"], part["max"]))
+
+
+@nb.njit(nogil=True, cache=True)
+def _fold_sums(rows, first, out, part):  # type: ignore[no-untyped-def]
+    """Copy (first holder) or add each 2-D ``part`` row into row ``rows[r]`` of ``out``."""
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        if first[r]:
+            for j in range(part.shape[1]):
+                out[i, j] = part[r, j]
+        else:
+            for j in range(part.shape[1]):
+                out[i, j] += part[r, j]
+
+
+@nb.njit(nogil=True, cache=True)
+def _fold_extrema(rows, first, out, part):  # type: ignore[no-untyped-def]
+    """Copy or combine the (min, max) record ``part`` into ``out``; NaN propagates, as in np.minimum."""
+    lo, hi = out
+    lo_b, hi_b = part
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        if first[r]:
+            for c in range(lo_b.shape[1]):
+                lo[i, c] = lo_b[r, c]
+                hi[i, c] = hi_b[r, c]
+            continue
+        for c in range(lo_b.shape[1]):
+            low, high = lo_b[r, c], hi_b[r, c]
+            if low < lo[i, c] or low != low:
+                lo[i, c] = low
+            if high > hi[i, c] or high != high:
+                hi[i, c] = high
+
+
+@nb.njit(nogil=True, cache=True)
+def _fold_moments(rows, first, counts, out, part, order):  # type: ignore[no-untyped-def]
+    """Copy or combine the moment record ``part`` (shift, shifted, m2, m3, m4) into ``out``.
+
+    ``counts`` holds the pixel counts of the merged rows (before the fold) and of the part's
+    rows, each of shape ``(k, C)`` or ``(k, 1)`` (one count for all channels). A combined row
+    keeps its shift ``K``; the part's sum moves onto it by ``Δ = K_b - K`` (:func:`difference`),
+    and the means the moment formulas compare are ``sum(x - K) / n``, small numbers where the
+    label's spread is small.
+    """
+    shift, total, m2, m3, m4 = out
+    shift_b, total_b, m2_b, m3_b, m4_b = part
+    n_a, n_b = counts
+    wide = n_a.shape[1] > 1
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        copy = first[r]
+        for c in range(total_b.shape[1]):
+            na = 0.0 if copy else float(n_a[i, c if wide else 0])
+            nb_ = float(n_b[r, c if wide else 0])
+            if copy or (nb_ > 0 and na == 0):  # no valid pixel in this channel yet: take the part's
+                shift[i, c] = shift_b[r, c]
+                total[i, c] = total_b[r, c]
+                if order >= 2:
+                    m2[i, c] = m2_b[r, c]
+                if order >= 3:
+                    m3[i, c] = m3_b[r, c]
+                if order >= 4:
+                    m4[i, c] = m4_b[r, c]
+            elif nb_ > 0:
+                moved = difference(shift_b[r, c], shift[i, c])
+                if order >= 2:
+                    n = na + nb_
+                    delta = moved + total_b[r, c] / nb_ - total[i, c] / na
+                    dn = delta / n
+                    ab = na * nb_
+                    a2, b2 = m2[i, c], m2_b[r, c]
+                    if order >= 3:
+                        a3, b3 = m3[i, c], m3_b[r, c]
+                        if order >= 4:
+                            m4[i, c] = (
+                                m4[i, c]
+                                + m4_b[r, c]
+                                + delta * dn * dn * dn * ab * (na * na - ab + nb_ * nb_)
+                                + 6.0 * dn * dn * (na * na * b2 + nb_ * nb_ * a2)
+                                + 4.0 * dn * (na * b3 - nb_ * a3)
+                            )
+                        m3[i, c] = (
+                            a3 + b3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * b2 - nb_ * a2)
+                        )
+                    m2[i, c] = a2 + b2 + delta * dn * ab
+                total[i, c] += total_b[r, c] + nb_ * moved
+
+
+def pixel_counts(fields: Fields) -> NDArray[np.int64]:
+    """Pixels entering the per-channel fields: ``nvalid`` (``(k, C)``) when NaN pixels are skipped,
+    otherwise ``count`` as a column (``(k, 1)``)."""
+    nvalid = fields.get("nvalid")
+    return fields["count"][:, None] if nvalid is None else nvalid
+
+
+def difference(x: Any, k: Any) -> float:
+    """``x - k`` as float64, exact whenever float64 can hold the difference.
+
+    Integers are subtracted in 64-bit two's complement arithmetic first, which is exact while
+    ``|x - k| < 2**63`` (always, for values of at most 32 bits), and only the difference is
+    rounded to float64; this is what keeps 64-bit integer images exact, whose values float64
+    cannot hold. Where the difference itself leaves the 64-bit range, both are rounded to float64
+    first. Floats are subtracted in float64 (exact for values within a factor of two of each
+    other, as a label's values and its shift are when the mean is large against the spread).
+    Compiled for Numba code; from Python it runs as plain arithmetic.
+    """
+    if isinstance(x, int | np.integer) and isinstance(k, int | np.integer):
+        return float(int(x) - int(k))
+    return float(x) - float(k)
+
+
+@overload(difference, jit_options={"nogil": True})
+def _difference_compiled(x: Any, k: Any) -> Any:
+    """The compiled :func:`difference`, chosen by the types of its arguments."""
+    if isinstance(x, nb.types.Integer) and isinstance(k, nb.types.Integer):
+
+        def integers(x: Any, k: Any) -> float:
+            wrapped = np.int64(np.uint64(x) - np.uint64(k))  # modulo 2**64
+            if (x >= k) != (wrapped >= 0):  # the difference left the int64 range
+                return float(x) - float(k)
+            return float(wrapped)
+
+        return integers
+
+    def floats(x: Any, k: Any) -> float:
+        return float(x) - float(k)
+
+    return floats
