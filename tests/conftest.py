@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -157,8 +158,9 @@ def nan_reference(
 
 
 def assert_stat(name: str, got: Any, expected: NDArray[Any]) -> None:
-    """Compare one statistic against the reference with the contract's tolerance (NaN equal)."""
-    got = np.asarray(got)
+    """Compare one statistic against the reference with the contract's tolerance (NaN equal); a
+    lazy result is computed first."""
+    got = np.asarray(got.compute() if dask.is_dask_collection(got) else got)
     assert got.shape == expected.shape, (name, got.shape, expected.shape)
     rtol, atol = TOLERANCES[name]
     if rtol == atol == 0:

@@ -148,14 +148,15 @@ def test_single_pixel_and_constant_labels(engine_kernel: Callable[..., Any]) -> 
     result = aggregate(
         da.from_array(labels, chunks=(1, 3, 4)), da.from_array(image, chunks=(1, 1, 2, 5)), ALL_STATS
     )
+    values = computed(result.values)
     np.testing.assert_array_equal(result.labels, [0, 1, 2])
     for name in ("var", "std"):
-        np.testing.assert_array_equal(result.values[name][1:], 0.0)
+        np.testing.assert_array_equal(values[name][1:], 0.0)
     for name in ("skew", "kurtosis"):
-        assert np.isnan(result.values[name][1:]).all(), name
-        assert np.isfinite(result.values[name][0]).all(), name
-    np.testing.assert_array_equal(result.values["mean"][2], [7.5, 7.5])
-    np.testing.assert_array_equal(result.values["count"], [11, 1, 12])
+        assert np.isnan(values[name][1:]).all(), name
+        assert np.isfinite(values[name][0]).all(), name
+    np.testing.assert_array_equal(values["mean"][2], [7.5, 7.5])
+    np.testing.assert_array_equal(values["count"], [11, 1, 12])
 
 
 def test_image_none_count_and_center_of_mass(engine_kernel: Callable[..., Any]) -> None:
@@ -235,28 +236,29 @@ def test_many_labels_per_block(engine_kernel: Callable[..., Any], layout: str) -
     if layout != "numpy":
         dlabels, dimage = dlabels.rechunk((1, 75, 100)), dimage.rechunk((2, 1, 150, 50))
     result = aggregate(dlabels, dimage, ["count", "sum", "mean", "min", "max", "center_of_mass"])
+    values = computed(result.values)
     ids, inverse = np.unique(labels, return_inverse=True)
     inverse = inverse.ravel()
     np.testing.assert_array_equal(result.labels, ids)
     count = np.bincount(inverse)
-    np.testing.assert_array_equal(result.values["count"], count)
+    np.testing.assert_array_equal(values["count"], count)
     for c in range(2):
         x = image[c].ravel().astype(np.float64)
         total = np.bincount(inverse, weights=x)
-        np.testing.assert_allclose(result.values["sum"][:, c], total, rtol=1e-12)
-        np.testing.assert_allclose(result.values["mean"][:, c], total / count, rtol=1e-12)
+        np.testing.assert_allclose(values["sum"][:, c], total, rtol=1e-12)
+        np.testing.assert_allclose(values["mean"][:, c], total / count, rtol=1e-12)
         low, high = np.full(ids.shape, np.inf), np.full(ids.shape, -np.inf)
         np.minimum.at(low, inverse, x)
         np.maximum.at(high, inverse, x)
-        np.testing.assert_array_equal(result.values["min"][:, c], low)
-        np.testing.assert_array_equal(result.values["max"][:, c], high)
+        np.testing.assert_array_equal(values["min"][:, c], low)
+        np.testing.assert_array_equal(values["max"][:, c], high)
     for axis, position in enumerate(np.indices(labels.shape).reshape(3, -1)):
         expected = np.bincount(inverse, weights=position) / count
-        np.testing.assert_allclose(result.values["center_of_mass"][:, axis], expected, rtol=1e-12)
+        np.testing.assert_allclose(values["center_of_mass"][:, axis], expected, rtol=1e-12)
 
 
 def test_lazy_results_over_several_row_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(xr_rasteragg.engine, "ROWS_PER_CHUNK", 2)
+    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 2)
     rng = np.random.default_rng(20)
     labels = make_labels(SHAPES["3d"], "int8", rng)
     image = make_image(2, labels, "uint8", rng)
@@ -470,17 +472,18 @@ def test_nan_propagates_only_to_its_label_and_channel(
 ) -> None:
     labels, image = nan_case(dtype)
     result = aggregate(*chunked(labels, image, layout), ALL_STATS)
+    values = computed(result.values)
     ids = [int(i) for i in result.labels]
     expected = nan_reference(labels, image, ids, skipna=False)
-    assert_all_stats(result.values, expected, [n for n in ALL_STATS if n in expected])
+    assert_all_stats(values, expected, [n for n in ALL_STATS if n in expected])
     nan_cells = np.zeros((len(ids), 3), bool)
     nan_cells[ids.index(5), 0] = nan_cells[ids.index(-1), 1] = True
     for name in ("sum", "mean", "var", "std", "skew", "kurtosis", "min", "max"):
-        value = result.values[name]
+        value = values[name]
         assert np.isnan(value[nan_cells]).all(), name
         if name not in ("skew", "kurtosis"):  # those are NaN for constant labels as well
             assert not np.isnan(value[~nan_cells]).any(), name
-    np.testing.assert_array_equal(result.values["count"], reference(labels, None, ids)["count"])
+    np.testing.assert_array_equal(values["count"], reference(labels, None, ids)["count"])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -488,20 +491,19 @@ def test_nan_propagates_only_to_its_label_and_channel(
 def test_skipna_ignores_nan_pixels(engine_kernel: Callable[..., Any], dtype: str, layout: str) -> None:
     labels, image = nan_case(dtype)
     result = aggregate(*chunked(labels, image, layout), ALL_STATS, skipna=True)
+    values = computed(result.values)
     ids = [int(i) for i in result.labels]
     expected = nan_reference(labels, image, ids, skipna=True)
-    assert_all_stats(result.values, expected, [n for n in ALL_STATS if n in expected])
+    assert_all_stats(values, expected, [n for n in ALL_STATS if n in expected])
     row = ids.index(5)
-    assert np.isfinite(result.values["mean"][row, 0])
-    assert result.values["mean"][row, 0] == pytest.approx(
-        np.nanmean(image[0][labels == 5].astype(float)), rel=1e-12
-    )
+    assert np.isfinite(values["mean"][row, 0])
+    assert values["mean"][row, 0] == pytest.approx(np.nanmean(image[0][labels == 5].astype(float)), rel=1e-12)
     row = ids.index(-1)  # all NaN in channel 1
-    assert result.values["count"][row] == np.count_nonzero(labels == -1)
+    assert values["count"][row] == np.count_nonzero(labels == -1)
     for name in ("mean", "var", "std", "skew", "kurtosis", "min", "max"):
-        assert np.isnan(result.values[name][row, 1]), name
-    assert result.values["sum"][row, 1] == 0.0  # as np.nansum
-    assert np.isfinite(result.values["mean"][row, [0, 2]]).all()
+        assert np.isnan(values[name][row, 1]), name
+    assert values["sum"][row, 1] == 0.0  # as np.nansum
+    assert np.isfinite(values["mean"][row, [0, 2]]).all()
 
 
 @pytest.mark.parametrize("skipna", [False, True])

@@ -1,9 +1,14 @@
-"""The last merge and finalization, run in pieces over the label ids, and the union of label ids."""
+"""The last merge and finalization, run in pieces over the label ids (one task each), and the union of
+label ids."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
+from unittest import mock
 
+import dask
+import dask.array as da
 import numpy as np
 import pytest
 from conftest import ALL_STATS, KERNELS, assert_all_stats, reference, sub_block_partials
@@ -11,9 +16,27 @@ from numpy.typing import NDArray
 
 import xr_rasteragg.engine
 import xr_rasteragg.partials
-from xr_rasteragg.engine import aggregate, final_table
+from xr_rasteragg.engine import aggregate, prepare_index
 from xr_rasteragg.partials import Needs, Partials, _union, label_union, merge
 from xr_rasteragg.stats import finalize, needs_of
+
+
+def final_table(
+    parts: Sequence[Partials], stats: Sequence[str], piece: int, index: Any = None
+) -> tuple[NDArray[Any], dict[str, NDArray[Any]]]:
+    """The engine's finalization of ``parts`` (the partials left by the merge tree) for ``index``
+    (None: every label), in pieces of ``piece`` labels, computed."""
+    holder = np.empty((1, 1, len(parts)), dtype=object)
+    holder[0, 0, :] = list(parts)
+    ids = label_union([p.labels for p in parts]) if index is None else prepare_index(index)
+    nchan = max((value.shape[1] for value in parts[0].channel_arrays().values()), default=0)
+    with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", piece):
+        values = xr_rasteragg.engine._finalized(
+            da.from_array(holder, chunks=1, name=False), ids, stats, nchan
+        )
+    for value in values.values():
+        assert value.chunks[0] == (tuple(min(piece, ids.size - s) for s in range(0, ids.size, piece)) or (0,))
+    return ids, dict(zip(values, dask.compute(*values.values()), strict=True))
 
 
 def sorted_ids(rng: np.random.Generator, pool: NDArray[Any], size: int) -> NDArray[Any]:
@@ -112,8 +135,6 @@ def test_engine_with_small_pieces_matches_reference(
     monkeypatch: pytest.MonkeyPatch, label_dtype: str, image_dtype: str
 ) -> None:
     """The whole engine, with the final merge split into pieces of 3 labels."""
-    import dask.array as da
-
     monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 3)
     rng = np.random.default_rng(3)
     info = np.iinfo(label_dtype)
@@ -154,35 +175,6 @@ def test_stacked_and_part_by_part_merges_agree(monkeypatch: pytest.MonkeyPatch, 
         np.testing.assert_allclose(getattr(stacked, name), value, rtol=1e-12, equal_nan=True, err_msg=name)
 
 
-def test_large_results_on_a_memory_map(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Results allocated on a memory map are ordinary, writable arrays that pickle by value."""
-    import mmap
-    import pickle
-
-    import dask.array as da
-
-    rng = np.random.default_rng(5)
-    labels = rng.integers(1, 40, size=(1, 30, 30)).astype(np.int32)
-    image = rng.integers(0, 255, size=(2, *labels.shape)).astype(np.uint8)
-    expected = aggregate(labels, image, ALL_STATS)
-    monkeypatch.setattr(xr_rasteragg.engine, "MAPPED_BYTES", 0)
-    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 4)
-    result = aggregate(
-        da.from_array(labels, chunks=(1, 10, 10)), da.from_array(image, chunks=(1, 1, 10, 10)), ALL_STATS
-    )
-    for name in ALL_STATS:
-        value = result.values[name]
-        owner = value
-        while isinstance(owner, np.ndarray):
-            owner = owner.base
-        assert isinstance(owner, memoryview), name
-        assert isinstance(owner.obj, mmap.mmap), name
-        np.testing.assert_allclose(value, expected.values[name], rtol=1e-13)
-        assert value.flags.writeable
-        assert value.flags.c_contiguous
-        np.testing.assert_array_equal(pickle.loads(pickle.dumps(value)), value)
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("piece", [1, 3, 50, 10**6])
 def test_pieces_for_an_index(case: str, piece: int) -> None:
@@ -221,11 +213,7 @@ def test_engine_index_with_small_pieces_matches_reference(
     monkeypatch: pytest.MonkeyPatch, lazy: bool
 ) -> None:
     """An index, eager or lazy (several row chunks), with the final merge in pieces of 2 labels."""
-    import dask
-    import dask.array as da
-
     monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 2)
-    monkeypatch.setattr(xr_rasteragg.engine, "ROWS_PER_CHUNK", 3)
     rng = np.random.default_rng(7)
     labels = rng.choice(np.array([0, 3, 9, 12, 40, 41, 77], np.uint16), size=(1, 40, 30))
     image = rng.integers(0, 4096, size=(2, *labels.shape)).astype(np.uint16)
@@ -238,7 +226,7 @@ def test_engine_index_with_small_pieces_matches_reference(
     values = result.values
     if lazy:
         assert isinstance(values["mean"], da.Array)
-        assert values["mean"].numblocks[0] == 2
+        assert values["mean"].numblocks[0] == 3
         (values,) = dask.compute(values)
     np.testing.assert_array_equal(result.labels, index)
     assert_all_stats(values, reference(labels, image, index), ALL_STATS)

@@ -1,34 +1,37 @@
-"""The engine: one pass over the blocks, a tree merge of sparse partials, and finalization.
+"""The engine: one pass over the blocks, a tree merge of sparse partials, and finalization in pieces.
 
 ::
 
     blocks of (labels, image) ──map──► per-block partials ──tree-merge──► ≤ 64 partials
-        ──merge + finalize in pieces of label ids, on all cores──► stats
+        ──split by pieces of label ids──► one task per piece: merge + finalize ──► stats
 
 Every statistic asked for, and the set of labels itself, comes out of one read of each block.
+The graph is built from dask's public array API only (``map_blocks``, ``blockwise`` and
+``rechunk`` over object arrays of partials), so it runs on the legacy graph and under dask's
+array query planning alike, on the local schedulers and on a ``dask.distributed`` cluster.
+
 The kernel for a block is chosen by the block's type when the task runs, so one graph serves
 NumPy and CuPy blocks alike. A kernel that runs in two stages (the compiled CPU kernel) encodes
 each label block in a task of its own, as soon as the block is read, and the channels' tasks
-start from that encoding. Tasks are small, pure functions of their inputs, which is all a
-``dask.distributed`` cluster needs.
+start from that encoding.
+
+With dask inputs every result is a dask array. Without an ``index`` the call runs the pass and
+keeps the merged partials where they were computed (``persist``: on the workers of a cluster),
+bringing back only the label ids, which fix the rows; finalization then is one task per piece
+of label ids, so the table is made, and written, where the partials are. NumPy and CuPy inputs
+give NumPy results.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import uuid
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import product
 from typing import Any
 
 import dask
 import dask.array as da
 import numpy as np
-from dask.delayed import Delayed, delayed
-from dask.highlevelgraph import HighLevelGraph
 from numpy.typing import ArrayLike, NDArray
 
 from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
@@ -44,14 +47,10 @@ SPLIT_EVERY = 8
 #: up to this size, so that a group's sweep shares the runs of the labels across its channels
 #: (and kernels that take whole blocks read the labels once per group rather than once per chunk).
 GROUP_BYTES = 256 * 2**20
-#: Rows of the result per task when results are lazy.
-ROWS_PER_CHUNK = 2**20
 #: Pixels per block when NumPy or CuPy inputs are split for the threads.
 BLOCK_PIXELS = 2**22
-#: Labels per piece of the final merge and finalization (small enough for the caches).
+#: Labels per piece of the final merge and finalization, and rows per chunk of every result.
 PIECE_LABELS = 2**16
-#: Results of at least this many bytes are allocated on a memory map (see :func:`_empty`).
-MAPPED_BYTES = 64 * 2**20
 
 
 @dataclass
@@ -104,22 +103,24 @@ def aggregate(
     split_every
         How many partials one merge task combines.
     eager
-        Run the pass now and return NumPy arrays even for dask inputs with an ``index`` (for
-        callers that need the values at once).
+        Return NumPy arrays for dask inputs too (for callers that need the values at once).
 
     Returns
     -------
     Aggregation
-        The labels and one array per statistic. With dask inputs and an ``index`` (and not
-        ``eager``) the arrays are dask arrays of one graph and nothing has been computed: compute
-        them together (``dask.compute(result.values)``) to read the data once; each array
-        computed by itself runs the pass again. Otherwise the pass has run.
+        The labels and one array per statistic. With dask inputs (and not ``eager``) the arrays
+        are dask arrays of one graph, chunked by :data:`PIECE_LABELS` rows: with an ``index``
+        nothing has been computed yet; without one the pass has run and its merged partials are
+        kept (on the cluster's workers, under ``dask.distributed``), so computing any of the
+        arrays, together or one by one, only finalizes them. Compute them together
+        (``dask.compute(*result.values.values())``) to finalize each piece of labels once.
+        NumPy and CuPy inputs give NumPy arrays.
     """
     stats = validate_stats(stats)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
     check_background(background)
-    lazy = not eager and index is not None and (isinstance(labels, da.Array) or isinstance(image, da.Array))
+    lazy = not eager and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = as_dask(labels, "labels"), None if image is None else as_dask(image, "image")
     labels, image = _check_inputs(labels, image, stats)
     wanted = None if index is None else prepare_index(index)
@@ -128,108 +129,18 @@ def aggregate(
         skip = None
     needs = needs_of(stats, skipna)
     # The tree stops at split_every**2 partials (two levels short of the top): the rest of the
-    # merge runs in pieces over the label ids, in parallel and fused with finalization (see
-    # :func:`final_table`), which saves writing every label once more per level.
+    # merge runs in pieces over the label ids, fused with finalization (see :func:`_finalized`),
+    # which saves writing every label once more per level.
     parts = _merged_partials(labels, image, needs, skip, split_every, split_every**2)
-    if wanted is not None and lazy:
-        return Aggregation(wanted, _lazy_values(parts, wanted, stats, image))
-    (parts,) = dask.compute(parts)
-    return Aggregation(*final_table(parts, stats, PIECE_LABELS, wanted))
-
-
-def final_table(
-    parts: Sequence[Partials], stats: Sequence[str], piece: int, index: NDArray[np.integer] | None = None
-) -> tuple[NDArray[np.integer], dict[str, NDArray[Any]]]:
-    """Merge partials and finalize them, piece by piece over the sorted label ids.
-
-    Each piece of ``piece`` labels takes the rows of its ids from every part, merges them and
-    finalizes the labels asked for straight into their rows of the result. Pieces are
-    independent, so they run on all cores (the compiled merge releases the GIL), and their
-    temporaries stay in the caches: no table of merged partials of all labels is ever made.
-
-    Parameters
-    ----------
-    parts
-        Partials of disjoint pixel sets (the outputs of the merge tree).
-    stats
-        Names of the statistics.
-    piece
-        Labels per piece.
-    index
-        Label ids to report, in this order (absent ids get count 0, sum 0 and NaN otherwise);
-        None reports every label of the parts, sorted.
-
-    Returns
-    -------
-    labels, values
-        The label ids of the rows, and one array per statistic with one row per label.
-    """
-    labels = label_union([p.labels for p in parts])
-    k = labels.shape[0]
-    if index is None:
-        ids, rows, found = labels, np.arange(k), np.ones(k, bool)
-    else:
-        ids, (rows, found) = index, locate(labels, index)
-    if len(parts) == 1 or k <= piece or not found.any():
-        return ids, finalize(merge(parts), stats, rows, found)
-    # The result rows that each piece serves (``at``), in the order of their labels' rows in the
-    # union (``served``); without an index, result row and union row are the same.
-    at = rows if index is None else np.flatnonzero(found)
-    if index is not None:
-        at = at[np.argsort(rows[at], kind="stable")]
-    served = at if index is None else rows[at]
-    starts = np.arange(0, k, piece)
-    bounds = np.searchsorted(served, np.append(starts, k))
-    busy = [i for i in range(starts.shape[0]) if bounds[i] < bounds[i + 1]]
-    values: dict[str, NDArray[Any]] = {}
-
-    def run(i: int) -> tuple[slice | NDArray[np.intp], dict[str, NDArray[Any]]]:
-        start, stop = int(starts[i]), min(int(starts[i]) + piece, k)
-        low, high = labels[start], labels[stop - 1]
-        cuts = [(np.searchsorted(p.labels, low), np.searchsorted(p.labels, high, "right")) for p in parts]
-        merged = merge([p.rows(int(a), int(b)) for p, (a, b) in zip(parts, cuts, strict=True)])
-        mine = slice(bounds[i], bounds[i + 1])
-        where = mine if index is None else at[mine]
-        return where, finalize(merged, stats, served[mine] - start, np.ones(bounds[i + 1] - bounds[i], bool))
-
-    def write(i: int) -> None:
-        where, piece_values = run(i)
-        for name, value in piece_values.items():
-            values[name][where] = value
-
-    where, first = run(busy[0])  # the first piece gives each result's shape and dtype
-    for name, value in first.items():
-        values[name] = _empty((ids.shape[0], *value.shape[1:]), value.dtype)
-        if not found.all():
-            values[name][~found] = STATISTICS[name].fill
-        values[name][where] = value
-    with ThreadPoolExecutor(min(len(busy) - 1, _cores()) or 1) as pool:
-        list(pool.map(write, busy[1:]))
-    return ids, values
-
-
-def _empty(shape: tuple[int, ...], dtype: np.dtype) -> NDArray[Any]:
-    """An uninitialised array for a result; large ones on fresh pages of an anonymous memory map.
-
-    NumPy asks the kernel for huge pages on large arrays (``madvise``). Where memory is
-    fragmented, the kernel then compacts memory on the first write of each huge page, which
-    made writing 2.9 GiB of results (10^7 labels, all statistics, 4 channels) 1.7-2.6x slower
-    than on ordinary pages. The results are written once, piece by piece, and handed to the
-    caller, so ordinary pages lose nothing.
-    """
-    count = int(np.prod(shape))
-    size = count * dtype.itemsize
-    if size < MAPPED_BYTES:
-        return np.empty(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, size), dtype, count).reshape(shape)
-
-
-def _cores() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+    if wanted is None:
+        parts = parts.persist()
+        ids = parts.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{parts.name}-ids")
+        (ids,) = dask.compute(ids)
+        wanted = label_union(list(ids.ravel()))
+    values = _finalized(parts, wanted, stats, 0 if image is None else int(image.shape[0]))
+    if not lazy:
+        values = dict(zip(values, dask.compute(*values.values()), strict=True))
+    return Aggregation(wanted, values)
 
 
 def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
@@ -398,98 +309,194 @@ def _channel_task(stage: _LabelStage, image: list[Any], needs: Needs) -> Partial
     return stage.kernel(stage.block, image or None, stage.offset, needs, stage.skip)
 
 
-def _channel_groups(image: da.Array | None) -> list[list[int]]:
-    """Channel-chunk indices grouped so that one task reads at most :data:`GROUP_BYTES` (or one chunk)."""
+def _channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
+    """Channel ranges ``(start, stop)`` of whole channel chunks, grouped so that one task reads at
+    most :data:`GROUP_BYTES` (or one chunk)."""
     if image is None:
-        return [[]]
+        return [(0, 0)]
     block_bytes = image.dtype.itemsize * int(np.prod([max(c) for c in image.chunks[1:]]))
-    groups: list[list[int]] = [[]]
-    size = 0
-    for i, channels in enumerate(image.chunks[0]):
-        chunk_bytes = block_bytes * channels
-        if groups[-1] and size + chunk_bytes > GROUP_BYTES:
-            groups.append([])
-            size = 0
-        groups[-1].append(i)
-        size += chunk_bytes
+    groups = [(0, 0)]
+    for channels in image.chunks[0]:
+        start, stop = groups[-1]
+        if stop > start and block_bytes * (stop - start + channels) > GROUP_BYTES:
+            groups.append((stop, stop + channels))
+        else:
+            groups[-1] = (start, stop + channels)
     return groups
+
+
+def _objects(ndim: int) -> NDArray[Any]:
+    """The ``meta`` of an object array of partials (or stages) with ``ndim`` dims."""
+    return np.empty((0,) * ndim, dtype=object)
+
+
+def _holding(item: Any, ndim: int) -> NDArray[Any]:
+    """An object array of shape ``(1,) * ndim`` holding ``item``: one block of an array of partials."""
+    out = np.empty((1,) * ndim, dtype=object)
+    out.flat[0] = item
+    return out
+
+
+def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArray[Any]:
+    """The label stage of one spatial block (a ``map_blocks`` task)."""
+    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
+    return _holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
+
+
+def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
+    """Partials of one spatial block over a group of channel chunks, or of its labels alone (a
+    ``blockwise`` task)."""
+    return _holding(_channel_task(stage.flat[0], image or [], needs), 3)
+
+
+def _join_block(*groups: NDArray[Any]) -> NDArray[Any]:
+    """The partials of a spatial block's channel groups side by side (a ``map_blocks`` task)."""
+    return _holding(concat_channels([group.flat[0] for group in groups]), 3)
+
+
+def _merge_block(block: NDArray[Any]) -> NDArray[Any]:
+    """The merge of the partials in one block of the tree (a ``map_blocks`` task)."""
+    return _holding(merge(list(block.ravel())), block.ndim)
+
+
+def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
+    """The label ids of the partials in one block (all that leaves the workers before finalization)."""
+    return _holding(block.flat[0].labels, block.ndim)
+
+
+def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer]) -> NDArray[Any]:
+    """One partial's rows of the labels ``ids`` (a piece of the result), in label order.
+
+    Sorted ids take the partial's rows between the first and the last id (a view); ids in any
+    other order (an ``index`` as the user gave it) take exactly the rows of their ids.
+    """
+    part: Partials = block.flat[0]
+    if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
+        rows = part.rows(*_cut(part.labels, int(ids[0]), int(ids[-1])))
+    else:
+        where, found = locate(part.labels, np.unique(ids))
+        rows = part.take(where[found])
+    return _holding(rows, block.ndim + 1)
+
+
+def _cut(ids: NDArray[np.integer], low: int, high: int) -> tuple[int, int]:
+    """The rows of the sorted ``ids`` from ``low`` to ``high`` (Python ints, any range)."""
+    info = np.iinfo(ids.dtype)
+    low, high = max(low, int(info.min)), min(high, int(info.max))
+    if low > high:
+        return 0, 0
+    start = int(np.searchsorted(ids, ids.dtype.type(low)))
+    return start, int(np.searchsorted(ids, ids.dtype.type(high), side="right"))
+
+
+def _finalize_piece(block: NDArray[Any], ids: NDArray[np.integer], stats: Sequence[str]) -> NDArray[Any]:
+    """Merge every partial's rows of a piece of label ids and finalize them (a ``blockwise`` task).
+
+    ``block`` holds each partial's rows for the piece (see :func:`_piece_rows`) and ``ids`` the
+    ids of the piece; the result is a dict of one array per statistic, one row per id.
+    """
+    merged = merge(list(block.ravel()))
+    return _holding(finalize(merged, stats, *locate(merged.labels, ids)), 1)
+
+
+def _pick(piece: NDArray[Any], name: str) -> Any:
+    """One statistic's rows of a finalized piece (a ``map_blocks`` task)."""
+    return piece.flat[0][name]
 
 
 def _merged_partials(
     labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int, left: int
-) -> Delayed:
+) -> da.Array:
     """The graph of the pass: label and channel tasks per spatial block, and a tree merge.
 
     Each spatial block has a label task, one task per group of channel chunks (the block's
     partials for those channels) and, with several groups, a join of their channels. The tree
-    merges the blocks' partials until at most ``left`` are left; the graph's value is their list.
-
-    Built as a plain task graph on top of the arrays' graphs (cheaper than one ``delayed`` call per
-    task, which merges the arrays' graphs again for every block). Keys start with what the task
-    does (``rasteragg-labels-…``, ``rasteragg-block-…``, ``rasteragg-merge-…``), so that the dask
-    dashboard shows the stages apart.
+    merges the blocks' partials along the most divided axis, ``split_every`` at a time, until at
+    most ``left`` are left. The result is an object array with one :class:`Partials` per block.
+    Task names say what the task does (``rasteragg-labels-…``, ``_channel_block-…``,
+    ``rasteragg-merge-…``), so that the dask dashboard shows the stages apart. (``blockwise`` tasks
+    keep dask's names, after their function: a ``name=`` breaks them under query planning.)
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
-    name = f"rasteragg-{token}"
-    groups = _channel_groups(image)
-    starts = [np.cumsum((0, *c))[:-1] for c in labels.chunks]
-    graph: dict[Any, Any] = {}
-    keys: list[Any] = []
-    for iz, iy, ix in product(*(range(n) for n in labels.numblocks)):
-        offset = (int(starts[0][iz]), int(starts[1][iy]), int(starts[2][ix]))
-        stage: Any = (f"rasteragg-labels-{token}", iz, iy, ix)
-        graph[stage] = (_label_task, (labels.name, iz, iy, ix), offset, skip)
-        parts = []
-        for g, group in enumerate(groups):
-            chunks = [] if image is None else [(image.name, c, iz, iy, ix) for c in group]
-            key: Any = (f"rasteragg-block-{token}", g, iz, iy, ix)
-            graph[key] = (_channel_task, stage, chunks, needs)
-            parts.append(key)
-        if len(parts) > 1:
-            key = (f"rasteragg-join-{token}", iz, iy, ix)
-            graph[key] = (concat_channels, parts)
-        keys.append(key)
+    one_each = tuple((1,) * n for n in labels.numblocks)
+    stage = da.map_blocks(
+        _label_block,
+        labels,
+        skip,
+        dtype=object,
+        chunks=one_each,
+        meta=_objects(3),
+        name=f"rasteragg-labels-{token}",
+    )
+    groups = []
+    for start, stop in _channel_groups(image):
+        pixels = [] if image is None else [image[start:stop], "czyx"]
+        groups.append(
+            da.blockwise(
+                _channel_block,
+                "zyx",
+                stage,
+                "zyx",
+                *pixels,
+                needs=needs,
+                dtype=object,
+                meta=_objects(3),
+                concatenate=False,
+                align_arrays=False,
+            )
+        )
+    parts = groups[0]
+    if len(groups) > 1:
+        parts = da.map_blocks(
+            _join_block, *groups, dtype=object, meta=_objects(3), name=f"rasteragg-join-{token}"
+        )
     level = 0
-    while len(keys) > left:
-        merged = []
-        for i in range(0, len(keys), split_every):
-            key = (f"rasteragg-merge-{token}", level, i)
-            graph[key] = (merge, keys[i : i + split_every])
-            merged.append(key)
-        keys, level = merged, level + 1
-    graph[name] = keys
-    inputs: list[Any] = [labels] if image is None else [labels, image]
-    return Delayed(name, HighLevelGraph.from_collections(name, graph, dependencies=inputs))
+    while int(np.prod(parts.numblocks)) > left:
+        axis = int(np.argmax(parts.numblocks))
+        parts = parts.rechunk({axis: split_every})
+        chunks = list(parts.chunks)
+        chunks[axis] = (1,) * parts.numblocks[axis]
+        parts = parts.map_blocks(
+            _merge_block,
+            dtype=object,
+            chunks=tuple(chunks),
+            meta=_objects(3),
+            name=f"rasteragg-merge-{level}-{token}",
+        )
+        level += 1
+    return parts
 
 
-def _lazy_values(
-    parts: Delayed, index: NDArray[np.integer], stats: Sequence[str], image: da.Array | None
+def _finalized(
+    parts: da.Array, ids: NDArray[np.integer], stats: Sequence[str], nchan: int
 ) -> dict[str, da.Array]:
-    """Dask arrays of the statistics for ``index``, in chunks of rows, all from one pass."""
-    nchan = 0 if image is None else image.shape[0]
-    table = delayed(_finalize_table, pure=True)(parts, stats, index)
-    pieces: dict[str, list[da.Array]] = {name: [] for name in stats}
-    for start in range(0, max(index.shape[0], 1), ROWS_PER_CHUNK):
-        stop = min(start + ROWS_PER_CHUNK, index.shape[0])
-        for name in stats:
-            width: tuple[int, ...] = ()
-            if name == "center_of_mass":
-                width = (3,)
-            elif name != "count":
-                width = (nchan,)
-            dtype = np.int64 if name == "count" else np.float64
-            value = delayed(_table_rows, pure=True)(table, name, start, stop)
-            pieces[name].append(da.from_delayed(value, (stop - start, *width), dtype=dtype))
-    return {name: da.concatenate(arrays) for name, arrays in pieces.items()}
+    """Dask arrays of the statistics for ``ids``, one task per piece of :data:`PIECE_LABELS` ids.
 
-
-def _finalize_table(
-    parts: list[Partials], stats: Sequence[str], index: NDArray[np.integer]
-) -> dict[str, Any]:
-    """The statistics for ``index`` (a task of the lazy graph)."""
-    return final_table(parts, stats, PIECE_LABELS, index)[1]
-
-
-def _table_rows(values: dict[str, Any], name: str, start: int, stop: int) -> Any:
-    """Rows ``start`` to ``stop`` of one statistic (a task of the lazy graph)."""
-    return values[name][start:stop]
+    One task per partial and piece takes the partial's rows of the piece's ids where the partial
+    is; one task per piece gathers them, merges them and finalizes every statistic; each
+    statistic takes its rows from the pieces. Nothing but the ids goes through the client.
+    """
+    k = int(ids.shape[0])
+    sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
+    token = uuid.uuid4().hex  # not a token of the ids, which would read them all
+    pieces_of_ids = da.from_array(ids, chunks=(sizes,), name=f"rasteragg-ids-{token}")
+    rows = da.blockwise(
+        _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p",
+        dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+    )  # fmt: skip
+    # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its
+    # rows of every partial, concatenated.
+    pieces = da.blockwise(
+        _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
+        stats=stats, dtype=object, meta=_objects(1), concatenate=True, align_arrays=False,
+        adjust_chunks={"p": 1},
+    )  # fmt: skip
+    values = {}
+    for name in stats:
+        width, dtype = STATISTICS[name].row_shape(nchan), STATISTICS[name].dtype
+        values[name] = pieces.map_blocks(
+            _pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)),
+            new_axis=list(range(1, 1 + len(width))) or None, meta=np.empty((0,) * (1 + len(width)), dtype),
+            name=f"rasteragg-{name}-{token}",
+        )  # fmt: skip
+    return values
