@@ -8,7 +8,6 @@ store before and after. Failures are injected by a small driver that patches the
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import re
 import subprocess
 import sys
@@ -204,9 +203,9 @@ def test_warnings_are_shown(store: Path) -> None:
     patch = (
         "import warnings\n"
         "real_compute_table = adapter.compute_table\n"
-        "def noisy(plan):\n"
+        "def noisy(plan, **options):\n"
         "    warnings.warn('something odd in the pass', UserWarning)\n"
-        "    return real_compute_table(plan)\n"
+        "    return real_compute_table(plan, **options)\n"
         "adapter.compute_table = noisy"
     )
     result = rasteragg(
@@ -306,38 +305,23 @@ def test_missing_extra_is_one_line(store: Path) -> None:
     )
 
 
-def test_distributed_progress_counts_the_pass_tasks(monkeypatch: pytest.MonkeyPatch) -> None:
-    distributed = pytest.importorskip("distributed")
-    import time
+def test_progress_is_dasks_own(store: Path) -> None:
+    """On the local threads, dask.diagnostics.ProgressBar draws the pass and the table's write."""
+    args = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "mean,max"]
+    result = rasteragg(*args)
+    assert result.returncode == 0, result.stderr
+    # One bar per computation (the pass, the areas and centroids, the write), each drawn to the end
+    # (text mode reads the bar's carriage returns as line ends).
+    finished = [
+        line for line in result.stderr.splitlines() if line.startswith(f"[{'#' * 40}] | 100% Completed")
+    ]
+    assert len(finished) >= 3, result.stderr
+    quiet = rasteragg(*args, "--table", "t2", "--no-progress")
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Completed" not in quiet.stderr
 
-    import dask.array as da
-    import xarray as xr
 
-    import xr_rasteragg.progress
-
-    fractions: list[float] = []
-    bar = xr_rasteragg.progress._bar
-
-    def recording(fraction: float, elapsed: float) -> str:
-        fractions.append(fraction)
-        return bar(fraction, elapsed)
-
-    def slow(block: Any) -> Any:
-        time.sleep(0.05)
-        return block
-
-    monkeypatch.setattr(xr_rasteragg.progress, "_bar", recording)
-    labels = xr.DataArray(da.from_array(np.arange(64 * 64).reshape(64, 64) % 7, chunks=16), dims=("y", "x"))
-    pixels = da.random.random((2, 64, 64), chunks=(1, 16, 16)).map_blocks(slow)
-    out = io.StringIO()
-    with (
-        distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None),
-        distributed.Client(),
-        xr_rasteragg.progress.distributed_progress(out, interval=0.1),
-    ):
-        xr.DataArray(pixels, dims=("c", "y", "x")).rasteragg.mean(labels)
-    assert any(0 < f < 1 for f in fractions), fractions  # the pass's tasks seen part done
-    bars = out.getvalue().split("\r")
-    assert len(bars) > 2
-    assert bars[-1].startswith("[########################################] | 100% Completed")
-    assert bars[-1].endswith("\n")
+def test_progress_module_is_gone() -> None:
+    """The polling bar of our own was replaced by dask's (distributed.progress on a cluster)."""
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("xr_rasteragg.progress")

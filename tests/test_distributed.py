@@ -221,3 +221,94 @@ def peak_rss() -> int:
     with open("/proc/self/status") as status:
         line = next(line for line in status if line.startswith("VmHWM:"))
     return int(line.split()[1]) * 1024  # kB
+
+
+# -- results that stay on the cluster (issue 15) -------------------------------------------------
+
+
+def kill_once(block: np.ndarray, flag: str, block_id: Any = None) -> np.ndarray:
+    """The identity, except that its task for the second piece of rows ends its worker process the
+    first time it runs (leaving ``flag``, with the worker's pid, so that the retry runs normally)."""
+    if block_id[0] == 1 and not Path(flag).exists():
+        Path(flag).write_text(str(os.getpid()))
+        os._exit(1)
+    return block
+
+
+def test_worker_lost_while_finalizing(
+    client: Any, cells: tuple[xr.DataArray, xr.DataArray], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pass's partials are persisted on the workers; a worker that dies while the pieces of label
+    ids are finalized takes its partials and pieces with it, and dask recomputes them."""
+    from xr_rasteragg import engine
+
+    image, labels = cells
+    monkeypatch.setattr(engine, "PIECE_LABELS", 64)  # several pieces of rows (set in this process)
+    client.wait_for_workers(WORKERS)
+    pids = set(client.run(os.getpid).values())
+    result = image.rasteragg.aggregate(labels, STATS)  # the pass runs; its partials stay on the workers
+    assert result["mean"].data.numblocks[0] > 2
+    flag = tmp_path / "killed"
+    lazy = {name: result[name].data for name in STATS}
+    lazy["mean"] = lazy["mean"].map_blocks(kill_once, str(flag), dtype=np.float64)
+    values = dict(zip(lazy, dask.compute(*lazy.values()), strict=True))  # each piece finalized once
+    assert flag.exists(), "the task that kills its worker never ran"
+    assert int(flag.read_text()) in pids
+    assert int(flag.read_text()) not in set(client.run(os.getpid).values()), "the worker was not replaced"
+    reference = image.compute().rasteragg.aggregate(labels.compute(), STATS)
+    for name, value in values.items():  # NumPy inputs are split otherwise, so merge in another order
+        np.testing.assert_allclose(value, reference[name].values, rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_to_zarr_on_the_cluster(
+    client: Any, cells: tuple[xr.DataArray, xr.DataArray], tmp_path: Path
+) -> None:
+    image, labels = cells
+    client.wait_for_workers(WORKERS)
+    result = image.rasteragg.aggregate(labels, STATS)
+    assert all(isinstance(result[name].data, da.Array) for name in STATS)
+    with distributed.get_task_stream(client) as stream:
+        result.to_zarr(tmp_path / "table.zarr")
+    assert stream.data, "nothing ran on the cluster"
+    written = xr.open_zarr(tmp_path / "table.zarr").compute()
+    reference = image.compute().rasteragg.aggregate(labels.compute(), STATS)
+    np.testing.assert_array_equal(written["label"], reference["label"])
+    for name in STATS:  # NumPy inputs are split otherwise, so merge in another order
+        np.testing.assert_allclose(written[name], reference[name], rtol=1e-9, atol=1e-12, err_msg=name)
+
+
+def test_spatialdata_table_written_by_the_workers(client: Any, tmp_path: Path) -> None:
+    """The adapter's table has dask-backed X and layers over the partials on the workers; the store
+    write computes them there (anndata's own writer would run them on the client's threads, where
+    the persisted partials are not)."""
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import Image2DModel, Labels2DModel
+
+    from xr_rasteragg.spatialdata import aggregate as sd_aggregate
+
+    labels, image = make_cells((192, 160), n_channels=2, cell_diameter=16, seed=5)
+    path = tmp_path / "data.zarr"
+    spatialdata.SpatialData(
+        images={
+            "img": Image2DModel.parse(image, dims=("c", "y", "x"), c_coords=["a", "b"], chunks=(1, 64, 64))
+        },
+        labels={"cells": Labels2DModel.parse(labels, dims=("y", "x"), chunks=(64, 64))},
+    ).write(path)
+    sdata = spatialdata.read_zarr(path)
+    client.wait_for_workers(WORKERS)
+    with distributed.get_task_stream(client) as stream:
+        table = sd_aggregate(sdata, "img", "cells", ["mean", "max"], table_name="t", write=True)
+    assert isinstance(table.X, da.Array)
+    assert isinstance(table.layers["max"], da.Array)
+    assert any("store-map" in str(task["key"]) for task in stream.data), "the workers wrote nothing"
+    stored = spatialdata.read_zarr(path).tables["t"]
+    ids = np.unique(labels)[1:]
+    mean = np.array([[plane[labels == i].mean() for plane in image] for i in ids])
+    np.testing.assert_array_equal(stored.obs["instance_id"], ids)
+    np.testing.assert_allclose(stored.X, mean, rtol=1e-12)
+    np.testing.assert_array_equal(
+        stored.layers["max"], [[plane[labels == i].max() for plane in image] for i in ids]
+    )
+    np.testing.assert_array_equal(stored.obs["area"], [(labels == i).sum() for i in ids])
+    with pytest.raises(ValueError, match="already exists"):
+        sd_aggregate(spatialdata.read_zarr(path), "img", "cells", "mean", table_name="t", write=True)

@@ -310,6 +310,33 @@ def test_zarr_round_trip(tmp_path: Path) -> None:
     assert "var" not in replaced.layers
 
 
+def test_dask_elements_give_dask_x_and_layers_written_in_one_computation(tmp_path: Path) -> None:
+    """X and layers stay dask arrays (computed where the partials are); writing computes them
+    together, once, on dask's active scheduler (not on anndata's own threads, one array at a time)."""
+    import dask
+    import dask.array as da
+    from dask.callbacks import Callback
+
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    path = tmp_path / "data.zarr"
+    sdata_2d(labels, image).write(path)
+    sdata = spatialdata.read_zarr(path)
+    table = aggregate(sdata, "img", "cells", ["mean", "var", "max"])
+    assert isinstance(table.X, da.Array)
+    assert all(isinstance(table.layers[name], da.Array) for name in ("var", "max"))
+    assert isinstance(table.obsm["spatial"], np.ndarray)
+    np.testing.assert_allclose(dask.compute(table.X)[0], reference(image, labels, "mean")[1], rtol=1e-12)
+
+    computations: list[None] = []
+    with Callback(start=lambda dsk: computations.append(None)):
+        adapter.store_table(sdata, "t", table)
+    assert len(computations) == 1
+    stored = spatialdata.read_zarr(path).tables["t"]
+    np.testing.assert_allclose(stored.layers["var"], reference(image, labels, "var")[1], rtol=1e-9)
+    np.testing.assert_array_equal(stored.layers["max"], reference(image, labels, "max")[1])
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_write_leaves_the_store_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool

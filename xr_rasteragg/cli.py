@@ -9,8 +9,11 @@
 Mistakes in the input (a missing store or element, an unknown statistic, a table that exists)
 are reported in one line on stderr with exit status 1, before any pixel is read. Anything that
 goes wrong later is a failure, reported with its traceback. Whatever goes wrong, the store is left
-as it was: the table is computed in memory, written beside the store and moved into place only
-when complete.
+as it was: the table is written beside the store (with ``--scheduler``, by the cluster's workers)
+and moved into place only when complete.
+
+Progress is dask's own: ``dask.diagnostics.ProgressBar`` on the local threads, for the pass and
+the table; ``distributed.progress`` for the table on a cluster, whose dashboard shows the pass.
 """
 
 from __future__ import annotations
@@ -174,10 +177,19 @@ def _aggregate(args: argparse.Namespace) -> None:
     except (TypeError, ValueError) as error:
         raise UsageError(_as_option(str(error))) from error
     start = time.perf_counter()
-    with _scheduler(args.scheduler), _progress(args.scheduler, enabled=not args.no_progress):
-        table = adapter.compute_table(plan)
+    progress = not args.no_progress
+    with _scheduler(args.scheduler) as client:
+        if progress and client is not None:
+            print(
+                f"the pass runs on the cluster at {args.scheduler}; its progress shows on the dashboard "
+                f"({client.dashboard_link}), that of the table here",
+                file=sys.stderr,
+            )
+        # The pass leaves its partials where it ran; the table is finalized and written from them
+        # by whoever runs dask's tasks (the cluster's workers with --scheduler).
+        table = adapter.compute_table(plan, progress=progress)
+        adapter.store_table(sdata, table_name, table, overwrite=args.overwrite, progress=progress)
     seconds = time.perf_counter() - start
-    adapter.store_table(sdata, table_name, table, overwrite=args.overwrite)
     layers = f"; layers: {', '.join(table.layers)}" if len(table.layers) else ""
     print(
         f"wrote table {table_name!r} to {args.store}: {table.n_obs} cells x {table.n_vars} channels "
@@ -214,10 +226,11 @@ def _read_store(path: Path) -> Any:
 
 
 @contextlib.contextmanager
-def _scheduler(address: str | None) -> Iterator[None]:
-    """Run dask on the distributed scheduler at ``address`` (the threaded scheduler without one)."""
+def _scheduler(address: str | None) -> Iterator[Any]:
+    """Run dask on the distributed scheduler at ``address`` and yield its client (None: the
+    local threads)."""
     if address is None:
-        yield
+        yield None
         return
     from distributed import Client
 
@@ -226,25 +239,7 @@ def _scheduler(address: str | None) -> Iterator[None]:
     except (OSError, TimeoutError) as error:
         raise UsageError(f"could not connect to the scheduler at {address!r}: {error}") from error
     with client:
-        yield
-
-
-@contextlib.contextmanager
-def _progress(address: str | None, *, enabled: bool) -> Iterator[None]:
-    """A progress bar on stderr for the pass (the tasks of the local or distributed scheduler)."""
-    if not enabled:
-        yield
-        return
-    if address is None:
-        from dask.diagnostics import ProgressBar
-
-        with ProgressBar(out=sys.stderr, dt=0.2):
-            yield
-        return
-    from .progress import distributed_progress
-
-    with distributed_progress(sys.stderr):
-        yield
+        yield client
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -70,6 +71,9 @@ def run_demo(out: Path, *, size: int = 1024, seed: int = 0) -> dict[str, Path]:
     ids = table.obs["instance_id"].to_numpy()
     table.obs["true_cell_type"] = pd.Categorical(tissue.cell_types[ids])
     store_table(sdata, "cells_stats", table, overwrite=True)
+    # X and the layers are dask arrays (the elements are): bring them here for the summary.
+    table.X, *layers = dask.compute(table.X, *table.layers.values())
+    table.layers.update(zip(table.layers, layers, strict=True))
 
     _print_summary(table, tissue.channels, size, (generated, loaded, aggregated), store)
     _draw(figure, table, tissue.labels, tissue.image, tissue.channels)

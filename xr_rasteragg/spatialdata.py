@@ -10,15 +10,19 @@ and ``anndata`` are imported only when a function of this module runs.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
@@ -248,19 +252,43 @@ def plan(
     )
 
 
-def compute_table(resolved: Plan) -> AnnData:
-    """Run the one pass over the planned pixels and build the table (held in memory).
+def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
+    """Run the one pass over the planned pixels and build the table.
 
-    Under a ``dask.diagnostics.ProgressBar`` (or any dask callback) the pass reports progress.
-    Raises a ``TypeError`` for ``resolved`` that is not a :class:`Plan`, and an
-    :class:`~xr_rasteragg.validation.InputDataError` (a ``ValueError``) for labels that hold no cell.
+    With dask-backed elements (as read from a store) the pass runs here and its merged partials
+    stay where dask computed them (on the workers, under ``dask.distributed``); ``X`` and
+    ``layers`` are dask arrays over them, computed when the table is written
+    (:func:`store_table`) or when you compute them (compute them together, as
+    ``dask.compute(table.X, *table.layers.values())``, to finalize each piece of labels once).
+    ``obs`` and ``obsm["spatial"]`` (one row per label) are computed here, in memory. NumPy-backed
+    elements give NumPy ``X`` and ``layers``.
+
+    Parameters
+    ----------
+    resolved
+        The plan made by :func:`plan`.
+    progress
+        Show dask's progress bar on stderr for what this call computes:
+        ``dask.diagnostics.ProgressBar`` on the local schedulers (the pass too),
+        ``distributed.progress`` under a ``distributed.Client`` (the areas and centroids; the pass
+        itself shows on the cluster's dashboard).
+
+    Raises
+    ------
+    TypeError
+        For ``resolved`` that is not a :class:`Plan`.
+    InputDataError
+        (a ``ValueError``) for labels that hold no cell.
     """
     import anndata as ad
     from spatialdata.models import TableModel
 
     if not isinstance(resolved, Plan):
         raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
-    result = resolved.image.rasteragg.aggregate(resolved.labels, (*resolved.stats, "count", "center_of_mass"))
+    with _local_progress(progress):
+        result = resolved.image.rasteragg.aggregate(
+            resolved.labels, (*resolved.stats, "count", "center_of_mass")
+        )
     ids = np.asarray(result["label"].values)
     if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
         raise InputDataError(
@@ -270,14 +298,16 @@ def compute_table(resolved: Plan) -> AnnData:
     if ids.dtype.itemsize == 1:  # TableModel admits no 8-bit instance ids; widening keeps every id
         ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
     channels = [str(c) for c in resolved.image["c"].values]
-    layers = {name: np.asarray(result[name].values, dtype=np.float64) for name in resolved.stats}
+    # One computation for both, so that each piece of labels is finalized once for them.
+    area, centroids = _compute(result["count"].data, result["center_of_mass"].data, progress=progress)
+    layers = {name: _as_float64(result[name].data) for name in resolved.stats}
     obs = pd.DataFrame(
         {
             resolved.instance_key: ids,
             resolved.region_key: pd.Categorical.from_codes(
                 np.zeros(ids.shape[0], np.int8), categories=pd.Index([resolved.labels_name])
             ),
-            "area": np.asarray(result["count"].values, dtype=np.int64),
+            "area": np.asarray(area, dtype=np.int64),
         },
         index=pd.Index(ids.astype(str)),
     )
@@ -287,7 +317,7 @@ def compute_table(resolved: Plan) -> AnnData:
         obs=obs,
         var=pd.DataFrame(index=pd.Index(channels)),
         layers={name: layers[name] for name in others},
-        obsm={"spatial": to_coordinate_system(np.asarray(result["center_of_mass"].values), resolved.affine)},
+        obsm={"spatial": to_coordinate_system(np.asarray(centroids), resolved.affine)},
         uns={
             "rasteragg": {
                 "image": resolved.image_name,
@@ -306,13 +336,37 @@ def compute_table(resolved: Plan) -> AnnData:
     )
 
 
-def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: bool = False) -> None:
+def store_table(
+    sdata: SpatialData, name: str, table: AnnData, *, overwrite: bool = False, progress: bool = False
+) -> None:
     """Write ``table`` as ``tables/<name>`` into the store that backs ``sdata``, all or nothing.
 
     spatialdata writes the table into a staging store beside the backing store (same
     filesystem); it is then renamed into place and the store's consolidated metadata updated.
     Should anything fail, the store's metadata files are restored, a replaced table moved back,
     and the store is byte for byte as before.
+
+    A dask-backed ``X`` and ``layers`` (as :func:`compute_table` makes them from dask-backed
+    elements) are computed and written chunk by chunk by whoever runs dask's tasks, in one
+    computation: on a ``dask.distributed`` cluster the workers write them (the staging folder
+    must then be reachable from the workers at the same path, as the store is), and the client
+    never holds them. (anndata writes dask arrays on the local threads whatever the scheduler,
+    so these arrays are written here instead; everything else is spatialdata's.)
+
+    Parameters
+    ----------
+    sdata
+        The SpatialData object backed by the store to write into.
+    name
+        The table's name.
+    table
+        The table, e.g. from :func:`compute_table`.
+    overwrite
+        Replace a table of that name in the store; without it an existing table is an error.
+    progress
+        Show dask's progress bar on stderr for the computation of ``X`` and ``layers``
+        (``dask.diagnostics.ProgressBar``, or ``distributed.progress`` under a
+        ``distributed.Client``).
 
     Raises
     ------
@@ -343,11 +397,13 @@ def store_table(sdata: SpatialData, name: str, table: AnnData, *, overwrite: boo
         )
     with tempfile.TemporaryDirectory(prefix=f".{store.name}.rasteragg-", dir=store.parent) as tmp:
         staging = Path(tmp)
+        skeleton, lazy = _without_dask_arrays(table)
         with warnings.catch_warnings():  # the staging store holds the table without its labels
             warnings.filterwarnings("ignore", message="The table is annotating", category=UserWarning)
-            staged = SpatialData(tables={name: table})
+            staged = SpatialData(tables={name: skeleton})
         staged.write(staging / "staged.zarr")
         staged_tables = staging / "staged.zarr" / "tables"
+        _compute(*_stores_of(staged_tables / name, lazy), progress=progress)
         saved = _metadata_snapshot(store)
         had_tables = tables.exists()
         replaced = staging / "replaced"
@@ -492,7 +548,111 @@ def _by_pixel_index(array: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:
     return plain
 
 
-# -- writing --------------------------------------------------------------------------------
+# -- computing and writing ------------------------------------------------------------------
+
+
+def _as_float64(values: Any) -> Any:
+    """``values`` as float64: a dask array stays a (lazy) dask array."""
+    if isinstance(values, da.Array):
+        return values if values.dtype == np.float64 else values.astype(np.float64)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _distributed_client() -> Any | None:
+    """The ``distributed.Client`` that dask computes on here, or None on the local schedulers."""
+    owner = getattr(dask.base.get_scheduler(), "__self__", None)
+    kind = type(owner)
+    return owner if kind.__name__ == "Client" and kind.__module__.startswith("distributed") else None
+
+
+@contextlib.contextmanager
+def _local_progress(progress: bool) -> Iterator[None]:
+    """dask's progress bar on stderr for what the block computes on the local schedulers."""
+    if not progress or _distributed_client() is not None:
+        yield
+        return
+    from dask.diagnostics import ProgressBar
+
+    with ProgressBar(out=sys.stderr, dt=0.2):
+        yield
+
+
+def _compute(*values: Any, progress: bool) -> tuple[Any, ...]:
+    """``dask.compute(*values)``, with dask's own progress bar on stderr when asked for.
+
+    Under a ``distributed.Client`` the bar is ``distributed.progress`` on the futures (it writes
+    to stdout, sent to stderr here); on the local schedulers ``dask.diagnostics.ProgressBar``.
+    """
+    client = _distributed_client()
+    if not progress or not any(dask.is_dask_collection(v) for v in values):
+        return dask.compute(*values)
+    if client is None:
+        with _local_progress(progress):
+            return dask.compute(*values)
+    from distributed import progress as show_progress
+
+    futures = client.compute(list(values))
+    with contextlib.redirect_stdout(sys.stderr):
+        show_progress(futures, notebook=False)
+    return tuple(client.gather(futures))
+
+
+def _without_dask_arrays(table: AnnData) -> tuple[AnnData, dict[str, da.Array]]:
+    """``table`` without its dask-backed ``X`` and ``layers``, and those arrays by their path in
+    the table's group (``X``, ``layers/<name>``)."""
+    import anndata as ad
+
+    lazy: dict[str, da.Array] = {}
+    if isinstance(table.X, da.Array):
+        lazy["X"] = table.X
+    lazy.update({f"layers/{k}": v for k, v in table.layers.items() if isinstance(v, da.Array)})
+    if not lazy:
+        return table, lazy
+    skeleton = ad.AnnData(
+        X=None if "X" in lazy else table.X,
+        obs=table.obs,
+        var=table.var,
+        uns=dict(table.uns),
+        obsm=dict(table.obsm),
+        varm=dict(table.varm),
+        obsp=dict(table.obsp),
+        varp=dict(table.varp),
+        layers={k: v for k, v in table.layers.items() if f"layers/{k}" not in lazy},
+    )
+    if table.raw is not None:
+        skeleton.raw = table.raw
+    return skeleton, lazy
+
+
+def _stores_of(group: Path, lazy: dict[str, da.Array]) -> list[Any]:
+    """Lazy writes of the dask arrays ``lazy`` into the table's zarr ``group``, one zarr chunk per
+    dask chunk (no lock needed), each array created and tagged by anndata's own writer."""
+    import zarr
+    from anndata.experimental import write_dispatched
+
+    root = zarr.open_group(group, mode="r+")
+    stores: list[Any] = []
+
+    def write(func: Any, store: Any, key: str, elem: Any, *, iospec: Any, dataset_kwargs: Any) -> None:
+        if not isinstance(elem, da.Array):
+            func(store, key, elem, dataset_kwargs=dataset_kwargs)
+            return
+        chunks = tuple(max(1, max(sizes, default=1)) for sizes in elem.chunks)
+        if any(len(set(sizes[:-1])) > 1 or (sizes and sizes[-1] > sizes[0]) for sizes in elem.chunks):
+            elem = elem.rechunk(chunks)
+        target = store.create_array(key, shape=elem.shape, dtype=elem.dtype, chunks=chunks)
+        target.attrs.update(
+            {"encoding-type": iospec.encoding_type, "encoding-version": iospec.encoding_version}
+        )
+        stores.append(da.store(elem, target, lock=False, compute=False))
+
+    for path, values in lazy.items():
+        parent, _, key = path.rpartition("/")
+        write_dispatched(root.require_group(parent) if parent else root, key, values, callback=write)
+    return stores
+
+
+# -- the store's metadata --------------------------------------------------------------------
 
 
 def _metadata_snapshot(store: Path) -> dict[Path, bytes | None]:
