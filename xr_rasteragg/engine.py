@@ -132,15 +132,36 @@ def aggregate(
     # merge runs in pieces over the label ids, fused with finalization (see :func:`_finalized`),
     # which saves writing every label once more per level.
     parts = _merged_partials(labels, image, needs, skip, split_every, split_every**2)
+    nchan = 0 if image is None else int(image.shape[0])
+    if not lazy:
+        return _eager(parts, wanted, stats, nchan)
     if wanted is None:
         parts = parts.persist()
         ids = parts.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{parts.name}-ids")
         (ids,) = dask.compute(ids)
         wanted = label_union(list(ids.ravel()))
-    values = _finalized(parts, wanted, stats, 0 if image is None else int(image.shape[0]))
-    if not lazy:
-        values = dict(zip(values, dask.compute(*values.values()), strict=True))
-    return Aggregation(wanted, values)
+    return Aggregation(wanted, _finalized(parts, wanted, stats, nchan))
+
+
+def _eager(
+    parts: da.Array, wanted: NDArray[np.integer] | None, stats: Sequence[str], nchan: int
+) -> Aggregation:
+    """NumPy results: the merged partials computed into this process, then finalized.
+
+    A table of one piece of labels is finalized here at once; a larger one in parallel pieces by
+    the same graph as lazy results. (One computation of the partials, rather than a ``persist``
+    and two more, saves a few scheduler runs per call: 0.2x the read limit of DESIGN's reference
+    dataset.)
+    """
+    (blocks,) = dask.compute(parts)
+    found = list(blocks.ravel())
+    ids = label_union([part.labels for part in found]) if wanted is None else wanted
+    if ids.shape[0] <= PIECE_LABELS:
+        merged = merge(found)
+        return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids)))
+    kept = da.from_array(blocks, chunks=1, name=f"rasteragg-partials-{uuid.uuid4().hex}")
+    values = _finalized(kept, ids, stats, nchan)
+    return Aggregation(ids, dict(zip(values, dask.compute(*values.values()), strict=True)))
 
 
 def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
