@@ -97,54 +97,47 @@ def _read_limit(data: Data, work: Work) -> Callable[[], Any]:
     return lambda: (data.image.sum(), data.labels.sum())
 
 
-def _ours_class(data: Data, work: Work) -> Callable[[], Any]:
+def _through_class(
+    data: Data, work: Work, with_index: bool, call: Callable[[Any, Any], Any]
+) -> Callable[[], Any]:
+    """Ours through ``RasterAggregator``: ``aggregate_mean`` for "mean", else ``call(aggregator, index)``."""
     from xr_rasteragg import RasterAggregator
 
     mask, image = data.dask_mask(), data.dask_image()
+    index = (
+        np.unique(data.labels) if with_index else None
+    )  # the user's list of ids, made beforehand (untimed)
 
     def run() -> Any:
         aggregator = RasterAggregator(mask, image, run_on_gpu=False)
         with dask.config.set(scheduler="threads"):
-            return aggregator.aggregate_mean() if work == "mean" else aggregator.aggregate_stats(ALL_STATS)
+            return aggregator.aggregate_mean(index=index) if work == "mean" else call(aggregator, index)
 
     return run
+
+
+def _ours_class(data: Data, work: Work) -> Callable[[], Any]:
+    return _through_class(data, work, False, lambda aggregator, _: aggregator.aggregate_stats(ALL_STATS))
 
 
 def _ours_index(data: Data, work: Work) -> Callable[[], Any]:
-    from xr_rasteragg import RasterAggregator
+    return _through_class(
+        data, work, True, lambda aggregator, index: aggregator.aggregate_stats(ALL_STATS, index=index)
+    )
 
-    mask, image = data.dask_mask(), data.dask_image()
-    index = np.unique(data.labels)  # the user's list of ids, made beforehand (untimed)
 
-    def run() -> Any:
-        aggregator = RasterAggregator(mask, image, run_on_gpu=False)
-        with dask.config.set(scheduler="threads"):
-            if work == "mean":
-                return aggregator.aggregate_mean(index=index)
-            return aggregator.aggregate_stats(ALL_STATS, index=index)
-
-    return run
+def _harpy_script(aggregator: Any, index: Any) -> Any:
+    """harpy's four calls, each with the index."""
+    return (
+        aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index),
+        aggregator.aggregate_min(index=index),
+        aggregator.aggregate_max(index=index),
+        aggregator.center_of_mass(index=index),
+    )
 
 
 def _ours_script(data: Data, work: Work) -> Callable[[], Any]:
-    from xr_rasteragg import RasterAggregator
-
-    mask, image = data.dask_mask(), data.dask_image()
-    index = np.unique(data.labels)  # the user's list of ids, made beforehand (untimed)
-
-    def run() -> Any:
-        aggregator = RasterAggregator(mask, image, run_on_gpu=False)
-        with dask.config.set(scheduler="threads"):
-            if work == "mean":
-                return aggregator.aggregate_mean(index=index)
-            return (
-                aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index),
-                aggregator.aggregate_min(index=index),
-                aggregator.aggregate_max(index=index),
-                aggregator.center_of_mass(index=index),
-            )
-
-    return run
+    return _through_class(data, work, True, _harpy_script)
 
 
 def _ours_accessor(data: Data, work: Work) -> Callable[[], Any]:

@@ -321,9 +321,9 @@ def _label_task(labels: Any, offset: tuple[int, int, int], skip: int | None) -> 
     return _LabelStage(array_backend(labels), kernel, block, offset, skip)
 
 
-def _channel_task(stage: _LabelStage, image: list[Any], needs: Needs) -> Partials:
-    """Partials of one spatial block over a group of channel chunks (a dask task)."""
-    backends = {stage.backend, *(array_backend(chunk) for chunk in image)}
+def _channel_task(stage: _LabelStage, image: list[Any] | None, needs: Needs) -> Partials:
+    """Partials of one spatial block over a group of channel chunks, or of its labels alone."""
+    backends = {stage.backend, *(array_backend(chunk) for chunk in image or [])}
     if len(backends) > 1:
         raise TypeError(f"a block mixes arrays from {sorted(backends)}; put labels and image on one device")
     if isinstance(stage.kernel, StagedKernel):
@@ -368,7 +368,7 @@ def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArr
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
     """Partials of one spatial block over a group of channel chunks, or of its labels alone (a
     ``blockwise`` task)."""
-    return _holding(_channel_task(stage.flat[0], image or [], needs), 3)
+    return _holding(_channel_task(stage.flat[0], image, needs), 3)
 
 
 def _join_block(*groups: NDArray[Any]) -> NDArray[Any]:
