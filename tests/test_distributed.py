@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-import xr_rasteragg  # noqa: F401  (registers the accessor)
+import xr_rasteragg  # importing it registers the accessor
 from xr_rasteragg import RasterAggregator, aggregate
 from xr_rasteragg.synthetic import make_cells
 
@@ -93,6 +93,19 @@ def test_accessor_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.Dat
     local = threaded(lambda: image.rasteragg.aggregate(labels, STATS))
     xr.testing.assert_equal(on_cluster, local)
     assert on_cluster.sizes["label"] > 300
+
+
+def test_progress_shows_the_pass_on_the_cluster(
+    client: Any, cells: tuple[xr.DataArray, xr.DataArray], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Inside xr_rasteragg.progress(), the pass a call runs on the cluster draws
+    distributed.progress (text on stderr outside notebooks); outside it, nothing is drawn."""
+    image, labels = cells
+    image.rasteragg.mean(labels)
+    assert "Completed" not in capfd.readouterr().err
+    with xr_rasteragg.progress():
+        image.rasteragg.mean(labels)
+    assert "100% Completed" in capfd.readouterr().err
 
 
 def test_lazy_result_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:

@@ -337,6 +337,36 @@ def test_dask_elements_give_dask_x_and_layers_written_in_one_computation(tmp_pat
     np.testing.assert_array_equal(stored.layers["max"], reference(image, labels, "max")[1])
 
 
+def test_each_piece_of_per_channel_statistics_is_finalized_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The table's obs (areas, centroids) come from pieces of the label families alone, so the
+    per-channel statistics are finalized once, when the table is written."""
+    import xr_rasteragg.engine as engine
+
+    finalized: list[tuple[str, ...]] = []
+    finalize_piece = engine._finalize_piece
+
+    def counting(block: Any, ids: Any, stats: tuple[str, ...]) -> Any:
+        finalized.append(stats)
+        return finalize_piece(block, ids, stats)
+
+    monkeypatch.setattr(engine, "_finalize_piece", counting)
+    monkeypatch.setattr(engine, "PIECE_LABELS", 4)
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    path = tmp_path / "data.zarr"
+    sdata_2d(labels, image).write(path)
+    sdata = spatialdata.read_zarr(path)
+    table = aggregate(sdata, "img", "cells", ["mean", "var"])
+    pieces = -(-table.n_obs // 4)
+    assert finalized == [("count", "center_of_mass")] * pieces
+    adapter.store_table(sdata, "t", table)
+    assert sorted(finalized) == sorted([("count", "center_of_mass"), ("mean", "var")] * pieces)
+    stored = spatialdata.read_zarr(path).tables["t"]
+    np.testing.assert_allclose(stored.layers["var"], reference(image, labels, "var")[1], rtol=1e-9)
+
+
 @pytest.mark.parametrize("existing", [False, True])
 def test_failed_write_leaves_the_store_as_it_was(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, existing: bool

@@ -10,8 +10,16 @@ from __future__ import annotations
 
 from .accessor import RasterAggAccessor  # importing it registers DataArray.rasteragg
 from .aggregator import RasterAggregator
-from .engine import Aggregation, aggregate
+from .engine import Aggregation, aggregate, progress
 from .stats import STATISTICS, StatName
 
-__all__ = ["STATISTICS", "Aggregation", "RasterAggAccessor", "RasterAggregator", "StatName", "aggregate"]
+__all__ = [
+    "STATISTICS",
+    "Aggregation",
+    "RasterAggAccessor",
+    "RasterAggregator",
+    "StatName",
+    "aggregate",
+    "progress",
+]
 __version__ = "0.1.0.dev0"

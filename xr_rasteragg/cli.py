@@ -13,7 +13,7 @@ as it was: the table is written beside the store (with ``--scheduler``, by the c
 and moved into place only when complete.
 
 Progress is dask's own: ``dask.diagnostics.ProgressBar`` on the local threads, for the pass and
-the table; ``distributed.progress`` for the table on a cluster, whose dashboard shows the pass.
+the table; ``distributed.progress`` on a cluster, for the pass and then the table.
 """
 
 from __future__ import annotations
@@ -181,8 +181,7 @@ def _aggregate(args: argparse.Namespace) -> None:
     with _scheduler(args.scheduler) as client:
         if progress and client is not None:
             print(
-                f"the pass runs on the cluster at {args.scheduler}; its progress shows on the dashboard "
-                f"({client.dashboard_link}), that of the table here",
+                f"computing on the cluster at {args.scheduler} (dashboard: {client.dashboard_link})",
                 file=sys.stderr,
             )
         # The pass leaves its partials where it ran; the table is finalized and written from them

@@ -24,8 +24,11 @@ give NumPy results.
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +42,15 @@ from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
-__all__ = ["Aggregation", "aggregate", "as_dask", "locate", "prepare_index"]
+__all__ = [
+    "Aggregation",
+    "aggregate",
+    "as_dask",
+    "distributed_client",
+    "locate",
+    "prepare_index",
+    "progress",
+]
 
 #: How many partials one merge task combines.
 SPLIT_EVERY = 8
@@ -52,6 +63,8 @@ BLOCK_PIXELS = 2**22
 #: Labels per piece of the final merge and finalization, and rows per chunk of every result
 #: (10^7 labels, all statistics: 2**16 took 1.8x as long to finalize, in 4x as many tasks).
 PIECE_LABELS = 2**18
+#: Whether a progress bar is shown for a pass that runs inside a call (see :func:`progress`).
+_PASS_PROGRESS: ContextVar[bool] = ContextVar("rasteragg_pass_progress", default=False)
 
 
 @dataclass
@@ -138,10 +151,60 @@ def aggregate(
         return _eager(parts, wanted, stats, nchan)
     if wanted is None:
         parts = parts.persist()
+        _show_progress(parts)
         ids = parts.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{parts.name}-ids")
         (ids,) = dask.compute(ids)
         wanted = label_union(list(ids.ravel()))
     return Aggregation(wanted, _finalized(parts, wanted, stats, nchan))
+
+
+@contextlib.contextmanager
+def progress(show: bool = True) -> Iterator[None]:
+    """Show dask's progress bars for what runs inside the block, the pass of every call included.
+
+    On the local schedulers this is ``dask.diagnostics.ProgressBar`` (on stderr), for everything
+    computed in the block. Under a ``distributed.Client`` it is ``distributed.progress`` (a widget
+    in a notebook, text on stderr elsewhere) on the pass that a call without an ``index`` runs on
+    the cluster before it returns; what you compute of the results afterwards, watch with
+    ``distributed.progress`` on your own futures.
+
+    Examples
+    --------
+    >>> import xr_rasteragg
+    >>> with xr_rasteragg.progress():  # doctest: +SKIP
+    ...     table = image.rasteragg.aggregate(labels, ["mean", "var"])
+    """
+    if not show:
+        yield
+        return
+    token = _PASS_PROGRESS.set(True)
+    try:
+        if distributed_client() is not None:
+            yield
+        else:
+            from dask.diagnostics import ProgressBar
+
+            with ProgressBar(out=sys.stderr, dt=0.2):
+                yield
+    finally:
+        _PASS_PROGRESS.reset(token)
+
+
+def distributed_client() -> Any | None:
+    """The ``distributed.Client`` that dask computes on here, or None on the local schedulers."""
+    owner = getattr(dask.base.get_scheduler(), "__self__", None)
+    kind = type(owner)
+    return owner if kind.__name__ == "Client" and kind.__module__.startswith("distributed") else None
+
+
+def _show_progress(persisted: da.Array) -> None:
+    """``distributed.progress`` on the persisted pass, inside :func:`progress` on a cluster."""
+    if not _PASS_PROGRESS.get() or distributed_client() is None:
+        return
+    from distributed import progress as show
+
+    with contextlib.redirect_stdout(sys.stderr):  # its text bar writes to stdout
+        show(persisted)
 
 
 def _eager(
@@ -386,13 +449,16 @@ def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
     return _holding(block.flat[0].labels, block.ndim)
 
 
-def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer]) -> NDArray[Any]:
+def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], channels: bool = True) -> NDArray[Any]:
     """One partial's rows of the labels ``ids`` (a piece of the result), in label order.
 
     Sorted ids take the partial's rows between the first and the last id (a view); ids in any
-    other order (an ``index`` as the user gave it) take exactly the rows of their ids.
+    other order (an ``index`` as the user gave it) take exactly the rows of their ids. Without
+    ``channels`` only the families that are not per channel are taken.
     """
     part: Partials = block.flat[0]
+    if not channels:
+        part = part.label_fields()
     if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
         rows = part.rows(*_cut(part.labels, int(ids[0]), int(ids[-1])))
     else:
@@ -495,30 +561,39 @@ def _finalized(
     """Dask arrays of the statistics for ``ids``, one task per piece of :data:`PIECE_LABELS` ids.
 
     One task per partial and piece takes the partial's rows of the piece's ids where the partial
-    is; one task per piece gathers them, merges them and finalizes every statistic; each
-    statistic takes its rows from the pieces. Nothing but the ids goes through the client.
+    is; one task per piece gathers them, merges them and finalizes every statistic (those of the
+    labels alone, and the per-channel ones, in tasks of their own); each statistic takes its rows
+    from the pieces. Nothing but the ids goes through the client.
     """
     k = int(ids.shape[0])
     sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
     token = uuid.uuid4().hex  # not a token of the ids, which would read them all
     pieces_of_ids = da.from_array(ids, chunks=(sizes,), name=f"rasteragg-ids-{token}")
-    rows = da.blockwise(
-        _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p",
-        dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
-    )  # fmt: skip
-    # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its
-    # rows of every partial, concatenated.
-    pieces = da.blockwise(
-        _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
-        stats=stats, dtype=object, meta=_objects(1), concatenate=True, align_arrays=False,
-        adjust_chunks={"p": 1},
-    )  # fmt: skip
-    values = {}
+    # Statistics of the labels alone (count, center of mass) are finalized from the label
+    # families only, in pieces of their own: computing them (as the SpatialData adapter does for
+    # the table's obs) does not finalize the per-channel statistics, which are computed once,
+    # when the table is written.
+    groups: dict[bool, list[str]] = {}
     for name in stats:
-        width, dtype = STATISTICS[name].row_shape(nchan), STATISTICS[name].dtype
-        values[name] = pieces.map_blocks(
-            _pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)),
-            new_axis=list(range(1, 1 + len(width))) or None, meta=np.empty((0,) * (1 + len(width)), dtype),
-            name=f"rasteragg-{name}-{token}",
+        groups.setdefault(any(f.channel for f in STATISTICS[name].needs.families), []).append(name)
+    values = {}
+    for channels, names in groups.items():
+        rows = da.blockwise(
+            _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", channels,  None,
+            dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
         )  # fmt: skip
-    return values
+        # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its
+        # rows of every partial, concatenated.
+        pieces = da.blockwise(
+            _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
+            stats=tuple(names), dtype=object, meta=_objects(1), concatenate=True, align_arrays=False,
+            adjust_chunks={"p": 1},
+        )  # fmt: skip
+        for name in names:
+            width, dtype = STATISTICS[name].row_shape(nchan), STATISTICS[name].dtype
+            trailing = list(range(1, 1 + len(width)))
+            values[name] = pieces.map_blocks(
+                _pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)), new_axis=trailing or None,
+                meta=np.empty((0,) * (1 + len(width)), dtype), name=f"rasteragg-{name}-{token}",
+            )  # fmt: skip
+    return {name: values[name] for name in stats}

@@ -176,6 +176,16 @@ class Partials:
         out.families = self.families
         return out
 
+    def label_fields(self) -> Partials:
+        """The same labels with only the families that are not per channel (no copy)."""
+        out = Partials.__new__(Partials)
+        kept = tuple(f for f in self.families if not f.channel)
+        out.__dict__.update(
+            labels=self.labels, **{name: self.__dict__[name] for f in kept for name in f.names()}
+        )
+        out.families = kept
+        return out
+
     @property
     def size(self) -> int:
         """Number of labels held."""

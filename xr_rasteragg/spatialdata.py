@@ -16,7 +16,7 @@ import shutil
 import sys
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,8 @@ from numpy.typing import NDArray
 
 from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
 from .alignment import locate, scale0, to_coordinate_system
+from .engine import distributed_client
+from .engine import progress as progress_bars
 from .stats import STATISTICS
 from .validation import InputDataError
 
@@ -269,9 +271,8 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
         The plan made by :func:`plan`.
     progress
         Show dask's progress bar on stderr for what this call computes:
-        ``dask.diagnostics.ProgressBar`` on the local schedulers (the pass too),
-        ``distributed.progress`` under a ``distributed.Client`` (the areas and centroids; the pass
-        itself shows on the cluster's dashboard).
+        ``dask.diagnostics.ProgressBar`` on the local schedulers, ``distributed.progress`` under
+        a ``distributed.Client`` (for the pass, and then the areas and centroids).
 
     Raises
     ------
@@ -285,7 +286,7 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
 
     if not isinstance(resolved, Plan):
         raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
-    with _local_progress(progress):
+    with progress_bars(progress):
         result = resolved.image.rasteragg.aggregate(
             resolved.labels, (*resolved.stats, "count", "center_of_mass")
         )
@@ -558,36 +559,17 @@ def _as_float64(values: Any) -> Any:
     return np.asarray(values, dtype=np.float64)
 
 
-def _distributed_client() -> Any | None:
-    """The ``distributed.Client`` that dask computes on here, or None on the local schedulers."""
-    owner = getattr(dask.base.get_scheduler(), "__self__", None)
-    kind = type(owner)
-    return owner if kind.__name__ == "Client" and kind.__module__.startswith("distributed") else None
-
-
-@contextlib.contextmanager
-def _local_progress(progress: bool) -> Iterator[None]:
-    """dask's progress bar on stderr for what the block computes on the local schedulers."""
-    if not progress or _distributed_client() is not None:
-        yield
-        return
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar(out=sys.stderr, dt=0.2):
-        yield
-
-
 def _compute(*values: Any, progress: bool) -> tuple[Any, ...]:
     """``dask.compute(*values)``, with dask's own progress bar on stderr when asked for.
 
     Under a ``distributed.Client`` the bar is ``distributed.progress`` on the futures (it writes
     to stdout, sent to stderr here); on the local schedulers ``dask.diagnostics.ProgressBar``.
     """
-    client = _distributed_client()
+    client = distributed_client()
     if not progress or not any(dask.is_dask_collection(v) for v in values):
         return dask.compute(*values)
     if client is None:
-        with _local_progress(progress):
+        with progress_bars(progress):
             return dask.compute(*values)
     from distributed import progress as show_progress
 
