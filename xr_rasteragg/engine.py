@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask
 import dask.array as da
@@ -41,6 +41,9 @@ from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
+
+if TYPE_CHECKING:
+    from .whole_label import WholeLabel
 
 __all__ = [
     "Aggregation",
@@ -94,6 +97,7 @@ def aggregate(
     skipna: bool = False,
     split_every: int = SPLIT_EVERY,
     eager: bool = False,
+    wholes: Mapping[str, WholeLabel] | None = None,
 ) -> Aggregation:
     """Compute per-label statistics of ``image`` over ``labels`` in one pass.
 
@@ -118,6 +122,13 @@ def aggregate(
         How many partials one merge task combines.
     eager
         Return NumPy arrays for dask inputs too (for callers that need the values at once).
+    wholes
+        Further statistics of each label's pixels taken whole, by name (quantiles, user
+        functions: :mod:`xr_rasteragg.whole_label`); with them (or a ``median`` in ``stats``),
+        ``stats`` may be empty. Their values have shape ``(k, C, *spec.shape)``. Whole-label
+        statistics run through :func:`xr_rasteragg.gather.aggregate`: the labels are surveyed
+        when the call is made, and the rest is one lazy graph (dask inputs) that reads the image
+        once when its arrays are computed together.
 
     Returns
     -------
@@ -130,9 +141,16 @@ def aggregate(
         (``dask.compute(*result.values.values())``) to finalize each piece of labels once.
         NumPy and CuPy inputs give NumPy arrays.
     """
-    stats = validate_stats(stats)
+    stats = () if wholes and not stats else validate_stats(stats)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
+    if wholes or any(STATISTICS[name].whole is not None for name in stats):
+        from .gather import aggregate as gather_aggregate
+
+        return gather_aggregate(
+            labels, image, stats, wholes or {}, index=index, background=background, skipna=skipna,
+            split_every=split_every, eager=eager,
+        )  # fmt: skip
     check_background(background)
     lazy = not eager and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = as_dask(labels, "labels"), None if image is None else as_dask(image, "image")

@@ -17,10 +17,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .partials import Needs, Partials
+from .whole_label import Quantiles, WholeLabel
 
 __all__ = ["STATISTICS", "Derived", "StatName", "Statistic", "finalize", "needs_of", "validate_stats"]
 
-StatName = Literal["count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass"]
+StatName = Literal[
+    "count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass", "median"
+]
 
 
 #: The dtype of most statistics.
@@ -37,7 +40,7 @@ class Statistic:
         What the partials must carry for it.
     compute
         Turns partials (of labels that have pixels, wrapped in :class:`Derived`) into values,
-        shape ``(k, *row_shape(C))``.
+        shape ``(k, *row_shape(C))``; None for a whole-label statistic.
     fill
         Its value for a label without pixels.
     dims
@@ -45,13 +48,17 @@ class Statistic:
         channel) or ``("axis",)`` (one per spatial axis z, y, x).
     dtype
         The dtype of its values.
+    whole
+        For a statistic of each label's pixels taken whole (a median): how the gather
+        (:mod:`xr_rasteragg.gather`) computes it, rather than from partials.
     """
 
     needs: Needs
-    compute: Callable[[Derived], NDArray[np.generic]]
+    compute: Callable[[Derived], NDArray[np.generic]] | None
     fill: float
     dims: tuple[str, ...] = ("c",)
     dtype: np.dtype = FLOAT64
+    whole: WholeLabel | None = None
 
     @property
     def per_channel(self) -> bool:
@@ -152,6 +159,7 @@ STATISTICS: dict[str, Statistic] = {
     "min": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.min, d), np.nan),
     "max": Statistic(Needs(0, extrema=True), lambda d: _extremum(d.p.max, d), np.nan),
     "center_of_mass": Statistic(Needs(0), lambda d: d.p.coords / d.p.count[:, None], np.nan, dims=("axis",)),
+    "median": Statistic(Needs(0), None, np.nan, whole=Quantiles((0.5,), scalar=True)),
 }
 
 assert set(STATISTICS) == set(get_args(StatName))
@@ -224,6 +232,7 @@ def finalize(
     out: dict[str, NDArray[np.generic]] = {}
     for name in stats:
         spec = STATISTICS[name]
+        assert spec.compute is not None, f"{name} is a whole-label statistic (see gather.py)"
         values = np.asarray(spec.compute(derived))
         dtype = spec.dtype
         if everything:
