@@ -21,6 +21,7 @@ from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
 from .stats import STATISTICS, validate_stats
 from .validation import check_labels_dtype, integral_ids
+from .whole_label import LabelFunction, Quantiles, WholeLabel, check_quantiles
 
 __all__ = ["RasterAggAccessor"]
 
@@ -65,7 +66,8 @@ class RasterAggAccessor:
 
     On an image (dims ⊆ ``{c, z, y, x}``, in any order): :meth:`sum`, :meth:`mean`,
     :meth:`count`, :meth:`var`, :meth:`std`, :meth:`skew`, :meth:`kurtosis`, :meth:`min`,
-    :meth:`max` and :meth:`aggregate` (several statistics in one pass). On labels (dims ⊆
+    :meth:`max`, :meth:`median` and :meth:`aggregate` (several statistics in one pass);
+    :meth:`quantile` and :meth:`apply` (any function of each label's pixels). On labels (dims ⊆
     ``{z, y, x}``): :meth:`area`, :meth:`center_of_mass` and :meth:`paint`.
 
     Examples
@@ -108,7 +110,8 @@ class RasterAggAccessor:
             multiscale SpatialData element (``DataTree``) stands for its ``scale0`` level.
         stats
             Names of the statistics: ``count``, ``sum``, ``mean``, ``var``, ``std``, ``skew``,
-            ``kurtosis``, ``min``, ``max``, ``center_of_mass``.
+            ``kurtosis``, ``min``, ``max``, ``center_of_mass``, ``median`` (exact, as
+            :func:`numpy.median` of each label's pixels, whatever blocks the label spans).
         index
             Label ids to report, in this order; absent ids get count 0, sum 0 and NaN otherwise.
             None reports every label present, sorted. With dask inputs and an ``index``, the
@@ -161,6 +164,137 @@ class RasterAggAccessor:
     )
     min = _statistic("min", "Smallest pixel value of each label, per channel.")
     max = _statistic("max", "Largest pixel value of each label, per channel.")
+    median = _statistic(
+        "median", "Median of the pixel values of each label, per channel (exact, as numpy.median)."
+    )
+
+    def quantile(
+        self,
+        labels: xr.DataArray,
+        q: ArrayLike,
+        *,
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+        method: str = "linear",
+        coordinate_system: str | None = None,
+    ) -> xr.DataArray:
+        """Quantiles of the pixel values of each label, per channel, as :func:`numpy.quantile`.
+
+        Exact for any label geometry: each label's pixels are gathered whole, whichever blocks
+        they lie in (:mod:`xr_rasteragg.gather`); no overlap depth to choose.
+
+        Parameters
+        ----------
+        labels, index, background, skipna, coordinate_system
+            As in :meth:`aggregate`; with ``skipna`` the quantiles are those of
+            :func:`numpy.nanquantile` (NaN for a label whose pixels are all NaN).
+        q
+            A quantile or a 1-D sequence of quantiles, each in [0, 1].
+        method
+            One of :func:`numpy.quantile`'s methods (``"linear"``, ``"lower"``, ``"higher"``,
+            ``"nearest"``, ``"midpoint"``, ``"inverted_cdf"``, ``"hazen"``, ...).
+
+        Returns
+        -------
+        xarray.DataArray
+            Named ``quantile``, with dims ``("quantile", "label", "c")`` as
+            :meth:`xarray.DataArray.quantile` gives them (no ``quantile`` dim for a scalar ``q``,
+            no ``c`` dim for an image without one), and a ``quantile`` coordinate.
+
+        Raises
+        ------
+        ValueError
+            For ``q`` empty, not 0-D or 1-D, or outside [0, 1], and for an unknown ``method``.
+        TypeError
+            For a non-numeric ``q``.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(np.array([[1, 1, 1, 2, 2]]), dims=("y", "x"))
+        >>> image = xr.DataArray(np.array([[1.0, 2.0, 9.0, 4.0, 6.0]]), dims=("y", "x"))
+        >>> image.rasteragg.quantile(labels, [0.5, 1.0]).values
+        array([[2., 5.],
+               [9., 6.]])
+        """
+        values, scalar = check_quantiles(q, method)
+        spec = Quantiles(values, method, scalar)
+        aligned = _prepare(self._obj, labels, coordinate_system)
+        result = _run(
+            aligned, (), index=index, background=background, skipna=skipna, wholes={"quantile": spec}
+        )["quantile"]
+        if not scalar:
+            result = result.assign_coords(quantile=list(values)).transpose("quantile", ...)
+        else:
+            result = result.assign_coords(quantile=values[0])
+        return result
+
+    def apply(
+        self,
+        labels: xr.DataArray,
+        func: Callable[..., Any],
+        *,
+        output_size: int = 1,
+        on: str = "values",
+        name: str = "apply",
+        index: ArrayLike | None = None,
+        background: int | None = 0,
+        skipna: bool = False,
+        coordinate_system: str | None = None,
+    ) -> xr.DataArray:
+        """Any function of each label's pixels, per channel, as if run on the whole image.
+
+        Each label's pixels are gathered whole, whichever blocks they lie in
+        (:mod:`xr_rasteragg.gather`), and ``func`` is called once per label and channel.
+
+        Parameters
+        ----------
+        labels, index, background, coordinate_system
+            As in :meth:`aggregate`.
+        func
+            With ``on="values"``: ``func(values)``, ``values`` the label's pixel values of one
+            channel as a 1-D float64 array (in raster order; without NaN when ``skipna``). With
+            ``on="crops"``: ``func(mask, intensity)`` as scikit-image's ``extra_properties``:
+            ``mask`` the label's boolean mask over its bounding box, ``intensity`` one channel
+            there (float64, 0 outside the label), both with the labels' spatial dims.
+        output_size
+            How many values ``func`` returns: a scalar for 1, a 1-D sequence otherwise.
+        on
+            ``"values"`` or ``"crops"``.
+        name
+            Name of the result.
+        skipna
+            With ``on="values"``, leave NaN pixels out of ``values``.
+
+        Returns
+        -------
+        xarray.DataArray
+            Dims ``("label", "c")``, then ``"output"`` when ``output_size`` > 1 (no ``c`` dim
+            for an image without one); float64.
+
+        Raises
+        ------
+        xr_rasteragg.whole_label.LabelFunctionError
+            When ``func`` raises, or returns a value of another size than ``output_size``; the
+            message names the label and channel.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> labels = xr.DataArray(np.array([[1, 1, 1, 2, 2]]), dims=("y", "x"))
+        >>> image = xr.DataArray(np.array([[1.0, 2.0, 9.0, 4.0, 6.0]]), dims=("y", "x"))
+        >>> image.rasteragg.apply(labels, np.ptp).values
+        array([8., 2.])
+        >>> image.rasteragg.apply(labels, lambda mask, x: mask.shape[1], on="crops").values
+        array([3., 2.])
+        """
+        aligned = _prepare(self._obj, labels, coordinate_system)
+        ndim = sum(d in aligned.labels.dims for d in SPATIAL)
+        spec = LabelFunction(func, output_size, on, spatial_ndim=ndim)  # type: ignore[arg-type]
+        return _run(aligned, (), index=index, background=background, skipna=skipna, wholes={name: spec})[
+            name
+        ]
 
     # -- statistics of labels ------------------------------------------------------------------
 
@@ -366,11 +500,18 @@ def _run(
     index: ArrayLike | None,
     background: int | None,
     skipna: bool,
+    wholes: dict[str, WholeLabel] | None = None,
 ) -> xr.Dataset:
     image, labels = aligned.image, aligned.labels
     image_data = None if image is None else _canonical(image, IMAGE_DIMS)
     result = run_engine(
-        _canonical(labels, SPATIAL), image_data, names, index=index, background=background, skipna=skipna
+        _canonical(labels, SPATIAL),
+        image_data,
+        names,
+        index=index,
+        background=background,
+        skipna=skipna,
+        wholes=wholes,
     )
     axes = [d for d in SPATIAL if d in labels.dims]
     coords: dict[Hashable, Any] = {"label": result.labels}
@@ -390,6 +531,13 @@ def _run(
             variables[name] = xr.Variable(("label", "c"), value)
         else:
             variables[name] = xr.Variable(("label",), value[:, 0])
+    for name, spec in (wholes or {}).items():
+        extra = {"quantile": ("quantile",)}.get(name, ("output",))[: len(spec.shape)]
+        value = result.values[name]
+        if image is not None and "c" in image.dims:
+            variables[name] = xr.Variable(("label", "c", *extra), value)
+        else:
+            variables[name] = xr.Variable(("label", *extra), value[:, 0])
     return xr.Dataset(variables, coords=coords)
 
 

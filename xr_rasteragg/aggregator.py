@@ -294,6 +294,11 @@ class RasterAggregator:
     )
     aggregate_min = _per_channel("min", "Smallest pixel value of each label, per channel (float64).")
     aggregate_max = _per_channel("max", "Largest pixel value of each label, per channel (float64).")
+    aggregate_median = _per_channel(
+        "median",
+        "Median of the pixel values of each label, per channel: exact (as ``numpy.median``), "
+        "whatever blocks a label spans.",
+    )
 
     def aggregate_area(self, index: ArrayLike | None = None) -> pd.DataFrame:
         """Number of pixels of each label.
