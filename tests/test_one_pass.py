@@ -187,3 +187,65 @@ def test_command_line_reads_once(
     )
     assert code == 0, capsys.readouterr().err
     assert len(kernel_calls) == BLOCKS
+
+
+# -- whole-label statistics with the moment statistics ---------------------------------------------
+
+
+class _CountedImage:
+    """An in-memory image that counts the chunks read from it (through ``da.from_array``); empty
+    reads (dask's look at the array type) are not counted."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image, self.shape, self.dtype, self.ndim = image, image.shape, image.dtype, image.ndim
+        self.reads = 0
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        chunk = self.image[key]
+        self.reads += chunk.size > 0
+        return chunk
+
+
+WHOLE_CALLS: dict[str, Callable[[xr.DataArray, xr.DataArray, Any], Any]] = {
+    "aggregate mean, median, var": lambda image, labels, index: image.rasteragg.aggregate(
+        labels, ["mean", "median", "var"], index=index
+    ),
+    "aggregate all nine and median": lambda image, labels, index: image.rasteragg.aggregate(
+        labels, (*ALL_STATS, "median"), index=index
+    ),
+    "median": lambda image, labels, index: image.rasteragg.median(labels, index=index),
+    "quantile": lambda image, labels, index: image.rasteragg.quantile(labels, [0.25, 0.75], index=index),
+    "apply": lambda image, labels, index: image.rasteragg.apply(labels, np.ptp, index=index),
+}
+
+
+@pytest.mark.parametrize("with_index", [False, True])
+@pytest.mark.parametrize("call", sorted(WHOLE_CALLS))
+def test_whole_label_statistics_read_the_image_once(
+    data: tuple[np.ndarray, np.ndarray], kernel_calls: list[tuple[int, int, int]], call: str, with_index: bool
+) -> None:
+    labels, image = data[0][0], data[1][:, 0]
+    counted = _CountedImage(image)
+    pixels = xr.DataArray(
+        da.from_array(counted, chunks=(1, *CHUNKS[1:]), asarray=False), dims=("c", "y", "x")
+    )
+    mask = xr.DataArray(da.from_array(labels, chunks=CHUNKS[1:]), dims=("y", "x"))
+    result = WHOLE_CALLS[call](pixels, mask, _index(data[0], with_index))
+    result.compute()
+    assert counted.reads == image.shape[0] * BLOCKS
+    assert len(kernel_calls) <= BLOCKS  # the moments' kernel, when moments are asked for
+
+
+def test_raster_aggregator_median_with_moments_reads_the_image_once(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    labels, image = data
+    counted = _CountedImage(image)
+    aggregator = RasterAggregator(
+        da.from_array(labels, chunks=CHUNKS),
+        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
+        run_on_gpu=False,
+    )
+    frames = aggregator.aggregate_stats(("mean", "median", "var", "kurtosis"))
+    assert counted.reads == image.shape[0] * BLOCKS
+    assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
