@@ -174,8 +174,8 @@ def test_single_stat_string_and_unknown_stat() -> None:
     image = image_array(make_image(labels))
     dataset = image.rasteragg.aggregate(labels_array(labels), "var")
     assert list(dataset.data_vars) == ["var"]
-    with pytest.raises(ValueError, match="median"):
-        image.rasteragg.aggregate(labels_array(labels), ["mean", "median"])
+    with pytest.raises(ValueError, match="mode"):
+        image.rasteragg.aggregate(labels_array(labels), ["mean", "mode"])
 
 
 # --- dims: order, 2-D / 3-D, no channel ---------------------------------------------------------
