@@ -139,7 +139,7 @@ def test_overwrite_replaces_a_table(store: Path) -> None:
     ("args", "message"),
     [
         (["--image", "nope", "--labels", "cells"], r"--image must name one of the images elements"),
-        (["--image", "img", "--labels", "cells", "--stats", "mean,median"], r"unknown statistic\(s\)"),
+        (["--image", "img", "--labels", "cells", "--stats", "mean,mode"], r"unknown statistic\(s\)"),
     ],
 )
 def test_user_errors_are_one_line_and_change_nothing(store: Path, args: list[str], message: str) -> None:

@@ -539,7 +539,7 @@ def test_errors(as_dask: bool) -> None:
     with pytest.raises(ValueError, match="image"):
         aggregate(wrap(labels), None, ["count", "mean"])
     with pytest.raises(ValueError, match="unknown"):
-        aggregate(wrap(labels), wrap(image), ["mean", "median"])
+        aggregate(wrap(labels), wrap(image), ["mean", "mode"])
     with pytest.raises(ValueError, match="stats"):
         aggregate(wrap(labels), wrap(image), [])
     with pytest.raises(TypeError, match="index"):

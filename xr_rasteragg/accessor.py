@@ -292,9 +292,7 @@ class RasterAggAccessor:
         aligned = _prepare(self._obj, labels, coordinate_system)
         ndim = sum(d in aligned.labels.dims for d in SPATIAL)
         spec = LabelFunction(func, output_size, on, spatial_ndim=ndim)  # type: ignore[arg-type]
-        return _run(aligned, (), index=index, background=background, skipna=skipna, wholes={name: spec})[
-            name
-        ]
+        return _run(aligned, (), index=index, background=background, skipna=skipna, wholes={name: spec})[name]
 
     # -- statistics of labels ------------------------------------------------------------------
 
