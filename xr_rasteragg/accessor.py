@@ -19,7 +19,7 @@ from numpy.typing import ArrayLike, NDArray
 from .alignment import SPATIAL, Aligned, align, scale0, to_coordinate_system, transformations
 from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
-from .stats import STATISTICS, validate_stats
+from .stats import SHAPE_FEATURES, STATISTICS, Space, validate_stats
 from .validation import check_labels_dtype, integral_ids
 from .whole_label import LabelFunction, Quantiles, WholeLabel, check_quantiles
 
@@ -92,8 +92,8 @@ class RasterAggAccessor:
 
     def aggregate(
         self,
-        labels: xr.DataArray,
-        stats: str | Iterable[str] = ("mean",),
+        labels: xr.DataArray | str | Iterable[str],
+        stats: str | Iterable[str] | None = None,
         *,
         index: ArrayLike | None = None,
         background: int | None = 0,
@@ -102,16 +102,29 @@ class RasterAggAccessor:
     ) -> xr.Dataset:
         """Several statistics per label and channel, all from one pass over the data.
 
+        On an image: ``image.rasteragg.aggregate(labels, stats)``. On labels, for the statistics
+        that need no image (``count``, ``center_of_mass`` and the shape features but
+        ``centroid_weighted``): ``labels.rasteragg.aggregate(stats)``.
+
         Parameters
         ----------
         labels
             Integer label mask with dims ⊆ ``{z, y, x}``, over the same pixels as the image (or a
             crop of them, when both carry coordinates or SpatialData transformations). A
-            multiscale SpatialData element (``DataTree``) stands for its ``scale0`` level.
+            multiscale SpatialData element (``DataTree``) stands for its ``scale0`` level. On
+            labels: the statistics (and ``stats`` is not given).
         stats
-            Names of the statistics: ``count``, ``sum``, ``mean``, ``var``, ``std``, ``skew``,
-            ``kurtosis``, ``min``, ``max``, ``center_of_mass``, ``median`` (exact, as
-            :func:`numpy.median` of each label's pixels, whatever blocks the label spans).
+            Names of the statistics (default ``mean``): ``count``, ``sum``, ``mean``, ``var``,
+            ``std``, ``skew``, ``kurtosis``, ``min``, ``max``, ``center_of_mass``, ``median`` (exact, as
+            :func:`numpy.median` of each label's pixels, whatever blocks the label spans), and the shape
+            features of :func:`skimage.measure.regionprops`: ``area``, ``bbox``, ``centroid``,
+            ``axis_major_length``, ``axis_minor_length``, ``eccentricity`` (2-D),
+            ``orientation`` (2-D), ``inertia_tensor``, ``inertia_tensor_eigvals``, ``extent``,
+            ``equivalent_diameter_area``, ``perimeter`` (2-D, dims y and x), ``solidity``,
+            ``centroid_weighted``, and harpy's ``radii`` and ``principal_axes`` (see
+            :doc:`/statistics`). Shape features are in units of the labels' coordinate spacing
+            when they carry coordinates (or a SpatialData scale), as regionprops' ``spacing=``;
+            positions (centroids) are coordinate values, as for ``center_of_mass``.
         index
             Label ids to report, in this order; absent ids get count 0, sum 0 and NaN otherwise.
             None reports every label present, sorted. With dask inputs and an ``index``, the
@@ -130,8 +143,12 @@ class RasterAggAccessor:
         -------
         xarray.Dataset
             One variable per statistic, with dims ``("label", "c")`` (``"label"`` only for
-            ``count``; ``("label", "axis")`` for ``center_of_mass``). The ``c`` coordinate holds
-            the image's channel coordinate.
+            ``count`` and scalar shape features; ``("label", "axis")`` for ``center_of_mass`` and
+            ``centroid``; ``("label", "bound")`` for ``bbox``; ``("label", "axis", "axis_j")``
+            for ``inertia_tensor``; ``("label", "eig")`` for ``inertia_tensor_eigvals`` and
+            ``radii``; ``("label", "eig", "axis")`` for ``principal_axes``; ``("label", "c",
+            "axis")`` for ``centroid_weighted``). The ``c`` coordinate holds the image's channel
+            coordinate.
 
         Raises
         ------
@@ -149,8 +166,20 @@ class RasterAggAccessor:
         >>> ds["mean"].values, ds["var"].values, ds["count"].values
         (array([2., 7.]), array([1., 4.]), array([2, 2]))
         """
-        names = validate_stats(stats)
-        aligned = _prepare(self._obj, labels, coordinate_system)
+        if isinstance(labels, str) or not isinstance(
+            labels, xr.DataArray | getattr(xr, "DataTree", xr.DataArray)
+        ):
+            if stats is not None:
+                raise TypeError(
+                    "on labels, 'aggregate' takes the statistics as its first argument and no 'stats'; "
+                    f"got {labels!r} and stats={stats!r} (on an image: "
+                    "image.rasteragg.aggregate(labels, stats))"
+                )
+            names = validate_stats(labels)
+            aligned = _prepare(None, self._obj, coordinate_system)
+        else:
+            names = validate_stats(("mean",) if stats is None else stats)
+            aligned = _prepare(self._obj, labels, coordinate_system)
         return _run(aligned, names, index=index, background=background, skipna=skipna)
 
     sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
@@ -502,6 +531,12 @@ def _run(
 ) -> xr.Dataset:
     image, labels = aligned.image, aligned.labels
     image_data = None if image is None else _canonical(image, IMAGE_DIMS)
+    axes = [d for d in SPATIAL if d in labels.dims]
+    shape = any(name in SHAPE_FEATURES for name in names)
+    space = Space(
+        tuple(SPATIAL.index(d) for d in axes),
+        _spacing(labels, axes, aligned.affine) if shape else (1.0,) * len(axes),
+    )
     result = run_engine(
         _canonical(labels, SPATIAL),
         image_data,
@@ -510,33 +545,90 @@ def _run(
         background=background,
         skipna=skipna,
         wholes=wholes,
+        space=space,
     )
-    axes = [d for d in SPATIAL if d in labels.dims]
+    has_c = image is not None and "c" in image.dims
     coords: dict[Hashable, Any] = {"label": result.labels}
-    if image is not None and "c" in image.coords and "c" in image.dims:
+    if has_c and image is not None and "c" in image.coords:
         coords["c"] = image["c"].values
     variables = {}
     for name in names:
         value = result.values[name]
+        spec = STATISTICS[name]
         if name == "center_of_mass":
             keep = [SPATIAL.index(d) for d in axes]
             value = _positions(value[:, keep], labels, axes, aligned.affine)
             variables[name] = xr.Variable(("label", "axis"), value)
             coords["axis"] = axes
-        elif not STATISTICS[name].per_channel:
-            variables[name] = xr.Variable(("label",), value)
-        elif image is not None and "c" in image.dims:
-            variables[name] = xr.Variable(("label", "c"), value)
-        else:
-            variables[name] = xr.Variable(("label",), value[:, 0])
-    for name, spec in (wholes or {}).items():
-        extra = {"quantile": ("quantile",)}.get(name, ("output",))[: len(spec.shape)]
+            continue
+        if name == "centroid":
+            value = _positions(value, labels, axes, aligned.affine)
+        elif name == "centroid_weighted":
+            stack = da.stack if isinstance(value, da.Array) else np.stack
+            value = stack(
+                [_positions(value[:, c], labels, axes, aligned.affine) for c in range(value.shape[1])], axis=1
+            )
+        dims = ["label", *(_OUTPUT_DIMS.get(d, d) for d in spec.dims)]
+        if "c" in dims and not has_c:
+            value = value[:, 0]
+            dims.remove("c")
+        variables[name] = xr.Variable(tuple(dims), value)
+        if "axis" in dims or "axis_j" in dims:
+            coords["axis"] = axes
+        if "axis_j" in dims:
+            coords["axis_j"] = axes
+        if "bound" in dims:
+            coords["bound"] = [f"min_{d}" for d in axes] + [f"max_{d}" for d in axes]
+    for name, whole in (wholes or {}).items():
+        extra = {"quantile": ("quantile",)}.get(name, ("output",))[: len(whole.shape)]
         value = result.values[name]
         if image is not None and "c" in image.dims:
             variables[name] = xr.Variable(("label", "c", *extra), value)
         else:
             variables[name] = xr.Variable(("label", *extra), value[:, 0])
     return xr.Dataset(variables, coords=coords)
+
+
+#: The names of the statistics' trailing dims in the accessor's results.
+_OUTPUT_DIMS = {"space": "axis", "space_j": "axis_j"}
+
+
+def _spacing(
+    labels: xr.DataArray, axes: Sequence[str], affine: NDArray[np.float64] | None
+) -> tuple[float, ...]:
+    """The pixel spacing of the labels on ``axes``: from a SpatialData scale, or from the step of
+    their coordinates (1 on dims without coordinates).
+
+    Raises
+    ------
+    ValueError
+        If the coordinates are not evenly spaced, or the transformation rotates or shears the
+        pixel grid: shape features then have no unit.
+    """
+    if affine is not None:
+        n = affine.shape[0] - 1
+        linear = affine[:n, :n]  # columns: (x, y[, z])
+        gram = linear.T @ linear
+        if not np.allclose(gram, np.diag(np.diag(gram)), rtol=0, atol=1e-12 * np.abs(gram).max()):
+            raise ValueError(
+                "shape features need labels whose transformation scales and translates the pixel grid; "
+                f"got a rotation or shear (linear part {linear.tolist()})"
+            )
+        return tuple(float(v) for v in np.sqrt(np.diag(gram))[::-1][-len(axes) :])
+    spacing = []
+    for dim in axes:
+        if dim not in labels.coords or labels.sizes[dim] < 2:
+            spacing.append(1.0)
+            continue
+        values = np.asarray(labels[dim].values, dtype=np.float64)
+        steps = np.diff(values)
+        if not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] == 0:
+            raise ValueError(
+                f"shape features need evenly spaced coordinates; the labels' {dim!r} coordinate has steps "
+                f"from {steps.min():g} to {steps.max():g}"
+            )
+        spacing.append(abs(float(steps[0])))
+    return tuple(spacing)
 
 
 def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:

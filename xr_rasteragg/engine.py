@@ -37,9 +37,9 @@ import dask.array as da
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
+from .kernels import BlockKernel, Neighbourhood, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
-from .stats import STATISTICS, finalize, needs_of, validate_stats
+from .stats import SHAPE_FEATURES, STATISTICS, Space, check_space, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
 if TYPE_CHECKING:
@@ -98,6 +98,7 @@ def aggregate(
     split_every: int = SPLIT_EVERY,
     eager: bool = False,
     wholes: Mapping[str, WholeLabel] | None = None,
+    space: Space | None = None,
 ) -> Aggregation:
     """Compute per-label statistics of ``image`` over ``labels`` in one pass.
 
@@ -129,6 +130,9 @@ def aggregate(
         statistics run through :func:`xr_rasteragg.gather.aggregate`: the labels are surveyed
         when the call is made, and the rest is one lazy graph (dask inputs) that reads the image
         once when its arrays are computed together.
+    space
+        Which of the (z, y, x) axes the caller's labels have, and their pixel spacing, for the
+        shape features (:mod:`xr_rasteragg.shape`); None: all three, spacing 1.
 
     Returns
     -------
@@ -142,10 +146,19 @@ def aggregate(
         NumPy and CuPy inputs give NumPy arrays.
     """
     stats = () if wholes and not stats else validate_stats(stats)
+    space = space or Space()
+    check_space(stats, space)
     if split_every < 2:
         raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
     if wholes or any(STATISTICS[name].whole is not None for name in stats):
         from .gather import aggregate as gather_aggregate
+
+        shape = [name for name in stats if name in SHAPE_FEATURES]
+        if shape:
+            raise ValueError(
+                f"'stats' asks for shape features {shape} with whole-label statistics (median, quantiles, "
+                "functions of a label's pixels); ask for them in separate calls"
+            )
 
         return gather_aggregate(
             labels, image, stats, wholes or {}, index=index, background=background, skipna=skipna,
@@ -166,14 +179,14 @@ def aggregate(
     parts = _merged_partials(labels, image, needs, skip, split_every, split_every**2)
     nchan = 0 if image is None else int(image.shape[0])
     if not lazy:
-        return _eager(parts, wanted, stats, nchan)
+        return _eager(parts, wanted, stats, nchan, space)
     if wanted is None:
         parts = parts.persist()
         _show_progress(parts)
         ids = parts.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{parts.name}-ids")
         (ids,) = dask.compute(ids)
         wanted = label_union(list(ids.ravel()))
-    return Aggregation(wanted, _finalized(parts, wanted, stats, nchan))
+    return Aggregation(wanted, _finalized(parts, wanted, stats, nchan, space))
 
 
 @contextlib.contextmanager
@@ -226,7 +239,7 @@ def _show_progress(persisted: da.Array) -> None:
 
 
 def _eager(
-    parts: da.Array, wanted: NDArray[np.integer] | None, stats: Sequence[str], nchan: int
+    parts: da.Array, wanted: NDArray[np.integer] | None, stats: Sequence[str], nchan: int, space: Space
 ) -> Aggregation:
     """NumPy results: the merged partials computed into this process, then finalized.
 
@@ -240,9 +253,9 @@ def _eager(
     ids = label_union([part.labels for part in found]) if wanted is None else wanted
     if ids.shape[0] <= PIECE_LABELS:
         merged = merge(found)
-        return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids)))
+        return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids), space))
     kept = da.from_array(blocks, chunks=1, name=f"rasteragg-partials-{uuid.uuid4().hex}")
-    values = _finalized(kept, ids, stats, nchan)
+    values = _finalized(kept, ids, stats, nchan, space)
     return Aggregation(ids, dict(zip(values, dask.compute(*values.values()), strict=True)))
 
 
@@ -395,10 +408,22 @@ class _LabelStage:
     skip: int | None
 
 
-def _label_task(labels: Any, offset: tuple[int, int, int], skip: int | None) -> _LabelStage:
-    """The label stage of one spatial block (a dask task)."""
+def _label_task(
+    labels: Any, offset: tuple[int, int, int], skip: int | None, codes: Any | None = None
+) -> _LabelStage:
+    """The label stage of one spatial block (a dask task); ``codes``: its per-pixel neighbourhood
+    codes, for families whose kernel code reads them (staged kernels only)."""
     kernel = kernel_for(labels)
-    block = kernel.encode(labels, offset, skip) if isinstance(kernel, StagedKernel) else labels
+    if isinstance(kernel, StagedKernel):
+        block = (
+            kernel.encode(labels, offset, skip)
+            if codes is None
+            else kernel.encode(labels, offset, skip, codes)
+        )
+    elif codes is not None:
+        raise TypeError(f"the kernel for {array_backend(labels)} blocks cannot read a label's neighbourhood")
+    else:
+        block = labels
     return _LabelStage(array_backend(labels), kernel, block, offset, skip)
 
 
@@ -444,6 +469,21 @@ def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArr
     """The label stage of one spatial block (a ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
     return _holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
+
+
+def _coded_label_block(labels: Any, codes: Any, skip: int | None, block_info: Any = None) -> NDArray[Any]:
+    """The label stage of one spatial block with its per-pixel neighbourhood codes (a
+    ``map_blocks`` task)."""
+    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
+    return _holding(_label_task(labels, offset, skip, codes), 3)  # type: ignore[arg-type]
+
+
+def _neighbourhood_block(block: Any, needs: Needs) -> Any:
+    """Per-pixel codes of a label block read with the pixels around it (a ``map_overlap`` task)."""
+    kernel = kernel_for(block)
+    if not isinstance(kernel, Neighbourhood):
+        raise TypeError(f"the kernel for {array_backend(block)} blocks cannot read a label's neighbourhood")
+    return kernel.neighbourhood(block, needs)
 
 
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
@@ -495,14 +535,16 @@ def _cut(ids: NDArray[np.integer], low: int, high: int) -> tuple[int, int]:
     return start, int(np.searchsorted(ids, ids.dtype.type(high), side="right"))
 
 
-def _finalize_piece(block: NDArray[Any], ids: NDArray[np.integer], stats: Sequence[str]) -> NDArray[Any]:
+def _finalize_piece(
+    block: NDArray[Any], ids: NDArray[np.integer], stats: Sequence[str], space: Space
+) -> NDArray[Any]:
     """Merge every partial's rows of a piece of label ids and finalize them (a ``blockwise`` task).
 
     ``block`` holds each partial's rows for the piece (see :func:`_piece_rows`) and ``ids`` the
     ids of the piece; the result is a dict of one array per statistic, one row per id.
     """
     merged = merge(list(block.ravel()))
-    return _holding(finalize(merged, stats, *locate(merged.labels, ids)), 1)
+    return _holding(finalize(merged, stats, *locate(merged.labels, ids), space), 1)
 
 
 def _pick(piece: NDArray[Any], name: str) -> Any:
@@ -525,15 +567,38 @@ def _merged_partials(
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     one_each = tuple((1,) * n for n in labels.numblocks)
-    stage = da.map_blocks(
-        _label_block,
-        labels,
-        skip,
-        dtype=object,
-        chunks=one_each,
-        meta=_objects(3),
-        name=f"rasteragg-labels-{token}",
-    )
+    if needs.halo:
+        # Kernel code that reads a label's neighbourhood gets per-pixel codes, made from the labels
+        # widened by the halo (dask's overlap, which merges blocks narrower than the halo), then put
+        # back on the labels' blocks.
+        codes = labels.map_overlap(
+            _neighbourhood_block,
+            depth={0: 0, 1: needs.halo, 2: needs.halo},
+            boundary="none",
+            needs=needs,
+            dtype=np.int8,
+            meta=np.empty((0, 0, 0), np.int8),
+        ).rechunk(labels.chunks)
+        stage = da.map_blocks(
+            _coded_label_block,
+            labels,
+            codes,
+            skip,
+            dtype=object,
+            chunks=one_each,
+            meta=_objects(3),
+            name=f"rasteragg-labels-{token}",
+        )
+    else:
+        stage = da.map_blocks(
+            _label_block,
+            labels,
+            skip,
+            dtype=object,
+            chunks=one_each,
+            meta=_objects(3),
+            name=f"rasteragg-labels-{token}",
+        )
     groups = []
     for start, stop in _channel_groups(image):
         pixels = [] if image is None else [image[start:stop], "czyx"]
@@ -574,7 +639,7 @@ def _merged_partials(
 
 
 def _finalized(
-    parts: da.Array, ids: NDArray[np.integer], stats: Sequence[str], nchan: int
+    parts: da.Array, ids: NDArray[np.integer], stats: Sequence[str], nchan: int, space: Space | None = None
 ) -> dict[str, da.Array]:
     """Dask arrays of the statistics for ``ids``, one task per piece of :data:`PIECE_LABELS` ids.
 
@@ -587,6 +652,7 @@ def _finalized(
     sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
     token = uuid.uuid4().hex  # not a token of the ids, which would read them all
     pieces_of_ids = da.from_array(ids, chunks=(sizes,), name=f"rasteragg-ids-{token}")
+    space = space or Space()
     # Statistics of the labels alone (count, center of mass) are finalized from the label
     # families only, in pieces of their own: computing them (as the SpatialData adapter does for
     # the table's obs) does not finalize the per-channel statistics, which are computed once,
@@ -604,11 +670,12 @@ def _finalized(
         # rows of every partial, concatenated.
         pieces = da.blockwise(
             _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
-            stats=tuple(names), dtype=object, meta=_objects(1), concatenate=True, align_arrays=False,
+            stats=tuple(names), space=space, dtype=object, meta=_objects(1), concatenate=True,
+            align_arrays=False,
             adjust_chunks={"p": 1},
         )  # fmt: skip
         for name in names:
-            width, dtype = STATISTICS[name].row_shape(nchan), STATISTICS[name].dtype
+            width, dtype = STATISTICS[name].row_shape(nchan, space.ndim), STATISTICS[name].dtype
             trailing = list(range(1, 1 + len(width)))
             values[name] = pieces.map_blocks(
                 _pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)), new_axis=trailing or None,

@@ -27,12 +27,16 @@ from numba.extending import overload
 from numpy.typing import NDArray
 
 __all__ = [
+    "Border",
     "Counts",
     "Extrema",
     "Family",
     "Field",
+    "Geometry",
+    "Hull",
     "Moments",
     "Valid",
+    "Weighted",
     "difference",
     "pixel_counts",
     "shift_dtype",
@@ -101,6 +105,8 @@ class Family(ABC):
         the others, which read the counts of the rows before the fold.
     channel
         Whether its fields hold one column per channel (and so need an image).
+    halo
+        How many pixels around each label block (in y and x) its kernel code reads.
     all_fields
         The name of every field it may hold, whatever its parameters (registered in
         :data:`FIELD_NAMES`).
@@ -109,6 +115,7 @@ class Family(ABC):
     name: ClassVar[str]
     weights: ClassVar[bool] = False
     channel: ClassVar[bool] = True
+    halo: ClassVar[int] = 0
     all_fields: ClassVar[tuple[str, ...]]
 
     def __init_subclass__(cls) -> None:
@@ -356,3 +363,199 @@ def _difference_compiled(x: Any, k: Any) -> Any:
         return float(x) - float(k)
 
     return floats
+
+
+# -- shape: label geometry, perimeter, convex hull, intensity-weighted centroid -------------------
+
+#: The pairs of axes (of z, y, x) whose index products :class:`Geometry` sums, in field order.
+PRODUCT_AXES = ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))
+
+
+@dataclass(frozen=True)
+class Geometry(Family):
+    """Per label: a reference pixel, the sums of index offsets from it and their products, and the
+    bounding box; merged exactly.
+
+    ``origin`` (int64, ``(k, 3)``) is one (z, y, x) pixel of the label; ``offsets`` holds
+    ``Σ d`` and ``products`` ``Σ d_a d_b`` (the pairs of :data:`PRODUCT_AXES`) over the label's
+    pixels, with ``d`` = pixel index - origin (float64 holding integers, exact below 2**53);
+    ``low`` and ``high`` (int64) are the bounding box, ``high`` exclusive. A merge moves the part's
+    sums onto the merged row's origin by the integer shift ``t`` between the origins
+    (``Σ (d + t)_a (d + t)_b = Σ d_a d_b + t_a Σ d_b + t_b Σ d_a + n t_a t_b``), so the central
+    moments come out of integers whatever the label's distance from the image origin.
+    """
+
+    name: ClassVar[str] = "geometry"
+    channel: ClassVar[bool] = False
+    all_fields: ClassVar[tuple[str, ...]] = ("origin", "offsets", "products", "low", "high")
+
+    def fields(self) -> tuple[Field, ...]:
+        return (
+            Field("origin", _fixed(np.int64), 3),
+            Field("offsets", _fixed(np.float64), 3),
+            Field("products", _fixed(np.float64), len(PRODUCT_AXES)),
+            Field("low", _fixed(np.int64), 3),
+            Field("high", _fixed(np.int64), 3),
+        )
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        names = self.names()
+        _fold_geometry(
+            rows, first, part["count"], tuple(merged[n] for n in names), tuple(part[n] for n in names)
+        )
+
+
+@nb.njit(nogil=True, cache=True)
+def _fold_geometry(rows, first, count, out, part):  # type: ignore[no-untyped-def]
+    """Copy or combine the :class:`Geometry` record ``part`` into ``out`` (``count``: the part's pixels)."""
+    origin, offsets, products, low, high = out
+    origin_b, offsets_b, products_b, low_b, high_b = part
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        if first[r]:
+            for a in range(3):
+                origin[i, a] = origin_b[r, a]
+                offsets[i, a] = offsets_b[r, a]
+                low[i, a] = low_b[r, a]
+                high[i, a] = high_b[r, a]
+            for q in range(products_b.shape[1]):
+                products[i, q] = products_b[r, q]
+            continue
+        n = float(count[r])
+        t = np.empty(3)
+        for a in range(3):
+            t[a] = float(origin_b[r, a] - origin[i, a])
+        for q in range(6):
+            a, b = PRODUCT_AXES[q]
+            products[i, q] += (
+                products_b[r, q] + t[a] * offsets_b[r, b] + t[b] * offsets_b[r, a] + n * t[a] * t[b]
+            )
+        for a in range(3):
+            offsets[i, a] += offsets_b[r, a] + n * t[a]
+            low[i, a] = min(low[i, a], low_b[r, a])
+            high[i, a] = max(high[i, a], high_b[r, a])
+
+
+@dataclass(frozen=True)
+class Border(Family):
+    """Per label: how many of its border pixels have each perimeter weight of
+    :func:`skimage.measure.perimeter` (int64, ``(k, 3)``: weights 1, √2 and (1 + √2) / 2); added.
+
+    A pixel's weight depends on the label's mask two pixels around it, so the kernel reads each
+    label block with a halo of :attr:`halo` pixels in y and x.
+    """
+
+    name: ClassVar[str] = "border"
+    channel: ClassVar[bool] = False
+    halo: ClassVar[int] = 2
+    all_fields: ClassVar[tuple[str, ...]] = ("border",)
+
+    def fields(self) -> tuple[Field, ...]:
+        return (Field("border", _fixed(np.int64), 3),)
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        _fold_sums(rows, first, merged["border"], part["border"])
+
+
+@dataclass(frozen=True)
+class Hull(Family):
+    """Per label: the vertices of the convex hull of its pixel centres in each z plane (an int64
+    array ``(m, 3)`` of global (z, y, x) indices per label, in an object array ``(k,)``).
+
+    The hull of a union is the hull of the parts' hulls, so a merge keeps the hull vertices of
+    the two vertex sets, plane by plane (:func:`plane_hulls`); the 3-D hull of a label is the hull
+    of its planes' vertices.
+    """
+
+    name: ClassVar[str] = "hull"
+    channel: ClassVar[bool] = False
+    all_fields: ClassVar[tuple[str, ...]] = ("hull",)
+
+    def fields(self) -> tuple[Field, ...]:
+        return (Field("hull", _fixed(object), None),)
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        out, add = merged["hull"], part["hull"]
+        out[rows[first]] = add[first]
+        for r in np.flatnonzero(~first):
+            out[rows[r]] = plane_hulls(np.concatenate([out[rows[r]], add[r]]))
+
+
+def plane_hulls(points: NDArray[np.int64]) -> NDArray[np.int64]:
+    """The vertices of the convex hull of ``points`` (``(m, 3)``, z, y, x) in each z plane."""
+    order = np.lexsort((points[:, 2], points[:, 1], points[:, 0]))
+    return _plane_hulls(np.ascontiguousarray(points[order]))
+
+
+@nb.njit(nogil=True, cache=True)
+def _plane_hulls(points):  # type: ignore[no-untyped-def]
+    """:func:`plane_hulls` of points sorted by (z, y, x)."""
+    m = points.shape[0]
+    out = np.empty((m + 1, 3), np.int64)
+    hy = np.empty(m + 1, np.int64)
+    hx = np.empty(m + 1, np.int64)
+    done = 0
+    j = 0
+    while j < m:
+        z = points[j, 0]
+        end = j
+        while end < m and points[end, 0] == z:
+            end += 1
+        h = monotone_chain(points[j:end, 1], points[j:end, 2], end - j, hy, hx)
+        for q in range(h):
+            out[done, 0] = z
+            out[done, 1] = hy[q]
+            out[done, 2] = hx[q]
+            done += 1
+        j = end
+    return out[:done].copy()
+
+
+@nb.njit(nogil=True, cache=True)
+def monotone_chain(ys, xs, n, hy, hx):  # type: ignore[no-untyped-def]
+    """Convex hull of the first ``n`` points ``(ys, xs)``, sorted by (y, x) (Andrew's monotone chain).
+
+    Writes the hull's vertices (collinear points dropped) into ``hy, hx`` (room for ``n + 1``)
+    and returns their number; integer cross products, so the hull is exact.
+    """
+    if n <= 2:
+        for q in range(n):
+            hy[q] = ys[q]
+            hx[q] = xs[q]
+        return n
+    h = 0
+    for i in range(n):
+        while h >= 2 and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
+            h -= 1
+        hy[h] = ys[i]
+        hx[h] = xs[i]
+        h += 1
+    lower = h + 1
+    for i in range(n - 2, -1, -1):
+        while h >= lower and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
+            h -= 1
+        hy[h] = ys[i]
+        hx[h] = xs[i]
+        h += 1
+    return max(h - 1, 1)
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _cross(ay, ax, by, bx, cy, cx):  # type: ignore[no-untyped-def]
+    return (by - ay) * (cx - ax) - (bx - ax) * (cy - ay)
+
+
+@dataclass(frozen=True)
+class Weighted(Family):
+    """Per channel: the sum of the values (``weight``) and of the values times each pixel index
+    (``weighted_z``, ``weighted_y``, ``weighted_x``), float64; added."""
+
+    name: ClassVar[str] = "weighted"
+    all_fields: ClassVar[tuple[str, ...]] = ("weight", "weighted_z", "weighted_y", "weighted_x")
+
+    def fields(self) -> tuple[Field, ...]:
+        return tuple(Field(name, _fixed(np.float64)) for name in self.all_fields)
+
+    def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
+        for name in self.all_fields:
+            _fold_sums(rows, first, merged[name], part[name])

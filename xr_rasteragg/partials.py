@@ -79,6 +79,11 @@ class Needs:
         valid: list[Family] = [Valid()] if self.skipna and channel else []
         return (Counts(), *valid, *channel, *(f for f in self.more if not f.channel))
 
+    @property
+    def halo(self) -> int:
+        """How many pixels around each label block (in y and x) the kernels of the families read."""
+        return max((f.halo for f in self.more), default=0)
+
     def __or__(self, other: Needs) -> Needs:
         if self.skipna != other.skipna:
             raise ValueError("cannot combine needs with different 'skipna' settings")

@@ -16,13 +16,52 @@ import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
+from .families import Border, Geometry, Hull, Weighted
 from .partials import Needs, Partials
+from .shape import ShapeQuantities, Space
 from .whole_label import Quantiles, WholeLabel
 
-__all__ = ["STATISTICS", "Derived", "StatName", "Statistic", "finalize", "needs_of", "validate_stats"]
+__all__ = [
+    "SHAPE_FEATURES",
+    "STATISTICS",
+    "Derived",
+    "Space",
+    "StatName",
+    "Statistic",
+    "check_space",
+    "finalize",
+    "needs_of",
+    "validate_stats",
+]
 
 StatName = Literal[
-    "count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass", "median"
+    "count",
+    "sum",
+    "mean",
+    "var",
+    "std",
+    "skew",
+    "kurtosis",
+    "min",
+    "max",
+    "center_of_mass",
+    "median",
+    "area",
+    "bbox",
+    "centroid",
+    "axis_major_length",
+    "axis_minor_length",
+    "eccentricity",
+    "orientation",
+    "inertia_tensor",
+    "inertia_tensor_eigvals",
+    "extent",
+    "equivalent_diameter_area",
+    "perimeter",
+    "solidity",
+    "centroid_weighted",
+    "radii",
+    "principal_axes",
 ]
 
 
@@ -45,12 +84,16 @@ class Statistic:
         Its value for a label without pixels.
     dims
         Names of the trailing dimensions of its values: ``()``, ``("c",)`` (one value per
-        channel) or ``("axis",)`` (one per spatial axis z, y, x).
+        channel), ``("axis",)`` (one per engine axis z, y, x), or for shape features ``"space"``
+        and ``"space_j"`` (one per spatial axis of the labels), ``"eig"`` (one per eigenvalue,
+        as many as spatial axes) and ``"bound"`` (the bounding box: twice as many).
     dtype
         The dtype of its values.
     whole
         For a statistic of each label's pixels taken whole (a median): how the gather
         (:mod:`xr_rasteragg.gather`) computes it, rather than from partials.
+    ndims
+        The numbers of spatial dims of labels for which it is defined.
     """
 
     needs: Needs
@@ -59,19 +102,25 @@ class Statistic:
     dims: tuple[str, ...] = ("c",)
     dtype: np.dtype = FLOAT64
     whole: WholeLabel | None = None
+    ndims: tuple[int, ...] = (1, 2, 3)
 
     @property
     def per_channel(self) -> bool:
         """Whether it has one value per channel."""
         return "c" in self.dims
 
-    def row_shape(self, nchan: int) -> tuple[int, ...]:
-        """Shape of its values for one label, for an image of ``nchan`` channels."""
-        return tuple(nchan if dim == "c" else _DIM_SIZES[dim] for dim in self.dims)
+    def row_shape(self, nchan: int, ndim: int = 3) -> tuple[int, ...]:
+        """Shape of its values for one label, for an image of ``nchan`` channels and labels of
+        ``ndim`` spatial dims."""
+        return tuple(
+            nchan if dim == "c" else _DIM_SIZES[dim] * (ndim if dim in _PER_DIM else 1) for dim in self.dims
+        )
 
 
-#: Sizes of the trailing dimensions that do not depend on the image.
-_DIM_SIZES = {"axis": 3}
+#: Sizes of the trailing dimensions that do not depend on the image (per spatial dim of the
+#: labels for those in :data:`_PER_DIM`).
+_DIM_SIZES = {"axis": 3, "space": 1, "space_j": 1, "eig": 1, "bound": 2}
+_PER_DIM = {"space", "space_j", "eig", "bound"}
 
 
 class Derived:
@@ -86,8 +135,14 @@ class Derived:
         Merged partials (of labels that have pixels).
     """
 
-    def __init__(self, partials: Partials) -> None:
+    def __init__(self, partials: Partials, space: Space | None = None) -> None:
         self.p = partials
+        self.space = space or Space()
+
+    @cached_property
+    def shape(self) -> ShapeQuantities:
+        """The quantities that the shape features share."""
+        return ShapeQuantities(self.p, self.space)
 
     @cached_property
     def n(self) -> NDArray[np.float64]:
@@ -162,7 +217,71 @@ STATISTICS: dict[str, Statistic] = {
     "median": Statistic(Needs(0), None, np.nan, whole=Quantiles((0.5,), scalar=True)),
 }
 
+_GEOMETRY = Needs(more=(Geometry(),))
+_INT64 = np.dtype(np.int64)
+
+#: The shape features (:mod:`xr_rasteragg.shape`), named and defined as in
+#: :func:`skimage.measure.regionprops`, plus harpy's radii and principal axes.
+SHAPE_FEATURES: dict[str, Statistic] = {
+    "area": Statistic(_GEOMETRY, lambda d: d.shape.area, np.nan, dims=()),
+    "bbox": Statistic(_GEOMETRY, lambda d: d.shape.bbox, 0, dims=("bound",), dtype=_INT64),
+    "centroid": Statistic(_GEOMETRY, lambda d: d.shape.centroid, np.nan, dims=("space",)),
+    "axis_major_length": Statistic(
+        _GEOMETRY, lambda d: d.shape.axis_length(True), np.nan, dims=(), ndims=(2, 3)
+    ),
+    "axis_minor_length": Statistic(
+        _GEOMETRY, lambda d: d.shape.axis_length(False), np.nan, dims=(), ndims=(2, 3)
+    ),
+    "eccentricity": Statistic(_GEOMETRY, lambda d: d.shape.eccentricity(), np.nan, dims=(), ndims=(2,)),
+    "orientation": Statistic(_GEOMETRY, lambda d: d.shape.orientation(), np.nan, dims=(), ndims=(2,)),
+    "inertia_tensor": Statistic(
+        _GEOMETRY, lambda d: d.shape.inertia_tensor, np.nan, dims=("space", "space_j")
+    ),
+    "inertia_tensor_eigvals": Statistic(_GEOMETRY, lambda d: d.shape.eigvals, np.nan, dims=("eig",)),
+    "extent": Statistic(_GEOMETRY, lambda d: d.shape.extent(), np.nan, dims=()),
+    "equivalent_diameter_area": Statistic(
+        _GEOMETRY, lambda d: d.shape.equivalent_diameter_area(), np.nan, dims=()
+    ),
+    "perimeter": Statistic(
+        Needs(more=(Border(),)), lambda d: d.shape.perimeter(), np.nan, dims=(), ndims=(2,)
+    ),
+    "solidity": Statistic(
+        Needs(more=(Geometry(), Hull())), lambda d: d.shape.solidity(), np.nan, dims=(), ndims=(2, 3)
+    ),
+    "centroid_weighted": Statistic(
+        Needs(more=(Weighted(),)), lambda d: d.shape.centroid_weighted(), np.nan, dims=("c", "space")
+    ),
+    "radii": Statistic(_GEOMETRY, lambda d: d.shape.principal[0], np.nan, dims=("eig",)),
+    "principal_axes": Statistic(_GEOMETRY, lambda d: d.shape.principal[1], np.nan, dims=("eig", "space")),
+}
+STATISTICS.update(SHAPE_FEATURES)
+
 assert set(STATISTICS) == set(get_args(StatName))
+
+
+def check_space(stats: Sequence[str], space: Space) -> None:
+    """Check that every statistic is defined for labels of ``space.ndim`` spatial dims.
+
+    Raises
+    ------
+    ValueError
+        Naming the statistics that are not, and those that are available.
+    """
+    wrong = [name for name in stats if space.ndim not in STATISTICS[name].ndims]
+    if wrong:
+        available = sorted(name for name, spec in STATISTICS.items() if space.ndim in spec.ndims)
+        raise ValueError(
+            f"'stats' holds statistic(s) {wrong} that are not defined for labels of {space.ndim} spatial "
+            f"dim(s); available for such labels: {available}"
+        )
+    if "perimeter" in stats and space.axes != (1, 2):
+        raise ValueError(
+            f"'perimeter' needs labels with dims (y, x); got labels on axes {space.axes} of (z, y, x)"
+        )
+    if "perimeter" in stats and len(set(space.spacing)) != 1:
+        raise ValueError(
+            f"'perimeter' needs the same pixel spacing on both axes; got spacing {space.spacing}"
+        )
 
 
 def validate_stats(stats: str | Iterable[str], argument: str = "stats") -> tuple[str, ...]:
@@ -205,7 +324,11 @@ def needs_of(stats: Sequence[str], skipna: bool = False) -> Needs:
 
 
 def finalize(
-    parts: Partials, stats: Sequence[str], rows: NDArray[np.intp], found: NDArray[np.bool_]
+    parts: Partials,
+    stats: Sequence[str],
+    rows: NDArray[np.intp],
+    found: NDArray[np.bool_],
+    space: Space | None = None,
 ) -> dict[str, NDArray[np.generic]]:
     """Values of the statistics for a list of labels.
 
@@ -219,6 +342,8 @@ def finalize(
         For each requested label, its row in ``parts`` (any value where ``found`` is False).
     found
         For each requested label, whether it has pixels.
+    space
+        The labels' spatial axes and spacing, for shape features (default: (z, y, x), spacing 1).
 
     Returns
     -------
@@ -228,7 +353,7 @@ def finalize(
     """
     everything = found.all() and rows.shape[0] == parts.size and np.array_equal(rows, np.arange(parts.size))
     present = parts if everything else parts.take(rows[found])
-    derived = Derived(present)
+    derived = Derived(present, space)
     out: dict[str, NDArray[np.generic]] = {}
     for name in stats:
         spec = STATISTICS[name]

@@ -665,6 +665,11 @@ class LabelRuns:
         Pixel counts by local id.
     pixels
         Pixels in the block.
+    offset
+        The global (z, y, x) index of the block's first pixel.
+    codes
+        Per-pixel codes of each label's neighbourhood (:meth:`RunKernel.neighbourhood`), when a
+        family's kernel code reads them.
     """
 
     parts: Partials
@@ -673,6 +678,8 @@ class LabelRuns:
     rank: NDArray[np.intp]
     count: NDArray[np.int64]
     pixels: int
+    offset: tuple[int, int, int] = (0, 0, 0)
+    codes: NDArray[np.int8] | None = None
 
 
 class RunKernel:
@@ -685,12 +692,18 @@ class RunKernel:
     """
 
     def encode(
-        self, labels: NDArray[np.integer], offset: tuple[int, int, int], skip: int | None = None
+        self,
+        labels: NDArray[np.integer],
+        offset: tuple[int, int, int],
+        skip: int | None = None,
+        codes: NDArray[np.int8] | None = None,
     ) -> LabelRuns:
         """Run-length encode a label block ``(z, y, x)`` of any integer dtype.
 
-        ``offset`` is the global (z, y, x) index of the block's first pixel, and ``skip`` a label
-        whose pixels are ignored entirely (the background), or None.
+        ``offset`` is the global (z, y, x) index of the block's first pixel, ``skip`` a label
+        whose pixels are ignored entirely (the background), or None, and ``codes`` the block's
+        per-pixel neighbourhood codes (:meth:`neighbourhood`), for families whose kernel code
+        reads them.
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
         flat, starts = _flat_rows(labels)
@@ -703,7 +716,14 @@ class RunKernel:
         rank = np.empty_like(local)
         rank[local] = np.arange(local.shape[0])
         parts = Partials(*_in_label_order(local, keys, count, coords, np.asarray(offset, dtype=np.float64)))
-        return LabelRuns(parts, runs, local, rank, count, int(labels.size))
+        offset = tuple(int(o) for o in offset)  # type: ignore[assignment]
+        return LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, codes)
+
+    def neighbourhood(self, block: NDArray[np.integer], needs: Needs) -> NDArray[np.int8]:
+        """Per-pixel codes of a label block widened by the halo of the family of ``needs`` that
+        reads a label's neighbourhood (see :data:`NEIGHBOURHOODS`)."""
+        (family,) = [f for f in needs.more if f.halo]
+        return NEIGHBOURHOODS[type(family)](block)
 
     def channels(self, runs: LabelRuns, image: Sequence[NDArray[np.number]] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over an encoded label block.
@@ -842,3 +862,19 @@ def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generi
     if not info.min <= value <= info.max:
         return False, zero
     return True, dtype.type(value)
+
+
+#: Per-pixel codes of a label's neighbourhood, by the type of the family that reads them: a
+#: function of a label block widened by the family's halo.
+NEIGHBOURHOODS: dict[type[Family], Callable[[NDArray[np.integer]], NDArray[np.int8]]] = {}
+
+
+def _register_shape_updates() -> None:
+    """Add the kernel code of the shape families (:mod:`~xr_rasteragg.kernels.numba_shape`)."""
+    from .numba_shape import SHAPE_NEIGHBOURHOODS, SHAPE_UPDATES
+
+    FAMILY_UPDATES.update(SHAPE_UPDATES)
+    NEIGHBOURHOODS.update(SHAPE_NEIGHBOURHOODS)
+
+
+_register_shape_updates()

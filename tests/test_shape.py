@@ -1,0 +1,244 @@
+"""Shape features against :func:`skimage.measure.regionprops_table` on the whole label image.
+
+Labels are irregular (smoothed random fields: cells of any shape, many of them in several pieces,
+so non-contiguous), span blocks, and are cut into every chunking below, including blocks of one
+pixel and uneven tails. Radii and principal axes are checked against a PCA of the pixel indices
+(an SVD, as scikit-learn's PCA that harpy calls).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import xarray as xr
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numpy.typing import NDArray
+from skimage.measure import regionprops_table
+
+import xr_rasteragg  # noqa: F401  (registers the accessor)
+from xr_rasteragg.engine import aggregate
+from xr_rasteragg.stats import Space
+
+SHAPE_2D = (
+    "area",
+    "bbox",
+    "centroid",
+    "axis_major_length",
+    "axis_minor_length",
+    "eccentricity",
+    "orientation",
+    "inertia_tensor",
+    "inertia_tensor_eigvals",
+    "extent",
+    "equivalent_diameter_area",
+    "perimeter",
+    "solidity",
+)
+SHAPE_3D = tuple(name for name in SHAPE_2D if name not in ("eccentricity", "orientation", "perimeter"))
+RTOL = ATOL = 1e-9
+
+
+def irregular(shape: tuple[int, ...], labels: int, seed: int, size: int = 5) -> NDArray[np.int32]:
+    """Smoothed random labels 0..labels-1: irregular cells, several of them in pieces."""
+    rng = np.random.default_rng(seed)
+    return ndi.median_filter(rng.integers(0, labels, size=shape).astype(np.int32), size)
+
+
+def reference(labels: NDArray[Any], props: tuple[str, ...], **kwargs: Any) -> dict[str, NDArray[Any]]:
+    """regionprops_table's columns of each property, stacked into ``(k, ...)`` arrays."""
+    table = regionprops_table(labels, properties=("label", *props), **kwargs)
+    out = {"label": table["label"]}
+    for name in props:
+        columns = [key for key in table if key == name or key.startswith(name + "-")]
+        if columns == [name]:
+            out[name] = np.asarray(table[name])
+            continue
+        index = [tuple(int(i) for i in key[len(name) + 1 :].split("-")) for key in columns]
+        shape = tuple(max(i[d] for i in index) + 1 for d in range(len(index[0])))
+        value = np.empty((len(out["label"]), *shape))
+        for key, i in zip(columns, index, strict=True):
+            value[(slice(None), *i)] = table[key]
+        out[name] = value
+    return out
+
+
+def check(
+    result: xr.Dataset | dict[str, Any], expected: dict[str, NDArray[Any]], props: tuple[str, ...]
+) -> None:
+    for name in props:
+        value = np.asarray(result[name])
+        np.testing.assert_allclose(value, expected[name], rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+CHUNKS_2D = [(40, 50), (13, 17), (7, 50), (40, 9), (1, 50), (40, 1), (3, 2), ((10, 1, 29), (2, 45, 3))]
+
+
+@pytest.mark.parametrize("chunks", CHUNKS_2D, ids=str)
+def test_2d_features_equal_regionprops(chunks: Any) -> None:
+    labels = irregular((40, 50), 7, 0)
+    labels[labels == 3] = 0  # background around some cells
+    expected = reference(labels, SHAPE_2D)
+    xlabels = xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x"))
+    result = xlabels.rasteragg.aggregate(SHAPE_2D).compute()
+    np.testing.assert_array_equal(result["label"], expected["label"])
+    check(result, expected, SHAPE_2D)
+    assert result["bbox"].dtype == np.int64
+    assert result["inertia_tensor"].dims == ("label", "axis", "axis_j")
+    assert list(result["bound"].values) == ["min_y", "min_x", "max_y", "max_x"]
+
+
+CHUNKS_3D = [(6, 20, 22), (2, 7, 9), (1, 20, 5), (4, 3, 22), ((1, 5), (19, 1), (11, 11))]
+
+
+@pytest.mark.parametrize("chunks", CHUNKS_3D, ids=str)
+def test_3d_features_equal_regionprops(chunks: Any) -> None:
+    labels = irregular((6, 20, 22), 6, 1, size=3)
+    expected = reference(labels, SHAPE_3D)
+    xlabels = xr.DataArray(da.from_array(labels, chunks=chunks), dims=("z", "y", "x"))
+    result = xlabels.rasteragg.aggregate(SHAPE_3D).compute()
+    np.testing.assert_array_equal(result["label"], expected["label"])
+    check(result, expected, SHAPE_3D)
+    assert result["centroid"].shape == (len(expected["label"]), 3)
+    assert result["bbox"].shape == (len(expected["label"]), 6)
+
+
+def test_flat_3d_label_has_no_convex_hull_as_in_skimage() -> None:
+    """A 3-D label in one plane: skimage's hull fails and its solidity is inf; so is ours."""
+    labels = np.zeros((3, 6, 6), np.int32)
+    labels[1, 1:4, 2:5] = 1
+    labels[0:3, 3:6, 0:2] = 2
+    expected = reference(labels, ("solidity",))
+    result = xr.DataArray(labels, dims=("z", "y", "x")).rasteragg.aggregate("solidity")
+    np.testing.assert_array_equal(result["solidity"], expected["solidity"])
+    assert np.isinf(result["solidity"][0])
+
+
+def test_features_with_the_image_in_one_pass_and_centroid_weighted() -> None:
+    labels = irregular((30, 36), 5, 2)
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 4000, size=(3, 30, 36)).astype(np.uint16)
+    xlabels = xr.DataArray(labels, dims=("y", "x"))
+    ximage = xr.DataArray(da.from_array(image, chunks=(1, 11, 13)), dims=("c", "y", "x"))
+    props = (*SHAPE_2D, "centroid_weighted")
+    result = ximage.rasteragg.aggregate(xlabels, ("mean", *props)).compute()
+    expected = reference(labels, props, intensity_image=np.moveaxis(image, 0, -1))
+    keep = expected["label"] != 0
+    np.testing.assert_array_equal(result["label"], expected["label"][keep])
+    assert result["centroid_weighted"].dims == ("label", "c", "axis")
+    expected["centroid_weighted"] = np.swapaxes(expected["centroid_weighted"], 1, 2)
+    check(result, {k: v[keep] for k, v in expected.items()}, props)
+    means = [[image[c][labels == i].mean() for c in range(3)] for i in result["label"].values]
+    np.testing.assert_allclose(result["mean"], means, rtol=1e-12)
+
+
+def test_coordinates_give_the_spacing() -> None:
+    """Labels with coordinates: features in coordinate units, as regionprops' ``spacing=``."""
+    labels = irregular((30, 40), 5, 4)
+    xlabels = xr.DataArray(
+        labels, dims=("y", "x"), coords={"y": np.arange(30) * 0.25, "x": np.arange(40) * 0.25}
+    )
+    result = xlabels.rasteragg.aggregate(SHAPE_2D, background=None)
+    check(result, reference(labels, SHAPE_2D, spacing=(0.25, 0.25)), SHAPE_2D)
+    anisotropic = xlabels.assign_coords(x=np.arange(40) * 0.5)
+    props = tuple(name for name in SHAPE_2D if name != "perimeter")
+    result = anisotropic.rasteragg.aggregate(props, background=None)
+    check(result, reference(labels, props, spacing=(0.25, 0.5)), props)
+    with pytest.raises(ValueError, match="'perimeter' needs the same pixel spacing"):
+        anisotropic.rasteragg.aggregate("perimeter")
+    with pytest.raises(ValueError, match="evenly spaced coordinates"):
+        xlabels.assign_coords(x=np.arange(40) ** 2.0).rasteragg.aggregate("area")
+
+
+def test_far_from_the_origin_and_huge_ids() -> None:
+    """Cells far from the image origin: central moments from exact integer sums, no cancellation."""
+    labels = np.zeros((3, 5000), np.uint64)
+    labels[:, 4990:4997] = 2**40 + 1
+    labels[1:, 4980:4989] = 2**40 + 2
+    props = ("centroid", "inertia_tensor", "axis_major_length", "axis_minor_length", "eccentricity")
+    result = aggregate(
+        da.from_array(labels[None], chunks=(1, 2, 1000)),
+        None,
+        props,
+        background=0,
+        space=Space((1, 2), (1.0, 1.0)),
+    )
+    np.testing.assert_array_equal(result.labels, [2**40 + 1, 2**40 + 2])
+    relabelled = np.searchsorted(
+        np.array([0, 2**40 + 1, 2**40 + 2], np.uint64), labels
+    )  # skimage allocates by id
+    check({k: np.asarray(v) for k, v in result.values.items()}, reference(relabelled, props), props)
+
+
+def test_absent_labels_in_an_index_get_fill_values() -> None:
+    labels = irregular((20, 20), 4, 5)
+    xlabels = xr.DataArray(labels, dims=("y", "x"))
+    result = xlabels.rasteragg.aggregate(["area", "bbox", "eccentricity"], index=[1, 99])
+    assert np.isnan(result["area"][1])
+    assert np.isnan(result["eccentricity"][1])
+    np.testing.assert_array_equal(result["bbox"][1], [0, 0, 0, 0])
+    np.testing.assert_allclose(result["area"][0], np.sum(labels == 1))
+
+
+def pca(coords: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """scikit-learn's PCA of the coordinates: radii √(S²/(n-1)) and the rows of Vt, each with its
+    largest component positive (svd_flip)."""
+    d = coords.shape[1]
+    if coords.shape[0] < d:
+        return np.zeros(d), np.eye(d)
+    centred = coords - coords.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    vt *= np.sign(vt[np.arange(d), np.argmax(np.abs(vt), axis=1)])[:, None]
+    return np.sqrt(s**2 / (coords.shape[0] - 1)), vt
+
+
+def test_radii_and_principal_axes_as_a_pca() -> None:
+    labels = irregular((5, 16, 18), 5, 6, size=3)
+    result = xr.DataArray(da.from_array(labels, chunks=(2, 5, 7)), dims=("z", "y", "x")).rasteragg.aggregate(
+        ["radii", "principal_axes"]
+    )
+    assert result["principal_axes"].dims == ("label", "eig", "axis")
+    for row, label in enumerate(result["label"].values):
+        radii, axes = pca(np.argwhere(labels == label).astype(np.float64))
+        np.testing.assert_allclose(result["radii"][row], radii, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(result["principal_axes"][row], axes, rtol=1e-7, atol=1e-7)
+
+
+def test_bad_input_names_what_is_available() -> None:
+    labels3d = xr.DataArray(irregular((3, 8, 8), 3, 7, size=3), dims=("z", "y", "x"))
+    with pytest.raises(
+        ValueError, match=r"\['eccentricity'\] that are not defined for labels of 3 spatial dim"
+    ):
+        labels3d.rasteragg.aggregate(["area", "eccentricity"])
+    with pytest.raises(ValueError, match=r"unknown statistic\(s\) \['roundness'\].*'solidity'"):
+        labels3d.rasteragg.aggregate(["roundness"])
+    with pytest.raises(ValueError, match="need an image"):
+        labels3d.rasteragg.aggregate(["centroid_weighted"])
+    with pytest.raises(ValueError, match="'perimeter' needs labels with dims"):
+        xr.DataArray(irregular((8, 8), 3, 7), dims=("z", "x")).rasteragg.aggregate("perimeter")
+    with pytest.raises(TypeError, match="on labels, 'aggregate' takes the statistics"):
+        labels3d.rasteragg.aggregate("area", "bbox")
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    ny=st.integers(2, 24),
+    nx=st.integers(2, 24),
+    cy=st.integers(1, 24),
+    cx=st.integers(1, 24),
+    nlabels=st.integers(2, 6),
+)
+def test_2d_features_on_random_labels_and_chunks(
+    seed: int, ny: int, nx: int, cy: int, cx: int, nlabels: int
+) -> None:
+    labels = irregular((ny, nx), nlabels, seed, size=3)
+    if not labels.any():
+        return
+    expected = reference(labels, SHAPE_2D)
+    xlabels = xr.DataArray(da.from_array(labels, chunks=(cy, cx)), dims=("y", "x"))
+    check(xlabels.rasteragg.aggregate(SHAPE_2D).compute(), expected, SHAPE_2D)

@@ -1,0 +1,306 @@
+"""Shape features of labels from their merged partials, as :func:`skimage.measure.regionprops`.
+
+Every feature is a short function of a few shared quantities (the central second moments, the
+inertia tensor and its eigenvalues, the bounding box), computed once per call by
+:class:`ShapeQuantities`, as regionprops does. Names, units and conventions are regionprops':
+bounding boxes with exclusive ends, the orientation's sign, and lengths, areas and moments in
+units of the pixel ``spacing`` (:class:`Space`).
+
+The engine always works on (z, y, x) labels; :class:`Space` says which of those axes the
+caller's labels have, so that 2-D labels get 2-D features (2 centroid values, 4 bounds, a 2 × 2
+inertia tensor) exactly as regionprops gives them for a 2-D label image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from math import sqrt
+
+import numba as nb
+import numpy as np
+from numpy.typing import NDArray
+from scipy.spatial import ConvexHull, QhullError
+
+from .families import PRODUCT_AXES, monotone_chain
+from .partials import Partials
+
+__all__ = ["ShapeQuantities", "Space"]
+
+
+@dataclass(frozen=True)
+class Space:
+    """The spatial axes of the caller's labels and their pixel spacing.
+
+    Attributes
+    ----------
+    axes
+        Which of the engine's (z, y, x) axes the labels have (0 = z, 1 = y, 2 = x), in order.
+    spacing
+        The pixel spacing along each of ``axes`` (as regionprops' ``spacing=``).
+    """
+
+    axes: tuple[int, ...] = (0, 1, 2)
+    spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if not self.axes or list(self.axes) != sorted(set(self.axes)) or not set(self.axes) <= {0, 1, 2}:
+            raise ValueError(f"'axes' must be increasing axes of (z, y, x) (0, 1, 2); got {self.axes}")
+        if len(self.spacing) != len(self.axes):
+            raise ValueError(
+                f"'spacing' must hold one value per axis {self.axes}; got {len(self.spacing)} values"
+            )
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            raise ValueError(f"'spacing' must hold positive, finite values; got {self.spacing}")
+
+    @property
+    def ndim(self) -> int:
+        """The number of spatial dims of the labels."""
+        return len(self.axes)
+
+
+class ShapeQuantities:
+    """The quantities that the shape features share, each computed once.
+
+    Parameters
+    ----------
+    partials
+        Merged partials of labels that have pixels, with the
+        :class:`~xr_rasteragg.families.Geometry` family (and the others that the features read).
+    space
+        The labels' axes and spacing.
+    """
+
+    def __init__(self, partials: Partials, space: Space) -> None:
+        self.p = partials
+        self.space = space
+        self.scale = np.asarray(space.spacing, dtype=np.float64)
+
+    @cached_property
+    def n(self) -> NDArray[np.float64]:
+        """Pixels per label, as float64."""
+        return self.p.count.astype(np.float64)
+
+    @cached_property
+    def _recentred(self) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.float64]]:
+        """The offset sums moved, exactly, to the integer pixel ``t`` nearest each centroid:
+        ``(t, Σ (p - t), Σ (p - t)_a (p - t)_b)`` (all integers, in float64)."""
+        assert self.p.origin is not None
+        assert self.p.offsets is not None
+        assert self.p.products is not None
+        n = self.n
+        s1, s2 = self.p.offsets, self.p.products
+        shift = np.round(s1 / n[:, None])
+        moved = s1 - n[:, None] * shift
+        products = np.empty_like(s2)
+        for q, (a, b) in enumerate(PRODUCT_AXES):
+            products[:, q] = (
+                s2[:, q] - shift[:, a] * s1[:, b] - shift[:, b] * s1[:, a] + n * shift[:, a] * shift[:, b]
+            )
+        return self.p.origin + shift, moved, products
+
+    @cached_property
+    def centroid(self) -> NDArray[np.float64]:
+        """Mean pixel index of each label on the labels' axes, shape ``(k, ndim)``."""
+        base, moved, _ = self._recentred
+        return (base + moved / self.n[:, None])[:, list(self.space.axes)]
+
+    @cached_property
+    def central(self) -> NDArray[np.float64]:
+        """Central second moments ``Σ (p - mean)_a (p - mean)_b`` on the labels' axes, in units of
+        the spacing, shape ``(k, ndim, ndim)`` (regionprops' ``moments_central`` of order 2)."""
+        _, moved, products = self._recentred
+        full = np.empty((moved.shape[0], 3, 3))
+        for q, (a, b) in enumerate(PRODUCT_AXES):
+            full[:, a, b] = full[:, b, a] = products[:, q] - moved[:, a] * moved[:, b] / self.n
+        axes = list(self.space.axes)
+        return full[:, axes][:, :, axes] * self.scale[:, None] * self.scale[None, :]
+
+    @cached_property
+    def inertia_tensor(self) -> NDArray[np.float64]:
+        """The inertia tensor of each label, as :func:`skimage.measure.inertia_tensor`."""
+        mu = self.central
+        n = self.n[:, None, None]
+        tensor = -mu / n
+        diagonal = np.einsum("kii->ki", mu)
+        idx = np.arange(mu.shape[1])
+        tensor[:, idx, idx] = (diagonal.sum(axis=1)[:, None] - diagonal) / self.n[:, None]
+        return tensor
+
+    @cached_property
+    def eigvals(self) -> NDArray[np.float64]:
+        """The inertia tensor's eigenvalues, clipped at 0, in descending order."""
+        values = np.clip(np.linalg.eigvalsh(self.inertia_tensor), 0, None)
+        return values[:, ::-1].copy()
+
+    @cached_property
+    def area(self) -> NDArray[np.float64]:
+        """Pixels times the pixel area (volume)."""
+        return self.n * float(np.prod(self.scale))
+
+    @cached_property
+    def bbox(self) -> NDArray[np.int64]:
+        """Bounding boxes on the labels' axes: all minima, then all (exclusive) maxima."""
+        assert self.p.low is not None
+        assert self.p.high is not None
+        axes = list(self.space.axes)
+        return np.concatenate([self.p.low[:, axes], self.p.high[:, axes]], axis=1)
+
+    def extent(self) -> NDArray[np.float64]:
+        """Area over the area of the bounding box."""
+        d = self.space.ndim
+        sides = (self.bbox[:, d:] - self.bbox[:, :d]).astype(np.float64)
+        return self.area / (sides.prod(axis=1) * float(np.prod(self.scale)))
+
+    def equivalent_diameter_area(self) -> NDArray[np.float64]:
+        """Diameter of the disc (ball) of the same area (volume)."""
+        d = self.space.ndim
+        return (2 * d * self.area / np.pi) ** (1 / d)
+
+    def axis_length(self, major: bool) -> NDArray[np.float64]:
+        """Length of the major or minor axis of the ellipse (ellipsoid) of the same second moments."""
+        ev = self.eigvals
+        if self.space.ndim == 2:
+            return 4 * np.sqrt(ev[:, 0] if major else ev[:, -1])
+        if self.space.ndim == 3:
+            sign = 1.0 if major else -1.0
+            return np.sqrt(np.maximum(0.0, 10 * (sign * ev[:, 0] + ev[:, 1] + -sign * ev[:, 2])))
+        raise ValueError(f"axis lengths are defined for 2-D and 3-D labels; got {self.space.ndim}-D labels")
+
+    def eccentricity(self) -> NDArray[np.float64]:
+        """Eccentricity of the ellipse of the same second moments (2-D)."""
+        l1, l2 = self.eigvals[:, 0], self.eigvals[:, 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(l1 == 0, 0.0, np.sqrt(1 - l2 / l1))
+
+    def orientation(self) -> NDArray[np.float64]:
+        """Angle between axis 0 (rows) and the major axis, in radians from -π/2 to π/2 (2-D)."""
+        t = self.inertia_tensor
+        a, b, c = t[:, 0, 0], t[:, 0, 1], t[:, 1, 1]
+        tied = np.where(b < 0, np.pi / 4, -np.pi / 4)
+        return np.where(a - c == 0, tied, 0.5 * np.arctan2(-2 * b, c - a))
+
+    def perimeter(self) -> NDArray[np.float64]:
+        """Perimeter as :func:`skimage.measure.perimeter` with 4-connectivity, in units of the
+        (isotropic) spacing (2-D)."""
+        assert self.p.border is not None
+        weights = np.array([1.0, sqrt(2), (1 + sqrt(2)) / 2])
+        return (self.p.border.astype(np.float64) @ weights) * float(self.scale[0])
+
+    def solidity(self) -> NDArray[np.float64]:
+        """Area over the area of the convex hull image (:func:`skimage.morphology.convex_hull_image`)."""
+        assert self.p.hull is not None
+        axes = list(self.space.axes)
+        if self.space.ndim == 2:
+            convex = np.array([_convex_area_2d(points[:, axes]) for points in self.p.hull], dtype=np.float64)
+        else:
+            low = self.bbox[:, : self.space.ndim]
+            high = self.bbox[:, self.space.ndim :]
+            convex = np.array(
+                [
+                    _convex_volume(points[:, axes] - lo, tuple(hi - lo))
+                    for points, lo, hi in zip(self.p.hull, low, high, strict=True)
+                ],
+                dtype=np.float64,
+            )
+        with np.errstate(divide="ignore"):
+            return self.n / convex
+
+    def centroid_weighted(self) -> NDArray[np.float64]:
+        """Intensity-weighted mean pixel index per channel, shape ``(k, C, ndim)``."""
+        sums = [self.p.weighted_z, self.p.weighted_y, self.p.weighted_x]
+        weight = self.p.weight
+        assert weight is not None
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.stack([sums[a] / weight for a in self.space.axes], axis=-1)
+
+    @cached_property
+    def principal(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Radii and principal axes as harpy's ``radii_and_principal_axes`` (a PCA of the pixel
+        indices, as :class:`sklearn.decomposition.PCA`): the square roots of the eigenvalues of the
+        coordinate covariance (``ddof=1``), descending, and the eigenvectors as rows, each with its
+        largest component positive; labels of fewer pixels than dims get zeros and the identity."""
+        d = self.space.ndim
+        with np.errstate(invalid="ignore", divide="ignore"):
+            covariance = self.central / (self.n - 1)[:, None, None]
+        small = self.n < d
+        covariance[small] = 0.0
+        values, vectors = np.linalg.eigh(covariance)
+        values, vectors = values[:, ::-1], np.swapaxes(vectors[:, :, ::-1], 1, 2)
+        largest = np.take_along_axis(vectors, np.argmax(np.abs(vectors), axis=2)[:, :, None], axis=2)
+        vectors = vectors * np.where(largest < 0, -1.0, 1.0)
+        vectors[small] = np.eye(d)
+        return np.sqrt(np.maximum(values, 0.0)), vectors
+
+
+def _convex_area_2d(points: NDArray[np.int64]) -> int:
+    """Pixels of :func:`skimage.morphology.convex_hull_image` of a 2-D label whose pixel hull
+    vertices (row, column) are ``points``: the lattice points inside or on the hull of the pixels'
+    edge midpoints (``include_borders``)."""
+    doubled = 2 * points.astype(np.int64)
+    diamond = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
+    corners = (doubled[:, None, :] + diamond).reshape(-1, 2)
+    corners = corners[np.lexsort((corners[:, 1], corners[:, 0]))]
+    return int(_lattice_points(corners[:, 0].copy(), corners[:, 1].copy()))
+
+
+@nb.njit(nogil=True, cache=True)
+def _lattice_points(ys, xs):  # type: ignore[no-untyped-def]
+    """Number of points (even, even) inside or on the convex hull of the points ``(ys, xs)``
+    (doubled pixel coordinates, sorted by (y, x)), counted row by row in exact integers."""
+    n = ys.shape[0]
+    hy = np.empty(n + 1, np.int64)
+    hx = np.empty(n + 1, np.int64)
+    h = monotone_chain(ys, xs, n, hy, hx)
+    low, high = hy[:h].min(), hy[:h].max()
+    total = 0
+    start = low + (low % 2)
+    for row in range(start, high + 1, 2):
+        lo_n, lo_d, hi_n, hi_d = np.int64(1), np.int64(0), np.int64(-1), np.int64(0)  # ±inf
+        for q in range(h):
+            ay, ax, by, bx = hy[q], hx[q], hy[(q + 1) % h], hx[(q + 1) % h]
+            if min(ay, by) > row or max(ay, by) < row:
+                continue
+            if ay == by:
+                candidates = ((ax, np.int64(1)), (bx, np.int64(1)))
+            else:
+                num, den = ax * (by - ay) + (row - ay) * (bx - ax), by - ay
+                if den < 0:
+                    num, den = -num, -den
+                candidates = ((num, den), (num, den))
+            for num, den in candidates:
+                if lo_d == 0 or num * lo_d < lo_n * den:
+                    lo_n, lo_d = num, den
+                if hi_d == 0 or num * hi_d > hi_n * den:
+                    hi_n, hi_d = num, den
+        if lo_d == 0:
+            continue
+        first = -((-lo_n) // (2 * lo_d))  # ceil(lo / 2)
+        last = hi_n // (2 * hi_d)  # floor(hi / 2)
+        total += max(0, last - first + 1)
+    return total
+
+
+def _convex_volume(points: NDArray[np.int64], shape: tuple[int, ...]) -> int:
+    """Voxels of :func:`skimage.morphology.convex_hull_image` of a 3-D label whose voxel hull
+    vertices, relative to its bounding box of ``shape``, are ``points``: the hull of the voxel
+    centres, widened by the centres of their faces, tested on every voxel of the box with its
+    tolerance (1e-10). A label whose voxels lie in one plane has no 3-D hull: 0, as there."""
+    try:
+        centres = ConvexHull(points.astype(np.float64))
+        faces = centres.points[centres.vertices]
+    except QhullError:
+        return 0
+    offsets = np.zeros((6, 3))
+    for vertex, (axis, step) in enumerate((a, s) for a in range(3) for s in (-0.5, 0.5)):
+        offsets[vertex, axis] = step
+    widened = np.unique((faces[:, None, :] + offsets).reshape(-1, 3), axis=0)
+    try:
+        hull = ConvexHull(widened)
+    except QhullError:
+        return 0
+    grid = np.reshape(np.mgrid[tuple(slice(0, s) for s in shape)], (3, -1)).astype(np.float64)
+    inside = np.ones(grid.shape[1], dtype=bool)
+    for equation in hull.equations:
+        inside &= equation[:3] @ grid + equation[3] < 1e-10
+    return int(inside.sum())
