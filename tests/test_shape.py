@@ -242,3 +242,29 @@ def test_2d_features_on_random_labels_and_chunks(
     expected = reference(labels, SHAPE_2D)
     xlabels = xr.DataArray(da.from_array(labels, chunks=(cy, cx)), dims=("y", "x"))
     check(xlabels.rasteragg.aggregate(SHAPE_2D).compute(), expected, SHAPE_2D)
+
+
+def test_raster_aggregator_radii_axes_and_shape_stats() -> None:
+    from xr_rasteragg import RasterAggregator
+
+    labels = irregular((4, 14, 15), 4, 8, size=3)
+    mask = da.from_array(labels, chunks=(2, 7, 8))
+    aggregator = RasterAggregator(mask, run_on_gpu=False)
+    frame = aggregator.aggregate_radii_and_axes()
+    ids = np.unique(labels)
+    ids = ids[ids != 0]
+    assert list(frame.columns) == [*range(12), "cell_ID"]
+    np.testing.assert_array_equal(frame["cell_ID"], ids)
+    for row, label in enumerate(ids):
+        radii, axes = pca(np.argwhere(labels == label).astype(np.float64))
+        np.testing.assert_allclose(frame.iloc[row, :3], radii, rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(frame.iloc[row, 3:12], axes.ravel(), rtol=1e-7, atol=1e-7)
+    assert list(aggregator.aggregate_radii_and_axes(calculate_axes=False).columns) == [0, 1, 2, "cell_ID"]
+    flat = RasterAggregator(da.from_array(labels[:1], chunks=(1, 7, 8)), run_on_gpu=False)
+    eccentricity, tensor = flat.aggregate_stats(("eccentricity", "inertia_tensor"), index=ids)
+    expected = reference(labels[0], ("eccentricity", "inertia_tensor"))
+    np.testing.assert_array_equal(eccentricity["cell_ID"], expected["label"])
+    np.testing.assert_allclose(eccentricity[0], expected["eccentricity"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(
+        tensor[[0, 1, 2, 3]], expected["inertia_tensor"].reshape(-1, 4), rtol=RTOL, atol=ATOL
+    )

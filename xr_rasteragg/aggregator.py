@@ -18,7 +18,7 @@ from numpy.typing import ArrayLike
 
 from .engine import aggregate, as_dask
 from .gpu import probe_cupy, to_device, to_host
-from .stats import STATISTICS, validate_stats
+from .stats import SHAPE_FEATURES, STATISTICS, Space, validate_stats
 from .validation import InvalidStatisticError, check_image_dtype, integral_ids
 
 __all__ = ["RasterAggregator"]
@@ -187,7 +187,10 @@ class RasterAggregator:
         stats_funcs
             Names of the statistics, from ``"sum"``, ``"mean"``, ``"count"``, ``"var"``,
             ``"std"``, ``"kurtosis"``, ``"skew"``, ``"min"``, ``"max"`` and
-            ``"center_of_mass"``; a single string is one statistic.
+            ``"center_of_mass"``, and the shape features of ``skimage.measure.regionprops``
+            (``"area"``, ``"bbox"``, ``"eccentricity"``, ``"solidity"``, ... see
+            :doc:`/statistics`); a single string is one statistic. A mask of one z plane is 2-D
+            for the shape features (2-D features, (y, x) axes), as regionprops sees a 2-D image.
         index
             Label ids to report, in this order. None reports every label, including background.
             Floats that are whole numbers are taken as integers, as in harpy.
@@ -198,7 +201,9 @@ class RasterAggregator:
             One DataFrame per requested name, in the requested order (a repeated name gives an
             equal copy), with one row per label: columns
             ``0 .. C-1`` (one per channel) then ``instance_key``. ``"count"`` has the single column
-            ``0``; ``"center_of_mass"`` the columns ``0, 1, 2`` (z, y, x).
+            ``0``; ``"center_of_mass"`` the columns ``0, 1, 2`` (z, y, x); a shape feature has one
+            column per value, flattened in C order (``inertia_tensor``: ``0..d*d-1``;
+            ``centroid_weighted``: channel by channel).
 
         Raises
         ------
@@ -251,7 +256,9 @@ class RasterAggregator:
         shape_stats = {"skew", "kurtosis"} & set(names)
         helpers = ("count", "var") if shape_stats else ()
         index = None if index is None else integral_ids(index, "'index'")
-        result = aggregate(self._mask, self._image, (*names, *helpers), index=index, eager=True)
+        flat = self._mask.shape[0] == 1 and any(n in SHAPE_FEATURES for n in names)
+        space = Space((1, 2), (1.0, 1.0)) if flat else Space()
+        result = aggregate(self._mask, self._image, (*names, *helpers), index=index, eager=True, space=space)
         values = result.values
         if shape_stats:
             # Constant labels: harpy reports 0.0 where scipy (and the accessor) report NaN.
@@ -268,7 +275,7 @@ class RasterAggregator:
         frames = {}
         for name in names:
             value = values[name]
-            frame = pd.DataFrame(value if value.ndim == 2 else value[:, None])
+            frame = pd.DataFrame(value.reshape(value.shape[0], -1))
             frame[self._instance_key] = ids
             frames[name] = frame
         # One frame per requested name, in the given order; a repeated name gets its own copy.
@@ -327,6 +334,35 @@ class RasterAggregator:
         (frame,) = self.aggregate_stats(("count",), index=index)
         columns = {self._instance_key: frame[self._instance_key], self._instance_size_key: frame[0]}
         return pd.DataFrame(columns)
+
+    def aggregate_radii_and_axes(self, calculate_axes: bool = True) -> pd.DataFrame:
+        """Radii and principal axes of each label, as harpy's method (without its ``depth``: each
+        label is measured whole, from the same single pass).
+
+        The radii are the square roots of the eigenvalues of the covariance (``ddof=1``) of the
+        label's (z, y, x) pixel indices, largest first, and the axes the eigenvectors, as the PCA
+        harpy runs (scikit-learn's, each axis with its largest component positive); a label of
+        fewer than 3 pixels has radii 0 and the identity as axes. Values are float64 (harpy's
+        are float32).
+
+        Parameters
+        ----------
+        calculate_axes
+            Also return the principal axes.
+
+        Returns
+        -------
+        pandas.DataFrame
+            One row per label but the background 0, sorted by id: columns ``0, 1, 2`` (the
+            radii), with ``calculate_axes`` ``3 .. 11`` (the axes, one row of the 3 × 3 matrix
+            after the other), then ``instance_key``.
+        """
+        names = ("radii", "principal_axes") if calculate_axes else ("radii",)
+        result = aggregate(self._mask, None, names, background=0, eager=True)
+        values = [np.asarray(result.values[n]).reshape(result.labels.shape[0], -1) for n in names]
+        frame = pd.DataFrame(np.concatenate(values, axis=1))
+        frame[self._instance_key] = np.asarray(result.labels)
+        return frame
 
     def center_of_mass(self, index: ArrayLike | None = None) -> pd.DataFrame:
         """Mean (z, y, x) pixel index of each label (unweighted, as ``scipy.ndimage.center_of_mass``).
