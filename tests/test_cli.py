@@ -328,3 +328,11 @@ def test_progress_module_is_gone() -> None:
     """The polling bar of our own was replaced by dask's (distributed.progress on a cluster)."""
     with pytest.raises(ModuleNotFoundError):
         importlib.import_module("xr_rasteragg.progress")
+
+
+def test_aggregate_writes_shape_features(store: Path) -> None:
+    both = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--no-progress"]
+    assert main([*both, "--stats", "mean,eccentricity,centroid", "--table", "shape"]) == 0
+    table = read_table(store, "shape")
+    assert "eccentricity" in table.obs
+    assert table.obsm["centroid"].shape == (table.n_obs, 2)

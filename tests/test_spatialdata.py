@@ -397,3 +397,22 @@ def test_importing_the_package_does_not_import_spatialdata() -> None:
         "import sys, xr_rasteragg; assert 'spatialdata' not in sys.modules and 'anndata' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shape_features_go_to_obs_and_obsm() -> None:
+    from skimage.measure import regionprops_table
+
+    labels = blob_labels((20, 27))
+    sdata = sdata_2d(labels, image_of(labels.shape))
+    table = aggregate(sdata, "img", "cells", ["mean", "eccentricity", "area", "bbox", "solidity"])
+    TableModel().validate(table)
+    expected = regionprops_table(labels, properties=("label", "eccentricity", "bbox", "solidity"))
+    np.testing.assert_array_equal(table.obs["instance_id"], expected["label"])
+    np.testing.assert_allclose(table.obs["eccentricity"], expected["eccentricity"], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(table.obs["solidity"], expected["solidity"], rtol=1e-9)
+    np.testing.assert_array_equal(
+        table.obsm["bbox"], np.stack([expected[f"bbox-{i}"] for i in range(4)], axis=1)
+    )
+    assert table.uns["rasteragg"]["shape"] == ["eccentricity", "bbox", "solidity"]
+    with pytest.raises(ValueError, match="at least one per-channel statistic"):
+        aggregate(sdata, "img", "cells", ["eccentricity"])

@@ -166,9 +166,7 @@ class RasterAggAccessor:
         >>> ds["mean"].values, ds["var"].values, ds["count"].values
         (array([2., 7.]), array([1., 4.]), array([2, 2]))
         """
-        if isinstance(labels, str) or not isinstance(
-            labels, xr.DataArray | getattr(xr, "DataTree", xr.DataArray)
-        ):
+        if _names_statistics(labels):
             if stats is not None:
                 raise TypeError(
                     "on labels, 'aggregate' takes the statistics as its first argument and no 'stats'; "
@@ -453,6 +451,14 @@ class RasterAggAccessor:
             coords["c"] = table["c"]
         placed = {"transform": labels.attrs["transform"]} if transformations(labels) is not None else {}
         return xr.DataArray(painted, dims=dims, coords=coords, name=values.name, attrs=placed)
+
+
+def _names_statistics(argument: Any) -> bool:
+    """Whether the first argument of ``aggregate`` names statistics (a string or a list or tuple of
+    strings) rather than labels."""
+    return isinstance(argument, str) or (
+        isinstance(argument, list | tuple) and all(isinstance(name, str) for name in argument)
+    )
 
 
 def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bool) -> np.ndarray:

@@ -275,7 +275,7 @@ class RasterAggregator:
         frames = {}
         for name in names:
             value = values[name]
-            frame = pd.DataFrame(value.reshape(value.shape[0], -1))
+            frame = pd.DataFrame(value.reshape(value.shape[0], int(np.prod(value.shape[1:]))))
             frame[self._instance_key] = ids
             frames[name] = frame
         # One frame per requested name, in the given order; a repeated name gets its own copy.

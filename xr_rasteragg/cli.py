@@ -129,7 +129,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--size", type=int, default=1024, help="image side in pixels (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
 
-    per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+    per_channel = [name for name, spec in STATISTICS.items() if spec.dims == ("c",)]
     agg = commands.add_parser(
         "aggregate",
         help="write a per-cell table of an image over a labels element into a SpatialData store",
@@ -144,7 +144,8 @@ def _parser() -> argparse.ArgumentParser:
         "--stats",
         default="mean",
         help=f"comma-separated statistics from {','.join(per_channel)}; the first goes to X, the others "
-        "to layers (default: %(default)s)",
+        "to layers; shape features (area, eccentricity, solidity, ...) may follow: scalars go to obs, "
+        "vectors to obsm (default: %(default)s)",
     )
     agg.add_argument("--table", metavar="NAME", help="table name (default: <labels>_stats)")
     agg.add_argument("--coordinate-system", default="global", metavar="CS", help="(default: %(default)s)")
@@ -192,7 +193,8 @@ def _aggregate(args: argparse.Namespace) -> None:
     layers = f"; layers: {', '.join(table.layers)}" if len(table.layers) else ""
     print(
         f"wrote table {table_name!r} to {args.store}: {table.n_obs} cells x {table.n_vars} channels "
-        f"(X: {plan.stats[0]}{layers}; obs['area'], obsm['spatial'] in {args.coordinate_system!r}) "
+        f"(X: {plan.stats[0]}{layers}; obs['area'], obsm['spatial'] in {args.coordinate_system!r}"
+        f"{''.join(f', {name}' for name in plan.shape)}) "
         f"in {seconds:.1f} s"
     )
 

@@ -32,7 +32,7 @@ from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rast
 from .alignment import locate, scale0, to_coordinate_system
 from .engine import distributed_client
 from .engine import progress as progress_bars
-from .stats import STATISTICS
+from .stats import SHAPE_FEATURES, STATISTICS
 from .validation import InputDataError
 
 if TYPE_CHECKING:
@@ -77,6 +77,7 @@ class Plan:
     coordinate_system: str
     region_key: str
     instance_key: str
+    shape: tuple[str, ...] = ()
 
 
 def aggregate(
@@ -112,7 +113,11 @@ def aggregate(
     stats
         Per-channel statistics: ``sum``, ``mean``, ``var``, ``std``, ``skew``, ``kurtosis``,
         ``min``, ``max``. The first goes to ``X``, each other to ``layers[stat]``. The pixel count
-        and centroid are always in the table (``obs["area"]``, ``obsm["spatial"]``).
+        and centroid are always in the table (``obs["area"]``, ``obsm["spatial"]``). Shape
+        features (:doc:`/statistics`) may be named too, in pixel units of the labels element:
+        scalar ones go to ``obs[name]``, the others to ``obsm[name]`` (one row per cell, their
+        values flattened; ``area`` is ``obs["area"]`` already). At least one per-channel
+        statistic is needed, for ``X``.
     table_name
         Put the table in ``sdata.tables[table_name]``.
     coordinate_system
@@ -201,7 +206,7 @@ def plan(
 
     if not isinstance(sdata, SpatialData):
         raise TypeError(f"'sdata' must be a spatialdata.SpatialData; got {type(sdata).__name__}")
-    names = _per_channel_stats(stats)
+    names, shape = _per_channel_stats(stats)
     image_element = _element(sdata, "images", image, "image")
     labels_element = _element(sdata, "labels", labels, "labels")
     if region_key == instance_key or "area" in (region_key, instance_key):
@@ -251,6 +256,7 @@ def plan(
         coordinate_system=coordinate_system,
         region_key=region_key,
         instance_key=instance_key,
+        shape=shape,
     )
 
 
@@ -288,7 +294,7 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
         raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
     with progress_bars(progress):
         result = resolved.image.rasteragg.aggregate(
-            resolved.labels, (*resolved.stats, "count", "center_of_mass")
+            resolved.labels, (*resolved.stats, *resolved.shape, "count", "center_of_mass")
         )
     ids = np.asarray(result["label"].values)
     if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
@@ -300,7 +306,12 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
         ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
     channels = [str(c) for c in resolved.image["c"].values]
     # One computation for both, so that each piece of labels is finalized once for them.
-    area, centroids = _compute(result["count"].data, result["center_of_mass"].data, progress=progress)
+    area, centroids, *shape = _compute(
+        result["count"].data,
+        result["center_of_mass"].data,
+        *(result[name].data for name in resolved.shape),
+        progress=progress,
+    )
     layers = {name: _as_float64(result[name].data) for name in resolved.stats}
     obs = pd.DataFrame(
         {
@@ -312,18 +323,26 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
         },
         index=pd.Index(ids.astype(str)),
     )
+    obsm = {"spatial": to_coordinate_system(np.asarray(centroids), resolved.affine)}
+    for name, value in zip(resolved.shape, shape, strict=True):
+        value = np.asarray(value)
+        if value.ndim == 1:
+            obs[name] = value
+        else:
+            obsm[name] = value.reshape(value.shape[0], -1)
     first, *others = resolved.stats
     table = ad.AnnData(
         X=layers[first],
         obs=obs,
         var=pd.DataFrame(index=pd.Index(channels)),
         layers={name: layers[name] for name in others},
-        obsm={"spatial": to_coordinate_system(np.asarray(centroids), resolved.affine)},
+        obsm=obsm,
         uns={
             "rasteragg": {
                 "image": resolved.image_name,
                 "labels": resolved.labels_name,
                 "stats": list(resolved.stats),
+                "shape": list(resolved.shape),
                 "X": first,
                 "coordinate_system": resolved.coordinate_system,
             }
@@ -434,8 +453,9 @@ def store_table(
 # -- checks ---------------------------------------------------------------------------------
 
 
-def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
-    per_channel = [name for name, spec in STATISTICS.items() if spec.per_channel]
+def _per_channel_stats(stats: str | Iterable[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The per-channel statistics (for ``X`` and ``layers``) and the shape features of ``stats``."""
+    per_channel = [name for name, spec in STATISTICS.items() if spec.dims == ("c",)]
     names: tuple[Any, ...] | None = (
         (stats,) if isinstance(stats, str) else tuple(stats) if isinstance(stats, Iterable) else None
     )
@@ -447,7 +467,14 @@ def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
         raise ValueError(f"'stats' must name at least one statistic of {per_channel}; got an empty list")
     unknown = [name for name in names if name not in STATISTICS]
     if unknown:
-        raise ValueError(f"'stats' holds unknown statistic(s) {unknown}; expected names from {per_channel}")
+        raise ValueError(
+            f"'stats' holds unknown statistic(s) {unknown}; expected names from {per_channel} or shape "
+            f"features from {sorted(SHAPE_FEATURES)}"
+        )
+    shape = tuple(dict.fromkeys(name for name in names if name in SHAPE_FEATURES and name != "area"))
+    names = tuple(name for name in names if name not in SHAPE_FEATURES)
+    if not names:
+        raise ValueError(f"'stats' must name at least one per-channel statistic (for X) of {per_channel}")
     fixed = [name for name in names if name in _ALWAYS]
     if fixed:
         where = ", ".join(f"{name!r} is always in {_ALWAYS[name]}" for name in fixed)
@@ -455,7 +482,7 @@ def _per_channel_stats(stats: str | Iterable[str]) -> tuple[str, ...]:
             f"'stats' must name per-channel statistics only ({where}); got {list(names)}; expected names "
             f"from {per_channel}"
         )
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names)), shape
 
 
 def _element(sdata: SpatialData, kind: str, name: str, argument: str) -> Any:
