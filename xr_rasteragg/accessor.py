@@ -177,7 +177,7 @@ class RasterAggAccessor:
             aligned = _prepare(None, self._obj, coordinate_system)
         else:
             names = validate_stats(("mean",) if stats is None else stats)
-            aligned = _prepare(self._obj, labels, coordinate_system)
+            aligned = _prepare(self._obj, labels, coordinate_system)  # type: ignore[arg-type]
         return _run(aligned, names, index=index, background=background, skipna=skipna)
 
     sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
