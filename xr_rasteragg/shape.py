@@ -192,7 +192,10 @@ class ShapeQuantities:
         assert self.p.hull is not None
         axes = list(self.space.axes)
         if self.space.ndim == 2:
-            convex = np.array([_convex_area_2d(points[:, axes]) for points in self.p.hull], dtype=np.float64)
+            hulls = list(self.p.hull)
+            starts = np.cumsum([0] + [h.shape[0] for h in hulls])
+            points = np.concatenate(hulls)[:, axes] if hulls else np.empty((0, 2), np.int64)
+            convex = _convex_areas_2d(np.ascontiguousarray(points, dtype=np.int64), starts).astype(np.float64)
         else:
             low = self.bbox[:, : self.space.ndim]
             high = self.bbox[:, self.space.ndim :]
@@ -233,15 +236,30 @@ class ShapeQuantities:
         return np.sqrt(np.maximum(values, 0.0)), vectors
 
 
-def _convex_area_2d(points: NDArray[np.int64]) -> int:
-    """Pixels of :func:`skimage.morphology.convex_hull_image` of a 2-D label whose pixel hull
-    vertices (row, column) are ``points``: the lattice points inside or on the hull of the pixels'
-    edge midpoints (``include_borders``)."""
-    doubled = 2 * points.astype(np.int64)
-    diamond = np.array([[-1, 0], [1, 0], [0, -1], [0, 1]], dtype=np.int64)
-    corners = (doubled[:, None, :] + diamond).reshape(-1, 2)
-    corners = corners[np.lexsort((corners[:, 1], corners[:, 0]))]
-    return int(_lattice_points(corners[:, 0].copy(), corners[:, 1].copy()))
+@nb.njit(nogil=True, cache=True)
+def _convex_areas_2d(points, starts):  # type: ignore[no-untyped-def]
+    """Pixels of :func:`skimage.morphology.convex_hull_image` of each 2-D label whose pixel hull
+    vertices (row, column) are ``points[starts[i]:starts[i + 1]]``: the lattice points inside or on
+    the hull of the pixels' edge midpoints (``include_borders``), in doubled coordinates."""
+    k = starts.shape[0] - 1
+    out = np.zeros(k, np.int64)
+    for i in range(k):
+        m = starts[i + 1] - starts[i]
+        ys = np.empty(4 * m, np.int64)
+        xs = np.empty(4 * m, np.int64)
+        for j in range(m):
+            y, x = 2 * points[starts[i] + j, 0], 2 * points[starts[i] + j, 1]
+            ys[4 * j], xs[4 * j] = y - 1, x
+            ys[4 * j + 1], xs[4 * j + 1] = y + 1, x
+            ys[4 * j + 2], xs[4 * j + 2] = y, x - 1
+            ys[4 * j + 3], xs[4 * j + 3] = y, x + 1
+        if m == 0:
+            continue
+        low_y, low_x = ys.min(), xs.min()
+        width = xs.max() - low_x + 1
+        order = np.argsort((ys - low_y) * width + (xs - low_x))
+        out[i] = _lattice_points(ys[order], xs[order])
+    return out
 
 
 @nb.njit(nogil=True, cache=True)

@@ -137,19 +137,29 @@ def _border_classes(labels):  # type: ignore[no-untyped-def]
     for code in (13, 23):
         weight_class[code] = 2
     ny, nx = labels.shape
+    border = np.zeros((ny, nx), np.bool_)
+    for y in range(ny):
+        for x in range(nx):
+            border[y, x] = _on_border(labels, y, x, labels[y, x])
     out = np.full((ny, nx), -1, np.int8)
     for y in range(ny):
         for x in range(nx):
-            key = labels[y, x]
-            if not _on_border(labels, y, x, key):
+            if not border[y, x]:
                 continue
+            key = labels[y, x]
             code = 1
             for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                code += 2 * _on_border(labels, y + dy, x + dx, key)
+                code += 2 * _border_of(labels, border, y + dy, x + dx, key)
             for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
-                code += 10 * _on_border(labels, y + dy, x + dx, key)
+                code += 10 * _border_of(labels, border, y + dy, x + dx, key)
             out[y, x] = weight_class[code]
     return out
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _border_of(labels, border, y, x, key):  # type: ignore[no-untyped-def]
+    """Whether pixel (y, x) is a border pixel of label ``key``."""
+    return 0 <= y < labels.shape[0] and 0 <= x < labels.shape[1] and border[y, x] and labels[y, x] == key
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
