@@ -137,21 +137,45 @@ def _border_classes(labels):  # type: ignore[no-untyped-def]
     for code in (13, 23):
         weight_class[code] = 2
     ny, nx = labels.shape
-    border = np.zeros((ny, nx), np.bool_)
-    for y in range(ny):
-        for x in range(nx):
-            border[y, x] = _on_border(labels, y, x, labels[y, x])
+    border = np.ones((ny, nx), np.bool_)  # pixels on the plane's edge have a neighbour outside
+    for y in range(1, ny - 1):
+        up, row, down = labels[y - 1], labels[y], labels[y + 1]
+        for x in range(1, nx - 1):
+            key = row[x]
+            border[y, x] = up[x] != key or down[x] != key or row[x - 1] != key or row[x + 1] != key
     out = np.full((ny, nx), -1, np.int8)
     for y in range(ny):
         for x in range(nx):
             if not border[y, x]:
                 continue
             key = labels[y, x]
-            code = 1
-            for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                code += 2 * _border_of(labels, border, y + dy, x + dx, key)
-            for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
-                code += 10 * _border_of(labels, border, y + dy, x + dx, key)
+            if 0 < y < ny - 1 and 0 < x < nx - 1:
+                code = (
+                    1
+                    + 2
+                    * (
+                        (border[y - 1, x] and labels[y - 1, x] == key)
+                        + (border[y + 1, x] and labels[y + 1, x] == key)
+                    )
+                    + 2
+                    * (
+                        (border[y, x - 1] and labels[y, x - 1] == key)
+                        + (border[y, x + 1] and labels[y, x + 1] == key)
+                    )
+                    + 10
+                    * (
+                        (border[y - 1, x - 1] and labels[y - 1, x - 1] == key)
+                        + (border[y - 1, x + 1] and labels[y - 1, x + 1] == key)
+                        + (border[y + 1, x - 1] and labels[y + 1, x - 1] == key)
+                        + (border[y + 1, x + 1] and labels[y + 1, x + 1] == key)
+                    )
+                )
+            else:
+                code = 1
+                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+                    code += 2 * _border_of(labels, border, y + dy, x + dx, key)
+                for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
+                    code += 10 * _border_of(labels, border, y + dy, x + dx, key)
             out[y, x] = weight_class[code]
     return out
 
