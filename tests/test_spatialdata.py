@@ -347,9 +347,9 @@ def test_each_piece_of_per_channel_statistics_is_finalized_once(
     finalized: list[tuple[str, ...]] = []
     finalize_piece = engine._finalize_piece
 
-    def counting(block: Any, ids: Any, stats: tuple[str, ...]) -> Any:
+    def counting(block: Any, ids: Any, stats: tuple[str, ...], **kwargs: Any) -> Any:
         finalized.append(stats)
-        return finalize_piece(block, ids, stats)
+        return finalize_piece(block, ids, stats, **kwargs)
 
     monkeypatch.setattr(engine, "_finalize_piece", counting)
     monkeypatch.setattr(engine, "PIECE_LABELS", 4)
