@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import os
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import dask
+import numba.core.config
 import numpy as np
 import pytest
 import scipy.ndimage as ndi
@@ -22,7 +24,6 @@ import scipy.stats
 from numpy.typing import NDArray
 
 import xr_rasteragg.engine
-import xr_rasteragg.kernels.cupy
 import xr_rasteragg.kernels.numba
 import xr_rasteragg.kernels.xp
 from xr_rasteragg.gpu import probe_cupy
@@ -47,13 +48,19 @@ TOLERANCES: dict[str, tuple[float, float]] = {
 }
 
 KERNELS: dict[str, Callable[..., Any]] = {
-    "cupy-logic": xr_rasteragg.kernels.cupy.block_partials,  # the GPU kernel, run on NumPy
     "numba": xr_rasteragg.kernels.numba.block_partials,
     "xp": xr_rasteragg.kernels.xp.block_partials,
 }
 
 
 requires_cupy = pytest.mark.skipif(probe_cupy()[0] is None, reason="needs CuPy and a working CUDA device")
+
+if probe_cupy()[0] is None:
+    # No usable GPU: the CUDA kernel (xr_rasteragg.kernels.cuda) runs under Numba's CUDA simulator,
+    # which must be switched on before numba.cuda is first imported (nothing above imports it);
+    # Numba read its settings when it was imported above, so it reads them again.
+    os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+    numba.core.config.reload_config()
 
 
 @pytest.fixture(params=sorted(KERNELS))

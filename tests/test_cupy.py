@@ -1,9 +1,10 @@
 """CuPy on a real GPU. Skipped, as a whole module, where CuPy or a working device is missing.
 
-The same checks as on the CPU, with the data on the device: the GPU kernel against the compiled
-CPU kernel, the engine, accessor and ``RasterAggregator`` against SciPy, NumPy-backed results,
-and the mixed-input error. The kernel's logic is also tested without a GPU, on NumPy, in
-``test_gpu_kernel.py``.
+The same checks as on the CPU, with the data on the device: the fused CUDA kernel against the
+compiled CPU kernel and against the array-API kernel run on CuPy (an independent reference that
+shares no code with it), the engine, accessor and ``RasterAggregator`` against SciPy, NumPy-backed
+results, and the mixed-input error. ``test_gpu_kernel.py`` runs the CUDA kernel's own tests on
+the device here too (and under Numba's CUDA simulator where there is no GPU).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from xr_rasteragg import RasterAggregator  # noqa: E402
 from xr_rasteragg.engine import aggregate  # noqa: E402
 from xr_rasteragg.gpu import probe_cupy  # noqa: E402
 from xr_rasteragg.kernels import array_backend  # noqa: E402
-from xr_rasteragg.kernels import cupy as gpu_kernel  # noqa: E402
+from xr_rasteragg.kernels import cuda as gpu_kernel  # noqa: E402
+from xr_rasteragg.kernels import xp as array_kernel  # noqa: E402
 from xr_rasteragg.partials import Needs  # noqa: E402
 
 _, REASON = probe_cupy()
@@ -43,8 +45,10 @@ def test_kernel_on_the_device_agrees_with_the_cpu_kernel(label_dtype: str, image
     offset = (3, 70, 5)
     got = gpu_kernel.block_partials(cupy.asarray(labels), [cupy.asarray(image)], offset, EVERYTHING, 0)
     expected = KERNELS["numba"](labels, [image], offset, EVERYTHING, 0)
-    assert all(type(v) is np.ndarray for v in (got.labels, got.count, got.coords, got.sum, got.min))
+    assert all(type(v) is np.ndarray for v in (got.labels, got.count, got.coords, got.shifted, got.min))
     assert_partials_close(got, expected)
+    generic = array_kernel.block_partials(cupy.asarray(labels), [cupy.asarray(image)], offset, EVERYTHING, 0)
+    assert_partials_close(got, generic)
 
 
 @pytest.mark.parametrize("skipna", [False, True])
@@ -71,7 +75,8 @@ def test_exact_integer_sums_and_float64_extrema_on_the_device() -> None:
     image[0, 0, 0, ::7] = -(2**31)
     parts = gpu_kernel.block_partials(labels, [cupy.asarray(image)], (0, 0, 0), Needs(1))
     assert parts.shifted is not None
-    shifted = int(image.astype(np.int64).sum()) - labels.size * -(2**31)  # the shift: the first pixel
+    assert parts.shift is not None
+    shifted = int(image.astype(np.int64).sum()) - labels.size * int(parts.shift[0, 0])  # exact, rounded once
     assert parts.shifted[0, 0] == float(shifted)
     close = np.array([1.0 + 2e-12, 1.0 + 1e-12, 1.0 + 3e-12]).reshape(1, 1, 1, 3)
     parts = gpu_kernel.block_partials(

@@ -43,8 +43,8 @@ fake_device = types.SimpleNamespace(
 
 @pytest.fixture
 def fakegpu_kernel(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Blocks of the ``fakegpu`` backend are computed by the GPU kernel (its NumPy logic)."""
-    monkeypatch.setitem(xr_rasteragg.kernels._KERNELS, "fakegpu", "xr_rasteragg.kernels.cupy")
+    """Blocks of the ``fakegpu`` backend are computed by the array-API kernel (which runs on CuPy too)."""
+    monkeypatch.setitem(xr_rasteragg.kernels._KERNELS, "fakegpu", "xr_rasteragg.kernels.xp")
     yield
     xr_rasteragg.kernels._LOADED.pop("fakegpu", None)
 

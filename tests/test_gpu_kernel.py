@@ -1,8 +1,15 @@
-"""The GPU kernel's logic, run on NumPy: the same code as on CuPy, with NumPy's ``ufunc.at``.
+"""The fused CUDA kernel (``xr_rasteragg.kernels.cuda``), on every machine.
 
-Every statistic against SciPy, partials against the compiled CPU kernel, label ids of every
-integer dtype (uint64 ids of 2**63 and more, negative ids), 2-D and 3-D blocks, empty and
-all-background blocks, and the exactness of the integer sums and of the extrema.
+Without a usable GPU, ``conftest.py`` switches Numba's CUDA simulator on before ``numba.cuda`` is
+first imported, so the kernels run here on NumPy arrays, thread by thread; on a machine with a
+GPU the same tests run on the device with CuPy arrays. The simulator is slow: the blocks are
+tiny, and a small segment (4 pixels per thread) splits runs at segment ends as large blocks do.
+
+Partials against the compiled CPU kernel for every image dtype and label dtype (uint64 ids of
+2**63 and more, the id whose key marks an empty slot, negative ids), every statistic against
+SciPy through the engine, NaN pixels with and without ``skipna``, empty and all-background
+blocks, channel chunks that view one array or not, random cases (hypothesis) against the CPU
+kernel, adversarial precision against exact moments, and the order keys of the extrema.
 """
 
 from __future__ import annotations
@@ -10,17 +17,38 @@ from __future__ import annotations
 import subprocess
 import sys
 from typing import Any
+from unittest import mock
 
+import dask
+import dask.array as da
 import numpy as np
 import pytest
+import test_properties as props
 from conftest import ALL_STATS, KERNELS, assert_all_stats, assert_partials_close, reference
+from hypothesis import Phase, given, settings
+from hypothesis import strategies as st
 
-from xr_rasteragg.kernels import cupy as gpu_kernel
-from xr_rasteragg.kernels.xp import ArrayReductions, partials_with
-from xr_rasteragg.partials import Needs
-from xr_rasteragg.stats import finalize
+import xr_rasteragg.engine
+from xr_rasteragg.engine import aggregate
+from xr_rasteragg.families import Family
+from xr_rasteragg.gpu import probe_cupy
+from xr_rasteragg.kernels import StagedKernel
+from xr_rasteragg.kernels import cuda as cuda_kernel
+from xr_rasteragg.partials import Needs, Partials
+
+# Under the simulator the device code runs on NumPy scalars, which warn where the device silently
+# wraps integers (atomics) or makes NaN (inf - inf) as IEEE 754 says.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning:numba"),
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:xr_rasteragg.kernels.cuda_runs"),
+]
 
 EVERYTHING = Needs(order=4, extrema=True)
+#: Small segments, so that the tiny blocks still have runs split at segment ends.
+KERNEL = cuda_kernel.CudaRunKernel(segment=4)
+CUPY, _ = probe_cupy()
+#: The simulator runs one launch at a time (it swaps the module that kernels see while one runs).
+SCHEDULER = "threads" if CUPY is not None else "synchronous"
 
 #: Label ids per dtype: extremes, negatives, ids of 2**63 and more, huge sparse values.
 IDS: dict[str, list[int]] = {
@@ -53,96 +81,149 @@ def values(nchan: int, shape: tuple[int, ...], dtype: str, seed: int) -> np.ndar
     return rng.normal(100.0, 10.0, size=(nchan, *shape)).astype(dtype)
 
 
-def gpu_logic(labels: np.ndarray, image: np.ndarray | None, needs: Needs, skip: int | None = None) -> Any:
-    return gpu_kernel.block_partials(labels, None if image is None else [image], (0, 0, 0), needs, skip)
+def device(array: np.ndarray) -> Any:
+    """The array where the kernel runs: on the GPU when there is one, else as it is (simulator)."""
+    return array if CUPY is None else CUPY.asarray(array)
 
 
-@pytest.mark.parametrize("label_dtype", list(IDS))
-@pytest.mark.parametrize("shape", [(1, 17, 23), (3, 9, 14)], ids=["2d", "3d"])
-def test_every_statistic_against_scipy(label_dtype: str, shape: tuple[int, int, int]) -> None:
-    labels = blobs(shape, label_dtype, seed=1)
-    image = values(2, shape, "float64", seed=2)
-    ids = np.unique(labels)
-    parts = gpu_logic(labels, image, EVERYTHING)
-    np.testing.assert_array_equal(parts.labels, ids)
-    stats = finalize(parts, ALL_STATS, np.arange(parts.size), np.ones(parts.size, bool))
-    assert_all_stats(stats, reference(labels, image, [int(i) for i in ids]), ALL_STATS)
+def run(
+    labels: np.ndarray,
+    chunks: list[np.ndarray] | None,
+    needs: Needs,
+    skip: int | None = None,
+    offset: tuple[int, int, int] = (0, 0, 0),
+) -> Partials:
+    """The CUDA kernel's partials of one block."""
+    image = None if chunks is None else [device(chunk) for chunk in chunks]
+    return KERNEL(device(labels), image, offset, needs, skip)
 
 
-@pytest.mark.parametrize("image_dtype", IMAGE_DTYPES)
-@pytest.mark.parametrize("label_dtype", ["int64", "uint64"])
-@pytest.mark.parametrize("skip", [None, 0])
-def test_partials_agree_with_the_cpu_kernel(label_dtype: str, image_dtype: str, skip: int | None) -> None:
-    labels = blobs((2, 13, 19), label_dtype, seed=3)
-    image = values(3, labels.shape, image_dtype, seed=4)
-    got = gpu_logic(labels, image, EVERYTHING, skip)
-    expected = KERNELS["numba"](labels, [image], (0, 0, 0), EVERYTHING, skip)
-    assert_partials_close(got, expected)
-    assert got.min is not None
-    assert got.min.dtype == image.dtype
-    if skip is not None:
-        assert skip not in got.labels.tolist()
+def test_the_kernel_runs_in_two_stages_and_is_registered_for_cupy() -> None:
+    assert isinstance(cuda_kernel.block_partials, StagedKernel)
+    assert xr_rasteragg.kernels._KERNELS["cupy"] == "xr_rasteragg.kernels.cuda"
+    if CUPY is None:  # CI: the simulator, switched on by conftest.py
+        from numba import cuda
+
+        assert type(cuda.device_array(1, np.int8)).__module__.startswith("numba.cuda.simulator")
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "image_dtype"),
+    [
+        ("int8", "uint8"),
+        ("uint64", "uint16"),
+        ("int64", "int16"),
+        ("int32", "int32"),
+        ("uint16", "uint32"),
+        ("uint64", "int64"),
+        ("int64", "uint64"),
+        ("int8", "float32"),
+        ("uint64", "float64"),
+    ],
+)
+def test_partials_agree_with_the_cpu_kernel(label_dtype: str, image_dtype: str) -> None:
+    """Values over each integer dtype's whole range: the power sums pass 2**64 (and the CPU
+    kernel's exactness bound, which sends it to its fallback); the 128-bit sums do not need one."""
+    labels = blobs((2, 5, 9), label_dtype, seed=1)
+    image = values(2, labels.shape, image_dtype, seed=2)
+    offset = (4, 100, 2**20)
+    got = run(labels, [image], EVERYTHING, 0, offset)
+    assert got.labels.dtype == labels.dtype
+    assert_partials_close(got, KERNELS["numba"](labels, [image], offset, EVERYTHING, 0))
+
+
+def test_every_statistic_against_scipy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the engine: two spatial blocks, three channel chunks that view one array."""
+    labels = blobs((1, 7, 12), "int32", seed=3)
+    image = values(3, labels.shape, "float64", seed=4)
+    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: KERNEL)
+    dlabels = da.from_array(device(labels), chunks=(1, 7, 6), asarray=False)
+    dimage = da.from_array(device(image), chunks=(1, 1, 7, 6), asarray=False)
+    with dask.config.set(scheduler=SCHEDULER):
+        result = aggregate(dlabels, dimage, ALL_STATS, eager=True)
+    assert_all_stats(result.values, reference(labels, image, [int(i) for i in result.labels]), ALL_STATS)
+
+
+def test_channel_chunks_of_separate_arrays() -> None:
+    labels = blobs((1, 5, 9), "uint16", seed=5)
+    image = values(3, labels.shape, "uint16", seed=6)
+    chunks = [image[:1], image[1:2], image[2:].copy()]
+    got = run(labels, chunks, EVERYTHING, 0)
+    assert_partials_close(got, KERNELS["numba"](labels, chunks, (0, 0, 0), EVERYTHING, 0))
 
 
 @pytest.mark.parametrize("skipna", [False, True])
-def test_nan_pixels_as_the_cpu_kernel(skipna: bool) -> None:
-    labels = blobs((1, 12, 16), "int32", seed=5)
+def test_nan_pixels(skipna: bool) -> None:
+    labels = blobs((1, 6, 10), "int64", seed=5)
     image = values(2, labels.shape, "float32", seed=6)
-    image[0, 0, :2, :] = np.nan  # some labels partly NaN
-    image[1][labels == labels[0, 5, 5]] = np.nan  # one label all NaN in channel 1
+    image[0, 0, :3] = np.nan
+    image[1][labels == labels[0, 3, 5]] = np.nan  # a label without any valid pixel in a channel
     needs = Needs(order=4, extrema=True, skipna=skipna)
-    got = gpu_logic(labels, image, needs)
-    expected = KERNELS["numba"](labels, [image], (0, 0, 0), needs)
-    assert_partials_close(got, expected)
+    assert_partials_close(run(labels, [image], needs), KERNELS["numba"](labels, [image], (0, 0, 0), needs))
 
 
-def test_offset_and_several_channel_chunks() -> None:
-    labels = blobs((2, 8, 9), "uint16", seed=7)
-    image = values(5, labels.shape, "uint16", seed=8)
-    chunks = [image[:2], image[2:3], image[3:]]
-    got = gpu_kernel.block_partials(labels, chunks, (4, 100, 2**20), EVERYTHING, 0)
-    expected = KERNELS["numba"](labels, chunks, (4, 100, 2**20), EVERYTHING, 0)
-    assert_partials_close(got, expected)
-
-
-@pytest.mark.parametrize("image", [True, False])
-def test_empty_and_all_background_blocks(image: bool) -> None:
-    for labels in (np.zeros((0, 4, 4), np.uint64), np.full((2, 3, 4), 7, np.int16)):
-        pixels = values(3, labels.shape, "uint16", seed=9) if image else None
-        for needs in (Needs(0), EVERYTHING, Needs(order=2, skipna=True)):
-            got = gpu_logic(labels, pixels, needs, skip=7)
-            expected = KERNELS["numba"](labels, None if pixels is None else [pixels], (0, 0, 0), needs, 7)
+def test_empty_and_all_background_blocks() -> None:
+    for labels in (np.zeros((0, 4, 4), np.uint64), np.full((1, 3, 4), 7, np.int16)):
+        for image, needs in ((None, Needs(0)), (values(2, labels.shape, "float64", 7), EVERYTHING)):
+            chunks = None if image is None else [image]
+            got = run(labels, chunks, needs, skip=7)
+            expected = KERNELS["numba"](labels, chunks, (0, 0, 0), needs, 7)
             assert got.size == 0
             assert_partials_close(got, expected)
             for name, value in expected.channel_arrays().items():
                 assert getattr(got, name).shape == value.shape, name
 
 
-def test_no_allocation_by_the_largest_id() -> None:
-    """Ids at the ends of uint64 and int64 in one block: relabelled, never used as offsets."""
+def test_ids_at_the_ends_of_64_bit_dtypes() -> None:
+    """2**64 - 1 is the key that marks an empty slot of the hash table: it has a slot of its own."""
     for dtype, ids in (("uint64", [2**64 - 1, 2**63, 1]), ("int64", [-(2**63), 2**63 - 1, -1])):
         labels = np.array(ids * 4, dtype=dtype).reshape(1, 3, 4)
         image = np.arange(12.0).reshape(1, 1, 3, 4)
-        parts = gpu_logic(labels, image, EVERYTHING)
+        parts = run(labels, [image], Needs(2, extrema=True))
         np.testing.assert_array_equal(parts.labels, np.sort(np.array(ids, dtype=dtype)))
         np.testing.assert_array_equal(parts.count, [4, 4, 4])
+        assert_partials_close(parts, KERNELS["numba"](labels, [image], (0, 0, 0), Needs(2, extrema=True)))
 
 
-def test_integer_sums_are_exact_where_float64_accumulation_is_not() -> None:
-    """2**23 pixels: the first (the shift) -2**31, most 2**31 - 1, so that the differences from the
-    shift, 2**32 - 1 each, pass 2**53 in a float64 running sum and round there."""
-    labels = np.zeros((1, 2048, 4096), np.uint8)
-    image = np.full((1, *labels.shape), 2**31 - 1, np.int32)
-    image[0, 0, ::7] = -(2**31)
-    shifted = int(image.astype(np.int64).sum()) - labels.size * -(2**31)
-    got = gpu_logic(labels, image, Needs(1))
-    assert got.shift is not None
-    assert got.shifted is not None
-    assert got.shift[0, 0] == -(2**31)
-    assert got.shifted[0, 0] == float(shifted)
-    rounded = partials_with(ArrayReductions(np), labels, [image], (0, 0, 0), Needs(1))
-    assert rounded.shifted is not None
-    assert rounded.shifted[0, 0] != float(shifted)  # the plain float64 bincount does round here
+def test_float64_extrema_keep_full_precision() -> None:
+    labels = np.zeros((1, 1, 4), np.int32)
+    image = np.array([1.0 + 2e-12, 1.0 + 1e-12, 1.0 + 3e-12, 1.0 + 2e-12]).reshape(1, 1, 1, 4)
+    parts = run(labels, [image], Needs(0, extrema=True))
+    assert parts.min is not None
+    assert parts.max is not None
+    assert parts.min[0, 0] == 1.0 + 1e-12
+    assert parts.max[0, 0] == 1.0 + 3e-12
+
+
+#: Few examples and no shrinking: the simulator runs a kernel in about a second.
+SIMULATED = settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+
+
+@SIMULATED
+@given(data=st.data(), case=props.cases(), needs=props.needs())
+def test_random_cases_agree_with_the_cpu_kernel(data: st.DataObject, case: Any, needs: Needs) -> None:
+    labels, image, ids = case
+    skip = data.draw(st.sampled_from([None, *ids]), label="skip")
+    chunks = props.channel_chunks(data.draw, image)
+    got = run(labels, chunks, needs, skip, (1, 2, 3))
+    assert_partials_close(got, KERNELS["numba"](labels, chunks, (1, 2, 3), needs, skip))
+
+
+@SIMULATED
+@given(case=props.adversarial())
+def test_adversarial_precision(case: Any) -> None:
+    """Values where float arithmetic loses the answer: within the contract of the exact moments."""
+    labels, image = case
+    with (
+        mock.patch.object(xr_rasteragg.engine, "kernel_for", return_value=KERNEL),
+        dask.config.set(scheduler=SCHEDULER),
+    ):
+        result = aggregate(device(labels), device(image), props.MOMENTS)
+    for row, label in enumerate(result.labels):
+        for channel in range(image.shape[0]):
+            x = image[channel][labels == label]
+            got = {name: float(result.values[name][row, channel]) for name in props.MOMENTS}
+            props.assert_contract(got, x, (label, channel))
 
 
 @pytest.mark.parametrize("dtype", IMAGE_DTYPES)
@@ -156,74 +237,54 @@ def test_order_keys_sort_as_the_values_and_map_back(dtype: str) -> None:
         limits = np.iinfo(dtype)
         ends = np.array([limits.min, limits.min + 1, 0, limits.max - 1, limits.max], dtype)
         data = np.concatenate([ends, values(1, (200,), dtype, seed=10)[0]])
-    keys = gpu_kernel.order_keys(np, data)
-    assert keys.dtype in (np.uint32, np.uint64)
+    keys = cuda_kernel.order_keys(data)
+    assert keys.dtype == np.uint64
     order = np.argsort(keys, kind="stable")
     assert np.all(np.diff(data[order].astype(np.float64)) >= 0)
-    back = gpu_kernel.from_order_keys(np, keys, data.dtype)
+    back = cuda_kernel.from_order_keys(keys, data.dtype)
     assert back.dtype == data.dtype
     np.testing.assert_array_equal(back.view(f"u{data.dtype.itemsize}"), data.view(f"u{data.dtype.itemsize}"))
+    if np.dtype(dtype).kind == "f":  # the keys that the kernel gives a NaN pixel map back to NaN
+        full = np.uint64(2 ** (8 * data.dtype.itemsize) - 1)
+        assert np.isnan(cuda_kernel.from_order_keys(np.array([0, full], np.uint64), data.dtype)).all()
 
 
-def test_float64_extrema_keep_full_precision() -> None:
-    """Values that single precision cannot tell apart (CuPy's float64 atomicMin/Max compare in
-    float32; the kernel's unsigned keys do not)."""
-    labels = np.zeros((1, 1, 4), np.int32)
-    image = np.array([1.0 + 2e-12, 1.0 + 1e-12, 1.0 + 3e-12, 1.0 + 2e-12]).reshape(1, 1, 1, 4)
-    parts = gpu_logic(labels, image, Needs(0, extrema=True))
-    assert parts.min is not None
-    assert parts.max is not None
-    assert parts.min[0, 0] == 1.0 + 1e-12
-    assert parts.max[0, 0] == 1.0 + 3e-12
+def test_families_beyond_the_moments_dispatch_on_their_type(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new family adds its update to FAMILY_UPDATES; one without an update is an error."""
+
+    class Extra(Family):
+        name = "extra"
+        channel = False
+        all_fields = ()
+
+        def fields(self) -> tuple[()]:
+            return ()
+
+        def fold(self, merged: Any, part: Any, rows: Any, first: Any) -> None:
+            return None
+
+    labels = np.array([[[1, 1, 2]]], np.int32)
+    with pytest.raises(TypeError, match="no update for the family 'extra'"):
+        run(labels, None, Needs(0, more=(Extra(),)))
+    seen: list[int] = []
+    update = lambda parts, image, runs, family: seen.append(parts.size)  # noqa: E731
+    monkeypatch.setitem(cuda_kernel.FAMILY_UPDATES, Extra, update)
+    run(labels, None, Needs(0, more=(Extra(),)))
+    assert seen == [2]
 
 
-def test_cupy_blocks_get_the_gpu_kernel_and_cupy_is_imported_lazily() -> None:
-    """The package, its GPU kernel module and a NumPy run never import CuPy (CuPy is made
+def test_a_segment_must_hold_a_pixel() -> None:
+    with pytest.raises(ValueError, match="'segment' must be at least 1 pixel; got 0"):
+        cuda_kernel.CudaRunKernel(segment=0)
+
+
+def test_cupy_is_imported_lazily() -> None:
+    """The package, the CUDA kernel module and a NumPy run never import CuPy (CuPy is made
     unimportable in a fresh interpreter, so any import of it would fail)."""
     code = (
         "import sys; sys.modules['cupy'] = None\n"
-        "import numpy as np, xr_rasteragg, xr_rasteragg.kernels.cupy\n"
-        "from xr_rasteragg.kernels import _KERNELS\n"
-        "assert _KERNELS['cupy'] == 'xr_rasteragg.kernels.cupy', _KERNELS\n"
+        "import numpy as np, xr_rasteragg, xr_rasteragg.kernels.cuda\n"
         "r = xr_rasteragg.aggregate(np.ones((1, 2, 2), int), np.ones((1, 1, 2, 2)), ['mean', 'max'])\n"
         "assert r.values['mean'].tolist() == [[1.0]]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-#: The dtypes CuPy's scatter functions accept (cupyx.scatter_add / scatter_min / scatter_max).
-CUPY_SCATTER_DTYPES = {
-    "add": {"int32", "float16", "float32", "float64", "uint32", "uint64"},
-    "min": {"int32", "float32", "float64", "uint32", "uint64"},
-    "max": {"int32", "float32", "float64", "uint32", "uint64"},
-}
-
-
-@pytest.mark.parametrize("image_dtype", IMAGE_DTYPES)
-@pytest.mark.parametrize("skipna", [False, True])
-def test_scatter_calls_use_dtypes_cupy_supports(image_dtype: str, skipna: bool) -> None:
-    """Every scatter the kernel makes has a dtype CuPy supports and values of the output's dtype
-    (CuPy would silently cast them), and the CuPy float64 min/max (single-precision compare) is
-    never used."""
-    calls: list[tuple[str, str, str]] = []
-
-    def checked(name: str, function: Any) -> Any:
-        def scatter(out: np.ndarray, indices: np.ndarray, values: np.ndarray) -> None:
-            calls.append((name, str(out.dtype), str(values.dtype)))
-            function(out, indices, values)
-
-        return scatter
-
-    reductions = gpu_kernel.ScatterReductions(
-        np, checked("add", np.add.at), checked("min", np.minimum.at), checked("max", np.maximum.at)
-    )
-    labels = blobs((1, 9, 11), "int64", seed=11)
-    image = values(2, labels.shape, image_dtype, seed=12)
-    if image.dtype.kind == "f":
-        image[0, 0, :3] = np.nan
-    partials_with(reductions, labels, [image], (0, 0, 0), Needs(4, extrema=True, skipna=skipna), 0)
-    assert {name for name, _, _ in calls} >= {"min", "max"}
-    for name, out_dtype, value_dtype in calls:
-        assert out_dtype == value_dtype, (name, out_dtype, value_dtype)
-        assert out_dtype in CUPY_SCATTER_DTYPES[name], (name, out_dtype)
-        assert not (name in ("min", "max") and out_dtype.startswith("float")), (name, out_dtype)

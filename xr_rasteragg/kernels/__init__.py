@@ -58,7 +58,7 @@ class Neighbourhood(Protocol):
 
 _KERNELS: dict[str, str] = {
     "numpy": "xr_rasteragg.kernels.numba",
-    "cupy": "xr_rasteragg.kernels.cupy",
+    "cupy": "xr_rasteragg.kernels.cuda",
 }
 _LOADED: dict[str, BlockKernel] = {}
 
