@@ -172,3 +172,11 @@ def test_gpu_benchmark_quick_run() -> None:
         [sys.executable, str(script), "--quick", "--repeat", "1"], capture_output=True, text=True, check=True
     )
     assert "copy bandwidth" in run.stdout
+
+
+def test_cupy_inputs_are_split_into_gpu_sized_blocks() -> None:
+    from xr_rasteragg.engine import GPU_BLOCK_PIXELS, as_dask
+
+    blocks = as_dask(cupy.zeros((2, 9000, 9000), cupy.uint8), "labels")
+    assert blocks.chunks == ((1, 1), (8192, 808), (8192, 808))
+    assert GPU_BLOCK_PIXELS == 8192**2
