@@ -9,8 +9,13 @@ Two datasets, both resident on the device before any timing starts:
 
 For each it prints wall times (best of ``--repeat``) of
 
-- ours on the GPU (CuPy blocks) and ours on the CPU (the same data as NumPy blocks): the mean,
-  the five statistics below in one pass, and all nine statistics in one pass;
+- ours on the GPU (CuPy blocks, the fused kernel of ``xr_rasteragg.kernels.cuda``) and ours on
+  the CPU (the same data as NumPy blocks): the mean, the five statistics below in one pass, and
+  all statistics in one pass; on the GPU also all statistics in GPU-sized blocks (the whole
+  reference image in one block; 8192² px blocks of the large one);
+- ``RasterAggregator(..., run_on_gpu=True)`` against ``run_on_gpu=False`` on dask arrays of
+  NumPy chunks (the harpy default: every block is copied to the device inside the timing),
+  ``aggregate_stats`` of harpy's six statistics;
 - ``cupyx.scipy.ndimage`` per channel: ``sum_labels``, ``mean``, ``variance``, ``minimum`` and
   ``maximum`` over every label (one call per statistic and channel, as it works);
 
@@ -37,6 +42,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from xr_rasteragg import RasterAggregator
 from xr_rasteragg.engine import aggregate
 from xr_rasteragg.gpu import probe_cupy
 from xr_rasteragg.synthetic import make_cells
@@ -96,6 +102,16 @@ def ours(labels: Any, image: Any, stats: Sequence[str], chunks: tuple[int, int])
     return {"labels": result.labels, **result.values}
 
 
+def through_aggregator(
+    labels: np.ndarray, image: np.ndarray, chunks: tuple[int, int], run_on_gpu: bool
+) -> list[Any]:
+    """harpy's six statistics through ``RasterAggregator`` on dask arrays of NumPy chunks."""
+    spatial, channel = chunks
+    mask = da.from_array(labels, chunks=(1, spatial, spatial))
+    pixels = da.from_array(image, chunks=(channel, 1, spatial, spatial))
+    return RasterAggregator(mask, pixels, run_on_gpu=run_on_gpu).aggregate_stats()
+
+
 def assert_agree(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], names: Sequence[str]) -> None:
     """Two sets of results agree (extrema exactly, sums and moments to 1e-9)."""
     for name in names:
@@ -143,8 +159,9 @@ def run_dataset(
     repeat: int,
     cpu: bool,
     bandwidth: float,
+    gpu_chunks: tuple[int, int],
 ) -> None:
-    """Check, time and report one dataset."""
+    """Check, time and report one dataset (``gpu_chunks``: the GPU-sized blocks)."""
     import cupyx.scipy.ndimage as cndi
 
     sync = cupy.cuda.Device().synchronize
@@ -162,6 +179,7 @@ def run_dataset(
     }
     np.testing.assert_array_equal(on_gpu["labels"], ids)
     assert_agree(on_gpu, theirs, FIVE)
+    assert_agree(ours(glabels, gimage, ALL_STATS, gpu_chunks), on_gpu, ALL_STATS)
 
     print(f"{name}: {labels.shape[-1]}x{labels.shape[-2]} px, {image.shape[0]} channels {image.dtype}")
     chunking = f"chunks {chunks[0]}x{chunks[0]} px x {chunks[1]} channels"
@@ -171,6 +189,9 @@ def run_dataset(
         "ours GPU: 5 stats, one pass": best_of(repeat, lambda: ours(glabels, gimage, FIVE, chunks), sync),
         "ours GPU: all 10 stats, one pass": best_of(
             repeat, lambda: ours(glabels, gimage, ALL_STATS, chunks), sync
+        ),
+        "ours GPU: all 10 stats, GPU-sized blocks": best_of(
+            repeat, lambda: ours(glabels, gimage, ALL_STATS, gpu_chunks), sync
         ),
         "cupyx.ndimage: mean": best_of(
             repeat, lambda: ndimage_stats(cndi, cupy, plane_labels, plane_image, gids, ("mean",)), sync
@@ -182,6 +203,19 @@ def run_dataset(
     if cpu:
         on_cpu = ours(labels, image, ALL_STATS, chunks)
         assert_agree(on_gpu, on_cpu, ALL_STATS)
+        frames = zip(
+            through_aggregator(labels, image, chunks, True),
+            through_aggregator(labels, image, chunks, False),
+            strict=True,
+        )
+        for got, expected in frames:
+            np.testing.assert_allclose(got.to_numpy(float), expected.to_numpy(float), rtol=1e-9, atol=1e-6)
+        timings["RasterAggregator run_on_gpu=True (host data)"] = best_of(
+            repeat, lambda: through_aggregator(labels, image, chunks, True), sync
+        )
+        timings["RasterAggregator run_on_gpu=False"] = best_of(
+            repeat, lambda: through_aggregator(labels, image, chunks, False), _nothing
+        )
         with dask.config.set(scheduler="threads"):
             timings["ours CPU: mean"] = best_of(
                 repeat, lambda: ours(labels, image, ("mean",), chunks), _nothing
@@ -202,8 +236,15 @@ def run_dataset(
             line += f", ours CPU / ours GPU = {timings[f'ours CPU: {ours_name}'] / gpu:.1f}"
         print(line)
     if cpu:
-        every = timings["ours CPU: all 10 stats, one pass"] / timings["ours GPU: all 10 stats, one pass"]
-        print(f"    all 10 stats: ours CPU / ours GPU = {every:.1f}")
+        cpu_all = timings["ours CPU: all 10 stats, one pass"]
+        every = cpu_all / timings["ours GPU: all 10 stats, one pass"]
+        sized = cpu_all / timings["ours GPU: all 10 stats, GPU-sized blocks"]
+        print(f"    all 10 stats: ours CPU / ours GPU = {every:.1f} (GPU-sized blocks: {sized:.1f})")
+        host = (
+            timings["RasterAggregator run_on_gpu=False"]
+            / timings["RasterAggregator run_on_gpu=True (host data)"]
+        )
+        print(f"    RasterAggregator, host data: run_on_gpu=False / run_on_gpu=True = {host:.1f}")
 
 
 def _nothing() -> None:
@@ -234,7 +275,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ours(
         cupy.asarray(labels[:, :64, :64]), cupy.asarray(image[:, :, :64, :64]), ALL_STATS, (64, 8)
     )  # warm-up
-    run_dataset("reference", labels, image, small_chunks, cupy, args.repeat, True, bandwidth)
+    run_dataset("reference", labels, image, small_chunks, cupy, args.repeat, True, bandwidth, (size, 8))
 
     big_labels = tiled_labels(labels, factor)
     big_image = cupy.random.RandomState(1).randint(0, 2**16, size=(8, *big_labels.shape), dtype=cupy.uint16)
@@ -247,6 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         args.repeat,
         not args.no_cpu_large,
         bandwidth,
+        (min(size * factor, 8192), 8),
     )
 
 

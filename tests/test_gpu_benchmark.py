@@ -62,3 +62,11 @@ def test_report_line(bench: ModuleType) -> None:
     assert "2.0 ms" in line
     assert "500.0 GB/s" in line
     assert "25.0% of copy bandwidth" in line
+
+
+def test_aggregator_baseline_runs_harpys_six_statistics(bench: ModuleType) -> None:
+    labels, image = bench.reference_dataset(64)
+    frames = bench.through_aggregator(labels, image, (32, 8), run_on_gpu=False)
+    assert len(frames) == 6
+    ours = bench.ours(labels, image, ("mean",), (32, 8))
+    np.testing.assert_allclose(frames[1].iloc[:, :8].to_numpy(float)[1:], ours["mean"], rtol=1e-12)
