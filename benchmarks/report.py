@@ -423,6 +423,23 @@ dask's per-task overhead (about a millisecond) then dominates. Recommended: **10
 spatial chunks**, and as many channels per chunk as the store has (1 is fine); the labels are
 rechunked to the image's spatial chunks automatically.
 
+## GPU
+
+Not measured: no run of this page has had a GPU. Ready to run: the fused GPU kernel
+(`xr_rasteragg/kernels/cuda.py`, tested in CI under Numba's CUDA simulator),
+`benchmarks/gpu.py` (all statistics with the data on the device, as a share of the device's
+copy bandwidth and as a ratio to our CPU path on the same data; `RasterAggregator(...,
+run_on_gpu=True)` on dask arrays of NumPy chunks, host-to-device copies included, against the
+CPU path) and `benchmarks/gpu_device.sh`, which installs what a bare GPU machine lacks, runs
+the GPU tests and the benchmark, and writes the logs under `$OUT`:
+
+```bash
+bash benchmarks/gpu_device.sh fetch   # where PyPI is reachable: wheels into .whl/
+bash benchmarks/gpu_device.sh         # on the GPU machine, about 8 minutes at most
+```
+
+The kernel's bandwidth model and what each figure means are in the user guide's GPU page.
+
 ## Findings of this run
 
 {findings}

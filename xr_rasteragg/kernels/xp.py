@@ -11,9 +11,9 @@ anyway. Only the small per-label tables are copied to the host.
 
 The reductions themselves are a small object, :class:`ArrayReductions`: weighted ``bincount``
 for sums and sorting for extrema, which NumPy and CuPy provide with the same signature. This
-module is the reference the compiled kernels are tested against; the GPU kernel
-(:mod:`xr_rasteragg.kernels.cupy`) runs the same :func:`partials_with` with atomic scatter
-reductions instead.
+module is the reference the compiled kernels are tested against: the CPU kernel
+(:mod:`xr_rasteragg.kernels.numba`) on NumPy, and the fused GPU kernel
+(:mod:`xr_rasteragg.kernels.cuda`), with which it shares no code, on CuPy.
 """
 
 from __future__ import annotations
