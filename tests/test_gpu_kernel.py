@@ -14,8 +14,10 @@ kernel, adversarial precision against exact moments, and the order keys of the e
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 from unittest import mock
 
@@ -271,6 +273,17 @@ def test_families_beyond_the_moments_dispatch_on_their_type(monkeypatch: pytest.
     monkeypatch.setitem(cuda_kernel.FAMILY_UPDATES, Extra, update)
     run(labels, None, Needs(0, more=(Extra(),)))
     assert seen == [2]
+
+
+def test_every_kernel_compiles_for_a_hopper_gpu() -> None:
+    """The simulator runs the kernels as Python; Numba's CUDA compiler (NVVM, without a GPU) types
+    and compiles them for every image dtype in a process without the simulator."""
+    script = Path(__file__).parent / "cuda_ptx.py"
+    env = {name: value for name, value in os.environ.items() if name != "NUMBA_ENABLE_CUDASIM"}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+    if done.returncode == 3:
+        pytest.skip(f"NVIDIA's NVVM and NVRTC libraries are not installed ({done.stdout.strip()})")
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def test_a_segment_must_hold_a_pixel() -> None:

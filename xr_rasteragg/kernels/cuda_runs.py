@@ -69,7 +69,7 @@ def _hash(key, mask):
     return np.int64(h & mask)
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline=True)
 def _insert(table, mask, key):
     """The slot of ``key``, claimed with ``atomic.cas`` if it has none yet."""
     if key == _EMPTY:
@@ -82,7 +82,7 @@ def _insert(table, mask, key):
         s = (s + 1) & np.int64(mask)
 
 
-@cuda.jit(device=True)
+@cuda.jit(device=True, inline=True)
 def _find(table, mask, key):
     """The slot of ``key``, which is in the table."""
     if key == _EMPTY:
