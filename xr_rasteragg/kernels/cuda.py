@@ -338,13 +338,6 @@ def _add_empty(parts: Partials, needs: Needs, nchan: int, dtype: np.dtype) -> No
         parts.add(family, **family.empty(0, nchan, dtype))
 
 
-def _add_extrema(parts: Partials, runs: DeviceRuns, key_lo: Any, key_hi: Any, dtype: np.dtype) -> None:
-    local = runs.local
-    lo = from_order_keys(key_lo.copy_to_host()[local], dtype)
-    hi = from_order_keys(key_hi.copy_to_host()[local], dtype)
-    parts.add(Extrema(), min=lo, max=hi)
-
-
 def _extrema_init(k: int, nchan: int, dtype: np.dtype) -> tuple[Any, Any]:
     """Device arrays of the keys of the largest and of the smallest value of ``dtype``."""
     if dtype.kind == "f":
@@ -364,29 +357,19 @@ def _small_integer_partials(parts: Partials, runs: DeviceRuns, image: Any, needs
     low = np.int64(_low(dtype))
     key_lo, key_hi = _extrema_init(k, nchan, dtype)
     power = _full((k, nchan, 6), np.uint64, 0)
-    device_image = _on_device(image)
+    walk = runs.walk()
     _launch(
-        _power_pass,
-        runs.threads,
-        *runs.walk(),
-        device_image,
-        low,
-        order,
-        needs.extrema,
-        power,
-        key_lo,
-        key_hi,
+        _power_pass, runs.threads, *walk, _on_device(image), low, order, needs.extrema, power, key_lo, key_hi
     )
+    moments: list[Any] = []
+    if needs.order >= 1:
+        moments = [cuda.device_array((k, nchan), np.int64)]
+        moments += [cuda.device_array((k, nchan), np.float64) for _ in range(4)]
+        _launch(_power_moments, k * nchan, runs.packed, power, low, order, *moments)
+    # Every kernel is launched: the copies to the host start here.
     if needs.skipna:
         parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))
-    if needs.extrema:
-        _add_extrema(parts, runs, key_lo, key_hi, dtype)
-    if needs.order == 0:
-        return
-    shift = cuda.device_array((k, nchan), np.int64)
-    moments = [cuda.device_array((k, nchan), np.float64) for _ in range(4)]
-    _launch(_power_moments, k * nchan, runs.packed, power, low, order, shift, *moments)
-    _add_moments(parts, runs, needs.order, [shift, *moments])
+    _add_results(parts, runs, needs, dtype, (key_lo, key_hi), moments)
 
 
 def _general_partials(parts: Partials, runs: DeviceRuns, image: Any, needs: Needs) -> None:
@@ -408,34 +391,44 @@ def _general_partials(parts: Partials, runs: DeviceRuns, image: Any, needs: Need
         _first_pass, runs.threads, *runs.walk(), device_image, bits, kind, zero, np.int64(_low(dtype)),
         sign, full, skipna, needs.order >= 1, needs.extrema, position, exact, total, nvalid, key_lo, key_hi,
     )  # fmt: skip
-    valid = nvalid.copy_to_host()[runs.local] if skipna else None
-    if needs.skipna:
-        parts.add(Valid(), nvalid=valid if valid is not None else np.repeat(parts.count[:, None], nchan, 1))
-    if needs.extrema:
-        _add_extrema(parts, runs, key_lo, key_hi, dtype)
-    if needs.order == 0:
-        return
-    shift = cuda.device_array((k, nchan), shift_dtype(dtype))
-    shifted = cuda.device_array((k, nchan), np.float64)
-    _launch(_finish_sums, k * nchan, device_image, kind, position, exact, total, shift, shifted)
-    moments: list[Any] = [shift, shifted]
+    moments: list[Any] = []
+    if needs.order >= 1:
+        shift = cuda.device_array((k, nchan), shift_dtype(dtype))
+        shifted = cuda.device_array((k, nchan), np.float64)
+        _launch(_finish_sums, k * nchan, device_image, kind, position, exact, total, shift, shifted)
+        moments = [shift, shifted]
     if needs.order >= 2:
         central = _full((k, nchan, 4), np.float64, 0)
         _launch(
             _second_pass, runs.threads, *runs.walk(), device_image, kind, skipna, runs.packed, nvalid,
             shift, shifted, needs.order, central,
         )  # fmt: skip
-        m = [cuda.device_array((k, nchan), np.float64) for _ in range(3)]
-        _launch(_finish_moments, k * nchan, runs.packed, nvalid, skipna, central, needs.order, *m)
-        moments += m
-    _add_moments(parts, runs, needs.order, moments)
+        moments += [cuda.device_array((k, nchan), np.float64) for _ in range(3)]
+        _launch(_finish_moments, k * nchan, runs.packed, nvalid, skipna, central, needs.order, *moments[2:])
+    # Every kernel is launched: the copies to the host start here.
+    if needs.skipna:
+        valid = nvalid.copy_to_host()[runs.local] if skipna else np.repeat(parts.count[:, None], nchan, 1)
+        parts.add(Valid(), nvalid=valid)
+    _add_results(parts, runs, needs, dtype, (key_lo, key_hi), moments)
 
 
-def _add_moments(parts: Partials, runs: DeviceRuns, order: int, moments: list[Any]) -> None:
-    """Add the :class:`~xr_rasteragg.families.Moments` of ``order`` from device arrays by row."""
-    family = Moments(order)
-    host = [m.copy_to_host()[runs.local] for m in moments[: order + 1]]
-    parts.add(family, **dict(zip(family.names(), host, strict=True)))
+def _add_results(
+    parts: Partials,
+    runs: DeviceRuns,
+    needs: Needs,
+    dtype: np.dtype,
+    keys: tuple[Any, Any],
+    moments: list[Any],
+) -> None:
+    """Copy the extrema (from their keys) and the moments (shift, shifted, M2..) to the host, by row."""
+    local = runs.local
+    if needs.extrema:
+        lo, hi = (from_order_keys(key.copy_to_host()[local], dtype) for key in keys)
+        parts.add(Extrema(), min=lo, max=hi)
+    if needs.order >= 1:
+        family = Moments(needs.order)
+        host = [m.copy_to_host()[local] for m in moments[: needs.order + 1]]
+        parts.add(family, **dict(zip(family.names(), host, strict=True)))
 
 
 #: Kernel code for the families beyond counts, moments and extrema, by family type: each fills
