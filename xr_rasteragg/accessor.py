@@ -8,7 +8,7 @@ arrays back into xarray objects. No statistics are computed here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -17,6 +17,7 @@ import xarray as xr
 from numpy.typing import ArrayLike, NDArray
 
 from .alignment import SPATIAL, Aligned, align, scale0, to_coordinate_system, transformations
+from .engine import Aggregation, aggregate_masks
 from .engine import aggregate as run_engine
 from .kernels.xp import namespace, to_numpy
 from .stats import SHAPE_FEATURES, STATISTICS, Space, validate_stats
@@ -179,6 +180,61 @@ class RasterAggAccessor:
             names = validate_stats(("mean",) if stats is None else stats)
             aligned = _prepare(self._obj, labels, coordinate_system)  # type: ignore[arg-type]
         return _run(aligned, names, index=index, background=background, skipna=skipna)
+
+    def aggregate_masks(
+        self,
+        masks: Mapping[str, xr.DataArray],
+        stats: str | Iterable[str] = ("mean",),
+        *,
+        background: int | None = 0,
+        skipna: bool = False,
+        coordinate_system: str | None = None,
+    ) -> dict[str, xr.Dataset]:
+        """The statistics of :meth:`aggregate` over several label masks, reading the image once.
+
+        For a cell and a nucleus mask, say: each block of a dask-backed image (as read from a
+        file, see :mod:`xr_rasteragg.io`) is read once and handed to every mask's pass, where
+        one :meth:`aggregate` call per mask would read the image once per mask.
+
+        Parameters
+        ----------
+        masks
+            Label masks by name, each as ``labels`` in :meth:`aggregate` (aligned with the image
+            on its own, so masks may cover different crops of the image).
+        stats, background, skipna, coordinate_system
+            As in :meth:`aggregate`, the same for every mask; every label present is reported.
+
+        Returns
+        -------
+        dict
+            One Dataset per name, in the order of ``masks``, each as :meth:`aggregate` returns it.
+
+        Examples
+        --------
+        >>> import numpy as np, xarray as xr
+        >>> cells = xr.DataArray(np.array([[1, 1, 2, 2]]), dims=("y", "x"))
+        >>> nuclei = xr.DataArray(np.array([[0, 1, 2, 0]]), dims=("y", "x"))
+        >>> image = xr.DataArray(np.array([[1.0, 3.0, 5.0, 9.0]]), dims=("y", "x"))
+        >>> tables = image.rasteragg.aggregate_masks({"cell": cells, "nucleus": nuclei}, "mean")
+        >>> tables["cell"]["mean"].values, tables["nucleus"]["mean"].values
+        (array([2., 7.]), array([3., 5.]))
+        """
+        names = validate_stats(stats)
+        if not isinstance(masks, Mapping) or not masks:
+            raise TypeError(
+                "'masks' must be a non-empty mapping of names to labels DataArrays; got "
+                f"{type(masks).__name__}"
+            )
+        aligned = {name: _prepare(self._obj, labels, coordinate_system) for name, labels in masks.items()}
+        inputs = {name: _engine_inputs(one, names) for name, one in aligned.items()}
+        results = aggregate_masks(
+            {name: (labels, image) for name, (labels, image, _) in inputs.items()},
+            names,
+            background=background,
+            skipna=skipna,
+            spaces={name: space for name, (_, _, space) in inputs.items()},
+        )
+        return {name: _wrap(aligned[name], names, results[name]) for name in aligned}
 
     sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
     mean = _statistic("mean", "Mean of the pixel values of each label, per channel.")
@@ -535,16 +591,9 @@ def _run(
     skipna: bool,
     wholes: dict[str, WholeLabel] | None = None,
 ) -> xr.Dataset:
-    image, labels = aligned.image, aligned.labels
-    image_data = None if image is None else _canonical(image, IMAGE_DIMS)
-    axes = [d for d in SPATIAL if d in labels.dims]
-    shape = any(name in SHAPE_FEATURES for name in names)
-    space = Space(
-        tuple(SPATIAL.index(d) for d in axes),
-        _spacing(labels, axes, aligned.affine) if shape else (1.0,) * len(axes),
-    )
+    labels_data, image_data, space = _engine_inputs(aligned, names)
     result = run_engine(
-        _canonical(labels, SPATIAL),
+        labels_data,
         image_data,
         names,
         index=index,
@@ -553,6 +602,29 @@ def _run(
         wholes=wholes,
         space=space,
     )
+    return _wrap(aligned, names, result, wholes)
+
+
+def _engine_inputs(aligned: Aligned, names: Sequence[str]) -> tuple[Any, Any, Space]:
+    """The labels and image in the engine's ``(z, y, x)`` and ``(c, z, y, x)`` layouts, and the
+    labels' axes and spacing (for the shape features among ``names``)."""
+    image, labels = aligned.image, aligned.labels
+    image_data = None if image is None else _canonical(image, IMAGE_DIMS)
+    axes = [d for d in SPATIAL if d in labels.dims]
+    shape = any(name in SHAPE_FEATURES for name in names)
+    space = Space(
+        tuple(SPATIAL.index(d) for d in axes),
+        _spacing(labels, axes, aligned.affine) if shape else (1.0,) * len(axes),
+    )
+    return _canonical(labels, SPATIAL), image_data, space
+
+
+def _wrap(
+    aligned: Aligned, names: Sequence[str], result: Aggregation, wholes: dict[str, WholeLabel] | None = None
+) -> xr.Dataset:
+    """The engine's result as a Dataset: one variable per statistic, ids and channels as coordinates."""
+    image, labels = aligned.image, aligned.labels
+    axes = [d for d in SPATIAL if d in labels.dims]
     has_c = image is not None and "c" in image.dims
     coords: dict[Hashable, Any] = {"label": result.labels}
     if has_c and image is not None and "c" in image.coords:

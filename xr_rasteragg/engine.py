@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Aggregation",
     "aggregate",
+    "aggregate_masks",
     "as_dask",
     "distributed_client",
     "locate",
@@ -688,3 +689,108 @@ def _finalized(
                 meta=np.empty((0,) * (1 + len(width)), dtype), name=f"rasteragg-{name}-{token}",
             )  # fmt: skip
     return {name: values[name] for name in stats}
+
+
+def aggregate_masks(
+    masks: Mapping[str, tuple[Any, Any]],
+    stats: str | Iterable[str],
+    *,
+    background: int | None = None,
+    skipna: bool = False,
+    split_every: int = SPLIT_EVERY,
+    eager: bool = False,
+    spaces: Mapping[str, Space] | None = None,
+) -> dict[str, Aggregation]:
+    """Per-label statistics over several label masks, with one read of the image for all of them.
+
+    Each mask's pass is built as in :func:`aggregate`, and the passes run in one computation:
+    dask runs a task that several graphs share once, so each block of an image that the masks
+    share (one dask array, or crops of one) is read once and handed to every mask's kernel.
+
+    Parameters
+    ----------
+    masks
+        For each name, ``(labels, image)`` as :func:`aggregate` takes them. Give the masks one
+        image (the same dask array, crops of it, or the same NumPy array) to read it once; a
+        NumPy image given for several masks is split into blocks once.
+    stats, background, skipna, split_every, eager
+        As in :func:`aggregate`, the same for every mask.
+    spaces
+        For each name, ``space`` as in :func:`aggregate` (for the shape features); a name that is
+        not there (or None for all) gets all three axes, spacing 1.
+
+    Returns
+    -------
+    dict
+        One :class:`Aggregation` per name, in the order of ``masks``; lazy or NumPy as
+        :func:`aggregate` returns it (without an ``index``: every label present, sorted).
+    """
+    stats = validate_stats(stats)
+    if split_every < 2:
+        raise ValueError(f"'split_every' must be at least 2 partials per merge; got {split_every}")
+    check_background(background)
+    if not isinstance(masks, Mapping) or not masks:
+        raise TypeError(f"'masks' must be a non-empty mapping of names to (labels, image); got {masks!r}")
+    space = {name: (spaces or {}).get(name) or Space() for name in masks}
+    for one in space.values():
+        check_space(stats, one)
+    lazy = not eager and any(isinstance(array, da.Array) for pair in masks.values() for array in pair)
+    blocked: dict[int, da.Array] = {}  # one dask array per in-memory image, shared by its masks
+    inputs = {}
+    for name, (labels, image) in masks.items():
+        if image is not None and not isinstance(image, da.Array):
+            image = blocked.setdefault(id(image), as_dask(image, "image"))
+        inputs[name] = (as_dask(labels, f"labels-{name}"), image)
+    if any(STATISTICS[name].whole is not None for name in stats):
+        return _gathered_masks(inputs, stats, background, skipna, split_every, lazy, space)
+    needs = needs_of(stats, skipna)
+    parts, nchan = {}, {}
+    for name, (labels, image) in inputs.items():
+        checked, pixels = _check_inputs(labels, image, stats)
+        parts[name] = _merged_partials(checked, pixels, needs, background, split_every, split_every**2)
+        nchan[name] = 0 if pixels is None else int(pixels.shape[0])
+    kept = dict(zip(parts, dask.persist(*parts.values()), strict=True))
+    for part in kept.values():
+        _show_progress(part)
+    if not lazy:
+        return {name: _eager(part, None, stats, nchan[name], space[name]) for name, part in kept.items()}
+    blocks = [
+        part.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{part.name}-ids")
+        for part in kept.values()
+    ]
+    found = dask.compute(*blocks)
+    out = {}
+    for (name, part), ids in zip(kept.items(), found, strict=True):
+        wanted = label_union(list(ids.ravel()))
+        out[name] = Aggregation(wanted, _finalized(part, wanted, stats, nchan[name], space[name]))
+    return out
+
+
+def _gathered_masks(
+    inputs: Mapping[str, tuple[da.Array, da.Array | None]],
+    stats: Sequence[str],
+    background: int | None,
+    skipna: bool,
+    split_every: int,
+    lazy: bool,
+    space: Mapping[str, Space],
+) -> dict[str, Aggregation]:
+    """:func:`aggregate_masks` with whole-label statistics: each mask's labels are surveyed now
+    (:func:`xr_rasteragg.gather.aggregate`), and its image pass is left as a graph; the masks'
+    graphs, computed together, read the image's blocks once."""
+    out = {
+        name: aggregate(
+            labels,
+            image,
+            stats,
+            background=background,
+            skipna=skipna,
+            split_every=split_every,
+            space=space[name],
+        )
+        for name, (labels, image) in inputs.items()
+    }
+    if lazy:
+        return out
+    (values,) = dask.compute({name: result.values for name, result in out.items()})
+    return {name: Aggregation(result.labels, values[name]) for name, result in out.items()}
