@@ -5,12 +5,17 @@
     rasteragg demo [--out DIR]
     rasteragg aggregate STORE.zarr --image I --labels L [--stats mean,var] [--table NAME]
                        [--coordinate-system CS] [--channels A,B] [--overwrite] [--scheduler ADDRESS]
+    rasteragg quantify --masks CELL.tif [NUCLEI.tif ...] --image IMAGE.ome.tif
+                       [--channel_names markers.csv] --output DIR [--mask_props P ...]
+                       [--intensity_props P ...] [--format csv|h5ad|spatialdata] [--overwrite]
 
 Mistakes in the input (a missing store or element, an unknown statistic, a table that exists)
 are reported in one line on stderr with exit status 1, before any pixel is read. Anything that
 goes wrong later is a failure, reported with its traceback. Whatever goes wrong, the store is left
 as it was: the table is written beside the store (with ``--scheduler``, by the cluster's workers)
-and moved into place only when complete.
+and moved into place only when complete. ``quantify`` (MCQuant's command, see
+:mod:`xr_rasteragg.quantify`) likewise writes its tables under temporary names in the output
+folder and renames them into place only when all are complete.
 
 Progress is dask's own: ``dask.diagnostics.ProgressBar`` on the local threads, for the pass and
 the table; ``distributed.progress`` on a cluster, for the pass and then the table.
@@ -58,8 +63,14 @@ _OPTIONS = {
     "table_name": "--table",
 }
 
+#: ``quantify``'s arguments, named as MCQuant's options in its error messages.
+_QUANTIFY_OPTIONS = {
+    name: f"--{name}"
+    for name in ("masks", "image", "channel_names", "output", "mask_props", "intensity_props", "format")
+}
+
 #: Packages of the ``spatialdata`` extra, which the command line needs.
-_EXTRA = ("spatialdata", "anndata", "zarr", "matplotlib", "distributed")
+_EXTRA = ("spatialdata", "anndata", "zarr", "tifffile", "matplotlib", "distributed")
 
 
 class UsageError(Exception):
@@ -80,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"--size must be at least {MIN_SIZE} pixels for a useful demo; got {args.size}"
                     )
                 run_demo(Path(args.out), size=args.size, seed=args.seed)
+            elif args.command == "quantify":
+                _quantify(args)
             else:
                 _aggregate(args)
     except (UsageError, InputDataError, *_FILE_ERRORS) as error:
@@ -104,7 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception:
         traceback.print_exc()
-        where = f"; {args.store} is as it was" if args.command == "aggregate" else ""
+        where = {
+            "aggregate": f"; {getattr(args, 'store', '')} is as it was",
+            "quantify": f"; nothing was written to {getattr(args, 'output', '')}",
+        }.get(args.command, "")
         print(f"{PROG}: failed{where}", file=sys.stderr)
         return 1
     return 0
@@ -153,7 +169,80 @@ def _parser() -> argparse.ArgumentParser:
     agg.add_argument("--overwrite", action="store_true", help="replace a table of the same name")
     agg.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler")
     agg.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    quant = commands.add_parser(
+        "quantify",
+        help="MCQuant's single-cell tables of an OME-TIFF/zarr image over one or more masks",
+        description="A drop-in for MCQuant (MCMICRO): for each mask, write OUTPUT/<image>_<mask>.csv with "
+        "CellID, the mean intensity of each marker, <marker>_<prop> for further intensity properties, "
+        "then X_centroid, Y_centroid, Area and MCQuant's other mask properties. The image is read "
+        "once, block by block, for all masks; nothing is written unless everything succeeds.",
+    )
+    quant.add_argument(
+        "--masks", nargs="+", required=True, metavar="MASK", help="label mask files (TIFF, zarr)"
+    )
+    quant.add_argument("--image", required=True, help="the image (OME-TIFF, TIFF, OME-Zarr or zarr)")
+    quant.add_argument(
+        "--channel_names",
+        "--channel-names",
+        metavar="CSV",
+        help="markers file: a 'marker_name' column or one name a line (default: the OME channel names)",
+    )
+    quant.add_argument("--output", required=True, metavar="DIR", help="output folder (made if missing)")
+    quant.add_argument(
+        "--mask_props",
+        "--mask-props",
+        nargs="+",
+        default=[],
+        metavar="P",
+        help="further scikit-image regionprops mask properties",
+    )
+    quant.add_argument(
+        "--intensity_props",
+        "--intensity-props",
+        nargs="+",
+        default=[],
+        metavar="P",
+        help="further intensity properties per marker: intensity_max, intensity_min, intensity_std, "
+        "intensity_sum, or a statistic's name (var, skew, kurtosis, ...)",
+    )
+    quant.add_argument(
+        "--format", choices=("csv", "h5ad", "spatialdata"), default="csv", help="(default: %(default)s)"
+    )
+    quant.add_argument("--overwrite", action="store_true", help="replace tables that exist")
+    quant.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler")
+    quant.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
+
+
+def _quantify(args: argparse.Namespace) -> None:
+    from . import quantify as mcquant
+
+    try:
+        resolved = mcquant.plan(
+            args.masks,
+            args.image,
+            args.output,
+            channel_names=args.channel_names,
+            mask_props=args.mask_props,
+            intensity_props=args.intensity_props,
+            format=args.format,
+            overwrite=args.overwrite,
+        )
+    except (TypeError, ValueError, FileNotFoundError) as error:
+        raise UsageError(_as_option(str(error), _QUANTIFY_OPTIONS)) from error
+    if resolved.missing_columns:
+        print(f"{PROG}: note: {mcquant.missing_columns_note(resolved)}", file=sys.stderr)
+    start = time.perf_counter()
+    with _scheduler(args.scheduler):
+        tables = mcquant.compute(resolved, progress=not args.no_progress)
+    written = mcquant.write(resolved, tables)
+    seconds = time.perf_counter() - start
+    cells = ", ".join(f"{name}: {len(table)} cells" for name, table in tables.items())
+    print(
+        f"wrote {', '.join(str(path) for path in written)} ({cells}; {resolved.image.sizes['c']} markers) "
+        f"in {seconds:.1f} s"
+    )
 
 
 def _aggregate(args: argparse.Namespace) -> None:
@@ -199,9 +288,9 @@ def _aggregate(args: argparse.Namespace) -> None:
     )
 
 
-def _as_option(message: str) -> str:
+def _as_option(message: str, options: dict[str, str] = _OPTIONS) -> str:
     """The adapter's message with the argument it starts with named as its option."""
-    for argument, option in _OPTIONS.items():
+    for argument, option in options.items():
         if message.startswith(f"'{argument}' "):
             return option + message[len(argument) + 2 :]
     return message

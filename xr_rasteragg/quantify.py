@@ -50,6 +50,7 @@ __all__ = [
     "plan",
     "quantify",
     "read_markers",
+    "unique_names",
 ]
 
 Format = Literal["csv", "h5ad", "spatialdata"]
@@ -200,13 +201,24 @@ def read_markers(path: str | Path, *, argument: str = "channel_names") -> list[s
     blank = [i for i, name in enumerate(names) if pd.isna(name) or not str(name).strip()]
     if blank:
         raise ValueError(f"'{argument}' {str(path)!r} has empty marker names in rows {blank}")
-    text = [str(name).strip() for name in names]
-    suffixed = [f"{n}_{text[:i].count(n) + 1}" if text.count(n) > 1 else n for i, n in enumerate(text)]
+    return unique_names([str(name).strip() for name in names], f"'{argument}' {str(path)!r}")
+
+
+def unique_names(names: Sequence[str], source: str) -> list[str]:
+    """``names`` with each name that occurs more than once suffixed at every occurrence, ``_1``,
+    ``_2``, ... in order, as MCQuant does; ``source`` (what named them) is for the error.
+
+    Raises
+    ------
+    ValueError
+        If a suffixed name is another name of the list (``DNA, DNA, DNA_2``).
+    """
+    suffixed = [f"{n}_{names[:i].count(n) + 1}" if names.count(n) > 1 else n for i, n in enumerate(names)]
     clashes = sorted({n for n in suffixed if suffixed.count(n) > 1})
     if clashes:
         raise ValueError(
-            f"'{argument}' {str(path)!r} gives columns {clashes} twice once repeated names are suffixed "
-            "(_1, _2, ...); rename the markers"
+            f"{source} gives columns {clashes} twice once repeated names are suffixed (_1, _2, ...); "
+            "rename the markers"
         )
     return suffixed
 
@@ -328,7 +340,7 @@ def quantify(
         property, the mask columns in ``obs``, the centroids in ``obsm["spatial"]``, parsed with
         spatialdata's ``TableModel``: region ``<mask>``, region key ``region``, instance key
         ``CellID``). ``spatialdata``: one SpatialData store ``<image>.zarr`` with each mask as a
-        labels element and its table (the h5ad one) under ``tables/<mask>``.
+        labels element and its table (the h5ad one) under ``tables/<mask>_table``.
     overwrite
         Replace tables (or a store) that exist; without it they are an error.
     progress
@@ -449,13 +461,14 @@ def _mask_props(props: Sequence[str]) -> tuple[str, ...]:
 def _channel_names(pixels: xr.DataArray, channel_names: str | Path | None, image: str | Path) -> list[str]:
     nchan = pixels.sizes["c"]
     if channel_names is None:
-        names = [str(c) for c in pixels["c"].values]
         if pixels["c"].dtype.kind in "iu":
             raise ValueError(
                 f"'channel_names' is needed: 'image' {str(image)!r} names no channels (no OME channel "
                 "names); give a markers file"
             )
-        return names
+        return unique_names(
+            [str(c) for c in pixels["c"].values], f"the channel names of 'image' {str(image)!r}"
+        )
     markers = read_markers(channel_names)
     if len(markers) != nchan:
         raise ValueError(
@@ -534,7 +547,7 @@ def _write_store(resolved: Quantification, tables: Mapping[str, pd.DataFrame], p
     for name, mask in resolved.masks.items():
         model = Labels3DModel if "z" in mask.dims else Labels2DModel
         labels[name] = model.parse(mask.data, dims=tuple(mask.dims))
-    tables_by_name = {name: _anndata(resolved, name, table) for name, table in tables.items()}
+    tables_by_name = {f"{name}_table": _anndata(resolved, name, table) for name, table in tables.items()}
     SpatialData(labels=labels, tables=tables_by_name).write(path)
 
 
