@@ -230,7 +230,10 @@ def _quantify(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
         )
     except (TypeError, ValueError, FileNotFoundError) as error:
-        raise UsageError(_as_option(str(error), _QUANTIFY_OPTIONS)) from error
+        message = str(error)
+        for argument, option in _QUANTIFY_OPTIONS.items():  # every argument named, not only the first
+            message = message.replace(f"'{argument}' ", f"{option} ")
+        raise UsageError(message) from error
     if resolved.missing_columns:
         print(f"{PROG}: note: {mcquant.missing_columns_note(resolved)}", file=sys.stderr)
     start = time.perf_counter()
@@ -288,9 +291,9 @@ def _aggregate(args: argparse.Namespace) -> None:
     )
 
 
-def _as_option(message: str, options: dict[str, str] = _OPTIONS) -> str:
+def _as_option(message: str) -> str:
     """The adapter's message with the argument it starts with named as its option."""
-    for argument, option in options.items():
+    for argument, option in _OPTIONS.items():
         if message.startswith(f"'{argument}' "):
             return option + message[len(argument) + 2 :]
     return message
