@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import xarray as xr
 
@@ -159,7 +160,7 @@ def _open_tiff(
     names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
     # The zarr interface reads the file's tiles or strips as zarr chunks; the series (and so the
     # file) stays open as long as the store does.
-    stored = zarr.open(series.aszarr(level=0), mode="r")
+    stored = _Stored(zarr.open(series.aszarr(level=0), mode="r"), path, "series 0, level 0")
     dims = _tiff_dims(letters, shape, path, argument, labels=labels)
     array, dims = _squeezed(_lazy(stored, dims), dims, labels=labels)
     return array, dims, names
@@ -213,7 +214,8 @@ def _open_zarr(
                 f"expected a zarr array or an OME-Zarr image{hint}"
             )
         first = multiscales[0]
-        array = node[first["datasets"][0]["path"]]
+        key = first["datasets"][0]["path"]
+        array = _Stored(node[key], path, key)
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in first.get("axes", [])]
         dims = (
             tuple(axes) if len(axes) == array.ndim else _plain_dims(array.ndim, path, argument, labels=labels)
@@ -222,7 +224,7 @@ def _open_zarr(
         if channels:
             names = [str(channel.get("label", i)) for i, channel in enumerate(channels)]
     else:
-        array = node
+        array = _Stored(node, path, "")
         dims = _plain_dims(array.ndim, path, argument, labels=labels)
     unknown = [d for d, n in zip(dims, array.shape, strict=True) if d not in ("c", "z", "y", "x") and n != 1]
     if unknown:
@@ -256,7 +258,30 @@ def _lazy(array: Any, dims: Sequence[str]) -> da.Array:
             chunks.append(1)
         else:
             chunks.append(max(size, 1))
-    return da.from_zarr(array, chunks=tuple(max(c, 1) for c in chunks))
+    # from_array rather than from_zarr, which dask's array query planning lacks.
+    return da.from_array(
+        array, chunks=tuple(max(c, 1) for c in chunks), name=f"read-{dask.base.tokenize(array)}"
+    )
+
+
+class _Stored:
+    """A zarr array of a file, read by slices, with a dask token of the file's path, version and
+    array (dask would otherwise hash the array's store, which tifffile's cannot be)."""
+
+    def __init__(self, array: Any, path: Path, key: str) -> None:
+        self.array = array
+        self.shape: tuple[int, ...] = tuple(array.shape)
+        self.dtype = array.dtype
+        self.ndim = len(self.shape)
+        self.chunks: tuple[int, ...] = tuple(array.chunks)
+        stat = path.stat()
+        self.token = (str(path.resolve()), key, stat.st_mtime_ns, stat.st_size)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.array[key]
+
+    def __dask_tokenize__(self) -> Any:
+        return self.token
 
 
 def _squeezed(array: da.Array, dims: tuple[str, ...], *, labels: bool) -> tuple[da.Array, tuple[str, ...]]:
