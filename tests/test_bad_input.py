@@ -1898,6 +1898,136 @@ def _accessor_element_cases() -> list[Case]:
     ]
 
 
+@functools.cache
+def quantify_dir() -> Path:
+    """A folder of tiny image and mask files for ``rasteragg quantify``, made once, removed at exit."""
+    import atexit
+
+    import tifffile
+    import zarr
+
+    folder = Path(tempfile.mkdtemp(prefix="rasteragg-bad-input-quantify-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    names = {"axes": "CYX", "Channel": {"Name": ["DAPI", "CD3"]}}
+    tifffile.imwrite(folder / "img.ome.tif", IMG.astype(np.uint16), photometric="minisblack", metadata=names)
+    tifffile.imwrite(folder / "cells.tif", LAB)
+    tifffile.imwrite(folder / "small.tif", LAB[:, :3])
+    tifffile.imwrite(folder / "float.tif", LAB.astype(np.float32))
+    zarr.create_array(folder / "stack.zarr", data=np.stack([LAB, LAB]))
+    (folder / "notes.tif").write_text("not an image")
+    (folder / "three.csv").write_text("marker_name\nDAPI\nCD3\nCD8\n")
+    (folder / "nameless.csv").write_text("cycle,name\n1,DAPI\n1,CD3\n")
+    (folder / "done").mkdir()
+    (folder / "done" / "img_cells.csv").write_text("an earlier table\n")
+    return folder
+
+
+def rasteragg_quantify(*options: str) -> str:
+    """``rasteragg quantify --image img.ome.tif --output out OPTIONS`` in :func:`quantify_dir`.
+
+    Returns stdout on success. On failure checks that the exit status is 1, stderr one line, the
+    folder unchanged and no pixel read, and raises :class:`CommandFailed`.
+    """
+    from xr_rasteragg import cli
+    from xr_rasteragg import quantify as mcquant
+
+    folder = quantify_dir()
+    before = tree_hash(folder)
+    out, err = io.StringIO(), io.StringIO()
+    defaults = {"--image": "img.ome.tif", "--output": "out"}
+    given = dict.fromkeys(o for o in options if o.startswith("--"))
+    fixed = [item for option, value in defaults.items() if option not in given for item in (option, value)]
+    with (
+        contextlib.chdir(folder),
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        mock.patch.object(mcquant, "compute", no_reading),
+    ):
+        status = cli.main(["quantify", "--no-progress", *fixed, *options])
+    lines = err.getvalue().strip().splitlines()
+    assert status == 1, err.getvalue()
+    assert len(lines) == 1, err.getvalue()
+    assert tree_hash(folder) == before, "a failed command changed the folder"
+    raise CommandFailed(lines[0])
+
+
+def _quantify_cases() -> list[Case]:
+    def case(id: str, given: str, options: tuple[str, ...], match: str) -> Case:
+        return Case(
+            f"quantify-{id}",
+            "command line",
+            f"`rasteragg quantify {' '.join(options)}` ({given})",
+            lambda: rasteragg_quantify(*options),
+            CommandFailed,
+            r"^rasteragg: error: " + match,
+        )
+
+    return [
+        case(
+            "mask-shape",
+            "a 2 × 3 mask, a 2 × 4 image",
+            ("--masks", "small.tif"),
+            r"--masks 'small.tif' has shape \(2, 3\) but --image 'img.ome.tif' has \['y', 'x'\] shape "
+            r"\(2, 4\)",
+        ),
+        case(
+            "mask-3d",
+            "a 3-D mask, a 2-D image",
+            ("--masks", "stack.zarr"),
+            r"--masks 'stack.zarr' is 3-D \('z', 'y', 'x'\) but --image 'img.ome.tif' is 2-D",
+        ),
+        case(
+            "mask-float",
+            "a float32 mask",
+            ("--masks", "float.tif"),
+            r"--masks 'float.tif' must hold integer label ids; got dtype float32",
+        ),
+        case(
+            "markers-count",
+            "3 markers, 2 channels",
+            ("--masks", "cells.tif", "--channel_names", "three.csv"),
+            r"--channel_names 'three.csv' names 3 markers but --image 'img.ome.tif' has 2 channels",
+        ),
+        case(
+            "markers-columns",
+            "a CSV without a marker_name column",
+            ("--masks", "cells.tif", "--channel_names", "nameless.csv"),
+            r"--channel_names 'nameless.csv' must have a 'marker_name' column or one name a line",
+        ),
+        case(
+            "image-not-tiff",
+            "a text file named .tif",
+            ("--masks", "cells.tif", "--image", "notes.tif"),
+            r"--image 'notes.tif' is not a TIFF image",
+        ),
+        case("mask-missing", "no such file", ("--masks", "gone.tif"), r"--masks 'gone.tif' does not exist"),
+        case(
+            "masks-same-name",
+            "two masks named cells",
+            ("--masks", "cells.tif", "done/cells.tif"),
+            r"--masks must have distinct names",
+        ),
+        case(
+            "output-exists",
+            "the table exists",
+            ("--masks", "cells.tif", "--output", "done"),
+            r"--output already holds \['done/img_cells.csv'\]; pass overwrite=True \(--overwrite\)",
+        ),
+        case(
+            "property-unknown",
+            "an unknown intensity property",
+            ("--masks", "cells.tif", "--intensity_props", "intensity_mode"),
+            r"--intensity_props holds unknown properties \['intensity_mode'\]",
+        ),
+        case(
+            "property-unavailable",
+            "MCQuant's gini_index",
+            ("--masks", "cells.tif", "--intensity_props", "gini_index"),
+            r"--intensity_props \['gini_index'\] are not available yet",
+        ),
+    ]
+
+
 CASES: list[Case] = [
     *_label_dtype_cases(),
     *_image_dtype_cases(),
@@ -1915,6 +2045,7 @@ CASES: list[Case] = [
     *_spatialdata_cases(),
     *_accessor_element_cases(),
     *_command_line_cases(),
+    *_quantify_cases(),
 ]
 
 
