@@ -487,3 +487,32 @@ def test_spatialdata_format(files: Path, data: tuple[np.ndarray, ...]) -> None:
     expected = mcquant_table(nuclei, image, UNIQUE, [])
     np.testing.assert_allclose(table.X, expected[UNIQUE].to_numpy(), rtol=1e-9)
     assert set(table.obs["region"]) == {"nucleiMask"}
+
+
+def test_spatialdata_adapter_reads_image_once(data: tuple[np.ndarray, ...]) -> None:
+    spatialdata = pytest.importorskip("spatialdata")
+    from spatialdata.models import Image2DModel, Labels2DModel
+    from spatialdata.transformations import Translation
+
+    from xr_rasteragg.spatialdata import aggregate, aggregate_labels
+
+    cells, nuclei, image = data
+    source = CountingArray(image)
+    crop = Translation([10, 20], axes=("x", "y"))  # the nuclei cover a crop of the image
+    sdata = spatialdata.SpatialData(
+        images={"img": Image2DModel.parse(da.from_array(source, chunks=(1, 64, 64)), dims=("c", "y", "x"))},
+        labels={
+            "cells": Labels2DModel.parse(cells, dims=("y", "x"), chunks=64),
+            "nuclei": Labels2DModel.parse(
+                nuclei[20:, 10:], dims=("y", "x"), chunks=64, transformations={"global": crop}
+            ),
+        },
+    )
+    tables = aggregate_labels(sdata, "img", ["cells", "nuclei"], ["mean", "max"])
+    assert len(source.reads) == 4 * 3 * 3  # 150 x 130 px in blocks of 64 px, one read each
+    for name in ("cells", "nuclei"):
+        alone = aggregate(sdata, "img", name, ["mean", "max"])
+        np.testing.assert_allclose(tables[name].X, alone.X, rtol=1e-12)
+        np.testing.assert_allclose(tables[name].layers["max"], alone.layers["max"])
+        np.testing.assert_allclose(tables[name].obsm["spatial"], alone.obsm["spatial"])
+        assert tables[name].obs.equals(alone.obs)

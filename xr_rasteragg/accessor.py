@@ -24,7 +24,7 @@ from .stats import SHAPE_FEATURES, STATISTICS, Space, validate_stats
 from .validation import check_labels_dtype, integral_ids
 from .whole_label import LabelFunction, Quantiles, WholeLabel, check_quantiles
 
-__all__ = ["RasterAggAccessor"]
+__all__ = ["RasterAggAccessor", "aggregate_pairs"]
 
 IMAGE_DIMS = ("c", *SPATIAL)
 
@@ -219,22 +219,15 @@ class RasterAggAccessor:
         >>> tables["cell"]["mean"].values, tables["nucleus"]["mean"].values
         (array([2., 7.]), array([3., 5.]))
         """
-        names = validate_stats(stats)
         if not isinstance(masks, Mapping) or not masks:
             raise TypeError(
                 "'masks' must be a non-empty mapping of names to labels DataArrays; got "
                 f"{type(masks).__name__}"
             )
-        aligned = {name: _prepare(self._obj, labels, coordinate_system) for name, labels in masks.items()}
-        inputs = {name: _engine_inputs(one, names) for name, one in aligned.items()}
-        results = aggregate_masks(
-            {name: (labels, image) for name, (labels, image, _) in inputs.items()},
-            names,
-            background=background,
-            skipna=skipna,
-            spaces={name: space for name, (_, _, space) in inputs.items()},
+        pairs = {name: (self._obj, labels) for name, labels in masks.items()}
+        return aggregate_pairs(
+            pairs, stats, background=background, skipna=skipna, coordinate_system=coordinate_system
         )
-        return {name: _wrap(aligned[name], names, results[name]) for name in aligned}
 
     sum = _statistic("sum", "Sum of the pixel values of each label, per channel.")
     mean = _statistic("mean", "Mean of the pixel values of each label, per channel.")
@@ -515,6 +508,49 @@ def _names_statistics(argument: Any) -> bool:
     return isinstance(argument, str) or (
         isinstance(argument, list | tuple) and all(isinstance(name, str) for name in argument)
     )
+
+
+def aggregate_pairs(
+    pairs: Mapping[str, tuple[xr.DataArray, xr.DataArray]],
+    stats: str | Iterable[str] = ("mean",),
+    *,
+    background: int | None = 0,
+    skipna: bool = False,
+    coordinate_system: str | None = None,
+) -> dict[str, xr.Dataset]:
+    """:meth:`RasterAggAccessor.aggregate` for several ``(image, labels)`` pairs in one computation.
+
+    Where the images are one dask array, or crops of one (as the images of a SpatialData store's
+    labels elements are), each of its blocks is read once for all pairs (see
+    :func:`xr_rasteragg.engine.aggregate_masks`).
+
+    Parameters
+    ----------
+    pairs
+        ``(image, labels)`` by name, each as :meth:`RasterAggAccessor.aggregate` takes them.
+    stats, background, skipna, coordinate_system
+        As in :meth:`RasterAggAccessor.aggregate`, the same for every pair.
+
+    Returns
+    -------
+    dict
+        One Dataset per name, in the order of ``pairs``.
+    """
+    names = validate_stats(stats)
+    if not isinstance(pairs, Mapping) or not pairs:
+        raise TypeError(
+            f"'pairs' must be a non-empty mapping of names to (image, labels); got {type(pairs).__name__}"
+        )
+    aligned = {name: _prepare(image, labels, coordinate_system) for name, (image, labels) in pairs.items()}
+    inputs = {name: _engine_inputs(one, names) for name, one in aligned.items()}
+    results = aggregate_masks(
+        {name: (labels, image) for name, (labels, image, _) in inputs.items()},
+        names,
+        background=background,
+        skipna=skipna,
+        spaces={name: space for name, (_, _, space) in inputs.items()},
+    )
+    return {name: _wrap(aligned[name], names, results[name]) for name in aligned}
 
 
 def _paint_block(block: np.ndarray, ids: np.ndarray, rows: np.ndarray, has_c: bool) -> np.ndarray:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from anndata import AnnData
     from spatialdata import SpatialData
 
-__all__ = ["Plan", "aggregate", "compute_table", "plan", "store_table"]
+__all__ = ["Plan", "aggregate", "aggregate_labels", "compute_table", "compute_tables", "plan", "store_table"]
 
 #: Statistics that are always in the table, outside ``X`` and ``layers``.
 _ALWAYS = {"count": "obs['area']", "center_of_mass": "obsm['spatial']"}
@@ -287,8 +287,6 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
     InputDataError
         (a ``ValueError``) for labels that hold no cell.
     """
-    import anndata as ad
-    from spatialdata.models import TableModel
 
     if not isinstance(resolved, Plan):
         raise TypeError(f"'resolved' must be a Plan made by plan(); got {type(resolved).__name__}")
@@ -296,6 +294,104 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
         result = resolved.image.rasteragg.aggregate(
             resolved.labels, (*resolved.stats, *resolved.shape, "count", "center_of_mass")
         )
+    return _table(resolved, result, progress=progress)
+
+
+def compute_tables(plans: Sequence[Plan], *, progress: bool = False) -> dict[str, AnnData]:
+    """:func:`compute_table` for several labels elements over one image, reading the image once.
+
+    Parameters
+    ----------
+    plans
+        Plans made by :func:`plan` for one image element and several labels elements, with the
+        same statistics (as :func:`aggregate_labels` makes them).
+    progress
+        As in :func:`compute_table`.
+
+    Returns
+    -------
+    dict
+        One table per labels element, by its name, in the order of ``plans``.
+
+    Raises
+    ------
+    TypeError
+        For ``plans`` that are not :class:`Plan` objects.
+    ValueError
+        For plans of different images or statistics, or two plans of one labels element.
+    InputDataError
+        (a ``ValueError``) for labels that hold no cell.
+    """
+    from .accessor import aggregate_pairs
+
+    plans = list(plans)
+    if not plans or not all(isinstance(one, Plan) for one in plans):
+        raise TypeError(f"'plans' must be a non-empty list of Plans made by plan(); got {plans!r}")
+    kinds = {(one.image_name, one.stats) for one in plans}
+    if len(kinds) > 1:
+        raise ValueError(f"'plans' must share one image and one list of statistics; got {sorted(kinds)}")
+    names = [one.labels_name for one in plans]
+    if len(set(names)) < len(names):
+        raise ValueError(f"'plans' must be of different labels elements; got {names}")
+    stats = (*plans[0].stats, "count", "center_of_mass")
+    with _local_progress(progress):
+        results = aggregate_pairs({one.labels_name: (one.image, one.labels) for one in plans}, stats)
+    return {one.labels_name: _table(one, results[one.labels_name], progress=progress) for one in plans}
+
+
+def aggregate_labels(
+    sdata: SpatialData,
+    image: str,
+    labels: Sequence[str],
+    stats: str | Iterable[str] = ("mean",),
+    *,
+    coordinate_system: str = "global",
+    region_key: str = "region",
+    instance_key: str = "instance_id",
+    channels: Sequence[Any] | None = None,
+) -> dict[str, AnnData]:
+    """:func:`aggregate` over several labels elements (cells, nuclei, ...), reading the image once.
+
+    Every argument is checked for every labels element before any pixel is read; then one pass
+    over the image serves all of them.
+
+    Parameters
+    ----------
+    sdata, image, stats, coordinate_system, region_key, instance_key, channels
+        As in :func:`aggregate`.
+    labels
+        Names of labels elements, each as ``labels`` in :func:`aggregate`.
+
+    Returns
+    -------
+    dict
+        One table per labels element (as :func:`aggregate` makes it), by its name. Put them into
+        the SpatialData object, or into its store with :func:`store_table`.
+    """
+    if isinstance(labels, str) or not labels:
+        raise ValueError(f"'labels' must be a list of labels element names; got {labels!r}")
+    plans = [
+        plan(
+            sdata,
+            image,
+            name,
+            stats,
+            coordinate_system=coordinate_system,
+            region_key=region_key,
+            instance_key=instance_key,
+            channels=channels,
+        )
+        for name in labels
+    ]
+    return compute_tables(plans)
+
+
+def _table(resolved: Plan, result: xr.Dataset, *, progress: bool) -> AnnData:
+    """The table of one labels element from the accessor's result (the statistics of the plan,
+    ``count`` and ``center_of_mass``)."""
+    import anndata as ad
+    from spatialdata.models import TableModel
+
     ids = np.asarray(result["label"].values)
     if ids.shape[0] == 0:  # spatialdata's TableModel rejects a table that annotates no instance
         raise InputDataError(
