@@ -17,13 +17,11 @@ temporary files in the output folder and renamed into place only when all are co
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import sys
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -34,6 +32,7 @@ import pandas as pd
 import xarray as xr
 
 from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
+from .engine import progress as progress_bars
 from .io import read_image, read_labels
 from .stats import STATISTICS
 
@@ -344,7 +343,7 @@ def quantify(
     overwrite
         Replace tables (or a store) that exist; without it they are an error.
     progress
-        Show dask's progress bar on stderr.
+        Show dask's progress bars on stderr (see :func:`xr_rasteragg.progress`).
 
     Returns
     -------
@@ -389,7 +388,7 @@ def missing_columns_note(resolved: Quantification) -> str:
 def compute(resolved: Quantification, *, progress: bool = False) -> dict[str, pd.DataFrame]:
     """MCQuant's table of each mask, from one pass over the image for all masks."""
     stats = resolved.stats
-    with _progress(progress):
+    with progress_bars(progress):
         results = resolved.image.rasteragg.aggregate_masks(resolved.masks, stats)
         (computed,) = dask.compute(results)
     return {name: _table(resolved, dataset) for name, dataset in computed.items()}
@@ -570,15 +569,3 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     elif path.exists():
         path.unlink()
-
-
-@contextlib.contextmanager
-def _progress(show: bool) -> Iterator[None]:
-    """dask's progress bar on stderr (on the local schedulers)."""
-    if not show:
-        yield
-        return
-    from dask.diagnostics import ProgressBar
-
-    with ProgressBar(out=sys.stderr, dt=0.2):
-        yield

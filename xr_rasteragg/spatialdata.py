@@ -334,7 +334,7 @@ def compute_tables(plans: Sequence[Plan], *, progress: bool = False) -> dict[str
     if len(set(names)) < len(names):
         raise ValueError(f"'plans' must be of different labels elements; got {names}")
     stats = (*plans[0].stats, "count", "center_of_mass")
-    with _local_progress(progress):
+    with progress_bars(progress):
         results = aggregate_pairs({one.labels_name: (one.image, one.labels) for one in plans}, stats)
     return {one.labels_name: _table(one, results[one.labels_name], progress=progress) for one in plans}
 
