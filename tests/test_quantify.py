@@ -145,7 +145,7 @@ def test_tables_match_mcquant(
     files: Path, data: tuple[np.ndarray, ...], capsys: pytest.CaptureFixture[str]
 ) -> None:
     cells, nuclei, image = data
-    props = ["intensity_max", "intensity_min", "intensity_sum", "intensity_std"]
+    props = ["intensity_max", "intensity_min", "intensity_sum", "intensity_std", "intensity_median"]
     assert _run(files, "--channel_names", str(files / "markers.csv"), "--intensity_props", *props) == 0
     assert "wrote" in capsys.readouterr().out
     out = files / "out"
@@ -269,7 +269,8 @@ class CountingArray:
         return self.array[key]
 
 
-def test_engine_reads_image_once_for_all_masks(data: tuple[np.ndarray, ...]) -> None:
+@pytest.mark.parametrize("stats", [("mean", "count"), ("mean", "count", "median")])
+def test_engine_reads_image_once_for_all_masks(data: tuple[np.ndarray, ...], stats: tuple[str, ...]) -> None:
     cells, nuclei, image = data
     source = CountingArray(image[:, None])
     pixels = da.from_array(source, chunks=(1, 1, 64, 64))
@@ -277,7 +278,7 @@ def test_engine_reads_image_once_for_all_masks(data: tuple[np.ndarray, ...]) -> 
         "cell": (da.from_array(cells[None], chunks=(1, 64, 64)), pixels),
         "nucleus": (da.from_array(nuclei[None], chunks=(1, 50, 50)), pixels),  # rechunked to the image's
     }
-    results = aggregate_masks(masks, ["mean", "count"], background=0)
+    results = aggregate_masks(masks, stats, background=0)
     (values,) = dask.compute({name: result.values for name, result in results.items()})
     blocks = int(np.prod(pixels.numblocks))
     assert len(source.reads) == blocks
@@ -286,6 +287,9 @@ def test_engine_reads_image_once_for_all_masks(data: tuple[np.ndarray, ...]) -> 
         ids = np.unique(mask[mask > 0])
         np.testing.assert_array_equal(results[name].labels, ids)
         np.testing.assert_array_equal(values[name]["count"], [np.count_nonzero(mask == i) for i in ids])
+        if "median" in stats:  # the whole-label gather, also one read of the image for all masks
+            expected = [[np.median(image[c][mask == i]) for c in range(image.shape[0])] for i in ids]
+            np.testing.assert_array_equal(values[name]["median"], expected)
 
 
 def test_accessor_reads_image_once_for_all_masks(data: tuple[np.ndarray, ...]) -> None:

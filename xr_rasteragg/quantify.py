@@ -435,10 +435,7 @@ def _intensity_props(props: Sequence[str]) -> tuple[str, ...]:
         raise ValueError(f"'intensity_props' holds unknown properties {unknown}; expected names from {known}")
     missing = [p for p in props if INTENSITY_PROPS.get(p, p) not in STATISTICS]
     if missing:
-        raise ValueError(
-            f"'intensity_props' {missing} are not available yet in xr_rasteragg (they need the whole-label "
-            "gather); leave them out"
-        )
+        raise ValueError(f"'intensity_props' {missing} are not available yet in xr_rasteragg; leave them out")
     return tuple(p for p in dict.fromkeys(props) if INTENSITY_PROPS.get(p) != "mean")
 
 
