@@ -13,9 +13,6 @@ Two methods, each in a fresh process, each writing its CSV tables:
     MCQuant's ``ExtractSingleCells`` as its code does it: the masks read whole, each channel read
     whole (``tifffile.imread(key=c)``), ``regionprops_table`` per channel per mask for the mean
     intensity, one more per mask for its mask properties, the columns renamed and ordered.
-    ``mcquant-same-columns`` asks only for the mask properties that ``ours`` writes in this
-    version (label, centroid, area): where the shape features are missing from ours, this is the
-    fair comparison.
 
 Time is one wall-clock run (the libraries imported beforehand, the numba cache warm); peak memory
 is the growth of the process's resident set during the run (``VmHWM``, see
@@ -43,8 +40,8 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from benchmarks.measure import peak_rss
 
-METHODS = ("ours", "mcquant", "mcquant-same-columns")
-#: MCQuant's default mask properties (its ``MaskIDs``), and the ones ours writes in this version.
+METHODS = ("ours", "mcquant")
+#: MCQuant's default mask properties (its ``MaskIDs``).
 MCQUANT_MASK_PROPS = (
     "label",
     "centroid",
@@ -56,7 +53,6 @@ MCQUANT_MASK_PROPS = (
     "extent",
     "orientation",
 )
-SAME_MASK_PROPS = ("label", "centroid", "area")
 
 
 def make_files(folder: Path, size: int, channels: int) -> dict[str, Path]:
@@ -101,7 +97,7 @@ def run_ours(paths: dict[str, Path], output: Path) -> None:
         raise SystemExit(f"rasteragg quantify failed with status {code}")
 
 
-def run_mcquant(paths: dict[str, Path], output: Path, mask_props: tuple[str, ...]) -> None:
+def run_mcquant(paths: dict[str, Path], output: Path) -> None:
     """MCQuant's ``ExtractSingleCells`` with ``intensity_props=["intensity_mean"]``, as in its code."""
     import pandas as pd
     import skimage.measure
@@ -124,10 +120,8 @@ def run_mcquant(paths: dict[str, Path], output: Path, mask_props: tuple[str, ...
         table: dict[str, Any] = dict(
             zip(markers, [t["intensity_mean"] for t in per_channel[name]], strict=True)
         )
-        ids = skimage.measure.regionprops_table(mask, properties=mask_props)
-        for new, old in renames.items():
-            if old in ids:
-                table[new] = ids[old]
+        ids = skimage.measure.regionprops_table(mask, properties=MCQUANT_MASK_PROPS)
+        table.update({new: ids[old] for new, old in renames.items()})
         table = {"CellID": table.pop("CellID"), **table}
         pd.DataFrame(table).to_csv(output / f"exemplar_{name}.csv", index=False)
 
@@ -146,8 +140,7 @@ def measure_one(method: str, paths: dict[str, Path]) -> dict[str, Any]:
         if method == "ours":
             seconds, peak, _ = peak_rss(lambda: run_ours(paths, output))
         else:
-            props = MCQUANT_MASK_PROPS if method == "mcquant" else SAME_MASK_PROPS
-            seconds, peak, _ = peak_rss(lambda: run_mcquant(paths, output, props))
+            seconds, peak, _ = peak_rss(lambda: run_mcquant(paths, output))
         rows = {p.name: sum(1 for _ in p.open()) - 1 for p in sorted(output.glob("*.csv"))}
     return {"method": method, "seconds": seconds, "peak_mib": peak, "rows": rows}
 

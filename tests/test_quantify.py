@@ -126,13 +126,8 @@ def _run(folder: Path, *extra: str, masks: tuple[str, ...] = ("cellMask.tif", "n
 
 
 def _check_table(got: pd.DataFrame, expected: pd.DataFrame) -> None:
-    """Our table is MCQuant's, column for column, less the columns this version cannot compute
-    yet (which must be exactly MCQuant's shape columns whose statistics are missing)."""
-    missing = [c for c in expected.columns if c not in got.columns]
-    assert missing == [
-        c for c, (stat, _) in mcquant.DEFAULT_MASK_COLUMNS.items() if stat not in mcquant.STATISTICS
-    ]
-    assert list(got.columns) == [c for c in expected.columns if c not in missing]
+    """Our table is MCQuant's, column for column."""
+    assert list(got.columns) == list(expected.columns)
     np.testing.assert_array_equal(got["CellID"], expected["CellID"])
     for column in got.columns[1:]:
         np.testing.assert_allclose(got[column], expected[column], rtol=1e-9, atol=1e-12, err_msg=column)
@@ -520,3 +515,15 @@ def test_spatialdata_adapter_reads_image_once(data: tuple[np.ndarray, ...]) -> N
         np.testing.assert_allclose(tables[name].layers["max"], alone.layers["max"])
         np.testing.assert_allclose(tables[name].obsm["spatial"], alone.obsm["spatial"])
         assert tables[name].obs.equals(alone.obs)
+
+
+def test_further_mask_props(files: Path, data: tuple[np.ndarray, ...]) -> None:
+    cells = data[0]
+    props = ["perimeter", "bbox", "equivalent_diameter", "area"]  # area: a default column, adds none
+    assert _run(files, "--mask_props", *props, masks=("cellMask.tif",)) == 0
+    table = pd.read_csv(files / "out" / "exemplar_cellMask.csv")
+    extra = ["perimeter", "bbox-0", "bbox-1", "bbox-2", "bbox-3", "equivalent_diameter"]
+    assert list(table.columns[-len(MASK_NAMES) - len(extra) : -len(MASK_NAMES)]) == extra
+    expected = measure.regionprops_table(cells, properties=("perimeter", "bbox", "equivalent_diameter"))
+    for column in extra:
+        np.testing.assert_allclose(table[column], expected[column], rtol=1e-9, err_msg=column)

@@ -511,7 +511,7 @@ def _names_statistics(argument: Any) -> bool:
 
 
 def aggregate_pairs(
-    pairs: Mapping[str, tuple[xr.DataArray, xr.DataArray]],
+    pairs: Mapping[str, tuple[xr.DataArray | None, xr.DataArray]],
     stats: str | Iterable[str] = ("mean",),
     *,
     background: int | None = 0,
@@ -527,7 +527,8 @@ def aggregate_pairs(
     Parameters
     ----------
     pairs
-        ``(image, labels)`` by name, each as :meth:`RasterAggAccessor.aggregate` takes them.
+        ``(image, labels)`` by name, each as :meth:`RasterAggAccessor.aggregate` takes them
+        (``image`` None for statistics of the labels alone).
     stats, background, skipna, coordinate_system
         As in :meth:`RasterAggAccessor.aggregate`, the same for every pair.
 

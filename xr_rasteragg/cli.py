@@ -234,8 +234,6 @@ def _quantify(args: argparse.Namespace) -> None:
         for argument, option in _QUANTIFY_OPTIONS.items():  # every argument named, not only the first
             message = message.replace(f"'{argument}' ", f"{option} ")
         raise UsageError(message) from error
-    if resolved.missing_columns:
-        print(f"{PROG}: note: {mcquant.missing_columns_note(resolved)}", file=sys.stderr)
     start = time.perf_counter()
     with _scheduler(args.scheduler):
         tables = mcquant.compute(resolved, progress=not args.no_progress)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
+from .accessor import RasterAggAccessor, aggregate_pairs  # noqa: F401  (registers DataArray.rasteragg)
 from .engine import progress as progress_bars
 from .io import read_image, read_labels
-from .stats import STATISTICS
+from .stats import SHAPE_FEATURES, STATISTICS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -45,7 +44,6 @@ __all__ = [
     "Format",
     "Quantification",
     "mask_name",
-    "missing_columns_note",
     "plan",
     "quantify",
     "read_markers",
@@ -142,17 +140,19 @@ class Quantification:
     overwrite: bool
 
     @property
+    def mask_columns(self) -> dict[str, tuple[str, str | None]]:
+        """MCQuant's default mask columns that are defined for the masks' number of dims (all in
+        2-D; in 3-D, scikit-image defines no eccentricity or orientation)."""
+        ndim = len([d for d in self.image.dims if d != "c"])
+        return {col: spec for col, spec in DEFAULT_MASK_COLUMNS.items() if ndim in STATISTICS[spec[0]].ndims}
+
+    @property
     def stats(self) -> tuple[str, ...]:
         """The statistics of the one pass, each once."""
         names = ["mean", *(INTENSITY_PROPS.get(p, p) for p in self.intensity_props)]
-        names += [stat for stat, _ in DEFAULT_MASK_COLUMNS.values() if stat in STATISTICS]
+        names += [stat for stat, _ in self.mask_columns.values()]
         names += [_MASK_ALIASES.get(p, p) for p in self.mask_props]
         return tuple(dict.fromkeys(names))
-
-    @property
-    def missing_columns(self) -> tuple[str, ...]:
-        """MCQuant's default mask columns whose statistic this version does not compute yet."""
-        return tuple(col for col, (stat, _) in DEFAULT_MASK_COLUMNS.items() if stat not in STATISTICS)
 
 
 def read_markers(path: str | Path, *, argument: str = "channel_names") -> list[str]:
@@ -274,6 +274,9 @@ def plan(
                 f"shape {expected}; a mask must cover the image's pixels"
             )
     pixels = pixels.assign_coords(c=_channel_names(pixels, channel_names, image))
+    undefined = [p for p in shape_props if len(spatial) not in STATISTICS[_MASK_ALIASES.get(p, p)].ndims]
+    if undefined:
+        raise ValueError(f"'mask_props' {undefined} are not defined for {len(spatial)}-D masks")
 
     output = Path(output)
     if output.exists() and not output.is_dir():
@@ -372,24 +375,24 @@ def quantify(
         format=format,
         overwrite=overwrite,
     )
-    if resolved.missing_columns:
-        warnings.warn(missing_columns_note(resolved), UserWarning, stacklevel=2)
     return write(resolved, compute(resolved, progress=progress))
 
 
-def missing_columns_note(resolved: Quantification) -> str:
-    """What the tables leave out of MCQuant's default columns, and why (one line)."""
-    return (
-        f"the tables leave out MCQuant's columns {list(resolved.missing_columns)}: their shape features "
-        "are not available yet in this version of xr_rasteragg"
-    )
-
-
 def compute(resolved: Quantification, *, progress: bool = False) -> dict[str, pd.DataFrame]:
-    """MCQuant's table of each mask, from one pass over the image for all masks."""
+    """MCQuant's table of each mask, from one pass over the image for all masks.
+
+    Whole-label statistics (``intensity_median``) and shape features do not share a pass: then the
+    shape features come from a pass over the masks alone, and the image is still read once.
+    """
     stats = resolved.stats
+    whole = any(STATISTICS[name].whole is not None for name in stats)
+    shape = [name for name in stats if name in SHAPE_FEATURES] if whole else []
     with progress_bars(progress):
-        results = resolved.image.rasteragg.aggregate_masks(resolved.masks, stats)
+        intensities = [name for name in stats if name not in shape]
+        results = resolved.image.rasteragg.aggregate_masks(resolved.masks, intensities)
+        if shape:
+            alone = aggregate_pairs({name: (None, mask) for name, mask in resolved.masks.items()}, shape)
+            results = {name: xr.merge([results[name], alone[name]]) for name in results}
         (computed,) = dask.compute(results)
     return {name: _table(resolved, dataset) for name, dataset in computed.items()}
 
@@ -491,9 +494,7 @@ def _table(resolved: Quantification, dataset: xr.Dataset) -> pd.DataFrame:
             columns[prop] = values
         else:
             columns.update({f"{prop}-{i}": column for i, column in enumerate(values.T)})
-    for column, (stat, axis) in DEFAULT_MASK_COLUMNS.items():
-        if stat not in dataset:
-            continue
+    for column, (stat, axis) in resolved.mask_columns.items():
         chosen = dataset[stat] if axis is None else dataset[stat].sel(axis=axis)
         # Area as scikit-image gives it (and MCQuant writes it): a float.
         columns[column] = np.asarray(chosen.values, dtype=np.float64)
