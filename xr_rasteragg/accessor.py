@@ -671,8 +671,9 @@ def _wrap(
         value = result.values[name]
         spec = STATISTICS[name]
         if name == "center_of_mass":
-            keep = [SPATIAL.index(d) for d in axes]
-            value = _positions(value[:, keep], labels, axes, aligned.affine)
+            # The axes present are the last ones of (z, y, x): a slice, which dask's array query
+            # planning also takes (it has no fancy indexing).
+            value = _positions(value[:, SPATIAL.index(axes[0]) :], labels, axes, aligned.affine)
             variables[name] = xr.Variable(("label", "axis"), value)
             coords["axis"] = axes
             continue
