@@ -28,6 +28,12 @@ log = logging.getLogger("xr_rasteragg")
 _DEFAULT_STATS = ("sum", "mean", "count", "var", "kurtosis", "skew")
 
 
+def _chunksize(array: da.Array) -> tuple[int, ...]:
+    """The largest chunk along each axis, as dask's ``Array.chunksize`` (which the arrays of dask's
+    query planning lack)."""
+    return tuple(max(chunks, default=0) for chunks in array.chunks)
+
+
 def _per_channel(name: str, summary: str, note: str = "") -> Callable[..., pd.DataFrame]:
     """A method of :class:`RasterAggregator` that computes one per-channel statistic."""
 
@@ -147,10 +153,10 @@ class RasterAggregator:
                     "The mask and the image should have the same spatial dimensions ('z', 'y', 'x'); "
                     f"got mask {mask.shape} and image {image.shape[1:]}."
                 )
-            if image.chunksize[1:] != mask.chunksize:
+            if _chunksize(image)[1:] != _chunksize(mask):
                 raise AssertionError(
                     "The mask and the image should have the same chunk size in ('z', 'y', 'x'); got "
-                    f"mask {mask.chunksize} and image {image.chunksize[1:]}. Please rechunk."
+                    f"mask {_chunksize(mask)} and image {_chunksize(image)[1:]}. Please rechunk."
                 )
 
         cupy = None
