@@ -311,3 +311,85 @@ def test_distributed_local_cluster() -> None:
         )
         median = result.values["median"].compute()
     np.testing.assert_array_equal(median, _expected(labels, image, result.labels, 0.5))
+
+
+# -- the counting path (integer images) and the runs --------------------------------------------
+
+
+def _ranged_image(dtype: Any, low: int, high: int, seed: int = 2) -> np.ndarray:
+    """Values over ``[low, high]``, both ends present in every label, with ties."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(low, high, (2, *SHAPE), endpoint=True, dtype=dtype)
+    image[:, :, ::3] = image[:, :, 1::3][:, :, : image[:, :, ::3].shape[2]]  # ties
+    labels = _geometries()
+    for label in np.unique(labels):
+        where = np.flatnonzero((labels == label).ravel())
+        if where.size >= 2:
+            image[0].reshape(-1)[where[:2]] = [low, high]  # the whole range: the widest span
+    return image
+
+
+@pytest.mark.parametrize(
+    ("dtype", "low", "high"),
+    [
+        (np.uint8, 0, 255),  # one histogram
+        (np.int8, -128, 127),  # negative values
+        (np.uint16, 0, 65535),  # two levels
+        (np.int16, -32768, 32767),
+        (np.uint16, 1000, 1040),  # a narrow span
+        (np.int32, -(2**23), 2**23),  # two levels, beyond 16 bits
+        (np.int64, -(2**40), 2**40),  # beyond two levels: selection
+        (np.uint64, 2**64 - 2**20, 2**64 - 1),  # near the top of uint64
+    ],
+)
+@pytest.mark.parametrize("method", QUANTILE_METHODS)
+def test_counting_path_every_method_and_range(dtype: Any, low: int, high: int, method: str) -> None:
+    labels, image = _geometries(), _ranged_image(dtype, low, high)
+    q = (0.0, 0.13, 0.5, 0.77, 1.0)
+    spec = xr_rasteragg.whole_label.Quantiles(q, method)
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 12, 15)),
+        da.from_array(image, chunks=(1, 1, 12, 15)),
+        (),
+        wholes={"q": spec},
+        eager=True,
+    )
+    expected = _expected(labels, image, result.labels, q, method)
+    np.testing.assert_array_equal(result.values["q"], expected)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_counting_kernel_many_ranks_whole_range(dtype: Any) -> None:
+    from xr_rasteragg.kernels.selection import order_statistics
+
+    rng = np.random.default_rng(3)
+    high = int(np.iinfo(dtype).max)
+    sizes = np.array([1, 2, 3, 7, 100, 5000, 40000])
+    values = np.concatenate([rng.integers(0, high, n, endpoint=True, dtype=dtype) for n in sizes])
+    values[-2:] = [0, high]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    rows = np.arange(sizes.shape[0], dtype=np.int64)
+    wanted = np.stack([rng.integers(0, n, 20) for n in sizes])[:, None, :]  # 20 ranks, unsorted, repeats
+    got = order_statistics(values[None], starts, rows, wanted, False, True)
+    for i in range(sizes.shape[0]):
+        ordered = np.sort(values[starts[i] : starts[i + 1]])
+        np.testing.assert_array_equal(got[i, 0], ordered[wanted[i, 0]].astype(np.float64))
+
+
+def test_label_blocks_encoded_once_with_moment_statistics() -> None:
+    labels, image = _geometries(), _image(np.uint16)
+    reads = []
+
+    def count(block: np.ndarray) -> np.ndarray:
+        reads.append(block.shape)
+        return block
+
+    mask = da.from_array(labels, chunks=(1, 12, 15)).map_blocks(
+        count, dtype=labels.dtype, meta=np.empty((0, 0, 0), labels.dtype)
+    )
+    result = aggregate(mask, da.from_array(image, chunks=(1, 1, 12, 15)), ["median", "var"], background=0)
+    assert len(reads) == 8  # the survey, computed in the call
+    reads.clear()
+    (values,) = dask.compute(result.values)
+    assert len(reads) == 8  # one label stage per block, shared by the gather and the moments
+    np.testing.assert_array_equal(values["median"], _expected(labels, image, result.labels, 0.5))

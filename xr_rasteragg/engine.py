@@ -559,6 +559,24 @@ def _pick(piece: NDArray[Any], name: str) -> Any:
     return piece.flat[0][name]
 
 
+def label_stages(labels: da.Array, skip: int | None) -> da.Array:
+    """The label stage of every spatial block (:class:`_LabelStage`), an object array of one per block.
+
+    Its tasks are named after the labels and ``skip`` alone, so that graphs built on the same
+    labels (the moment statistics' pass and the whole-label gather) share them: computed
+    together, each label block is encoded once.
+    """
+    return da.map_blocks(
+        _label_block,
+        labels,
+        skip,
+        dtype=object,
+        chunks=tuple((1,) * n for n in labels.numblocks),
+        meta=_objects(3),
+        name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip)}",
+    )
+
+
 def _merged_partials(
     labels: da.Array, image: da.Array | None, needs: Needs, skip: int | None, split_every: int, left: int
 ) -> da.Array:
@@ -597,15 +615,7 @@ def _merged_partials(
             name=f"rasteragg-labels-{token}",
         )
     else:
-        stage = da.map_blocks(
-            _label_block,
-            labels,
-            skip,
-            dtype=object,
-            chunks=one_each,
-            meta=_objects(3),
-            name=f"rasteragg-labels-{token}",
-        )
+        stage = label_stages(labels, skip)
     groups = []
     for start, stop in _channel_groups(image):
         pixels = [] if image is None else [image[start:stop], "czyx"]

@@ -11,13 +11,16 @@ A median, a quantile or a user function of a label's pixels cannot be merged fro
 its pieces (as the moments are): it needs the label whole. Which labels lie wholly inside one
 block cannot be told from one block (a label may have pieces far apart), so a cheap labels-only
 pass (the survey, computed when the call is made) lists the ids of each block and finds those
-in more than one. Then the image pass: each block's task groups its pixels by label once (a
-counting sort, linear in the pixels), finishes the labels that lie wholly inside it and emits
-the values (and, for crop functions, the positions) of the crossing labels, split by the pieces
-of label ids of the result. One task per piece gathers the crossing labels' pixels of its ids
-from every block (``blockwise`` with the blocks' axes contracted, as the engine's finalization)
-and finishes them. No overlap depth to guess; memory per task is a block plus the pixels of the
-crossing labels of one piece.
+in more than one. Then the image pass starts from each label block's run encoding, the label
+stage of the engine (shared with the moment statistics of the same call: one encoding per
+block): one task per block groups the runs by label, and one task per block and channel chunk
+copies the chunk's runs, read in raster order, into one array in which each label's pixels lie
+together (:func:`~xr_rasteragg.kernels.selection.scatter_runs`), finishes the labels that lie
+wholly inside the block and emits the values (and the runs' positions, for crop functions) of
+the crossing labels, split by the pieces of label ids of the result. One task per piece gathers
+the crossing labels' pixels of its ids from every block (``blockwise`` with the blocks' axes
+contracted, as the engine's finalization) and finishes them. No overlap depth to guess; memory
+per task is a block plus the pixels of the crossing labels of one piece.
 
 The image is read once per call, also together with the moment statistics (:func:`aggregate`
 computes both graphs at once); the labels are read twice (survey and pass).
@@ -25,6 +28,7 @@ computes both graphs at once); the labels are read twice (survey and pass).
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,7 +36,6 @@ from typing import Any
 
 import dask
 import dask.array as da
-import numba as nb
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
@@ -40,7 +43,6 @@ from .engine import (
     PIECE_LABELS,
     SPLIT_EVERY,
     Aggregation,
-    _channel_groups,
     _check_inputs,
     _cut,
     _finalized,
@@ -49,9 +51,12 @@ from .engine import (
     _objects,
     _pick,
     as_dask,
+    label_stages,
     locate,
     prepare_index,
 )
+from .kernels.numba import LabelRuns, block_partials
+from .kernels.selection import group_runs, scatter_runs
 from .stats import STATISTICS, needs_of
 from .validation import check_background
 from .whole_label import Segments, WholeLabel
@@ -62,104 +67,9 @@ __all__ = ["aggregate", "crossing_labels"]
 # -- the survey: which labels are in more than one block ----------------------------------------
 
 
-@nb.njit(nogil=True, cache=True, inline="always")
-def _hash(key, size):  # type: ignore[no-untyped-def]
-    """Slot of ``key`` in a table of ``size`` (a power of two) slots (Fibonacci hashing)."""
-    return np.int64((np.uint64(key) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)) & (size - 1)
-
-
-@nb.njit(nogil=True, cache=True)
-def _number(flat, skip, use_skip):  # type: ignore[no-untyped-def]
-    """Each pixel's label numbered in order of first appearance (-1 where skipped), and the ids.
-
-    An open-addressing hash table finds the ids in one walk, so nothing is allocated by the
-    size of the largest id; a pixel with the label of the pixel before it needs no lookup.
-    """
-    n = flat.shape[0]
-    local = np.empty(n, dtype=np.int64)
-    ids = np.empty(64, dtype=flat.dtype)
-    if n == 0:
-        return local, ids[:0]
-    size = 1024
-    keys = np.empty(size, dtype=flat.dtype)
-    slots = np.full(size, -1, dtype=np.int64)
-    k = 0
-    last, last_id = flat[0], np.int64(-2)
-    for i in range(n):
-        key = flat[i]
-        if last_id != -2 and key == last:
-            local[i] = last_id
-            continue
-        last = key
-        if use_skip and key == skip:
-            last_id = -1
-            local[i] = -1
-            continue
-        s = _hash(key, size)
-        while slots[s] != -1 and keys[s] != key:
-            s = (s + 1) & (size - 1)
-        if slots[s] != -1:
-            last_id = slots[s]
-        else:
-            slots[s], keys[s] = k, key
-            if k == ids.shape[0]:
-                grown = np.empty(2 * k, dtype=flat.dtype)
-                grown[:k] = ids
-                ids = grown
-            ids[k] = key
-            last_id = k
-            k += 1
-            if 2 * k > size:  # keep the table at most half full
-                size *= 2
-                keys = np.empty(size, dtype=flat.dtype)
-                slots = np.full(size, -1, dtype=np.int64)
-                for j in range(k):
-                    t = _hash(ids[j], size)
-                    while slots[t] != -1:
-                        t = (t + 1) & (size - 1)
-                    slots[t], keys[t] = j, ids[j]
-        local[i] = last_id
-    return local, ids[:k]
-
-
-@nb.njit(nogil=True, cache=True)
-def _group(local, rank, k):  # type: ignore[no-untyped-def]
-    """Pixels grouped by label (a stable counting sort), groups in the order ``rank`` gives.
-
-    ``rank[j]`` is the group of the label numbered ``j``; returns the pixels' positions and
-    the start of each group (and the end of the last).
-    """
-    counts = np.zeros(k + 1, dtype=np.int64)
-    for i in range(local.shape[0]):
-        if local[i] >= 0:
-            counts[rank[local[i]] + 1] += 1
-    starts = np.cumsum(counts)
-    fill = starts[:-1].copy()
-    order = np.empty(starts[-1], dtype=np.int64)
-    for i in range(local.shape[0]):
-        if local[i] >= 0:
-            g = rank[local[i]]
-            order[fill[g]] = i
-            fill[g] += 1
-    return order, starts
-
-
-def _skip_value(skip: int | None, dtype: np.dtype) -> tuple[bool, Any]:
-    """Whether a label id is skipped, and that id in ``dtype`` (not skipped if it cannot hold it)."""
-    if skip is None:
-        return False, dtype.type(0)
-    info = np.iinfo(dtype)
-    if not info.min <= skip <= info.max:
-        return False, dtype.type(0)
-    return True, dtype.type(skip)
-
-
 def _ids_block(labels: Any, skip: int | None) -> NDArray[Any]:
     """The sorted ids of one label block, each marked as seen in one block (a survey task)."""
-    flat = np.ascontiguousarray(labels).reshape(-1)
-    use_skip, value = _skip_value(skip, flat.dtype)
-    _, ids = _number(flat, value, use_skip)
-    ids = np.sort(ids)
+    ids = block_partials.encode(np.asarray(labels), (0, 0, 0), skip).parts.labels
     return _holding((ids, np.zeros(ids.shape[0], dtype=bool)), 3)
 
 
@@ -181,8 +91,9 @@ def _merge_ids(block: NDArray[Any]) -> NDArray[Any]:
 def crossing_labels(labels: da.Array, skip: int | None) -> tuple[NDArray[np.integer], NDArray[np.integer]]:
     """The ids of ``labels`` (all but ``skip``), and those found in more than one block.
 
-    A labels-only pass, computed now: one task per block lists its ids, and a tree of tasks
-    merges the lists, so that only the ids leave the workers.
+    A labels-only pass, computed now: one task per block lists its ids (the compiled run
+    encoder's walk, which looks up only the runs whose label differs from the pixel above),
+    and a tree of tasks merges the lists, so that only the ids leave the workers.
     """
     token = dask.base.tokenize(labels.name, skip)
     one_each = tuple((1,) * n for n in labels.numblocks)
@@ -217,25 +128,49 @@ def crossing_labels(labels: da.Array, skip: int | None) -> tuple[NDArray[np.inte
 # -- the image pass: each block finishes its own labels and emits the crossing ones ------------
 
 
+def _spans(starts: NDArray[np.int64], rows: NDArray[np.intp]) -> NDArray[np.int64]:
+    """The positions ``starts[r]:starts[r + 1]`` of every row ``r`` of ``rows``, concatenated."""
+    lengths = starts[rows + 1] - starts[rows]
+    before = np.cumsum(lengths) - lengths
+    return np.repeat(starts[rows] - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+
+
 @dataclass(frozen=True)
 class _Layout:
-    """A label block's pixels grouped by label (see :func:`_layout_block`).
+    """A label block's runs grouped by label (see :func:`_layout_block`).
 
-    ``inside`` and ``crossing`` are the groups (rows of ``ids``) of the wanted labels that lie
-    wholly in this block, and of those that cross its borders.
+    ``ids`` are the block's label ids, sorted (its rows); the runs ``z, y, x, length`` (block
+    indices, in raster order) belong to the rows ``row_of_run``, and are listed row by row in
+    ``order``, with ``run_starts`` where each row's runs begin; ``starts`` places each row's
+    pixels in a channel's grouped pixels. ``inside`` and ``crossing`` are the rows of the wanted
+    labels that lie wholly in this block, and of those that cross its borders.
     """
 
     ids: NDArray[np.integer]
+    z: NDArray[np.int64]
+    y: NDArray[np.int64]
+    x: NDArray[np.int64]
+    length: NDArray[np.int64]
+    row_of_run: NDArray[np.int64]
     order: NDArray[np.int64]
+    run_starts: NDArray[np.int64]
     starts: NDArray[np.int64]
     inside: NDArray[np.intp]
     crossing: NDArray[np.intp]
-    shape: tuple[int, int, int]
     offset: tuple[int, int, int]
 
-    def position(self, pixels: NDArray[np.int64]) -> NDArray[np.int64]:
-        """Global ``(z, y, x)`` indices of the block's flat pixel positions, shape ``(m, 3)``."""
-        return np.stack(np.unravel_index(pixels, self.shape), axis=1) + np.asarray(self.offset)
+    def segments(self, values: NDArray[Any], positions: bool) -> Segments:
+        """The block's pixels of ``values`` ``(C, z, y, x)`` grouped by label (with the runs'
+        global positions when asked for)."""
+        grouped = scatter_runs(values, self.z, self.y, self.x, self.length, self.row_of_run, self.starts)
+        if not positions:
+            return Segments(grouped, self.starts, self.ids)
+        runs = self.order
+        return Segments(grouped, self.starts, self.ids, self.origin(runs), self.length[runs], self.run_starts)
+
+    def origin(self, runs: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Global ``(z, y, x)`` index of the first pixel of each of ``runs``, shape ``(r, 3)``."""
+        return np.stack([self.z[runs], self.y[runs], self.x[runs]], axis=1) + np.asarray(self.offset)
 
 
 def _member(ids: NDArray[np.integer], sorted_ids: NDArray[np.integer]) -> NDArray[np.bool_]:
@@ -244,95 +179,104 @@ def _member(ids: NDArray[np.integer], sorted_ids: NDArray[np.integer]) -> NDArra
 
 
 def _layout_block(
-    labels: Any,
-    crossing: NDArray[np.integer],
-    wanted: NDArray[np.integer] | None,
-    skip: int | None,
-    block_info: Any = None,
+    stage: NDArray[Any], crossing: NDArray[np.integer], wanted: NDArray[np.integer] | None
 ) -> NDArray[Any]:
-    """Group one label block's pixels by label (a ``map_blocks`` task)."""
-    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    block = np.ascontiguousarray(labels)
-    use_skip, value = _skip_value(skip, block.dtype)
-    local, ids = _number(block.reshape(-1), value, use_skip)
-    ranks = np.empty(ids.shape[0], dtype=np.int64)
-    by_id = np.argsort(ids, kind="stable")
-    ranks[by_id] = np.arange(ids.shape[0])
-    order, starts = _group(local, ranks, ids.shape[0])
-    ids = ids[by_id]
+    """Group a label block's runs by label, from its label stage (a ``map_blocks`` task).
+
+    The stage is the one the moment statistics' pass starts from (:func:`label_stages`): a call
+    with both encodes each label block once.
+    """
+    label_stage = stage.flat[0]
+    encoded = label_stage.block
+    if not isinstance(encoded, LabelRuns):  # a kernel that takes whole blocks: encode them here
+        encoded = block_partials.encode(np.asarray(encoded), label_stage.offset, label_stage.skip)
+    runs, ids = encoded.runs, encoded.parts.labels
+    row_of_run = encoded.rank[runs.id].astype(np.int64)
+    order, run_starts = group_runs(row_of_run, ids.shape[0])
+    starts = np.zeros(ids.shape[0] + 1, dtype=np.int64)
+    np.cumsum(encoded.parts.count, out=starts[1:])
     keep = np.ones(ids.shape[0], dtype=bool) if wanted is None else _member(ids, wanted)
     cross = _member(ids, crossing)
+    z, y, x, length = (np.asarray(a, dtype=np.int64) for a in (runs.z, runs.y, runs.x, runs.length))
     layout = _Layout(
         ids,
+        z,
+        y,
+        x,
+        length,
+        row_of_run,
         order,
+        run_starts,
         starts,
         np.flatnonzero(keep & ~cross),
         np.flatnonzero(keep & cross),
-        block.shape,
-        offset,  # type: ignore[arg-type]
+        label_stage.offset,
     )
     return _holding(layout, 3)
 
 
 @dataclass(frozen=True)
 class _Gathered:
-    """One block's share of a channel group: values of its own labels, pixels of crossing ones.
+    """One block's share of a channel chunk: values of its own labels, pixels of crossing ones.
 
-    ``values`` holds, per statistic, one row per id of ``inside``; ``counts``, ``pixels`` and
-    ``positions`` hold the crossing labels' pixel counts (one per id of ``crossing``), values
-    ``(C, m)`` and global positions ``(m, 3)`` (None when no statistic needs them).
+    ``values`` holds, per statistic, one row per id of ``inside``. The crossing labels' pixels
+    are ``pixels`` ``(C, m)``, label by label in the order of ``crossing``, as runs: ``runs``
+    (one count per id of ``crossing``) runs of ``length`` pixels whose first pixels lie at the
+    global indices ``origin`` ``(r, 3)``.
     """
 
     inside: NDArray[np.integer]
     values: dict[str, NDArray[np.float64]]
     crossing: NDArray[np.integer]
-    counts: NDArray[np.int64]
+    runs: NDArray[np.int64]
+    length: NDArray[np.int64]
+    origin: NDArray[np.int64]
     pixels: NDArray[Any]
-    positions: NDArray[np.int64] | None
 
     def rows(self, ids: NDArray[np.integer]) -> _Gathered:
         """This share's rows of the ids of one piece of the result (sorted ids: by their range)."""
         if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
-            a, b = _cut(self.inside, int(ids[0]), int(ids[-1]))
-            mine = np.arange(a, b)
-            c, d = _cut(self.crossing, int(ids[0]), int(ids[-1]))
-            theirs = np.arange(c, d)
+            mine = np.arange(*_cut(self.inside, int(ids[0]), int(ids[-1])))
+            theirs = np.arange(*_cut(self.crossing, int(ids[0]), int(ids[-1])))
         else:
             wanted = np.unique(ids)
             mine = np.flatnonzero(_member(self.inside, wanted))
             theirs = np.flatnonzero(_member(self.crossing, wanted))
-        ends = np.cumsum(self.counts)
-        starts = ends - self.counts
-        pixels = (
-            np.concatenate([np.arange(starts[i], ends[i]) for i in theirs])
-            if theirs.size
-            else np.zeros(0, int)
-        )
+        run_starts = np.zeros(self.runs.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.runs, out=run_starts[1:])
+        runs = _spans(run_starts, theirs)
+        pixel_starts = np.zeros(self.length.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.length, out=pixel_starts[1:])
         return _Gathered(
             self.inside[mine],
             {name: v[mine] for name, v in self.values.items()},
             self.crossing[theirs],
-            self.counts[theirs],
-            self.pixels[:, pixels],
-            None if self.positions is None else self.positions[pixels],
+            self.runs[theirs],
+            self.length[runs],
+            self.origin[runs],
+            self.pixels[:, _spans(pixel_starts, runs)],
         )
 
 
 def _gather_block(
     layout: NDArray[Any], image: list[Any], *, wholes: Mapping[str, WholeLabel], skipna: bool
 ) -> NDArray[Any]:
-    """Finish a block's own labels over a group of channel chunks; emit the crossing labels'
-    pixels (a ``blockwise`` task)."""
+    """Finish a block's own labels over one channel chunk; emit the crossing labels' pixels (a
+    ``blockwise`` task)."""
     lay: _Layout = layout.flat[0]
-    chunk = np.concatenate([np.asarray(c) for c in image], axis=0) if len(image) > 1 else np.asarray(image[0])
-    flats = chunk.reshape(chunk.shape[0], -1)
-    segments = Segments(flats, lay.order, lay.starts, lay.ids, lay.position)
+    (chunk,) = (np.asarray(c) for c in image)
+    segments = lay.segments(chunk, any(s.needs_positions for s in wholes.values()))
     values = {name: spec.reduce(segments, lay.inside, skipna) for name, spec in wholes.items()}
-    spans = [np.arange(lay.starts[r], lay.starts[r + 1]) for r in lay.crossing]
-    pixels = lay.order[np.concatenate(spans)] if spans else np.zeros(0, dtype=np.int64)
-    positions = lay.position(pixels) if any(s.needs_positions for s in wholes.values()) else None
-    counts = (lay.starts[lay.crossing + 1] - lay.starts[lay.crossing]).astype(np.int64)
-    share = _Gathered(lay.ids[lay.inside], values, lay.ids[lay.crossing], counts, flats[:, pixels], positions)
+    runs = lay.order[_spans(lay.run_starts, lay.crossing)]
+    share = _Gathered(
+        lay.ids[lay.inside],
+        values,
+        lay.ids[lay.crossing],
+        lay.run_starts[lay.crossing + 1] - lay.run_starts[lay.crossing],
+        lay.length[runs],
+        lay.origin(runs),
+        segments.values[:, _spans(lay.starts, lay.crossing)],
+    )
     return _holding(share, 3)
 
 
@@ -346,9 +290,9 @@ def _finish_piece(
 ) -> NDArray[Any]:
     """Every statistic for the ids of one piece (a ``blockwise`` task).
 
-    The arguments are, per channel group, the blocks' shares of this piece, then the piece's ids.
-    Crossing labels are finished here from the pixels the blocks sent; the others were finished
-    by their block.
+    The arguments are, per channel chunk, the blocks' shares of this piece, then the piece's ids.
+    Crossing labels are finished here from the pixels the blocks sent, as runs of the gathered
+    pixels; the others were finished by their block.
     """
     *groups, ids = blocks_and_ids
     out = {name: np.full((ids.shape[0], nchan, *spec.shape), np.nan) for name, spec in wholes.items()}
@@ -365,37 +309,29 @@ def _finish_piece(
             if found.any():
                 for name in wholes:
                     out[name][found, channels] = share.values[name][rows[found]]
-        crossing = np.concatenate([s.crossing for s in shares])
-        if not crossing.shape[0]:
+        label_of_run = np.concatenate([np.repeat(s.crossing, s.runs) for s in shares])
+        if not label_of_run.shape[0]:
             continue
-        label_of_pixel = np.repeat(crossing, np.concatenate([s.counts for s in shares]))
-        order = np.argsort(label_of_pixel, kind="stable")
-        pixels = np.concatenate([s.pixels for s in shares], axis=1)
-        positions = None
-        if shares[0].positions is not None:
-            positions = np.concatenate([s.positions for s in shares if s.positions is not None])
-        sorted_labels = label_of_pixel[order]
+        # Runs (and their pixels) label by label, in the order of the blocks.
+        length = np.concatenate([s.length for s in shares])
+        order = np.argsort(label_of_run, kind="stable")
+        pixel_starts = np.zeros(length.shape[0] + 1, dtype=np.int64)
+        np.cumsum(length, out=pixel_starts[1:])
+        pixels = np.concatenate([s.pixels for s in shares], axis=1)[:, _spans(pixel_starts, order)]
+        sorted_labels, length = label_of_run[order], length[order]
         first = np.ones(sorted_labels.shape[0], dtype=bool)
         first[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        starts = np.append(np.flatnonzero(first), sorted_labels.shape[0]).astype(np.int64)
+        run_starts = np.append(np.flatnonzero(first), sorted_labels.shape[0]).astype(np.int64)
+        np.cumsum(length, out=pixel_starts[1:])
         labels = sorted_labels[first]
-        segments = Segments(pixels, order.astype(np.int64), starts, labels, _positions_of(positions))
+        origin = np.concatenate([s.origin for s in shares])[order]
+        segments = Segments(pixels, pixel_starts[run_starts], labels, origin, length, run_starts)
         rows, found = locate(labels, ids)
         every = np.arange(labels.shape[0])
         for name, spec in wholes.items():
             values = spec.reduce(segments, every, skipna)
             out[name][found, channels] = values[rows[found]]
     return _holding(out, 1)
-
-
-def _positions_of(positions: NDArray[np.int64] | None) -> Any:
-    """The ``position`` map of :class:`~xr_rasteragg.whole_label.Segments` over gathered pixels."""
-
-    def position(pixels: NDArray[np.int64]) -> NDArray[np.int64]:
-        assert positions is not None
-        return positions[pixels]
-
-    return position
 
 
 def gathered(
@@ -410,17 +346,18 @@ def gathered(
 ) -> dict[str, da.Array]:
     """Dask arrays of the whole-label statistics for ``wanted``, one task per piece of ids.
 
-    ``sorted_ids`` says whether ``wanted`` are all the labels (then every block finishes all of
-    its own); otherwise the blocks finish only the wanted ones.
+    The runs of each label block come from its label stage (:func:`label_stages`, shared with
+    the moment statistics' pass); one task per block and channel chunk finishes the block's own
+    labels in that chunk and emits the crossing labels' pixels. ``sorted_ids`` says whether
+    ``wanted`` are all the labels (then every block finishes all of its own); otherwise the
+    blocks finish only the wanted ones.
     """
     layouts = da.map_blocks(
         _layout_block,
-        labels,
+        label_stages(labels, skip),
         crossing,
         None if sorted_ids else np.unique(wanted),
-        skip,
         dtype=object,
-        chunks=tuple((1,) * n for n in labels.numblocks),
         meta=_objects(3),
         name=f"rasteragg-layout-{uuid.uuid4().hex}",
     )
@@ -428,12 +365,15 @@ def gathered(
     sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
     token = uuid.uuid4().hex
     pieces_of_ids = da.from_array(wanted, chunks=(sizes,), name=f"rasteragg-gather-ids-{token}")
+    # One layer per channel chunk: the layouts then have several dependents, which keeps dask
+    # from fusing them (and the label stage) into every chunk's task, to be recomputed there.
     shares: list[Any] = []
-    for start, stop in _channel_groups(image):
+    bounds = np.cumsum((0, *image.chunks[0]))
+    for start, stop in itertools.pairwise(bounds.tolist()):
         blocks = da.blockwise(
             _gather_block, "zyx", layouts, "zyx", image[start:stop], "czyx",
             wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3), concatenate=False,
-            align_arrays=False,
+            align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
         )  # fmt: skip
         rows = da.blockwise(
             _share_rows, "zyxp", blocks, "zyx", pieces_of_ids, "p",

@@ -8,7 +8,8 @@ The specs here turn segments into values:
 
 - :class:`Quantiles` -- exactly :func:`numpy.quantile` of each label's pixels as float64, for
   every method NumPy offers: the same virtual indices, neighbours and interpolation, with the
-  order statistics found by selection (a compiled ``partition`` per label) rather than sorting;
+  order statistics found without sorting (:mod:`xr_rasteragg.kernels.selection`: counting in a
+  histogram over the label's own range for integer images, selection for float images);
 - :class:`LabelFunction` -- a user function of a label's pixel values, or of its mask and
   intensity crops (as scikit-image's ``extra_properties``), called once per label and channel.
 """
@@ -19,9 +20,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-import numba as nb
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
+
+from .kernels.selection import order_statistics, valid_counts
 
 __all__ = [
     "QUANTILE_METHODS",
@@ -57,8 +59,6 @@ _ALPHA_BETA = {
     "median_unbiased": (1 / 3.0, 1 / 3.0),
     "normal_unbiased": (3 / 8.0, 3 / 8.0),
 }
-#: Above this many order statistics per label, a label's values are sorted rather than selected.
-SELECT_MAX = 8
 
 
 class LabelFunctionError(RuntimeError):
@@ -69,25 +69,52 @@ class LabelFunctionError(RuntimeError):
 class Segments:
     """Pixels grouped by label: what a whole-label statistic is computed from.
 
+    Group ``g`` (label ``ids[g]``) holds the pixels ``values[:, starts[g]:starts[g + 1]]``. Its
+    pixels are those of the runs ``run_starts[g]:run_starts[g + 1]`` in turn: runs along image
+    rows of ``length`` pixels whose first pixels lie at the global indices ``origin``.
+
     Attributes
     ----------
-    flats
+    values
         Pixel values, shape ``(C, N)``, in the image's dtype.
-    order
-        Positions of pixels in ``flats``, grouped by label, shape ``(M,)``.
     starts
-        Start of each label's group in ``order``, and the end of the last, shape ``(k + 1,)``.
+        Start of each group in ``values``, and the end of the last, shape ``(k + 1,)``.
     ids
         The label id of each group, shape ``(k,)``.
-    position
-        Maps positions in ``flats`` to global ``(z, y, x)`` pixel indices, shape ``(m, 3)``.
+    origin
+        Global ``(z, y, x)`` index of each run's first pixel, shape ``(r, 3)``, or None when no
+        statistic needs the pixels' positions.
+    length
+        Pixels of each run, shape ``(r,)``, or None (with ``origin``).
+    run_starts
+        Start of each group's runs, shape ``(k + 1,)``, or None (with ``origin``).
     """
 
-    flats: NDArray[Any]
-    order: NDArray[np.int64]
+    values: NDArray[Any]
     starts: NDArray[np.int64]
     ids: NDArray[np.integer]
-    position: Callable[[NDArray[np.int64]], NDArray[np.int64]]
+    origin: NDArray[np.int64] | None = None
+    length: NDArray[np.int64] | None = None
+    run_starts: NDArray[np.int64] | None = None
+
+    def counts(self, rows: NDArray[np.intp]) -> NDArray[np.int64]:
+        """Pixel counts of the groups ``rows``."""
+        return self.starts[rows + 1] - self.starts[rows]
+
+    def pixels(self, row: int) -> NDArray[Any]:
+        """Values of group ``row``, shape ``(C, n)``."""
+        return self.values[:, self.starts[row] : self.starts[row + 1]]
+
+    def positions(self, row: int) -> NDArray[np.int64]:
+        """Global ``(z, y, x)`` indices of the pixels of group ``row``, shape ``(n, 3)``."""
+        assert self.origin is not None, "segments built without positions"
+        assert self.length is not None
+        assert self.run_starts is not None
+        runs = slice(self.run_starts[row], self.run_starts[row + 1])
+        lengths = self.length[runs]
+        out = np.repeat(self.origin[runs], lengths, axis=0)
+        out[:, 2] += np.arange(out.shape[0]) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        return out
 
 
 class WholeLabel(Protocol):
@@ -174,18 +201,20 @@ class Quantiles:
 
     def reduce(self, segments: Segments, rows: NDArray[np.intp], skipna: bool) -> NDArray[np.float64]:
         """Quantiles per label and channel, shape ``(len(rows), C, *shape)``."""
-        flats, order, starts = segments.flats, segments.order, segments.starts
-        nchan = flats.shape[0]
-        lengths = (starts[rows + 1] - starts[rows]).astype(np.int64)
-        if flats.dtype.kind == "f":
-            nvalid = _valid_counts(flats, order, starts, rows.astype(np.int64))
+        values = segments.values
+        nchan = values.shape[0]
+        rows = rows.astype(np.int64)
+        lengths = segments.counts(rows)
+        if values.dtype.kind == "f":
+            nvalid = valid_counts(values, segments.starts, rows)
         else:
             nvalid = np.repeat(lengths[:, None], nchan, axis=1)
         q = np.asarray(self.q, dtype=np.float64)
         n = nvalid[..., None]  # (k, C, 1)
         first, second, gamma = _neighbours(n, q, self.method)
         wanted = np.concatenate([first, second], axis=-1)
-        stats = _order_statistics(flats, order, starts, rows.astype(np.int64), wanted, skipna)
+        integer = values.dtype.kind in "iu"
+        stats = order_statistics(values, segments.starts, rows, wanted, skipna, integer)
         a, b = stats[..., : q.shape[0]], stats[..., q.shape[0] :]
         out = a if gamma is None else _lerp(a, b, gamma)
         bad = nvalid == 0 if skipna else nvalid < lengths[:, None]
@@ -261,67 +290,6 @@ def _lerp(a: NDArray[np.float64], b: NDArray[np.float64], t: NDArray[np.float64]
     return out
 
 
-@nb.njit(nogil=True, cache=True)
-def _valid_counts(flats, order, starts, rows):  # type: ignore[no-untyped-def]
-    """Number of non-NaN values of each group ``rows`` per channel, shape ``(len(rows), C)``."""
-    out = np.zeros((rows.shape[0], flats.shape[0]), dtype=np.int64)
-    for i in range(rows.shape[0]):
-        for j in range(starts[rows[i]], starts[rows[i] + 1]):
-            p = order[j]
-            for c in range(flats.shape[0]):
-                if not np.isnan(flats[c, p]):
-                    out[i, c] += 1
-    return out
-
-
-@nb.njit(nogil=True, cache=True)
-def _order_statistics(flats, order, starts, rows, wanted, skipna):  # type: ignore[no-untyped-def]
-    """The values at positions ``wanted[i, c]`` in the sorted (non-NaN) float64 values of group
-    ``rows[i]``, channel ``c``; shape ``wanted.shape``.
-
-    Groups are selected (successive partitions, each of the part above the last position found)
-    when they need few positions, sorted otherwise. A group that holds NaN without ``skipna``, or
-    no value, gives arbitrary values (the caller puts NaN there).
-    """
-    out = np.zeros(wanted.shape)
-    longest = 0
-    for i in range(rows.shape[0]):
-        longest = max(longest, starts[rows[i] + 1] - starts[rows[i]])
-    buf = np.empty(longest)
-    for i in range(rows.shape[0]):
-        a, b = starts[rows[i]], starts[rows[i] + 1]
-        for c in range(flats.shape[0]):
-            n = 0
-            for j in range(a, b):
-                x = np.float64(flats[c, order[j]])
-                if np.isnan(x):
-                    if skipna:
-                        continue
-                    n = 0
-                    break
-                buf[n] = x
-                n += 1
-            if n == 0:
-                continue
-            ranks = np.unique(wanted[i, c])
-            values = buf[:n]
-            if ranks.shape[0] > SELECT_MAX:
-                values = np.sort(values)
-                for r in range(wanted.shape[2]):
-                    out[i, c, r] = values[wanted[i, c, r]]
-                continue
-            found = np.empty(ranks.shape[0])
-            base = 0
-            for r in range(ranks.shape[0]):
-                part = np.partition(values, ranks[r] - base)
-                found[r] = part[ranks[r] - base]
-                values = part[ranks[r] - base + 1 :]
-                base = ranks[r] + 1
-            for r in range(wanted.shape[2]):
-                out[i, c, r] = found[np.searchsorted(ranks, wanted[i, c, r])]
-    return out
-
-
 @dataclass(frozen=True, eq=False)
 class LabelFunction:
     """A user function of each label's pixels, called once per label and channel.
@@ -368,14 +336,13 @@ class LabelFunction:
 
     def reduce(self, segments: Segments, rows: NDArray[np.intp], skipna: bool) -> NDArray[np.float64]:
         """The function's values per label and channel, shape ``(len(rows), C, *shape)``."""
-        nchan = segments.flats.shape[0]
+        nchan = segments.values.shape[0]
         out = np.empty((rows.shape[0], nchan, *self.shape))
         for i, row in enumerate(rows):
-            pixels = segments.order[segments.starts[row] : segments.starts[row + 1]]
-            values = segments.flats[:, pixels].astype(np.float64)
+            values = segments.pixels(int(row)).astype(np.float64)
             label = segments.ids[row].item()
             if self.on == "crops":
-                mask, where = self._mask(segments.position(pixels))
+                mask, where = self._mask(segments.positions(int(row)))
             for c in range(nchan):
                 if self.on == "values":
                     x = values[c]
