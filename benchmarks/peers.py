@@ -22,10 +22,12 @@ import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ALL_STATS", "METHODS", "Data", "Method", "Work"]
+__all__ = ["ALL_STATS", "MEDIAN_WORKS", "METHODS", "Data", "Method", "Work"]
 
-Work = Literal["mean", "all"]
+Work = Literal["mean", "all", "median", "median-all"]
 ALL_STATS = ("sum", "mean", "count", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
+#: Whole-label work: the median of every channel, and the median with the nine statistics in one call.
+MEDIAN_WORKS: tuple[Work, ...] = ("median", "median-all")
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,13 @@ def _through_class(
     def run() -> Any:
         aggregator = RasterAggregator(mask, image, run_on_gpu=False)
         with dask.config.set(scheduler="threads"):
-            return aggregator.aggregate_mean(index=index) if work == "mean" else call(aggregator, index)
+            if work == "mean":
+                return aggregator.aggregate_mean(index=index)
+            if work == "median":
+                return aggregator.aggregate_median(index=index)
+            if work == "median-all":
+                return aggregator.aggregate_stats((*ALL_STATS, "median"), index=index)
+            return call(aggregator, index)
 
     return run
 
@@ -153,7 +161,10 @@ def _ours_accessor(data: Data, work: Work) -> Callable[[], Any]:
         with dask.config.set(scheduler="threads"):
             if work == "mean":
                 return image.rasteragg.mean(labels).compute()
-            return image.rasteragg.aggregate(labels, ALL_STATS).compute()
+            if work == "median":
+                return image.rasteragg.median(labels).compute()
+            stats = (*ALL_STATS, "median") if work == "median-all" else ALL_STATS
+            return image.rasteragg.aggregate(labels, stats).compute()
 
     return run
 
@@ -224,9 +235,18 @@ def _scipy(data: Data, work: Work) -> Callable[[], Any]:
     return run
 
 
+def _median(mask: NDArray[np.bool_], intensity: NDArray[Any]) -> float:
+    """A median extra property, as scikit-image's users write one."""
+    return float(np.median(intensity[mask]))
+
+
 def _skimage(data: Data, work: Work) -> Callable[[], Any]:
     from skimage.measure import regionprops_table
 
+    if work == "median":
+        return lambda: regionprops_table(
+            data.labels, np.moveaxis(data.image, 0, -1), properties=("label",), extra_properties=(_median,)
+        )
     properties = (
         ("label", "intensity_mean")
         if work == "mean"
@@ -300,15 +320,44 @@ def _harpy(data: Data, work: Work) -> Callable[[], Any]:
     return run
 
 
+def _harpy_median(data: Data, work: Work) -> Callable[[], Any]:
+    """harpy's Featurizer: the median of each instance's pixels, per channel, in windows of the
+    largest cell's diameter (found beforehand, untimed: harpy needs it given)."""
+    from harpy.utils import Featurizer
+    from loguru import logger
+    from scipy import ndimage
+
+    logger.disable("harpy")
+    extent = max(max(s.stop - s.start for s in box) for box in ndimage.find_objects(data.labels) if box)
+    mask, image = data.dask_mask(), data.dask_image()
+
+    def median(values: NDArray[Any]) -> NDArray[np.float64]:
+        return np.median(values, axis=1, keepdims=True)  # (c, N) -> (c, 1)
+
+    def run() -> Any:
+        with dask.config.set(scheduler="threads"):
+            featurizer = Featurizer(mask, image)
+            ids, values = featurizer.calculate_instance_statistics(
+                depth=extent // 2 + 1, diameter=extent + 2, statistic_dimension=1, fn=median
+            )
+            return ids, values.compute()
+
+    return run
+
+
 def _all(*stats: str) -> dict[str, tuple[str, ...]]:
     return {"mean": ("mean",), "all": stats}
+
+
+def _with_median(computes: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {**computes, "median": ("median",), "median-all": (*ALL_STATS, "median")}
 
 
 METHODS: dict[str, Method] = {
     method.name: method
     for method in (
         Method("read", "read limit (NumPy sum of image and mask)", (), {"mean": (), "all": ()}, _read_limit),
-        Method("ours", "xr_rasteragg RasterAggregator", (), _all(*ALL_STATS), _ours_class),
+        Method("ours", "xr_rasteragg RasterAggregator", (), _with_median(_all(*ALL_STATS)), _ours_class),
         Method(
             "ours-index",
             "xr_rasteragg RasterAggregator, index=np.unique(mask)",
@@ -323,7 +372,9 @@ METHODS: dict[str, Method] = {
             _all(*ALL_STATS),
             _ours_script,
         ),
-        Method("accessor", "xr_rasteragg .rasteragg accessor", (), _all(*ALL_STATS), _ours_accessor),
+        Method(
+            "accessor", "xr_rasteragg .rasteragg accessor", (), _with_median(_all(*ALL_STATS)), _ours_accessor
+        ),
         Method("bincount", "NumPy bincount (+ ufunc.at for min/max)", (), _all(*ALL_STATS), _bincount),
         Method(
             "scipy",
@@ -336,7 +387,7 @@ METHODS: dict[str, Method] = {
             "skimage",
             "scikit-image regionprops_table",
             ("skimage",),
-            _all("mean", "count", "var", "min", "max", "center_of_mass"),
+            {**_all("mean", "count", "var", "min", "max", "center_of_mass"), "median": ("median",)},
             _skimage,
         ),
         Method(
@@ -350,5 +401,12 @@ METHODS: dict[str, Method] = {
             _xrspatial,
         ),
         Method("harpy", "harpy RasterAggregator", ("harpy",), _all(*ALL_STATS), _harpy),
+        Method(
+            "harpy-featurizer",
+            "harpy Featurizer (median per instance; depth from the largest cell)",
+            ("harpy",),
+            {"median": ("median",)},
+            _harpy_median,
+        ),
     )
 }

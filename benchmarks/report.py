@@ -17,6 +17,8 @@ from typing import Any
 __all__ = ["merge", "tables", "write_docs"]
 
 WORKS = ("mean", "all")
+#: Whole-label work (see :data:`benchmarks.peers.MEDIAN_WORKS`), in a table of its own.
+MEDIAN_WORKS = {"median": "median (8 channels)", "median-all": "median + the nine, one call"}
 
 
 def _fmt(value: float, digits: int = 3) -> str:
@@ -45,12 +47,43 @@ def reference_table(section: dict[str, Any]) -> str:
         header += [f"{work}: × read", f"{work}: × ours", f"{work}: peak MiB"]
     rows = []
     for name, method in section["methods"].items():
+        if not any(work in method["computes"] for work in WORKS):
+            continue
         computes = method["computes"]["all"]
         row = [method["title"], ", ".join(computes) if len(computes) < 9 else "all nine" if computes else "–"]
         for work in WORKS:
             record = found.get((name, work))
             ours = found.get(("ours", work))
             if name in section["skipped"]:
+                row += [f"skipped ({section['skipped'][name]})", "", ""]
+            elif record is None or record["status"] != "ok":
+                row += [record["message"] if record else "not run", "", ""]
+            else:
+                versus = (
+                    record["ratio_read"] / ours["ratio_read"] if ours and ours["status"] == "ok" else math.nan
+                )
+                row += [_fmt(record["ratio_read"]), _fmt(versus), _fmt(record["peak_mib"])]
+        rows.append(row)
+    return _table(header, rows)
+
+
+def median_table(section: dict[str, Any]) -> str:
+    """The methods that compute a per-label median: ratio to the read limit, to ours, peak memory."""
+    found = _by_method(section)
+    header = ["method"]
+    for title in MEDIAN_WORKS.values():
+        header += [f"{title}: × read", f"{title}: × ours", f"{title}: peak MiB"]
+    rows = []
+    for name, method in section["methods"].items():
+        if not any(work in method["computes"] for work in MEDIAN_WORKS):
+            continue
+        row = [method["title"]]
+        for work in MEDIAN_WORKS:
+            record = found.get((name, work))
+            ours = found.get(("ours", work))
+            if work not in method["computes"]:
+                row += ["–", "", ""]
+            elif name in section["skipped"]:
                 row += [f"skipped ({section['skipped'][name]})", "", ""]
             elif record is None or record["status"] != "ok":
                 row += [record["message"] if record else "not run", "", ""]
@@ -70,7 +103,7 @@ def reference_summary(section: dict[str, Any]) -> str:
     parts = []
     if reads:
         parts.append(f"read limit {reads[len(reads) // 2] * 1e3:.0f} ms (median over the processes)")
-    for work, title in (("mean", "mean"), ("all", "all statistics")):
+    for work, title in (("mean", "mean"), ("all", "all statistics"), ("median", "median")):
         record = found.get(("ours", work))
         if record and record["status"] == "ok":
             parts.append(f"ours {title} {record['seconds'] * 1e3:.0f} ms")
@@ -188,6 +221,8 @@ def tables(results: dict[str, Any]) -> str:
             f"chunks {section['spatial_chunk']}² × {section['channel_chunk']} channel; "
             f"{reference_summary(section)}.\n",
             reference_table(section),
+            "\nWhole-label statistics (exact per-label median, reference dataset):\n",
+            median_table(section),
         ]
     if "chunks" in results:
         parts += ["\nChunk sizes (ours, reference dataset):\n", chunks_table(results["chunks"])]
@@ -221,7 +256,11 @@ def _plot(results: dict[str, Any], path: Path) -> None:
 
 def _plot_reference(ax: Any, section: dict[str, Any]) -> None:
     found = _by_method(section)
-    names = [n for n in section["methods"] if n != "read" and n not in section["skipped"]]
+    names = [
+        n
+        for n, method in section["methods"].items()
+        if n != "read" and n not in section["skipped"] and any(w in method["computes"] for w in WORKS)
+    ]
     for offset, work, colour in ((-0.2, "mean", "tab:blue"), (0.2, "all", "tab:orange")):
         values = []
         for name in names:
@@ -478,6 +517,9 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
             f"with background (`xr_rasteragg.synthetic.make_cells`), chunks {reference['spatial_chunk']}² × "
             f"{reference['channel_chunk']} channel; {reference_summary(reference)}.\n\n"
             + reference_table(reference)
+            + "\n\nWhole-label statistics: the exact per-label median of the 8 channels, alone and "
+            "with the nine statistics in one call.\n\n"
+            + median_table(reference)
             if reference
             else "Not run."
         ),

@@ -11,9 +11,10 @@ Sections (``--only`` picks some):
 
 ``reference``
     DESIGN §6's dataset (4096² px, 8 channels uint16, ~18.8k cells, chunks 2048² x 1 channel) in
-    memory; "mean" and all nine statistics by each method of :mod:`benchmarks.peers` (``--methods``
-    picks some), as ratios to the read limit (NumPy summing image and mask once, measured in the
-    same process right before) and to ours, with peak memory. Ours runs three ways through the
+    memory; "mean", all nine statistics, and (for the methods that compute it) the median of the
+    8 channels, alone and with the nine in one call, by each method of :mod:`benchmarks.peers`
+    (``--methods`` picks some), as ratios to the read limit (NumPy summing image and mask once,
+    measured in the same process right before) and to ours, with peak memory. Ours runs three ways through the
     class: without an index, with ``index=np.unique(mask)``, and as harpy's four-call script
     (aggregate_stats, aggregate_min, aggregate_max, center_of_mass) with that index.
 ``chunks``
@@ -158,7 +159,7 @@ def reference_section(
                 "spatial_chunk": chunk,
                 "channel_chunk": REFERENCE["channel_chunk"],
             }
-            for work in ("mean", "all")
+            for work in METHODS[name].computes
         ]
 
     names = [name for name in METHODS if name not in skipped]

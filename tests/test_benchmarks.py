@@ -129,7 +129,11 @@ def _results() -> dict:
     }
     methods = {
         "read": {"title": "read limit", "computes": {"mean": [], "all": []}},
-        "ours": {"title": "ours", "computes": {"mean": ["mean"], "all": ["sum", "mean"]}},
+        "ours": {
+            "title": "ours",
+            "computes": {"mean": ["mean"], "all": ["sum", "mean"], "median": ["median"], "median-all": []},
+        },
+        "regionprops": {"title": "median peer", "computes": {"median": ["median"]}},
         "slow": {"title": "slow peer", "computes": {"mean": ["mean"], "all": ["mean"]}},
         "gone": {"title": "absent peer", "computes": {"mean": ["mean"], "all": ["mean"]}},
     }
@@ -139,6 +143,9 @@ def _results() -> dict:
         ref("ours", "all", 4.0),
         ref("slow", "mean", 50.0),
         ref("slow", "all", 0, "timeout"),
+        ref("ours", "median", 3.0),
+        ref("ours", "median-all", 5.0),
+        ref("regionprops", "median", 30.0),
     ]
     scale_job = {
         "height": 4096,
@@ -186,6 +193,17 @@ def test_tables_report_ratios_timeouts_and_skips() -> None:
     assert "did not finish in 5 s" in row
     assert "skipped (not installed: gone)" in text
     assert "4096² × 4" in text
+
+
+def test_median_table_only_methods_that_compute_it() -> None:
+    text = tables(_results())
+    peer = next(line for line in text.splitlines() if line.startswith("| median peer"))
+    assert "| 30 | 10 | 12 | – |" in peer  # x read, x ours (30 / 3), peak MiB; no median-all
+    mine = [line for line in text.splitlines() if line.startswith("| ours")]
+    assert any("| 3 | 1 | 12 | 5 | 1 | 12 |" in line for line in mine)
+    assert not any(line.startswith("| median peer") and "slow" in line for line in text.splitlines())
+    main_rows = text.split("Whole-label")[0]
+    assert "median peer" not in main_rows  # not in the table of mean and the nine
 
 
 def test_failures_counts_our_jobs_only() -> None:
