@@ -336,3 +336,17 @@ def test_aggregate_writes_shape_features(store: Path) -> None:
     table = read_table(store, "shape")
     assert "eccentricity" in table.obs
     assert table.obsm["centroid"].shape == (table.n_obs, 2)
+
+
+def test_aggregate_mean_and_median(store: Path) -> None:
+    args = ["aggregate", str(store), "--image", "img", "--labels", "cells", "--stats", "mean,median"]
+    assert main([*args, "--no-progress"]) == 0
+    table = read_table(store, "cells_stats")
+    sdata = spatialdata.read_zarr(store)
+    labels = sdata.labels["cells"].values
+    image = sdata.images["img"].values
+    ids = np.unique(labels)[1:]
+    np.testing.assert_array_equal(table.obs["instance_id"], ids)
+    expected = [[np.median(plane[labels == i].astype(np.float64)) for plane in image] for i in ids]
+    np.testing.assert_array_equal(np.asarray(table.layers["median"]), expected)
+    assert list(table.uns["rasteragg"]["stats"]) == ["mean", "median"]

@@ -416,3 +416,19 @@ def test_shape_features_go_to_obs_and_obsm() -> None:
     assert table.uns["rasteragg"]["shape"] == ["eccentricity", "bbox", "solidity"]
     with pytest.raises(ValueError, match="at least one per-channel statistic"):
         aggregate(sdata, "img", "cells", ["eccentricity"])
+
+
+def test_median_through_the_adapter_with_dask_elements() -> None:
+    labels = blob_labels((20, 27))
+    image = image_of(labels.shape)
+    sdata = spatialdata.SpatialData(  # blocks of 7 x 9: labels cross the blocks' borders
+        images={"img": Image2DModel.parse(image, dims=("c", "y", "x"), c_coords=CHANNELS, chunks=(1, 7, 9))},
+        labels={"cells": Labels2DModel.parse(labels, dims=("y", "x"), chunks=(7, 9))},
+    )
+    table = aggregate(sdata, "img", "cells", ["mean", "median"])
+    TableModel().validate(table)
+    ids = np.unique(labels)[1:]
+    np.testing.assert_array_equal(table.obs["instance_id"], ids)
+    expected = [[np.median(plane[labels == i].astype(np.float64)) for plane in image] for i in ids]
+    np.testing.assert_array_equal(np.asarray(table.layers["median"]), expected)
+    np.testing.assert_allclose(np.asarray(table.X), reference(image, labels, "mean")[1], rtol=1e-12)
