@@ -518,8 +518,7 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
             f"{reference['channel_chunk']} channel; {reference_summary(reference)}.\n\n"
             + reference_table(reference)
             + "\n\nWhole-label statistics: the exact per-label median of the 8 channels, alone and "
-            "with the nine statistics in one call.\n\n"
-            + median_table(reference)
+            "with the nine statistics in one call.\n\n" + median_table(reference)
             if reference
             else "Not run."
         ),
