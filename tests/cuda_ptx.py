@@ -1,4 +1,5 @@
-"""Compile every CUDA kernel of ``xr_rasteragg.kernels.cuda_runs`` to PTX for a Hopper GPU (sm_90).
+"""Compile every CUDA kernel of ``xr_rasteragg.kernels.cuda_runs`` and ``cuda_shape`` to PTX for a
+Hopper GPU (sm_90).
 
 Run as a script, without Numba's CUDA simulator (which compiles nothing): Numba types and
 compiles each kernel for the argument types that ``xr_rasteragg.kernels.cuda`` passes, for
@@ -15,6 +16,7 @@ from numba import cuda
 from numba.core import types
 
 import xr_rasteragg.kernels.cuda_runs as k
+import xr_rasteragg.kernels.cuda_shape as shape
 
 
 def array(dtype: types.Type, ndim: int, layout: str = "A") -> types.Array:
@@ -39,12 +41,17 @@ KERNELS: list[tuple[str, object, tuple[types.Type, ...]]] = [
         (array(U64, 2), array(I64, 2), B, array(F64, 3), I64, *[array(F64, 2)] * 3),
     ),
     ("fill", k._fill, (array(U64, 1), U64)),
+    ("geometry_pass", shape._geometry_pass, (*RUNS, array(U64, 1), *[array(U64, 2)] * 3)),
 ]
 for small in (types.uint8, types.int8, types.uint16, types.int16):
     KERNELS.append(
         (f"power_pass {small}", k._power_pass,
          (*RUNS, array(small, 4), I64, I64, B, array(U64, 3), array(U64, 2), array(U64, 2)))
     )  # fmt: skip
+IMAGES = (types.uint8, types.int8, types.uint16, types.int16, types.int32, types.uint32, types.int64)
+for image in (*IMAGES, types.uint64, types.float32, types.float64):
+    weighted = (*RUNS, array(image, 4), F64, F64, F64, array(F64, 3))
+    KERNELS.append((f"weighted_pass {image}", shape._weighted_pass, weighted))
 for image, bits, shift in (
     (types.float32, types.uint32, F64), (types.float64, types.uint64, F64), (types.int32, types.int32, I64),
     (types.uint32, types.uint32, I64), (types.int64, types.int64, I64), (types.uint64, types.uint64, U64),

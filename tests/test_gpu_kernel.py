@@ -26,17 +26,19 @@ import dask.array as da
 import numpy as np
 import pytest
 import test_properties as props
+import test_shape as shape
 from conftest import ALL_STATS, KERNELS, assert_all_stats, assert_partials_close, reference
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import xr_rasteragg.engine
 from xr_rasteragg.engine import aggregate
-from xr_rasteragg.families import Family
+from xr_rasteragg.families import Family, Geometry, Weighted
 from xr_rasteragg.gpu import probe_cupy
 from xr_rasteragg.kernels import StagedKernel
 from xr_rasteragg.kernels import cuda as cuda_kernel
 from xr_rasteragg.partials import Needs, Partials
+from xr_rasteragg.stats import Space
 
 # Under the simulator the device code runs on NumPy scalars, which warn where the device silently
 # wraps integers (atomics) or makes NaN (inf - inf) as IEEE 754 says.
@@ -269,10 +271,86 @@ def test_families_beyond_the_moments_dispatch_on_their_type(monkeypatch: pytest.
     with pytest.raises(TypeError, match="no update for the family 'extra'"):
         run(labels, None, Needs(0, more=(Extra(),)))
     seen: list[int] = []
-    update = lambda parts, image, runs, family: seen.append(parts.size)  # noqa: E731
+    update = lambda parts, image, runs, family: lambda: seen.append(parts.size)  # noqa: E731
     monkeypatch.setitem(cuda_kernel.FAMILY_UPDATES, Extra, update)
     run(labels, None, Needs(0, more=(Extra(),)))
     assert seen == [2]
+
+
+GEOMETRY_FIELDS = ("origin", "offsets", "products", "low", "high")
+WEIGHTED_FIELDS = ("weight", "weighted_z", "weighted_y", "weighted_x")
+
+
+@pytest.mark.parametrize(
+    ("label_dtype", "image_dtype", "shape", "skip"),
+    [
+        ("int8", "uint16", (2, 5, 9), 0),
+        ("uint64", "float32", (1, 7, 10), None),
+        ("int64", "int64", (3, 4, 6), 0),
+    ],
+)
+def test_shape_partials_equal_the_cpu_kernel(
+    label_dtype: str, image_dtype: str, shape: tuple[int, int, int], skip: int | None
+) -> None:
+    """Geometry exactly (the same integers, about the same origins), the weighted sums to rounding;
+    runs split at 4-pixel segments, a block far from the image origin."""
+    labels = blobs(shape, label_dtype, seed=11)
+    image = values(2, labels.shape, image_dtype, seed=12)
+    needs = Needs(0, more=(Geometry(), Weighted()))
+    offset = (5, 3000, 2**31 + 7)
+    got = run(labels, [image[:1], image[1:]], needs, skip, offset)
+    expected = KERNELS["numba"](labels, [image[:1], image[1:]], offset, needs, skip)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    for name in GEOMETRY_FIELDS:
+        a, b = getattr(got, name), getattr(expected, name)
+        assert a.dtype == b.dtype, name
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    for name in WEIGHTED_FIELDS:
+        np.testing.assert_allclose(getattr(got, name), getattr(expected, name), rtol=1e-12, err_msg=name)
+
+
+SHAPE_2D = tuple(name for name in shape.SHAPE_2D if name not in ("perimeter", "solidity"))
+SHAPE_3D = tuple(name for name in SHAPE_2D if name not in ("eccentricity", "orientation"))
+
+
+@pytest.mark.parametrize(
+    ("grid", "chunks"), [((1, 14, 17), (1, 8, 9)), ((4, 6, 7), (2, 6, 4))], ids=["2d", "3d"]
+)
+def test_shape_features_through_the_engine_equal_regionprops(
+    grid: tuple[int, int, int], chunks: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The moment-based shape features and centroid_weighted, from blocks that labels span."""
+    labels = shape.irregular(grid, 5, seed=13, size=3)
+    image = values(2, grid, "uint16", seed=14)
+    flat = grid[0] == 1
+    props = (*(SHAPE_2D if flat else SHAPE_3D), "centroid_weighted")
+    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: KERNEL)
+    dlabels = da.from_array(device(labels), chunks=chunks, asarray=False)
+    dimage = da.from_array(device(image), chunks=(1, *chunks), asarray=False)
+    space = Space((1, 2), (1.0, 1.0)) if flat else Space()
+    with dask.config.set(scheduler=SCHEDULER):
+        result = aggregate(dlabels, dimage, props, background=0, space=space, eager=True)
+    plain = labels[0] if flat else labels
+    expected = shape.reference(
+        plain, props, intensity_image=np.moveaxis(image[:, 0] if flat else image, 0, -1)
+    )
+    np.testing.assert_array_equal(result.labels, expected["label"])
+    expected["centroid_weighted"] = np.swapaxes(expected["centroid_weighted"], 1, 2)
+    shape.check({k: np.asarray(v) for k, v in result.values.items()}, expected, props)
+    assert result.values["bbox"].dtype == np.int64
+
+
+def test_perimeter_and_solidity_are_a_type_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """They need each label's neighbourhood and its convex hull, which only the CPU kernel builds."""
+    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: KERNEL)
+    labels = da.from_array(device(np.array([[[1, 1, 2], [1, 2, 2]]], np.int32)), asarray=False)
+    with pytest.raises(TypeError, match="cannot read a label's neighbourhood"):
+        aggregate(labels, None, ["perimeter"], space=Space((1, 2), (1.0, 1.0)))
+    with (
+        pytest.raises(TypeError, match="no update for the family 'hull'"),
+        dask.config.set(scheduler=SCHEDULER),
+    ):
+        aggregate(labels, None, ["solidity"], space=Space((1, 2), (1.0, 1.0)))
 
 
 def test_every_kernel_compiles_for_a_hopper_gpu() -> None:

@@ -26,6 +26,9 @@ stages, as on the CPU (:class:`~xr_rasteragg.kernels.StagedKernel`):
   deviations from the label's mean, corrected for the rounding of that mean, as
   :mod:`xr_rasteragg.kernels.xp` does with array operations. Extrema are atomic minima and
   maxima of unsigned keys that sort as the values do (exact for every dtype; NaN wins).
+  The moment-based shape families (label geometry, the intensity-weighted centroid) walk the
+  runs in kernels of their own (:mod:`xr_rasteragg.kernels.cuda_shape`), launched in the same
+  stage.
 
 Between its first launch and its closing copy to the host, a stage never waits for the device:
 every size it needs is known before it starts (the label bound is the one value ``encode``
@@ -221,6 +224,10 @@ class DeviceRuns:
         The row of each label of ``parts`` (label order to rows).
     segment
         Pixels per thread.
+    offset
+        The global (z, y, x) index of the block's first pixel.
+    totals
+        The rows of ``packed`` in label order (host).
     """
 
     parts: Partials
@@ -233,6 +240,8 @@ class DeviceRuns:
     packed: Any
     local: NDArray[np.intp]
     segment: int
+    offset: tuple[int, int, int]
+    totals: NDArray[np.uint64]
 
     def walk(self) -> tuple[Any, ...]:
         """The leading arguments of every kernel that walks the runs."""
@@ -295,11 +304,37 @@ class CudaRunKernel:
         coords = np.stack([host[local, 2], host[local, 3], host[local, 4] / 2], axis=1).astype(np.float64)
         coords += np.asarray(offset, dtype=np.float64) * count[:, None]
         parts = Partials(keys[local], count, coords)
-        return DeviceRuns(parts, block, use_skip, skip_key, table, mask, ids, packed, local, self.segment)
+        start = (int(offset[0]), int(offset[1]), int(offset[2]))
+        return DeviceRuns(
+            parts,
+            block,
+            use_skip,
+            skip_key,
+            table,
+            mask,
+            ids,
+            packed,
+            local,
+            self.segment,
+            start,
+            host[local],
+        )
 
     def channels(self, runs: DeviceRuns, image: Sequence[Any] | None, needs: Needs) -> Partials:
-        """Partials of a group of channel chunks ``(c_i, z, y, x)`` over an encoded label block."""
+        """Partials of a group of channel chunks ``(c_i, z, y, x)`` over an encoded label block.
+
+        The kernels of the families beyond the moments and extrema (:data:`FAMILY_UPDATES`) are
+        launched first and their fields copied to the host last, so that no launch of the stage
+        waits for a copy.
+        """
+        for family in needs.more:
+            if type(family) not in FAMILY_UPDATES:
+                raise TypeError(
+                    f"the CUDA kernel has no update for the family {family.name!r}; compute the "
+                    "statistics that need it from NumPy blocks (cupy.asnumpy)"
+                )
         parts = runs.parts.rows(0, runs.parts.size)
+        copies = [FAMILY_UPDATES[type(family)](parts, image, runs, family) for family in needs.more]
         if image is not None and (needs.order >= 1 or needs.extrema):
             stacked = _stacked(image)
             dtype = np.dtype(stacked.dtype)
@@ -309,10 +344,8 @@ class CudaRunKernel:
                 _small_integer_partials(parts, runs, stacked, needs)
             else:
                 _general_partials(parts, runs, stacked, needs)
-        for family in needs.more:
-            if type(family) not in FAMILY_UPDATES:
-                raise TypeError(f"the CUDA kernel has no update for the family {family.name!r}")
-            FAMILY_UPDATES[type(family)](parts, image, runs, family)
+        for copy in copies:
+            copy()
         return parts
 
     def __call__(
@@ -431,7 +464,20 @@ def _add_results(
         parts.add(family, **dict(zip(family.names(), host, strict=True)))
 
 
-#: Kernel code for the families beyond counts, moments and extrema, by family type: each fills
-#: its family's fields into the block's partials from the encoded runs (and the image chunks,
-#: or None), as :data:`xr_rasteragg.kernels.numba.FAMILY_UPDATES` does on the CPU.
-FAMILY_UPDATES: dict[type[Family], Callable[[Partials, Sequence[Any] | None, DeviceRuns, Any], None]] = {}
+#: Kernel code for the families beyond counts, moments and extrema, by family type: each
+#: launches the kernels of its family over the encoded runs (and the image chunks, or None) and
+#: returns the step that copies its fields to the host and adds them to the block's partials,
+#: the fields of :data:`xr_rasteragg.kernels.numba.FAMILY_UPDATES` on the CPU.
+FAMILY_UPDATES: dict[
+    type[Family], Callable[[Partials, Sequence[Any] | None, DeviceRuns, Any], Callable[[], None]]
+] = {}
+
+
+def _register_shape_updates() -> None:
+    """Add the kernel code of the moment-based shape families (:mod:`~xr_rasteragg.kernels.cuda_shape`)."""
+    from .cuda_shape import SHAPE_UPDATES
+
+    FAMILY_UPDATES.update(SHAPE_UPDATES)
+
+
+_register_shape_updates()
