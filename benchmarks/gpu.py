@@ -11,8 +11,9 @@ For each it prints wall times (best of ``--repeat``) of
 
 - ours on the GPU (CuPy blocks, the fused kernel of ``xr_rasteragg.kernels.cuda``) and ours on
   the CPU (the same data as NumPy blocks): the mean, the five statistics below in one pass, and
-  all statistics in one pass; on the GPU also all statistics in GPU-sized blocks (the whole
-  reference image in one block; 8192² px blocks of the large one);
+  all statistics in one pass, and with them the shape features that the GPU kernel computes
+  (all but perimeter and solidity, with centroid_weighted); on the GPU also all statistics in
+  GPU-sized blocks (the whole reference image in one block; 8192² px blocks of the large one);
 - ``RasterAggregator(..., run_on_gpu=True)`` against ``run_on_gpu=False`` on dask arrays of
   NumPy chunks (the harpy default: every block is copied to the device inside the timing),
   ``aggregate_stats`` of harpy's six statistics;
@@ -45,10 +46,18 @@ import numpy as np
 from xr_rasteragg import RasterAggregator
 from xr_rasteragg.engine import aggregate
 from xr_rasteragg.gpu import probe_cupy
+from xr_rasteragg.stats import Space
 from xr_rasteragg.synthetic import make_cells
 
 FIVE = ("sum", "mean", "var", "min", "max")
 ALL_STATS = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
+#: The shape features that the GPU kernel computes (all but perimeter and solidity), 2-D.
+SHAPE = (
+    "area", "bbox", "centroid", "axis_major_length", "axis_minor_length", "eccentricity", "orientation",
+    "inertia_tensor", "inertia_tensor_eigvals", "extent", "equivalent_diameter_area", "centroid_weighted",
+)  # fmt: skip
+#: The labels' axes: y and x of the (z, y, x) blocks (the 2-D shape features need them).
+PLANE = Space((1, 2), (1.0, 1.0))
 #: ``cupyx.scipy.ndimage`` (or ``scipy.ndimage``) function for each of the five statistics.
 NDIMAGE = {"sum": "sum_labels", "mean": "mean", "var": "variance", "min": "minimum", "max": "maximum"}
 
@@ -92,13 +101,16 @@ def ndimage_stats(
     return out
 
 
-def ours(labels: Any, image: Any, stats: Sequence[str], chunks: tuple[int, int]) -> dict[str, np.ndarray]:
-    """Our statistics for every label but the background, with (spatial, channel) ``chunks``."""
+def ours(
+    labels: Any, image: Any, stats: Sequence[str], chunks: tuple[int, int], space: Space | None = None
+) -> dict[str, np.ndarray]:
+    """Our statistics for every label but the background, with (spatial, channel) ``chunks``
+    (``space``: the labels' axes, as :func:`~xr_rasteragg.engine.aggregate` takes them)."""
     spatial, channel = chunks
     # name=False: no token from the contents, which would copy device arrays to the host.
     dlabels = da.from_array(labels, chunks=(1, spatial, spatial), asarray=False, name=False)
     dimage = da.from_array(image, chunks=(channel, 1, spatial, spatial), asarray=False, name=False)
-    result = aggregate(dlabels, dimage, stats, background=0)
+    result = aggregate(dlabels, dimage, stats, background=0, space=space)
     return {"labels": result.labels, **result.values}
 
 
@@ -116,7 +128,7 @@ def assert_agree(got: dict[str, np.ndarray], expected: dict[str, np.ndarray], na
     """Two sets of results agree (extrema exactly, sums and moments to 1e-9)."""
     for name in names:
         a, b = np.asarray(got[name], dtype=np.float64), np.asarray(expected[name], dtype=np.float64)
-        if name in ("min", "max"):
+        if name in ("min", "max", "bbox"):
             np.testing.assert_array_equal(a, b, err_msg=name)
         else:
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9, err_msg=name)
@@ -193,6 +205,9 @@ def run_dataset(
         "ours GPU: all 10 stats, GPU-sized blocks": best_of(
             repeat, lambda: ours(glabels, gimage, ALL_STATS, gpu_chunks), sync
         ),
+        "ours GPU: 10 stats + shape, one pass": best_of(
+            repeat, lambda: ours(glabels, gimage, ALL_STATS + SHAPE, chunks, PLANE), sync
+        ),
         "cupyx.ndimage: mean": best_of(
             repeat, lambda: ndimage_stats(cndi, cupy, plane_labels, plane_image, gids, ("mean",)), sync
         ),
@@ -203,6 +218,9 @@ def run_dataset(
     if cpu:
         on_cpu = ours(labels, image, ALL_STATS, chunks)
         assert_agree(on_gpu, on_cpu, ALL_STATS)
+        with_shape = ALL_STATS + SHAPE
+        shape_gpu = ours(glabels, gimage, with_shape, chunks, PLANE)
+        assert_agree(shape_gpu, ours(labels, image, with_shape, chunks, PLANE), with_shape)
         frames = zip(
             through_aggregator(labels, image, chunks, True),
             through_aggregator(labels, image, chunks, False),
@@ -226,6 +244,9 @@ def run_dataset(
             timings["ours CPU: all 10 stats, one pass"] = best_of(
                 repeat, lambda: ours(labels, image, ALL_STATS, chunks), _nothing
             )
+            timings["ours CPU: 10 stats + shape, one pass"] = best_of(
+                repeat, lambda: ours(labels, image, with_shape, chunks, PLANE), _nothing
+            )
     for label, seconds in timings.items():
         print(bandwidth_line(label, seconds, nbytes, bandwidth))
     print("  ratios of wall times (above 1: ours on the GPU is faster)")
@@ -235,11 +256,17 @@ def run_dataset(
         if cpu:
             line += f", ours CPU / ours GPU = {timings[f'ours CPU: {ours_name}'] / gpu:.1f}"
         print(line)
+    extra = timings["ours GPU: 10 stats + shape, one pass"] / timings["ours GPU: all 10 stats, one pass"]
+    print(f"    ours GPU: (10 stats + shape) / 10 stats = {extra:.2f} (DESIGN's CPU target: at most 1.3)")
     if cpu:
         cpu_all = timings["ours CPU: all 10 stats, one pass"]
         every = cpu_all / timings["ours GPU: all 10 stats, one pass"]
         sized = cpu_all / timings["ours GPU: all 10 stats, GPU-sized blocks"]
         print(f"    all 10 stats: ours CPU / ours GPU = {every:.1f} (GPU-sized blocks: {sized:.1f})")
+        shape = (
+            timings["ours CPU: 10 stats + shape, one pass"] / timings["ours GPU: 10 stats + shape, one pass"]
+        )
+        print(f"    10 stats + shape: ours CPU / ours GPU = {shape:.1f}")
         host = (
             timings["RasterAggregator run_on_gpu=False"]
             / timings["RasterAggregator run_on_gpu=True (host data)"]
