@@ -41,11 +41,6 @@ from .families import (
 
 __all__ = ["Needs", "Partials", "concat_channels", "difference", "label_union", "merge", "shift_dtype"]
 
-#: Parts of at most this many rows in all, and this many on average, are stacked before a
-#: merge (see :func:`merge`): below it the cost of a fold is its calls, not its rows.
-STACK_ROWS = 2**20
-STACK_MEAN_ROWS = 4096
-
 
 @dataclass(frozen=True)
 class Needs:
@@ -267,19 +262,6 @@ def merge(parts: Sequence[Partials]) -> Partials:
     # Families that merge with the pixel counts fold before the counts themselves.
     families = sorted(first.families, key=lambda f: f.weights)
     seen = np.zeros(k, np.bool_)
-    total = sum(p.size for p in parts)
-    if len(parts) > 2 and total <= STACK_ROWS and total <= STACK_MEAN_ROWS * len(parts):
-        # Many small parts (the pieces of the final merge): the cost is per call, not per row,
-        # so they are stacked and folded in one call per round, the j-th round holding the j-th
-        # holder of each label (so that the rows of one fold are distinct).
-        stacked, rows = _concat(parts), np.concatenate(positions)
-        rounds = _rounds(rows, k)  # each below len(parts): sorted by radix as uint16
-        order = np.argsort(rounds.astype(np.uint16 if len(parts) < 2**16 else np.int64), kind="stable")
-        stacked, rows = stacked.take(order), rows[order]
-        cuts = np.searchsorted(rounds[order], np.arange(int(rounds.max(initial=0)) + 2))
-        for a, b in pairwise(cuts.tolist()):
-            _fold(merged, stacked.rows(a, b), rows[a:b], seen, families)
-        return merged
     for part, rows in zip(parts, positions, strict=True):
         _fold(merged, part, rows, seen, families)
     return merged
@@ -298,17 +280,6 @@ def _fold(
     for family in families:
         family.fold(into, fields, rows, first)
     seen[rows] = True
-
-
-@nb.njit(nogil=True, cache=True)
-def _rounds(rows, k):  # type: ignore[no-untyped-def]
-    """For each of ``rows`` (values below ``k``), how many times its value came before it."""
-    times = np.zeros(k, np.int64)
-    out = np.empty(rows.shape[0], np.int64)
-    for r in range(rows.shape[0]):
-        out[r] = times[rows[r]]
-        times[rows[r]] += 1
-    return out
 
 
 def label_union(ids: Sequence[NDArray[Any]]) -> NDArray[Any]:
