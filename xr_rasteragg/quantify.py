@@ -31,6 +31,7 @@ import pandas as pd
 import xarray as xr
 
 from .accessor import RasterAggAccessor, aggregate_pairs  # noqa: F401  (registers DataArray.rasteragg)
+from .csv_tables import write_csv
 from .engine import progress as progress_bars
 from .io import read_image, read_labels
 from .stats import SHAPE_FEATURES, STATISTICS
@@ -416,7 +417,7 @@ def write(resolved: Quantification, tables: Mapping[str, pd.DataFrame]) -> list[
             for name, target in resolved.outputs.items():
                 staged[target] = folder / f".{target.name}.{token}.tmp"
                 if resolved.format == "csv":
-                    tables[name].to_csv(staged[target], index=False)
+                    write_csv(tables[name], staged[target])
                 else:
                     _anndata(resolved, name, tables[name]).write_h5ad(staged[target])
         for target, temporary in staged.items():
