@@ -35,6 +35,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask
+import dask.threaded
+
 from . import __version__
 from .stats import STATISTICS
 from .validation import InputDataError
@@ -319,9 +322,15 @@ def _read_store(path: Path) -> Any:
 @contextlib.contextmanager
 def _scheduler(address: str | None) -> Iterator[Any]:
     """Run dask on the distributed scheduler at ``address`` and yield its client (None: the
-    local threads)."""
+    local threads, unless dask's configuration names a scheduler)."""
     if address is None:
-        yield None
+        if dask.config.get("scheduler", None) is not None:
+            yield None
+            return
+        # Named as a function, so that dask does not import distributed (0.3-0.5 s) to look for
+        # a client that this process cannot have.
+        with dask.config.set(scheduler=dask.threaded.get):
+            yield None
         return
     from distributed import Client
 
