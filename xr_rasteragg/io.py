@@ -290,7 +290,8 @@ def _squeezed(array: da.Array, dims: tuple[str, ...], *, labels: bool) -> tuple[
     single = {"z", "c"} if labels else {"z"}
     drop = [i for i, d in enumerate(dims) if d.startswith("_") or (d in single and array.shape[i] == 1)]
     if drop:
-        array = array.squeeze(axis=tuple(drop))
+        # Indexing rather than squeeze, which dask's array query planning lacks.
+        array = array[tuple(0 if i in drop else slice(None) for i in range(array.ndim))]
         dims = tuple(d for i, d in enumerate(dims) if i not in drop)
     return array, dims
 
