@@ -393,3 +393,21 @@ def test_label_blocks_encoded_once_with_moment_statistics() -> None:
     (values,) = dask.compute(result.values)
     assert len(reads) == 8  # one label stage per block, shared by the gather and the moments
     np.testing.assert_array_equal(values["median"], _expected(labels, image, result.labels, 0.5))
+
+
+@pytest.mark.parametrize("stats", [["median"], ["median", "var", "max"]])
+def test_each_image_chunk_has_one_reader(stats: list[str]) -> None:
+    """One task reads each image chunk (the moment statistics' partials and the gather's shares
+    alike), so that dask frees the chunk at once rather than holding it between two readers."""
+    labels, image = _geometries(), _image(np.float64)
+    pixels = da.from_array(image, chunks=(1, 1, 12, 15))
+    result = aggregate(da.from_array(labels, chunks=(1, 12, 15)), pixels, stats, background=0)
+    graph = {
+        key: task for value in result.values.values() for key, task in dict(value.__dask_graph__()).items()
+    }
+    dependents = dask.core.reverse_dict({key: dask.core.get_dependencies(graph, key) for key in graph})
+    chunks = [key for key in graph if isinstance(key, tuple) and key[0] == pixels.name]
+    assert len(chunks) == 3 * 8
+    assert {key: len(dependents[key]) for key in chunks} == dict.fromkeys(chunks, 1)
+    (values,) = dask.compute(result.values)
+    np.testing.assert_array_equal(values["median"], _expected(labels, image, result.labels, 0.5))

@@ -633,6 +633,17 @@ def _merged_partials(
                 align_arrays=False,
             )
         )
+    return _merge_tree(groups, split_every, left, token)
+
+
+def _merge_tree(groups: Sequence[da.Array], split_every: int, left: int, token: str) -> da.Array:
+    """The tree merge of a pass's partials (see :func:`_merged_partials`).
+
+    ``groups`` are object arrays of one :class:`Partials` per spatial block, one per group of
+    channel chunks (see :func:`_channel_groups`); a spatial block's groups are joined side by
+    side, then merged along the most divided axis, ``split_every`` at a time, until at most
+    ``left`` are left. ``token`` names the tasks.
+    """
     parts = groups[0]
     if len(groups) > 1:
         parts = da.map_blocks(

@@ -22,8 +22,11 @@ the crossing labels' pixels of its ids from every block (``blockwise`` with the 
 contracted, as the engine's finalization) and finishes them. No overlap depth to guess; memory
 per task is a block plus the pixels of the crossing labels of one piece.
 
-The image is read once per call, also together with the moment statistics (:func:`aggregate`
-computes both graphs at once); the labels are read twice (survey and pass).
+The image is read once per call, also together with the moment statistics: then one task per
+block and group of channel chunks computes the moments' partials and the gather's shares from
+the same chunks (:func:`_both_block`), so that each image chunk has one reader and is freed as
+soon as it is read (two readers, ordered far apart, kept chunks alive in between: memory grew
+with the image). The labels are read twice (survey and pass).
 """
 
 from __future__ import annotations
@@ -43,11 +46,13 @@ from .engine import (
     PIECE_LABELS,
     SPLIT_EVERY,
     Aggregation,
+    _channel_groups,
+    _channel_task,
     _check_inputs,
     _cut,
     _finalized,
     _holding,
-    _merged_partials,
+    _merge_tree,
     _objects,
     _pick,
     as_dask,
@@ -57,6 +62,7 @@ from .engine import (
 )
 from .kernels.numba import LabelRuns, block_partials
 from .kernels.selection import group_runs, scatter_runs
+from .partials import Needs
 from .stats import STATISTICS, needs_of
 from .validation import check_background
 from .whole_label import Segments, WholeLabel
@@ -260,17 +266,12 @@ class _Gathered:
         )
 
 
-def _gather_block(
-    layout: NDArray[Any], image: list[Any], *, wholes: Mapping[str, WholeLabel], skipna: bool
-) -> NDArray[Any]:
-    """Finish a block's own labels over one channel chunk; emit the crossing labels' pixels (a
-    ``blockwise`` task)."""
-    lay: _Layout = layout.flat[0]
-    (chunk,) = (np.asarray(c) for c in image)
+def _share(lay: _Layout, chunk: NDArray[Any], wholes: Mapping[str, WholeLabel], skipna: bool) -> _Gathered:
+    """A block's share of one channel chunk: its own labels finished, the crossing labels' pixels."""
     segments = lay.segments(chunk, any(s.needs_positions for s in wholes.values()))
     values = {name: spec.reduce(segments, lay.inside, skipna) for name, spec in wholes.items()}
     runs = lay.order[_spans(lay.run_starts, lay.crossing)]
-    share = _Gathered(
+    return _Gathered(
         lay.ids[lay.inside],
         values,
         lay.ids[lay.crossing],
@@ -279,12 +280,48 @@ def _gather_block(
         lay.origin(runs),
         segments.values[:, _spans(lay.starts, lay.crossing)],
     )
-    return _holding(share, 3)
 
 
-def _share_rows(block: NDArray[Any], ids: NDArray[np.integer]) -> NDArray[Any]:
-    """One block's share of the ids of one piece of the result (a ``blockwise`` task)."""
-    return _holding(block.flat[0].rows(ids), block.ndim + 1)
+def _gather_block(
+    layout: NDArray[Any], image: list[Any], *, wholes: Mapping[str, WholeLabel], skipna: bool
+) -> NDArray[Any]:
+    """A block's share of one channel chunk (a ``blockwise`` task), as ``(None, [share])``: the
+    form of :func:`_both_block`'s results, without partials."""
+    (chunk,) = image
+    return _holding((None, [_share(layout.flat[0], np.asarray(chunk), wholes, skipna)]), 3)
+
+
+def _both_block(
+    stage: NDArray[Any],
+    layout: NDArray[Any],
+    image: list[Any],
+    *,
+    needs: Needs,
+    wholes: Mapping[str, WholeLabel],
+    skipna: bool,
+) -> NDArray[Any]:
+    """A block's moment partials over a group of channel chunks and its share of each chunk,
+    from one read of the chunks (a ``blockwise`` task): ``(partials, [share per chunk])``.
+
+    The one task that reads each image chunk, when a call has both kinds of statistics: dask
+    then frees a chunk as soon as it is read, where two tasks reading it (the pass's and the
+    gather's) could keep it in memory between them, ordered far apart.
+    """
+    lay: _Layout = layout.flat[0]
+    partials = _channel_task(stage.flat[0], image, needs)
+    return _holding((partials, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
+
+
+def _partials_of(block: NDArray[Any]) -> NDArray[Any]:
+    """The moment partials of a :func:`_both_block` result (a ``map_blocks`` task)."""
+    return _holding(block.flat[0][0], 3)
+
+
+def _share_rows(block: NDArray[Any], ids: NDArray[np.integer], chunk: int) -> NDArray[Any]:
+    """One block's share of channel chunk ``chunk`` (of the task's) for the ids of one piece of
+    the result (a ``blockwise`` task)."""
+    share: _Gathered = block.flat[0][1][chunk]
+    return _holding(share.rows(ids), block.ndim + 1)
 
 
 def _finish_piece(
@@ -354,18 +391,26 @@ def gathered(
     skip: int | None,
     skipna: bool,
     sorted_ids: bool,
-) -> dict[str, da.Array]:
-    """Dask arrays of the whole-label statistics for ``wanted``, one task per piece of ids.
+    needs: Needs | None = None,
+) -> tuple[dict[str, da.Array], list[da.Array]]:
+    """Dask arrays of the whole-label statistics for ``wanted``, one task per piece of ids, and
+    the moment statistics' per-block partials when ``needs`` asks for them.
 
     The runs of each label block come from its label stage (:func:`label_stages`, shared with
     the moment statistics' pass); one task per block and channel chunk finishes the block's own
-    labels in that chunk and emits the crossing labels' pixels. ``sorted_ids`` says whether
-    ``wanted`` are all the labels (then every block finishes all of its own); otherwise the
-    blocks finish only the wanted ones.
+    labels in that chunk and emits the crossing labels' pixels. With ``needs`` (the families of
+    the moment statistics of the same call), one task per block and group of channel chunks
+    (:func:`_channel_groups`, as the engine's pass) computes the partials and the shares of its
+    chunks, so that each image chunk is read by one task; the second result then holds, per
+    channel group, an object array of the blocks' partials, for the engine's tree merge
+    (:func:`_merge_tree`). ``sorted_ids`` says whether ``wanted`` are all the labels (then every
+    block finishes all of its own); otherwise the blocks finish only the wanted ones.
+    (Families that read a label's neighbourhood, for the shape features, do not come here.)
     """
+    stages = label_stages(labels, skip)
     layouts = da.map_blocks(
         _layout_block,
-        label_stages(labels, skip),
+        stages,
         crossing,
         None if sorted_ids else np.unique(wanted),
         dtype=object,
@@ -376,21 +421,34 @@ def gathered(
     sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
     token = uuid.uuid4().hex
     pieces_of_ids = da.from_array(wanted, chunks=(sizes,), name=f"rasteragg-gather-ids-{token}")
-    # One layer per channel chunk: the layouts then have several dependents, which keeps dask
-    # from fusing them (and the label stage) into every chunk's task, to be recomputed there.
+    bounds = np.cumsum((0, *image.chunks[0])).tolist()
+    # Without moments, one layer per channel chunk: the layouts then have several dependents,
+    # which keeps dask from fusing them (and the label stage) into every chunk's task, to be
+    # recomputed there. With them, one layer per group of chunks, whose task reads its chunks
+    # for both kinds.
+    ranges = list(itertools.pairwise(bounds)) if needs is None else _channel_groups(image)
     shares: list[Any] = []
-    bounds = np.cumsum((0, *image.chunks[0]))
-    for start, stop in itertools.pairwise(bounds.tolist()):
-        blocks = da.blockwise(
-            _gather_block, "zyx", layouts, "zyx", image[start:stop], "czyx",
-            wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3), concatenate=False,
-            align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
-        )  # fmt: skip
-        rows = da.blockwise(
-            _share_rows, "zyxp", blocks, "zyx", pieces_of_ids, "p",
-            dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
-        )  # fmt: skip
-        shares += [rows, "zyxp"]
+    partials: list[da.Array] = []
+    for start, stop in ranges:
+        if needs is None:
+            blocks = da.blockwise(
+                _gather_block, "zyx", layouts, "zyx", image[start:stop], "czyx",
+                wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3), concatenate=False,
+                align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
+            )  # fmt: skip
+        else:
+            blocks = da.blockwise(
+                _both_block, "zyx", stages, "zyx", layouts, "zyx", image[start:stop], "czyx",
+                needs=needs, wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3),
+                concatenate=False, align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
+            )  # fmt: skip
+            partials.append(blocks.map_blocks(_partials_of, dtype=object, meta=_objects(3)))
+        for chunk in range(bounds.index(stop) - bounds.index(start)):
+            rows = da.blockwise(
+                _share_rows, "zyxp", blocks, "zyx", pieces_of_ids, "p", chunk, None,
+                dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+            )  # fmt: skip
+            shares += [rows, "zyxp"]
     nchan = int(image.shape[0])
     pieces = da.blockwise(
         _finish_piece, "p", *shares, pieces_of_ids, "p",
@@ -404,7 +462,7 @@ def gathered(
             new_axis=list(range(1, 2 + len(spec.shape))), meta=np.empty((0,) * (2 + len(spec.shape))),
             name=f"rasteragg-{name}-{token}",
         )  # fmt: skip
-    return values
+    return values, partials
 
 
 # -- one call: moment statistics and whole-label ones, one read of the image -----------------------
@@ -446,11 +504,13 @@ def aggregate(
     everything = wanted is None
     if wanted is None:
         wanted = ids
-    values: dict[str, Any] = {}
+    needs = needs_of(moments, skipna) if moments else None
+    values: dict[str, Any]
+    values, groups = gathered(labels, image, crossing, wanted, wholes, skip, skipna, everything, needs)
     if moments:
-        parts = _merged_partials(labels, image, needs_of(moments, skipna), skip, split_every, split_every**2)
+        token = dask.base.tokenize(labels.name, image.name, needs, skip, split_every, "gather")
+        parts = _merge_tree(groups, split_every, split_every**2, token)
         values.update(_finalized(parts, wanted, moments, int(image.shape[0])))
-    values.update(gathered(labels, image, crossing, wanted, wholes, skip, skipna, everything))
     values = {name: values[name] for name in (*stats, *wholes) if name in values}
     if not lazy:
         (values,) = dask.compute(values)
