@@ -8,6 +8,7 @@ values), and that must be one read too.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -152,6 +153,10 @@ def test_lazy_engine_values_computed_together_read_once(
 @pytest.fixture
 def sdata(data: tuple[np.ndarray, np.ndarray]) -> Any:
     spatialdata = pytest.importorskip("spatialdata")
+    if da.array_expr_enabled():
+        # spatialdata's models make legacy dask arrays (and spatial_image turns array-expr ones
+        # into NumPy), then reject them as not dask.array.Array: it cannot build an element here
+        pytest.skip("spatialdata does not support dask's array query planning")
     from spatialdata.models import Image2DModel, Labels2DModel
 
     labels, image = data[0][0], (data[1][:, 0] * 1000).astype(np.uint16)
@@ -194,11 +199,17 @@ def test_command_line_reads_once(
 
 class _CountedImage:
     """An in-memory image that counts the chunks read from it (through ``da.from_array``); empty
-    reads (dask's look at the array type) are not counted."""
+    reads (dask's look at the array type) are not counted. Each one has a token of its own: equal
+    images would otherwise share dask's name, and array-expr's cache of expressions by name would
+    hand a later test an earlier test's wrapper to read from."""
 
     def __init__(self, image: np.ndarray) -> None:
         self.image, self.shape, self.dtype, self.ndim = image, image.shape, image.dtype, image.ndim
         self.reads = 0
+        self.token = uuid.uuid4().hex
+
+    def __dask_tokenize__(self) -> str:
+        return self.token
 
     def __getitem__(self, key: Any) -> np.ndarray:
         chunk = self.image[key]
