@@ -630,7 +630,8 @@ def test_constant_label_skew_and_kurtosis_are_nan(backend: str) -> None:
     chunks = {"y": 5, "x": 4} if backend == "dask" else None
     result = image_array(image, chunks=chunks).rasteragg.aggregate(
         labels_array(labels, chunks=chunks), ["var", "skew", "kurtosis"]
-    ).compute()  # selecting labels from a lazy result is fancy indexing, which array-expr lacks
+    )
+    result = result.compute()  # selecting labels from a lazy result is fancy indexing (not in array-expr)
     constant = result.sel(label=CONSTANT)
     others = result.drop_sel(label=CONSTANT)
     # var is 0 up to rounding of the chunk means (1000.1 is not exact): ~1e-26, i.e. ~1e-32 of mean²

@@ -214,9 +214,11 @@ def pca(coords: NDArray[np.float64]) -> tuple[NDArray[np.float64], NDArray[np.fl
 
 def test_radii_and_principal_axes_as_a_pca() -> None:
     labels = irregular((5, 16, 18), 5, 6, size=3)
-    result = xr.DataArray(da.from_array(labels, chunks=(2, 5, 7)), dims=("z", "y", "x")).rasteragg.aggregate(
-        ["radii", "principal_axes"]
-    ).compute()
+    result = (
+        xr.DataArray(da.from_array(labels, chunks=(2, 5, 7)), dims=("z", "y", "x"))
+        .rasteragg.aggregate(["radii", "principal_axes"])
+        .compute()
+    )
     assert result["principal_axes"].dims == ("label", "eig", "axis")
     for row, label in enumerate(result["label"].values):
         radii, axes = pca(np.argwhere(labels == label).astype(np.float64))
