@@ -249,6 +249,41 @@ def test_apply_on_crops_matches_skimage_extra_properties(chunks: dict[str, int] 
             np.testing.assert_allclose(got.values[:, c], table[f"{func.__name__}-{c}"], rtol=1e-12)
 
 
+def _crop_reference(labels: np.ndarray, image: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """``_weighted_row`` of each label's 3-D bounding-box crops, per channel: (k, C)."""
+    out = np.full((len(ids), image.shape[0]), np.nan)
+    for i, label in enumerate(ids):
+        where = np.argwhere(labels == label)
+        if where.shape[0]:
+            box = tuple(slice(lo, hi + 1) for lo, hi in zip(where.min(0), where.max(0), strict=True))
+            mask = labels[box] == label
+            for c in range(image.shape[0]):
+                out[i, c] = _weighted_row(mask, np.where(mask, image[c][box].astype(np.float64), 0.0))
+    return out
+
+
+@pytest.mark.parametrize("index", [None, [12, 1, 7, 3, 99, 5, 2], [2, 3, 5, 7, 9, 11]])
+def test_pieces_of_few_labels_with_positions(index: list[int] | None, monkeypatch: Any) -> None:
+    """Median and a crop function over pieces of three ids: each piece takes its rows of every
+    block's pixels (per channel chunk) and of its places (once per block)."""
+    monkeypatch.setattr(xr_rasteragg.gather, "PIECE_LABELS", 3)
+    labels, image = _geometries(), _image(np.float64) + 300.0
+    spec = xr_rasteragg.whole_label.LabelFunction(_weighted_row, on="crops")
+    result = aggregate(
+        da.from_array(labels, chunks=(1, 5, 7)),
+        da.from_array(image, chunks=(1, 1, 5, 7)),
+        ["median", "mean"],
+        wholes={"row": spec},
+        index=index,
+        background=0,
+        eager=True,
+    )
+    ids = np.unique(labels)[1:] if index is None else np.asarray(index)
+    np.testing.assert_array_equal(result.labels, ids)
+    np.testing.assert_array_equal(result.values["median"], _expected(labels, image, ids, 0.5))
+    np.testing.assert_allclose(result.values["row"], _crop_reference(labels, image, ids), rtol=1e-12)
+
+
 def test_apply_errors_name_the_label() -> None:
     labels, image = _xr({"z": 1, "y": 6, "x": 10}, np.float64)
 

@@ -226,60 +226,94 @@ class _Gathered:
     """One block's share of a channel chunk: values of its own labels, pixels of crossing ones.
 
     ``values`` holds, per statistic, one row per id of ``inside``. The crossing labels' pixels
-    are ``pixels`` ``(C, m)``, label by label in the order of ``crossing``, as runs: ``runs``
-    (one count per id of ``crossing``) runs of ``length`` pixels whose first pixels lie at the
-    global indices ``origin`` ``(r, 3)``.
+    are ``pixels`` ``(C, m)``, label by label in the order of ``crossing``, ``counts`` of them
+    per label (in raster order within the block). Where they lie travels apart, once per block
+    (:class:`_Places`), and only for statistics that need it.
     """
 
     inside: NDArray[np.integer]
     values: dict[str, NDArray[np.float64]]
     crossing: NDArray[np.integer]
-    runs: NDArray[np.int64]
-    length: NDArray[np.int64]
-    origin: NDArray[np.int64]
+    counts: NDArray[np.int64]
     pixels: NDArray[Any]
 
     def rows(self, ids: NDArray[np.integer]) -> _Gathered:
         """This share's rows of the ids of one piece of the result (sorted ids: by their range)."""
-        if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
-            mine = np.arange(*_cut(self.inside, int(ids[0]), int(ids[-1])))
-            theirs = np.arange(*_cut(self.crossing, int(ids[0]), int(ids[-1])))
-            if mine.shape[0] == self.inside.shape[0] and theirs.shape[0] == self.crossing.shape[0]:
-                return self
-        else:
-            wanted = np.unique(ids)
-            mine = np.flatnonzero(_member(self.inside, wanted))
-            theirs = np.flatnonzero(_member(self.crossing, wanted))
-        run_starts = np.zeros(self.runs.shape[0] + 1, dtype=np.int64)
-        np.cumsum(self.runs, out=run_starts[1:])
-        runs = _spans(run_starts, theirs)
-        pixel_starts = np.zeros(self.length.shape[0] + 1, dtype=np.int64)
-        np.cumsum(self.length, out=pixel_starts[1:])
+        mine, theirs = _rows_of(self.inside, ids), _rows_of(self.crossing, ids)
+        if mine is None and theirs is None:
+            return self
+        mine = np.arange(self.inside.shape[0]) if mine is None else mine
+        theirs = np.arange(self.crossing.shape[0]) if theirs is None else theirs
+        pixel_starts = np.zeros(self.counts.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.counts, out=pixel_starts[1:])
         return _Gathered(
             self.inside[mine],
             {name: v[mine] for name, v in self.values.items()},
             self.crossing[theirs],
-            self.runs[theirs],
-            self.length[runs],
-            self.origin[runs],
-            self.pixels[:, _spans(pixel_starts, runs)],
+            self.counts[theirs],
+            self.pixels[:, _spans(pixel_starts, theirs)],
         )
+
+
+@dataclass(frozen=True)
+class _Places:
+    """Where one block's pixels of its crossing labels lie, for statistics that need positions.
+
+    The same for every channel chunk, so sent once per block: the pixels of label
+    ``crossing[i]`` (in a :class:`_Gathered` of the block) are ``runs[i]`` runs of ``length``
+    pixels, in raster order, whose first pixels lie at the global indices ``origin`` ``(r, 3)``.
+    """
+
+    crossing: NDArray[np.integer]
+    runs: NDArray[np.int64]
+    length: NDArray[np.int64]
+    origin: NDArray[np.int64]
+
+    def rows(self, ids: NDArray[np.integer]) -> _Places:
+        """These places' rows of the ids of one piece of the result."""
+        theirs = _rows_of(self.crossing, ids)
+        if theirs is None:
+            return self
+        run_starts = np.zeros(self.runs.shape[0] + 1, dtype=np.int64)
+        np.cumsum(self.runs, out=run_starts[1:])
+        runs = _spans(run_starts, theirs)
+        return _Places(self.crossing[theirs], self.runs[theirs], self.length[runs], self.origin[runs])
+
+
+def _rows_of(have: NDArray[np.integer], ids: NDArray[np.integer]) -> NDArray[np.intp] | None:
+    """The rows of sorted ``have`` whose ids are among ``ids`` (the ids of one piece of the
+    result; when sorted, by their range), or None when that is all of them."""
+    if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
+        rows = np.arange(*_cut(have, int(ids[0]), int(ids[-1])))
+    else:
+        rows = np.flatnonzero(_member(have, np.unique(ids)))
+    return None if rows.shape[0] == have.shape[0] else rows
 
 
 def _share(lay: _Layout, chunk: NDArray[Any], wholes: Mapping[str, WholeLabel], skipna: bool) -> _Gathered:
     """A block's share of one channel chunk: its own labels finished, the crossing labels' pixels."""
     segments = lay.segments(chunk, any(s.needs_positions for s in wholes.values()))
     values = {name: spec.reduce(segments, lay.inside, skipna) for name, spec in wholes.items()}
-    runs = lay.order[_spans(lay.run_starts, lay.crossing)]
     return _Gathered(
         lay.ids[lay.inside],
         values,
         lay.ids[lay.crossing],
+        segments.counts(lay.crossing),
+        segments.values[:, _spans(lay.starts, lay.crossing)],
+    )
+
+
+def _places_block(layout: NDArray[Any]) -> NDArray[Any]:
+    """Where a block's pixels of its crossing labels lie (a ``map_blocks`` task, once per block)."""
+    lay: _Layout = layout.flat[0]
+    runs = lay.order[_spans(lay.run_starts, lay.crossing)]
+    places = _Places(
+        lay.ids[lay.crossing],
         lay.run_starts[lay.crossing + 1] - lay.run_starts[lay.crossing],
         lay.length[runs],
         lay.origin(runs),
-        segments.values[:, _spans(lay.starts, lay.crossing)],
     )
+    return _holding(places, 3)
 
 
 def _gather_block(
@@ -324,19 +358,49 @@ def _share_rows(block: NDArray[Any], ids: NDArray[np.integer], chunk: int) -> ND
     return _holding(share.rows(ids), block.ndim + 1)
 
 
+def _place_rows(block: NDArray[Any], ids: NDArray[np.integer]) -> NDArray[Any]:
+    """One block's places (:class:`_Places`) for the ids of one piece (a ``blockwise`` task)."""
+    return _holding(block.flat[0].rows(ids), block.ndim + 1)
+
+
+def _grouping(
+    crossing: NDArray[np.integer],
+) -> tuple[NDArray[np.intp], NDArray[np.intp], NDArray[np.integer]]:
+    """The stable order that groups the rows of the blocks' ``crossing`` ids (concatenated) by
+    label, where each label's group begins in that order, and the labels (sorted)."""
+    order = np.argsort(crossing, kind="stable")
+    ordered = crossing[order]
+    first = np.ones(ordered.shape[0], dtype=bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    return order, np.flatnonzero(first), ordered[first]
+
+
+def _positions(places: list[_Places]) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+    """The blocks' runs of their crossing labels, label by label in the order of the blocks:
+    ``origin``, ``length`` and where each label's runs begin (see :class:`Segments`)."""
+    label_of_run = np.concatenate([np.repeat(p.crossing, p.runs) for p in places])
+    order, first, _ = _grouping(label_of_run)
+    origin = np.concatenate([p.origin for p in places])[order]
+    length = np.concatenate([p.length for p in places])[order]
+    return origin, length, np.append(first, label_of_run.shape[0]).astype(np.int64)
+
+
 def _finish_piece(
-    *blocks_and_ids: Any, wholes: Mapping[str, WholeLabel], skipna: bool, nchan: int
+    *blocks_and_ids: Any, wholes: Mapping[str, WholeLabel], skipna: bool, nchan: int, positions: bool
 ) -> NDArray[Any]:
     """Every statistic for the ids of one piece (a ``blockwise`` task).
 
-    The arguments are, per channel chunk, the blocks' shares of this piece, then the piece's ids.
-    Crossing labels are finished here from the pixels the blocks sent, as runs of the gathered
-    pixels; the others were finished by their block.
+    The arguments are, per channel chunk, the blocks' shares of this piece, then (with
+    ``positions``) the blocks' places of this piece, then the piece's ids. Crossing labels are
+    finished here from the pixels the blocks sent, grouped by label (in the order of the blocks);
+    the others were finished by their block.
     """
     *groups, ids = blocks_and_ids
+    places: list[_Places] = list(groups.pop().ravel()) if positions else []
     increasing = bool(np.all(ids[1:] > ids[:-1]))
     where: dict[int, NDArray[np.intp]] = {}
     out = {name: np.full((ids.shape[0], nchan, *spec.shape), np.nan) for name, spec in wholes.items()}
+    grouped: tuple[Any, ...] | None = None  # the same for every channel chunk: found once
     start = 0
     for group in groups:
         shares: list[_Gathered] = list(group.ravel())
@@ -357,24 +421,21 @@ def _finish_piece(
             if found.any():
                 for name in wholes:
                     out[name][found, channels] = share.values[name][rows[found]]
-        label_of_run = np.concatenate([np.repeat(s.crossing, s.runs) for s in shares])
-        if not label_of_run.shape[0]:
+        if grouped is None:
+            counts = np.concatenate([s.counts for s in shares])
+            order, first, labels = _grouping(np.concatenate([s.crossing for s in shares]))
+            pixel_starts = np.zeros(counts.shape[0] + 1, dtype=np.int64)
+            np.cumsum(counts, out=pixel_starts[1:])
+            take = _spans(pixel_starts, order)
+            np.cumsum(counts[order], out=pixel_starts[1:])
+            starts = pixel_starts[np.append(first, counts.shape[0])]
+            rows, found = locate(labels, ids)
+            grouped = (take, starts, labels, rows, found, _positions(places) if positions else ())
+        take, starts, labels, rows, found, where_runs = grouped
+        if not labels.shape[0]:
             continue
-        # Runs (and their pixels) label by label, in the order of the blocks.
-        length = np.concatenate([s.length for s in shares])
-        order = np.argsort(label_of_run, kind="stable")
-        pixel_starts = np.zeros(length.shape[0] + 1, dtype=np.int64)
-        np.cumsum(length, out=pixel_starts[1:])
-        pixels = np.concatenate([s.pixels for s in shares], axis=1)[:, _spans(pixel_starts, order)]
-        sorted_labels, length = label_of_run[order], length[order]
-        first = np.ones(sorted_labels.shape[0], dtype=bool)
-        first[1:] = sorted_labels[1:] != sorted_labels[:-1]
-        run_starts = np.append(np.flatnonzero(first), sorted_labels.shape[0]).astype(np.int64)
-        np.cumsum(length, out=pixel_starts[1:])
-        labels = sorted_labels[first]
-        origin = np.concatenate([s.origin for s in shares])[order]
-        segments = Segments(pixels, pixel_starts[run_starts], labels, origin, length, run_starts)
-        rows, found = locate(labels, ids)
+        pixels = np.concatenate([s.pixels for s in shares], axis=1)[:, take]
+        segments = Segments(pixels, starts, labels, *where_runs)
         every = np.arange(labels.shape[0])
         for name, spec in wholes.items():
             values = spec.reduce(segments, every, skipna)
@@ -449,11 +510,21 @@ def gathered(
                 dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
             )  # fmt: skip
             shares += [rows, "zyxp"]
+    positions = any(spec.needs_positions for spec in wholes.values())
+    if positions:  # once per block, for every channel chunk
+        places = layouts.map_blocks(_places_block, dtype=object, meta=_objects(3))
+        shares += [
+            da.blockwise(
+                _place_rows, "zyxp", places, "zyx", pieces_of_ids, "p",
+                dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+            ),
+            "zyxp",
+        ]  # fmt: skip
     nchan = int(image.shape[0])
     pieces = da.blockwise(
         _finish_piece, "p", *shares, pieces_of_ids, "p",
-        wholes=wholes, skipna=skipna, nchan=nchan, dtype=object, meta=_objects(1), concatenate=True,
-        align_arrays=False, adjust_chunks={"p": 1},
+        wholes=wholes, skipna=skipna, nchan=nchan, positions=positions, dtype=object,
+        meta=_objects(1), concatenate=True, align_arrays=False, adjust_chunks={"p": 1},
     )  # fmt: skip
     values = {}
     for name, spec in wholes.items():
