@@ -13,25 +13,28 @@ block cannot be told from one block (a label may have pieces far apart), so a ch
 pass (the survey, computed when the call is made) lists the ids of each block and finds those
 in more than one. Then the image pass starts from each label block's run encoding, the label
 stage of the engine (shared with the moment statistics of the same call: one encoding per
-block): one task per block groups the runs by label, and one task per block and channel chunk
-copies the chunk's runs, read in raster order, into one array in which each label's pixels lie
-together (:func:`~xr_rasteragg.kernels.selection.scatter_runs`), finishes the labels that lie
-wholly inside the block and emits the values (and the runs' positions, for crop functions) of
-the crossing labels, split by the pieces of label ids of the result. One task per piece gathers
-the crossing labels' pixels of its ids from every block (``blockwise`` with the blocks' axes
-contracted, as the engine's finalization) and finishes them. No overlap depth to guess; memory
-per task is a block plus the pixels of the crossing labels of one piece.
+block): one task per block groups the runs by label, and one task per block and group of
+channel chunks copies each chunk's runs, read in raster order, into one array in which each
+label's pixels lie together (:func:`~xr_rasteragg.kernels.selection.scatter_runs`), finishes
+the labels that lie wholly inside the block and emits the values of the crossing labels with
+one pixel count per label, split by the pieces of label ids of the result. Where those pixels
+lie (their runs' positions) is sent only for statistics that need it (crop functions), once
+per block for all channels. One task per piece gathers the crossing labels' pixels of its ids
+from every block (``blockwise`` with the blocks' axes contracted, as the engine's
+finalization) and finishes them. No overlap depth to guess; memory per task is a block plus
+the pixels of the crossing labels of one piece.
 
-The image is read once per call, also together with the moment statistics: then one task per
-block and group of channel chunks computes the moments' partials and the gather's shares from
-the same chunks (:func:`_both_block`), so that each image chunk has one reader and is freed as
-soon as it is read (two readers, ordered far apart, kept chunks alive in between: memory grew
-with the image). The labels are read twice (survey and pass).
+The image is read once per call, also together with the moment statistics: then the task of a
+block and group of channel chunks also computes the moments' partials from the same chunks
+(:func:`_both_block`), so that each image chunk has one reader and is freed as soon as it is
+read (two readers, ordered far apart, kept chunks alive in between: memory grew with the
+image). The gather alone groups the chunks too: with a task per chunk (each block's layout
+read by several tasks), the peak memory of a median at 16384² was twice as high. The labels are
+read twice (survey and pass).
 """
 
 from __future__ import annotations
 
-import itertools
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -319,10 +322,10 @@ def _places_block(layout: NDArray[Any]) -> NDArray[Any]:
 def _gather_block(
     layout: NDArray[Any], image: list[Any], *, wholes: Mapping[str, WholeLabel], skipna: bool
 ) -> NDArray[Any]:
-    """A block's share of one channel chunk (a ``blockwise`` task), as ``(None, [share])``: the
-    form of :func:`_both_block`'s results, without partials."""
-    (chunk,) = image
-    return _holding((None, [_share(layout.flat[0], np.asarray(chunk), wholes, skipna)]), 3)
+    """A block's share of each of a group of channel chunks (a ``blockwise`` task), as
+    ``(None, [share per chunk])``: the form of :func:`_both_block`'s results, without partials."""
+    lay: _Layout = layout.flat[0]
+    return _holding((None, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
 
 
 def _both_block(
@@ -458,11 +461,11 @@ def gathered(
     the moment statistics' per-block partials when ``needs`` asks for them.
 
     The runs of each label block come from its label stage (:func:`label_stages`, shared with
-    the moment statistics' pass); one task per block and channel chunk finishes the block's own
-    labels in that chunk and emits the crossing labels' pixels. With ``needs`` (the families of
-    the moment statistics of the same call), one task per block and group of channel chunks
-    (:func:`_channel_groups`, as the engine's pass) computes the partials and the shares of its
-    chunks, so that each image chunk is read by one task; the second result then holds, per
+    the moment statistics' pass); one task per block and group of channel chunks
+    (:func:`_channel_groups`, as the engine's pass) finishes the block's own labels in those
+    chunks and emits the crossing labels' pixels. With ``needs`` (the families of the moment
+    statistics of the same call), that task also computes the partials of its chunks, so that
+    each image chunk is read by one task; the second result then holds, per
     channel group, an object array of the blocks' partials, for the engine's tree merge
     (:func:`_merge_tree`). ``sorted_ids`` says whether ``wanted`` are all the labels (then every
     block finishes all of its own); otherwise the blocks finish only the wanted ones.
@@ -483,14 +486,9 @@ def gathered(
     token = uuid.uuid4().hex
     pieces_of_ids = da.from_array(wanted, chunks=(sizes,), name=f"rasteragg-gather-ids-{token}")
     bounds = np.cumsum((0, *image.chunks[0])).tolist()
-    # Without moments, one layer per channel chunk: the layouts then have several dependents,
-    # which keeps dask from fusing them (and the label stage) into every chunk's task, to be
-    # recomputed there. With them, one layer per group of chunks, whose task reads its chunks
-    # for both kinds.
-    ranges = list(itertools.pairwise(bounds)) if needs is None else _channel_groups(image)
     shares: list[Any] = []
     partials: list[da.Array] = []
-    for start, stop in ranges:
+    for start, stop in _channel_groups(image):
         if needs is None:
             blocks = da.blockwise(
                 _gather_block, "zyx", layouts, "zyx", image[start:stop], "czyx",
