@@ -1,12 +1,13 @@
 """The whole table on a LocalCluster, written to zarr by the workers: the client's memory (issue 15).
 
 A lazily generated image (``CellGrid`` cells of about 4 x 4 px, hashed uint16 pixels: see
-:mod:`benchmarks.datasets`) on a ``LocalCluster`` of worker processes; every intensity statistic
-of the pass (the nine of the reference dataset, with std) from
-``image.rasteragg.aggregate(labels, ALL)``, then ``.to_zarr(path)``. Reported: the wall time of the call (the pass; its merged partials stay on the
-workers) and of the write (finalization and writing, on the workers), the table's size, the client
-process's peak resident memory above what it held before the call (psutil, sampled in a thread),
-and each worker's peak resident memory during the run (Linux's ``VmHWM``, reset before the run).
+:mod:`benchmarks.datasets`) on a ``LocalCluster`` of worker processes; every intensity statistic of
+the pass (the nine of the reference dataset, with std) from ``image.rasteragg.aggregate(labels,
+ALL)``, then ``.to_zarr(path)``. Reported: the wall time of the call (the pass; its merged partials
+stay on the workers) and of the write (finalization and writing, on the workers), the table's size,
+the client process's peak resident memory above what it held before the call (psutil, sampled in a
+thread), and each worker's peak resident memory during the run (Linux's ``VmHWM``, reset before the
+run).
 
 Run ``python benchmarks/cluster.py`` (10**6 labels x 16 channels, 2 workers); ``--quick`` is a
 small smoke run. The target of issue 15: the client grows by less than 300 MiB.
