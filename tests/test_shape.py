@@ -286,3 +286,21 @@ def test_raster_aggregator_radii_axes_and_shape_stats() -> None:
     np.testing.assert_allclose(
         tensor[[0, 1, 2, 3]], expected["inertia_tensor"].reshape(-1, 4), rtol=RTOL, atol=ATOL
     )
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.uint8, np.float32, np.int32])
+@pytest.mark.parametrize("with_moments", [False, True])
+def test_centroid_weighted_every_sweep(dtype: Any, with_moments: bool) -> None:
+    """Small integer images fill the weighted sums in the power sweep (with or without moments),
+    others in a sweep of their own: the same values as regionprops either way."""
+    labels = irregular((26, 31), 5, 9)
+    rng = np.random.default_rng(10)
+    low = -300 if np.issubdtype(dtype, np.signedinteger) else 0
+    image = rng.integers(low, 250, size=(2, 26, 31)).astype(dtype)
+    ximage = xr.DataArray(da.from_array(image, chunks=(1, 9, 13)), dims=("c", "y", "x"))
+    stats = ("mean", "centroid_weighted") if with_moments else ("centroid_weighted",)
+    result = ximage.rasteragg.aggregate(xr.DataArray(labels, dims=("y", "x")), stats).compute()
+    expected = reference(labels, ("centroid_weighted",), intensity_image=np.moveaxis(image, 0, -1))
+    keep = expected["label"] != 0
+    expected_values = np.swapaxes(expected["centroid_weighted"], 1, 2)[keep]
+    np.testing.assert_allclose(result["centroid_weighted"], expected_values, rtol=RTOL, atol=1e-8)

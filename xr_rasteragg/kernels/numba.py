@@ -38,7 +38,7 @@ import numpy as np
 from numba.typed import List
 from numpy.typing import NDArray
 
-from ..families import Extrema, Family, Moments, Valid
+from ..families import Extrema, Family, Moments, Valid, Weighted
 from ..partials import Needs, Partials, difference, shift_dtype
 
 __all__ = ["FAMILY_UPDATES", "LabelRuns", "RunKernel", "Runs", "block_partials"]
@@ -78,11 +78,14 @@ class Extremes(NamedTuple):
 
 
 class Flags(NamedTuple):
-    """What a sweep accumulates: moments up to ``order``, the ``extrema``, valid counts (``skipna``)."""
+    """What a sweep accumulates: moments up to ``order``, the ``extrema``, valid counts (``skipna``)
+    and, in :func:`_power_sweep`, the index-weighted sums of :class:`~xr_rasteragg.families.Weighted`
+    (``weighted``)."""
 
     order: int
     extrema: bool
     skipna: bool
+    weighted: bool = False
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -228,7 +231,7 @@ def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
     ``d``, so accuracy never rests on power sums that cancel nor on large means.
     """
     run_z, run_y, run_x, run_len, run_id = runs
-    order, extrema, skipna = flags
+    order, extrema, skipna = flags.order, flags.extrema, flags.skipna
     shift, sums, m2, m3, m4 = moments
     lo, hi = extremes
     nruns = run_id.shape[0]
@@ -356,9 +359,14 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
     so the channels of a run share its loop bounds (which the branch predictor then learns) and
     its label's rows of the accumulators; with label ids numbered in order of first appearance
     (see :func:`_encode_runs`), neighbouring runs touch neighbouring rows.
+
+    With ``flags.weighted``, the last three entries of ``power[i, c]`` receive ``Σ x z``,
+    ``Σ x y`` and ``Σ x j`` (block indices z, y and column j), modulo 2**64 as well: the pixels of
+    the intensity-weighted centroid cost one product more in the loop that reads them anyway.
     """
     run_z, run_y, run_x, run_len, run_id = runs
-    order, extrema = flags.order, flags.extrema
+    order, extrema, weighted = flags.order, flags.extrema, flags.weighted
+    w = power.shape[2] - 3  # the first of the weighted sums' entries
     lo, hi = extremes
     for r in range(run_id.shape[0]):
         i = run_id[r]
@@ -378,21 +386,28 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
                     mx = max(mx, row[p])
             lo[i, c] = mn  # stored even when unused: a conditional store makes the loop 2x slower
             hi[i, c] = mx
-            if order == 0:  # the extrema alone
+            if order == 0 and not weighted:  # the extrema alone
                 continue
             t1 = np.uint64(0)
             t2 = np.uint64(0)
             t3 = np.uint64(0)
             t4 = np.uint64(0)
+            tj = np.uint64(0)
             for p in range(row.shape[0]):
                 d = np.uint64(row[p])  # negative values wrap: exact modulo 2**64
                 t1 += d
+                if weighted:
+                    tj += d * np.uint64(p)
                 if order >= 2:
                     d2 = d * d
                     t2 += d2
                     if order >= 3:
                         t3 += d2 * d
                         t4 += d2 * d2
+            if weighted:
+                power[i, c, w] += np.uint64(z) * t1
+                power[i, c, w + 1] += np.uint64(y) * t1
+                power[i, c, w + 2] += tj + np.uint64(a) * t1
             power[i, c, 0] += t1
             if order >= 2:
                 power[i, c, 1] += t2
@@ -733,12 +748,16 @@ class RunKernel:
         label ids, counts and coordinate sums of ``runs``.
         """
         parts = runs.parts.rows(0, runs.parts.size)
-        if image is not None and (needs.order >= 1 or needs.extrema):
+        if image is not None:
             if image[0].dtype.kind in "iu" and image[0].dtype.itemsize <= 2:
-                _small_integer_partials(parts, image, runs, needs)
-            else:
+                if needs.order >= 1 or needs.extrema or _weighted_family(needs, runs, image):
+                    _small_integer_partials(parts, image, runs, needs)
+            elif needs.order >= 1 or needs.extrema:
                 _general_partials(parts, image, runs, needs)
+        filled = {f.name for f in parts.families}
         for family in needs.more:
+            if family.name in filled:  # filled by the sweep above
+                continue
             if type(family) not in FAMILY_UPDATES:
                 raise TypeError(f"the Numba kernel has no update for the family {family.name!r}")
             FAMILY_UPDATES[type(family)](parts, image, runs, family)
@@ -817,10 +836,18 @@ def _small_integer_partials(
     extrema = needs.extrema or (order >= 2 and pixels * float(span) ** order >= 2.0**62)
     lo_init, hi_init = _extrema_init(dtype)
     extremes = Extremes(np.full((k, nchan), lo_init, dtype), np.full((k, nchan), hi_init, dtype))
-    power = np.zeros((k, nchan, max(order, 1)), np.uint64)
+    weighted = _weighted_family(needs, runs, image)
+    power = np.zeros((k, nchan, max(order, 1) + (3 if weighted else 0)), np.uint64)
     batches = _flat_channels(image)
+    flags = Flags(order, extrema, False, weighted is not None)
     for flats, rows in batches:
-        _power_sweep(flats, rows, runs.runs, Flags(order, extrema, False), power, extremes)
+        _power_sweep(flats, rows, runs.runs, flags, power, extremes)
+    if weighted is not None:
+        # Sums modulo 2**64 read as int64: the true values (see _weighted_family) fit.
+        sums = [_take_rows(power[:, :, j].view(np.int64), local).astype(np.float64) for j in (0, -3, -2, -1)]
+        weight = sums[0]
+        positions = [s + o * weight for s, o in zip(sums[1:], runs.offset, strict=True)]
+        parts.add(weighted, **dict(zip(weighted.names(), [weight, *positions], strict=True)))
     if needs.skipna:
         parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))
     if needs.extrema:
@@ -838,6 +865,15 @@ def _small_integer_partials(
             _sums_about_mean(flats, rows, runs.runs, rank, unsafe, moments.shift, about_mean)
         _central_moments(about_mean, parts.count, unsafe, order, *central)
     _add_moments(parts, needs.order, list(moments[: needs.order + 1]))
+
+
+def _weighted_family(needs: Needs, runs: LabelRuns, image: Sequence[NDArray[np.number]]) -> Weighted | None:
+    """The :class:`~xr_rasteragg.families.Weighted` family of ``needs`` if :func:`_power_sweep`
+    fills it for this block of at most 16-bit integers: when its sums modulo 2**64 are the true
+    sums, as ``|Σ x j| < 2**16 * pixels * width < 2**63`` (blocks with pixels × width < 2**47)."""
+    family = next((f for f in needs.more if isinstance(f, Weighted)), None)
+    width = max(image[0].shape[1:], default=0)
+    return family if family is not None and 2.0**16 * runs.pixels * width < 2.0**63 else None
 
 
 def _add_moments(parts: Partials, order: int, moments: list[NDArray[Any]]) -> None:
