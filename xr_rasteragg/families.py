@@ -19,12 +19,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numba as nb
 import numpy as np
 from numba.extending import overload
 from numpy.typing import NDArray
+
+from .hulls import fold_hulls
+from .ragged import Ragged
 
 __all__ = [
     "Border",
@@ -459,12 +462,12 @@ class Border(Family):
 
 @dataclass(frozen=True)
 class Hull(Family):
-    """Per label: the vertices of the convex hull of its pixel centres in each z plane (an int64
-    array ``(m, 3)`` of global (z, y, x) indices per label, in an object array ``(k,)``).
+    """Per label: the vertices of the convex hull of its pixel centres in each z plane, as global
+    (z, y, x) indices sorted in that order, in a :class:`~xr_rasteragg.ragged.Ragged` field.
 
-    The hull of a union is the hull of the parts' hulls, so a merge keeps the hull vertices of
-    the two vertex sets, plane by plane (:func:`plane_hulls`); the 3-D hull of a label is the hull
-    of its planes' vertices.
+    The hull of a union is the hull of the parts' hulls, so a merge re-hulls the two vertex
+    lists plane by plane (:func:`~xr_rasteragg.hulls.fold_hulls`, compiled); the 3-D hull of a
+    label is the hull of its planes' vertices.
     """
 
     name: ClassVar[str] = "hull"
@@ -474,75 +477,12 @@ class Hull(Family):
     def fields(self) -> tuple[Field, ...]:
         return (Field("hull", _fixed(object), None),)
 
+    def empty(self, k: int, nchan: int, image_dtype: np.dtype | None) -> dict[str, Any]:
+        return {"hull": Ragged.empty(k)}
+
     def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
-        out, add = merged["hull"], part["hull"]
-        out[rows[first]] = add[first]
-        for r in np.flatnonzero(~first):
-            out[rows[r]] = plane_hulls(np.concatenate([out[rows[r]], add[r]]))
-
-
-def plane_hulls(points: NDArray[np.int64]) -> NDArray[np.int64]:
-    """The vertices of the convex hull of ``points`` (``(m, 3)``, z, y, x) in each z plane."""
-    order = np.lexsort((points[:, 2], points[:, 1], points[:, 0]))
-    return _plane_hulls(np.ascontiguousarray(points[order]))
-
-
-@nb.njit(nogil=True, cache=True)
-def _plane_hulls(points):  # type: ignore[no-untyped-def]
-    """:func:`plane_hulls` of points sorted by (z, y, x)."""
-    m = points.shape[0]
-    out = np.empty((m + 1, 3), np.int64)
-    hy = np.empty(m + 1, np.int64)
-    hx = np.empty(m + 1, np.int64)
-    done = 0
-    j = 0
-    while j < m:
-        z = points[j, 0]
-        end = j
-        while end < m and points[end, 0] == z:
-            end += 1
-        h = monotone_chain(points[j:end, 1], points[j:end, 2], end - j, hy, hx)
-        for q in range(h):
-            out[done, 0] = z
-            out[done, 1] = hy[q]
-            out[done, 2] = hx[q]
-            done += 1
-        j = end
-    return out[:done].copy()
-
-
-@nb.njit(nogil=True, cache=True)
-def monotone_chain(ys, xs, n, hy, hx):  # type: ignore[no-untyped-def]
-    """Convex hull of the first ``n`` points ``(ys, xs)``, sorted by (y, x) (Andrew's monotone chain).
-
-    Writes the hull's vertices (collinear points dropped) into ``hy, hx`` (room for ``n + 1``)
-    and returns their number; integer cross products, so the hull is exact.
-    """
-    if n <= 2:
-        for q in range(n):
-            hy[q] = ys[q]
-            hx[q] = xs[q]
-        return n
-    h = 0
-    for i in range(n):
-        while h >= 2 and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
-            h -= 1
-        hy[h] = ys[i]
-        hx[h] = xs[i]
-        h += 1
-    lower = h + 1
-    for i in range(n - 2, -1, -1):
-        while h >= lower and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
-            h -= 1
-        hy[h] = ys[i]
-        hx[h] = xs[i]
-        h += 1
-    return max(h - 1, 1)
-
-
-@nb.njit(nogil=True, cache=True, inline="always")
-def _cross(ay, ax, by, bx, cy, cx):  # type: ignore[no-untyped-def]
-    return (by - ay) * (cx - ax) - (bx - ax) * (cy - ay)
+        out, add = cast(Ragged, merged["hull"]), cast(Ragged, part["hull"])
+        out.offsets, out.values = fold_hulls(out.offsets, out.values, add.offsets, add.values, rows, first)
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from .families import (
     pixel_counts,
     shift_dtype,
 )
+from .ragged import Ragged
 
 __all__ = ["Needs", "Partials", "concat_channels", "difference", "label_union", "merge", "shift_dtype"]
 
@@ -158,7 +159,7 @@ class Partials:
         """The fields that hold one column per channel, by name."""
         return {name: self.__dict__[name] for f in self.families if f.channel for name in f.names()}
 
-    def add(self, family: Family, **fields: NDArray[Any]) -> None:
+    def add(self, family: Family, **fields: NDArray[Any] | Ragged) -> None:
         """Add (or replace) a family with its fields, one array per name of ``family.fields()``."""
         if set(fields) != set(family.names()):
             raise ValueError(f"family {family.name!r} has fields {family.names()}; got {sorted(fields)}")
@@ -256,9 +257,7 @@ def merge(parts: Sequence[Partials]) -> Partials:
     labels, positions = _union([p.labels for p in parts])
     k = labels.shape[0]
     first = parts[0]
-    merged = first._with(
-        labels, {name: np.empty((k, *v.shape[1:]), v.dtype) for name, v in first.fields.items()}
-    )
+    merged = first._with(labels, {name: _empty_rows(v, k) for name, v in first.fields.items()})
     # Families that merge with the pixel counts fold before the counts themselves.
     families = sorted(first.families, key=lambda f: f.weights)
     seen = np.zeros(k, np.bool_)
@@ -427,5 +426,19 @@ def _concat(parts: Sequence[Partials]) -> Partials:
     first = parts[0]
     return first._with(
         np.concatenate([p.labels for p in parts]),
-        {name: np.concatenate([p.fields[name] for p in parts], axis=0) for name in first.fields},
+        {name: _stack([p.fields[name] for p in parts]) for name in first.fields},
     )
+
+
+def _empty_rows(field: Any, k: int) -> Any:
+    """An uninitialised field like ``field`` with ``k`` rows (ragged fields: rows without points)."""
+    if isinstance(field, Ragged):
+        return Ragged.empty(k, field.values.shape[1])
+    return np.empty((k, *field.shape[1:]), field.dtype)
+
+
+def _stack(fields: Sequence[Any]) -> Any:
+    """The rows of ``fields`` one after the other."""
+    if isinstance(fields[0], Ragged):
+        return Ragged.concatenate(fields)
+    return np.concatenate(fields, axis=0)

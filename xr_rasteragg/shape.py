@@ -16,14 +16,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from math import sqrt
+from typing import cast
 
-import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import ConvexHull, QhullError
 
-from .families import PRODUCT_AXES, monotone_chain
+from .families import PRODUCT_AXES
+from .hulls import convex_pixels_2d
 from .partials import Partials
+from .ragged import Ragged
 
 __all__ = ["ShapeQuantities", "Space"]
 
@@ -189,20 +191,21 @@ class ShapeQuantities:
 
     def solidity(self) -> NDArray[np.float64]:
         """Area over the area of the convex hull image (:func:`skimage.morphology.convex_hull_image`)."""
-        assert self.p.hull is not None
+        hull = cast(Ragged, self.p.hull)
+        assert hull is not None
         axes = list(self.space.axes)
         if self.space.ndim == 2:
-            hulls = list(self.p.hull)
-            starts = np.cumsum([0] + [h.shape[0] for h in hulls])
-            points = np.concatenate(hulls)[:, axes] if hulls else np.empty((0, 2), np.int64)
-            convex = _convex_areas_2d(np.ascontiguousarray(points, dtype=np.int64), starts).astype(np.float64)
+            # The axis the labels lack has one index: the vertices, sorted by (z, y, x), are
+            # sorted on the labels' two axes too.
+            points = np.ascontiguousarray(hull.values[:, axes])
+            convex = convex_pixels_2d(hull.offsets, points).astype(np.float64)
         else:
             low = self.bbox[:, : self.space.ndim]
             high = self.bbox[:, self.space.ndim :]
             convex = np.array(
                 [
-                    _convex_volume(points[:, axes] - lo, tuple(hi - lo))
-                    for points, lo, hi in zip(self.p.hull, low, high, strict=True)
+                    _convex_volume(hull.row(i)[:, axes] - lo, tuple(hi - lo))
+                    for i, (lo, hi) in enumerate(zip(low, high, strict=True))
                 ],
                 dtype=np.float64,
             )
@@ -234,69 +237,6 @@ class ShapeQuantities:
         vectors = vectors * np.where(largest < 0, -1.0, 1.0)
         vectors[small] = np.eye(d)
         return np.sqrt(np.maximum(values, 0.0)), vectors
-
-
-@nb.njit(nogil=True, cache=True)
-def _convex_areas_2d(points, starts):  # type: ignore[no-untyped-def]
-    """Pixels of :func:`skimage.morphology.convex_hull_image` of each 2-D label whose pixel hull
-    vertices (row, column) are ``points[starts[i]:starts[i + 1]]``: the lattice points inside or on
-    the hull of the pixels' edge midpoints (``include_borders``), in doubled coordinates."""
-    k = starts.shape[0] - 1
-    out = np.zeros(k, np.int64)
-    for i in range(k):
-        m = starts[i + 1] - starts[i]
-        ys = np.empty(4 * m, np.int64)
-        xs = np.empty(4 * m, np.int64)
-        for j in range(m):
-            y, x = 2 * points[starts[i] + j, 0], 2 * points[starts[i] + j, 1]
-            ys[4 * j], xs[4 * j] = y - 1, x
-            ys[4 * j + 1], xs[4 * j + 1] = y + 1, x
-            ys[4 * j + 2], xs[4 * j + 2] = y, x - 1
-            ys[4 * j + 3], xs[4 * j + 3] = y, x + 1
-        if m == 0:
-            continue
-        low_y, low_x = ys.min(), xs.min()
-        width = xs.max() - low_x + 1
-        order = np.argsort((ys - low_y) * width + (xs - low_x))
-        out[i] = _lattice_points(ys[order], xs[order])
-    return out
-
-
-@nb.njit(nogil=True, cache=True)
-def _lattice_points(ys, xs):  # type: ignore[no-untyped-def]
-    """Number of points (even, even) inside or on the convex hull of the points ``(ys, xs)``
-    (doubled pixel coordinates, sorted by (y, x)), counted row by row in exact integers."""
-    n = ys.shape[0]
-    hy = np.empty(n + 1, np.int64)
-    hx = np.empty(n + 1, np.int64)
-    h = monotone_chain(ys, xs, n, hy, hx)
-    low, high = hy[:h].min(), hy[:h].max()
-    total = 0
-    start = low + (low % 2)
-    for row in range(start, high + 1, 2):
-        lo_n, lo_d, hi_n, hi_d = np.int64(1), np.int64(0), np.int64(-1), np.int64(0)  # ±inf
-        for q in range(h):
-            ay, ax, by, bx = hy[q], hx[q], hy[(q + 1) % h], hx[(q + 1) % h]
-            if min(ay, by) > row or max(ay, by) < row:
-                continue
-            if ay == by:
-                candidates = ((ax, np.int64(1)), (bx, np.int64(1)))
-            else:
-                num, den = ax * (by - ay) + (row - ay) * (bx - ax), by - ay
-                if den < 0:
-                    num, den = -num, -den
-                candidates = ((num, den), (num, den))
-            for num, den in candidates:
-                if lo_d == 0 or num * lo_d < lo_n * den:
-                    lo_n, lo_d = num, den
-                if hi_d == 0 or num * hi_d > hi_n * den:
-                    hi_n, hi_d = num, den
-        if lo_d == 0:
-            continue
-        first = -((-lo_n) // (2 * lo_d))  # ceil(lo / 2)
-        last = hi_n // (2 * hi_d)  # floor(hi / 2)
-        total += max(0, last - first + 1)
-    return total
 
 
 def _convex_volume(points: NDArray[np.int64], shape: tuple[int, ...]) -> int:

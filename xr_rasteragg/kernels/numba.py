@@ -844,9 +844,9 @@ def _small_integer_partials(
         _power_sweep(flats, rows, runs.runs, flags, power, extremes)
     if weighted is not None:
         # Sums modulo 2**64 read as int64: the true values (see _weighted_family) fit.
-        sums = [_take_rows(power[:, :, j].view(np.int64), local).astype(np.float64) for j in (0, -3, -2, -1)]
-        weight = sums[0]
-        positions = [s + o * weight for s, o in zip(sums[1:], runs.offset, strict=True)]
+        found = [_take_rows(power[:, :, j].view(np.int64), local).astype(np.float64) for j in (0, -3, -2, -1)]
+        weight = found[0]
+        positions = [s + o * weight for s, o in zip(found[1:], runs.offset, strict=True)]
         parts.add(weighted, **dict(zip(weighted.names(), [weight, *positions], strict=True)))
     if needs.skipna:
         parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))

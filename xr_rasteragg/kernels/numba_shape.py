@@ -10,7 +10,8 @@ Each update fills one family's fields into a block's partials from the runs of i
   of :func:`skimage.measure.perimeter` (a border pixel's 4- and 8-neighbours that are border
   pixels of the same label), coded per pixel from the label block widened by two pixels
   (:func:`border_codes`) and counted along the runs;
-- :class:`~xr_rasteragg.families.Hull`: per label and z plane, the convex hull of its run ends;
+- :class:`~xr_rasteragg.families.Hull`: per label and z plane, the convex hull of its row
+  extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`);
 - :class:`~xr_rasteragg.families.Weighted`: per run and channel, ``Σ I`` and ``Σ I x``.
 """
 
@@ -23,8 +24,10 @@ import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 
-from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted, monotone_chain
+from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
+from ..hulls import sorted_hull
 from ..partials import Partials
+from ..ragged import Ragged
 
 if TYPE_CHECKING:
     from .numba import LabelRuns
@@ -206,54 +209,69 @@ def _on_border(labels, y, x, key):  # type: ignore[no-untyped-def]
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
-    points, starts = _run_hulls(*runs.runs, runs.count.shape[0], np.asarray(runs.offset, np.int64))
-    hulls = np.empty(parts.size, object)
-    for row, i in enumerate(runs.local):
-        hulls[row] = points[starts[i] : starts[i + 1]]
-    parts.add(family, hull=hulls)
+    offsets, points = _run_hulls(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
+    parts.add(family, hull=Ragged(offsets, points))
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_hulls(run_z, run_y, run_x, run_len, run_id, k, offset):  # type: ignore[no-untyped-def]
-    """Per local id and z plane, the hull vertices of its run ends (global indices), and where
-    each id's vertices start."""
+def _run_hulls(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: ignore[no-untyped-def]
+    """Per label (in label order: row ``rank[id]``) and z plane, the hull vertices of its pixel
+    centres, sorted by (z, y, x), from its row extremes (global indices); and where each label's
+    vertices start.
+
+    One pass over the runs, in their (z, y, x) order, writes each label's rows (z, y, first
+    column, last column) into its own stretch of a table (a counting sort, which keeps them
+    sorted); then each label's rows are read in turn and hulled plane by plane.
+    """
+    k = rank.shape[0]
     nruns = run_id.shape[0]
     start = np.zeros(k + 1, np.int64)
     for r in range(nruns):
-        start[run_id[r] + 1] += 1
+        start[rank[run_id[r]] + 1] += 1
     for i in range(k):
         start[i + 1] += start[i]
-    order = np.empty(nruns, np.int64)
-    filled = start[:-1].copy()
-    for r in range(nruns):  # runs by id, in (z, y, x) order within an id
-        order[filled[run_id[r]]] = r
-        filled[run_id[r]] += 1
+    end = start[:-1].copy()
+    rows = np.empty((nruns, 4), np.int64)  # z, y, first and last column of a label's row
+    for r in range(nruns):
+        i = rank[run_id[r]]
+        e = end[i] - 1
+        z, y = run_z[r], run_y[r]
+        if e >= start[i] and rows[e, 1] == y and rows[e, 0] == z:
+            rows[e, 3] = run_x[r] + run_len[r] - 1
+        else:
+            e += 1
+            rows[e, 0], rows[e, 1], rows[e, 2], rows[e, 3] = z, y, run_x[r], run_x[r] + run_len[r] - 1
+            end[i] = e + 1
     points = np.empty((2 * nruns + 1, 3), np.int64)
     where = np.zeros(k + 1, np.int64)
-    ys = np.empty(2 * nruns + 1, np.int64)
-    xs = np.empty(2 * nruns + 1, np.int64)
-    hy = np.empty(2 * nruns + 1, np.int64)
-    hx = np.empty(2 * nruns + 1, np.int64)
+    room = 2 * nruns + 1
+    ys = np.empty(room, np.int64)
+    xs = np.empty(room, np.int64)
+    hy = np.empty(room, np.int64)
+    hx = np.empty(room, np.int64)
+    oy = np.empty(room, np.int64)
+    ox = np.empty(room, np.int64)
     m = 0
     for i in range(k):
-        j = start[i]
-        while j < start[i + 1]:
-            z = run_z[order[j]]
+        e = start[i]
+        while e < end[i]:
+            z = rows[e, 0]
             n = 0
-            while j < start[i + 1] and run_z[order[j]] == z:
-                r = order[j]
-                ys[n], xs[n] = run_y[r], run_x[r]
-                ys[n + 1], xs[n + 1] = run_y[r], run_x[r] + run_len[r] - 1
-                n += 2
-                j += 1
-            h = monotone_chain(ys, xs, n, hy, hx)
+            while e < end[i] and rows[e, 0] == z:
+                ys[n], xs[n] = rows[e, 1], rows[e, 2]
+                n += 1
+                if rows[e, 3] > rows[e, 2]:
+                    ys[n], xs[n] = rows[e, 1], rows[e, 3]
+                    n += 1
+                e += 1
+            h = sorted_hull(ys, xs, n, hy, hx, oy, ox)
             for q in range(h):
                 points[m, 0] = z + offset[0]
-                points[m, 1] = hy[q] + offset[1]
-                points[m, 2] = hx[q] + offset[2]
+                points[m, 1] = oy[q] + offset[1]
+                points[m, 2] = ox[q] + offset[2]
                 m += 1
         where[i + 1] = m
-    return points[:m], where
+    return where, points[:m].copy()
 
 
 def _weighted(

@@ -1,0 +1,122 @@
+"""Convex hulls of pixel centres (:mod:`xr_rasteragg.hulls`) and ragged rows (:mod:`xr_rasteragg.ragged`).
+
+The pixel count of the convex hull image is checked against
+:func:`skimage.morphology.convex_hull_image` on masks of every kind (single pixels, lines of any
+slope, thin diagonals, random blobs); hulls and their merges against
+:class:`scipy.spatial.ConvexHull` of all the points.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+from numpy.typing import NDArray
+from scipy.spatial import ConvexHull, QhullError
+from skimage.morphology import convex_hull_image
+
+from xr_rasteragg.hulls import convex_pixels_2d, fold_hulls, sorted_hull
+from xr_rasteragg.ragged import Ragged
+
+
+def hull_of(points: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Hull vertices of distinct 2-D points, sorted, by :func:`sorted_hull`."""
+    points = points[np.lexsort((points[:, 1], points[:, 0]))]
+    n = points.shape[0]
+    scratch = [np.empty(n + 1, np.int64) for _ in range(4)]
+    h = sorted_hull(points[:, 0].copy(), points[:, 1].copy(), n, *scratch)
+    return np.stack([scratch[2][:h], scratch[3][:h]], axis=1)
+
+
+def scipy_vertices(points: NDArray[np.int64]) -> set[tuple[int, int]]:
+    """The vertices of the hull of the points by qhull (all points when they are collinear: the ends)."""
+    try:
+        return {tuple(p) for p in points[ConvexHull(points.astype(float)).vertices].tolist()}
+    except QhullError:  # collinear: the two extreme points
+        order = np.lexsort((points[:, 1], points[:, 0]))
+        return {tuple(points[order[0]].tolist()), tuple(points[order[-1]].tolist())}
+
+
+def masks() -> list[NDArray[np.bool_]]:
+    rng = np.random.default_rng(0)
+    out = []
+    single = np.zeros((3, 3), bool)
+    single[1, 1] = True
+    out.append(single)
+    out += [np.ones((1, 7), bool), np.ones((6, 1), bool), np.eye(5, dtype=bool), np.eye(6, dtype=bool)[::-1]]
+    steep = np.zeros((9, 4), bool)
+    steep[np.arange(9), np.arange(9) // 3] = True
+    out.append(steep)
+    shallow = steep.T.copy()
+    out.append(shallow)
+    corner = np.zeros((5, 5), bool)
+    corner[0, :] = corner[:, 0] = True
+    out.append(corner)
+    for _ in range(60):
+        shape = tuple(rng.integers(1, 14, size=2))
+        mask = rng.random(shape) < rng.uniform(0.05, 0.6)
+        if mask.any():
+            out.append(mask)
+    return out
+
+
+@pytest.mark.parametrize("mask", masks(), ids=lambda m: f"{m.shape}-{int(m.sum())}")
+def test_convex_pixels_equal_skimage(mask: NDArray[np.bool_]) -> None:
+    points = np.argwhere(mask).astype(np.int64) + np.array([1000, -50])  # anywhere on the image
+    vertices = hull_of(points)
+    assert {tuple(p) for p in vertices.tolist()} == scipy_vertices(points)
+    expected = int(convex_hull_image(mask).sum())
+    other = hull_of(np.argwhere(np.ones((2, 2), bool)).astype(np.int64))
+    offsets = np.array([0, len(vertices), len(vertices), len(vertices) + len(other)])
+    counts = convex_pixels_2d(offsets, np.concatenate([vertices, other]))
+    np.testing.assert_array_equal(counts, [expected, 0, 4])
+
+
+def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
+    rng = np.random.default_rng(1)
+    slots = [np.array([0, 2, 3])] * 3  # three parts over disjoint pixels, each holding rows 0, 2 and 3
+    pixels = [np.unique(rng.integers(0, [2, 40, 40], size=(90, 3)), axis=0) for _ in range(3)]
+    owner = [rng.integers(0, 3, size=len(p)) for p in pixels]  # which part holds each pixel
+    merged = Ragged.empty(4)
+    for j, rows in enumerate(slots):
+        mine = [p[o == j] for p, o in zip(pixels, owner, strict=True)]  # sorted by (z, y, x)
+        part = Ragged(np.cumsum([0] + [len(p) for p in mine]), np.concatenate(mine))
+        first = np.full(3, j == 0)
+        merged.offsets, merged.values = fold_hulls(
+            merged.offsets, merged.values, part.offsets, part.values, rows, first
+        )
+    assert len(merged.row(1)) == 0
+    for slot, row in enumerate([0, 2, 3]):
+        got = merged.row(row)
+        assert np.all(np.diff(got[:, 0]) >= 0)
+        for z in (0, 1):
+            plane = got[got[:, 0] == z][:, 1:]
+            assert plane.tolist() == sorted(plane.tolist())
+            expected = scipy_vertices(pixels[slot][pixels[slot][:, 0] == z][:, 1:])
+            assert {tuple(p) for p in plane.tolist()} == expected
+
+
+def test_ragged_rows() -> None:
+    rows = Ragged(np.array([0, 2, 2, 5]), np.arange(15).reshape(5, 3))
+    assert len(rows) == 3
+    assert rows.shape == (3,)
+    np.testing.assert_array_equal(rows.lengths(), [2, 0, 3])
+    view = rows[1:3]
+    assert view.values is rows.values
+    np.testing.assert_array_equal(view.row(1), rows.row(2))
+    taken = rows[np.array([2, 0])]
+    np.testing.assert_array_equal(taken.offsets, [0, 3, 5])
+    np.testing.assert_array_equal(taken.row(0), rows.row(2))
+    np.testing.assert_array_equal(rows[np.array([False, True, True])].lengths(), [0, 3])
+    stacked = Ragged.concatenate([view, taken])
+    np.testing.assert_array_equal(stacked.lengths(), [0, 3, 3, 2])
+    np.testing.assert_array_equal(stacked.row(2), rows.row(2))
+    again = pickle.loads(pickle.dumps(stacked))
+    np.testing.assert_array_equal(again.values, stacked.values)
+    np.testing.assert_array_equal(again.offsets, stacked.offsets)
+    assert len(Ragged.empty(4)) == 4
+    with pytest.raises(ValueError, match="step 1"):
+        rows[::2]
+    with pytest.raises(ValueError, match="'offsets' must be 1-D"):
+        Ragged(np.zeros(0, np.int64), np.zeros((0, 3), np.int64))

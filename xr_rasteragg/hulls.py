@@ -1,0 +1,275 @@
+"""Convex hulls of pixel centres, in exact integer arithmetic, compiled.
+
+The :class:`~xr_rasteragg.families.Hull` family keeps, per label and z plane, the vertices of
+the convex hull of its pixel centres, sorted by (z, y, x), in a
+:class:`~xr_rasteragg.ragged.Ragged` field. This module makes those vertex lists from sorted
+points (:func:`sorted_hull`), merges two of them (:func:`fold_hulls`: the hull of a union is
+the hull of the parts' hulls) and counts the pixels of
+:func:`skimage.morphology.convex_hull_image` of a 2-D label from its vertices
+(:func:`convex_pixels_2d`), row by row, analytically. Every step is a loop over the points,
+with no Python loop per label.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+__all__ = ["convex_pixels_2d", "fold_hulls", "monotone_chain", "sorted_hull"]
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _cross(ay, ax, by, bx, cy, cx):  # type: ignore[no-untyped-def]
+    return (by - ay) * (cx - ax) - (bx - ax) * (cy - ay)
+
+
+@nb.njit(nogil=True, cache=True)
+def monotone_chain(ys, xs, n, hy, hx):  # type: ignore[no-untyped-def]
+    """Convex hull of the first ``n`` points ``(ys, xs)``, sorted by (y, x) (Andrew's monotone chain).
+
+    Writes the hull's vertices (collinear points dropped) into ``hy, hx`` (room for ``n + 1``),
+    counter-clockwise from the first point, and returns their number; integer cross products, so
+    the hull is exact.
+    """
+    if n <= 2:
+        for q in range(n):
+            hy[q] = ys[q]
+            hx[q] = xs[q]
+        return n
+    h = 0
+    for i in range(n):
+        while h >= 2 and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
+            h -= 1
+        hy[h] = ys[i]
+        hx[h] = xs[i]
+        h += 1
+    lower = h + 1
+    for i in range(n - 2, -1, -1):
+        while h >= lower and _cross(hy[h - 2], hx[h - 2], hy[h - 1], hx[h - 1], ys[i], xs[i]) <= 0:
+            h -= 1
+        hy[h] = ys[i]
+        hx[h] = xs[i]
+        h += 1
+    return max(h - 1, 1)
+
+
+@nb.njit(nogil=True, cache=True)
+def sorted_hull(ys, xs, n, hy, hx, oy, ox):  # type: ignore[no-untyped-def]
+    """The hull vertices of the first ``n`` points ``(ys, xs)`` (sorted by (y, x), distinct),
+    sorted by (y, x) into ``oy, ox``; returns their number (``hy, hx``: scratch of ``n + 1``).
+
+    The monotone chain runs from the first point to the last (the largest) and back; the two
+    chains, each sorted, are merged.
+    """
+    h = monotone_chain(ys, xs, n, hy, hx)
+    top = 0  # the last point: where the chain turns back
+    for q in range(1, h):
+        if hy[q] > hy[top] or (hy[q] == hy[top] and hx[q] > hx[top]):
+            top = q
+    a, b, m = 0, h - 1, 0  # a climbs the first chain (0..top), b the second (h - 1 down to top + 1)
+    while a <= top or b > top:
+        if b <= top or (a <= top and (hy[a] < hy[b] or (hy[a] == hy[b] and hx[a] < hx[b]))):
+            oy[m], ox[m] = hy[a], hx[a]
+            a += 1
+        else:
+            oy[m], ox[m] = hy[b], hx[b]
+            b -= 1
+        m += 1
+    return m
+
+
+@nb.njit(nogil=True, cache=True)
+def _plane_hulls(points, n, out, at, ys, xs, hy, hx, oy, ox):  # type: ignore[no-untyped-def]
+    """Write the per-z-plane hull vertices of the first ``n`` ``points`` (``(m, 3)``, sorted by
+    (z, y, x), distinct) into ``out`` from row ``at``, sorted; returns the row after the last."""
+    j = 0
+    while j < n:
+        z = points[j, 0]
+        m = 0
+        while j < n and points[j, 0] == z:
+            ys[m], xs[m] = points[j, 1], points[j, 2]
+            m += 1
+            j += 1
+        h = sorted_hull(ys, xs, m, hy, hx, oy, ox)
+        for q in range(h):
+            out[at, 0], out[at, 1], out[at, 2] = z, oy[q], ox[q]
+            at += 1
+    return at
+
+
+@nb.njit(nogil=True, cache=True)
+def fold_hulls(offsets, values, part_offsets, part_values, rows, first):  # type: ignore[no-untyped-def]
+    """The hull rows ``(offsets, values)`` with the part's rows folded in: part row ``r`` goes
+    to row ``rows[r]``, copied if ``first[r]``, else re-hulled with the row's vertices, plane by
+    plane (the vertex lists of disjoint pixel sets, so their points are distinct). Returns the
+    new, compact ``(offsets, values)``."""
+    k = offsets.shape[0] - 1
+    source = np.full(k, -1, np.int64)
+    for r in range(rows.shape[0]):
+        source[rows[r]] = r
+    room = 0
+    longest = 0
+    for i in range(k):
+        room += offsets[i + 1] - offsets[i]
+    for r in range(rows.shape[0]):
+        size = part_offsets[r + 1] - part_offsets[r]
+        room += size
+        longest = max(longest, size + offsets[rows[r] + 1] - offsets[rows[r]])
+    out_offsets = np.zeros(k + 1, np.int64)
+    out = np.empty((room, 3), np.int64)
+    union = np.empty((longest, 3), np.int64)
+    ys = np.empty(longest, np.int64)
+    xs = np.empty(longest, np.int64)
+    oy = np.empty(longest, np.int64)
+    ox = np.empty(longest, np.int64)
+    hy = np.empty(longest + 1, np.int64)
+    hx = np.empty(longest + 1, np.int64)
+    at = 0
+    for i in range(k):
+        r = source[i]
+        if r >= 0 and first[r]:
+            a, b = part_offsets[r], part_offsets[r + 1]
+            for q in range(a, b):
+                out[at, 0], out[at, 1], out[at, 2] = part_values[q, 0], part_values[q, 1], part_values[q, 2]
+                at += 1
+        elif r < 0:
+            for q in range(offsets[i], offsets[i + 1]):
+                out[at, 0], out[at, 1], out[at, 2] = values[q, 0], values[q, 1], values[q, 2]
+                at += 1
+        else:  # merge the two sorted vertex lists, then re-hull each plane
+            p, p_end = offsets[i], offsets[i + 1]
+            q, q_end = part_offsets[r], part_offsets[r + 1]
+            n = 0
+            while p < p_end or q < q_end:
+                take_p = q >= q_end or (p < p_end and _before(values, p, part_values, q))
+                if take_p:
+                    for axis in range(3):
+                        union[n, axis] = values[p, axis]
+                    p += 1
+                else:
+                    for axis in range(3):
+                        union[n, axis] = part_values[q, axis]
+                    q += 1
+                n += 1
+            at = _plane_hulls(union, n, out, at, ys, xs, hy, hx, oy, ox)
+        out_offsets[i + 1] = at
+    return out_offsets, out[:at].copy()
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _before(a, i, b, j):  # type: ignore[no-untyped-def]
+    """Whether point ``a[i]`` comes before ``b[j]`` in (z, y, x) order."""
+    for axis in range(3):
+        if a[i, axis] != b[j, axis]:
+            return a[i, axis] < b[j, axis]
+    return False
+
+
+@nb.njit(nogil=True, cache=True)
+def convex_pixels_2d(offsets, points):  # type: ignore[no-untyped-def]
+    """Pixels of :func:`skimage.morphology.convex_hull_image` of each 2-D label, from the hull
+    vertices ``points[offsets[i]:offsets[i + 1]]`` of its pixel centres ((row, column), sorted).
+
+    skimage takes the hull of the pixels' edge midpoints (each centre ± 1/2 along each axis) and
+    keeps the pixel centres inside or on it. That hull is the hull ``H`` of the centres widened
+    by the diamond ``|dy| + |dx| <= 1/2``; ``H``'s vertices lie on whole rows, so on each row
+    ``y`` its right end is the largest of ``R(y) + 1/2``, ``(R(y) + R(y - 1)) / 2`` and
+    ``(R(y) + R(y + 1)) / 2`` (where those rows are in ``H``), ``R`` the right end of ``H``; the
+    left end likewise, mirrored. The row holds the columns between the two ends, counted from
+    exact rationals (:func:`_widened_floors`).
+    """
+    k = offsets.shape[0] - 1
+    longest = 1
+    tallest = 1
+    for i in range(k):
+        longest = max(longest, offsets[i + 1] - offsets[i])
+        if offsets[i + 1] > offsets[i]:
+            tallest = max(tallest, points[offsets[i + 1] - 1, 0] - points[offsets[i], 0] + 1)
+    chain_y = np.empty(longest, np.int64)
+    chain_v = np.empty(longest, np.int64)
+    q = np.empty(tallest, np.int64)
+    rem = np.empty(tallest, np.int64)
+    den = np.empty(tallest, np.int64)
+    right = np.empty(tallest, np.int64)
+    out = np.zeros(k, np.int64)
+    for i in range(k):
+        a, b = offsets[i], offsets[i + 1]
+        if a == b:
+            continue
+        low, high = points[a, 0], points[b - 1, 0]
+        total = high - low + 1
+        for side in range(2):  # the right end (largest columns), then the mirrored left end
+            sign = 1 if side == 0 else -1  # v = sign * column
+            h = 0
+            for p in range(a, b):
+                y, v = points[p, 0], sign * (points[p, 1] - points[a, 1])  # from the first vertex
+                while h >= 2 and _not_clockwise(chain_y, chain_v, h, y, v):
+                    h -= 1  # an upper chain turns clockwise at every vertex
+                chain_y[h], chain_v[h] = y, v
+                h += 1
+            _chain_rows(chain_y, chain_v, h, low, q, rem, den)
+            _widened_floors(q, rem, den, high - low + 1, right if side == 0 else q)
+            if side == 0:
+                for t in range(high - low + 1):
+                    total += right[t]
+            else:
+                for t in range(high - low + 1):
+                    total += q[t]
+        out[i] = total
+    return out
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _not_clockwise(chain_y, chain_v, h, y, v):  # type: ignore[no-untyped-def]
+    """Whether the chain's last two vertices and ``(y, v)`` turn anticlockwise or not at all."""
+    return _cross(chain_y[h - 2], chain_v[h - 2], chain_y[h - 1], chain_v[h - 1], y, v) >= 0
+
+
+@nb.njit(nogil=True, cache=True)
+def _chain_rows(chain_y, chain_v, h, low, q, rem, den):  # type: ignore[no-untyped-def]
+    """The upper chain ``(chain_y, chain_v)`` (``h`` vertices, rows ascending) on each row from
+    ``low``: ``q + rem / den`` with ``0 <= rem < den``, stepped along each edge with one division
+    per edge; on a row with two vertices, the larger value."""
+    for j in range(h - 1):
+        d = chain_y[j + 1] - chain_y[j]
+        if d == 0:
+            continue
+        w = chain_v[j + 1] - chain_v[j]
+        step = w // d
+        extra = w - step * d
+        value, r = chain_v[j], 0
+        for y in range(chain_y[j] - low, chain_y[j + 1] - low):
+            q[y], rem[y], den[y] = value, r, d
+            value += step
+            r += extra
+            if r >= d:
+                value += 1
+                r -= d
+    last = chain_y[h - 1] - low
+    top = chain_v[h - 1]
+    for j in range(h - 1):
+        if chain_y[j] - low == last:
+            top = max(top, chain_v[j])
+    q[last], rem[last], den[last] = top, 0, 1
+
+
+@nb.njit(nogil=True, cache=True)
+def _widened_floors(q, rem, den, rows, out):  # type: ignore[no-untyped-def]
+    """``floor(max(V(y) + 1/2, (V(y) + V(y ± 1)) / 2))`` on each of ``rows`` rows, ``V = q + rem / den``
+    (see :func:`convex_pixels_2d`), without a division: with ``S = q(y) + q(y')`` and the
+    fractions' sum ``f`` in [0, 2), ``floor((S + f) / 2)`` is ``S / 2`` for even ``S`` and
+    ``(S - 1) / 2 + [f >= 1]`` for odd ``S``. ``out`` may be ``q`` itself."""
+    previous = 0
+    for t in range(rows):
+        best = q[t] + (2 * rem[t] >= den[t])
+        for u in (t - 1, t + 1):
+            if 0 <= u < rows:
+                qu = previous if u == t - 1 else q[u]
+                ru = rem[u]
+                total = q[t] + qu
+                if total % 2 == 0:
+                    best = max(best, total // 2)
+                else:
+                    best = max(best, (total - 1) // 2 + (rem[t] * den[u] + ru * den[t] >= den[t] * den[u]))
+        previous = q[t]
+        out[t] = best
