@@ -111,6 +111,12 @@ ACCESSOR_CALLS: dict[str, Callable[[xr.DataArray, xr.DataArray, Any], Any]] = {
     "kurtosis": lambda image, labels, index: image.rasteragg.kurtosis(labels, index=index),
     "area": lambda image, labels, index: labels.rasteragg.area(index=index),
     "center_of_mass": lambda image, labels, index: labels.rasteragg.center_of_mass(index=index),
+    "shape features": lambda image, labels, index: image.rasteragg.aggregate(
+        labels, ("mean", "perimeter", "solidity", "eccentricity", "centroid_weighted"), index=index
+    ),
+    "labels-only shape features": lambda image, labels, index: labels.rasteragg.aggregate(
+        ("perimeter", "solidity", "area"), index=index
+    ),
 }
 
 

@@ -37,7 +37,9 @@ import dask.array as da
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .kernels import BlockKernel, Neighbourhood, StagedKernel, array_backend, kernel_for
+from .families import Family
+from .frames import Frame, frame_arrays
+from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import SHAPE_FEATURES, STATISTICS, Space, check_space, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
@@ -416,18 +418,18 @@ class _LabelStage:
 
 
 def _label_task(
-    labels: Any, offset: tuple[int, int, int], skip: int | None, codes: Any | None = None
+    labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame | None = None
 ) -> _LabelStage:
-    """The label stage of one spatial block (a dask task); ``codes``: its per-pixel neighbourhood
-    codes, for families whose kernel code reads them (staged kernels only)."""
+    """The label stage of one spatial block (a dask task); ``frame``: the pixels around it, for
+    a family whose kernel code reads a label's neighbourhood (staged kernels only)."""
     kernel = kernel_for(labels)
     if isinstance(kernel, StagedKernel):
         block = (
             kernel.encode(labels, offset, skip)
-            if codes is None
-            else kernel.encode(labels, offset, skip, codes)
+            if frame is None
+            else kernel.encode(labels, offset, skip, frame)
         )
-    elif codes is not None:
+    elif frame is not None:
         raise TypeError(f"the kernel for {array_backend(labels)} blocks cannot read a label's neighbourhood")
     else:
         block = labels
@@ -478,19 +480,19 @@ def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArr
     return _holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
 
 
-def _coded_label_block(labels: Any, codes: Any, skip: int | None, block_info: Any = None) -> NDArray[Any]:
-    """The label stage of one spatial block with its per-pixel neighbourhood codes (a
-    ``map_blocks`` task)."""
+def _framed_label_block(
+    labels: Any,
+    *pieces: Any,
+    skip: int | None,
+    shape: tuple[int, int, int],
+    family: Family,
+    block_info: Any = None,
+) -> NDArray[Any]:
+    """The label stage of one spatial block with the pixels around it, the eight pieces of its
+    :class:`~xr_rasteragg.frames.Frame` (a ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    return _holding(_label_task(labels, offset, skip, codes), 3)  # type: ignore[arg-type]
-
-
-def _neighbourhood_block(block: Any, needs: Needs) -> Any:
-    """Per-pixel codes of a label block read with the pixels around it (a ``map_overlap`` task)."""
-    kernel = kernel_for(block)
-    if not isinstance(kernel, Neighbourhood):
-        raise TypeError(f"the kernel for {array_backend(block)} blocks cannot read a label's neighbourhood")
-    return kernel.neighbourhood(block, needs)
+    frame = Frame(pieces, shape, family)
+    return _holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
 
 
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
@@ -592,23 +594,17 @@ def _merged_partials(
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     one_each = tuple((1,) * n for n in labels.numblocks)
-    if needs.halo:
-        # Kernel code that reads a label's neighbourhood gets per-pixel codes, made from the labels
-        # widened by the halo (dask's overlap, which merges blocks narrower than the halo), then put
-        # back on the labels' blocks.
-        codes = labels.map_overlap(
-            _neighbourhood_block,
-            depth={0: 0, 1: needs.halo, 2: needs.halo},
-            boundary="none",
-            needs=needs,
-            dtype=np.int8,
-            meta=np.empty((0, 0, 0), np.int8),
-        ).rechunk(labels.chunks)
+    if needs.halo and labels.size:
+        # Kernel code that reads a label's neighbourhood gets the frame of pixels around each
+        # block: thin slices of the neighbouring blocks, put on the block grid.
+        (family,) = [f for f in needs.more if f.halo]
         stage = da.map_blocks(
-            _coded_label_block,
+            _framed_label_block,
             labels,
-            codes,
-            skip,
+            *frame_arrays(labels, needs.halo),
+            skip=skip,
+            shape=tuple(int(n) for n in labels.shape),
+            family=family,
             dtype=object,
             chunks=one_each,
             meta=_objects(3),

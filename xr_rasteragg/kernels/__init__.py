@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..partials import Needs, Partials
 
-__all__ = ["BlockKernel", "Neighbourhood", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
+if TYPE_CHECKING:
+    from ..frames import Frame
+
+__all__ = ["BlockKernel", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
 
 
 class BlockKernel(Protocol):
@@ -38,22 +41,13 @@ class StagedKernel(BlockKernel, Protocol):
     """A block kernel that also runs in two stages: labels first, then groups of channels."""
 
     def encode(
-        self, labels: Any, offset: tuple[int, int, int], skip: int | None = None, codes: Any | None = None
+        self, labels: Any, offset: tuple[int, int, int], skip: int | None = None, frame: Frame | None = None
     ) -> Any:
-        """What every group of channels of the block needs from its labels (``codes``: the
-        block's per-pixel neighbourhood codes, when a family's kernel code reads them)."""
+        """What every group of channels of the block needs from its labels (``frame``: the pixels
+        around the block, when a family's kernel code reads a label's neighbourhood)."""
 
     def channels(self, encoded: Any, image: Sequence[Any] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over the block encoded by :meth:`encode`."""
-
-
-@runtime_checkable
-class Neighbourhood(Protocol):
-    """A kernel whose families may read each label's neighbourhood (``Family.halo`` pixels)."""
-
-    def neighbourhood(self, block: Any, needs: Needs) -> Any:
-        """Per-pixel codes (int8, the shape of ``block``) of a label block widened by the halo, for
-        the family of ``needs`` that reads a neighbourhood; the engine trims the halo off."""
 
 
 _KERNELS: dict[str, str] = {

@@ -39,6 +39,7 @@ from numba.typed import List
 from numpy.typing import NDArray
 
 from ..families import Extrema, Family, Moments, Valid, Weighted
+from ..frames import Frame
 from ..partials import Needs, Partials, difference, shift_dtype
 
 __all__ = ["FAMILY_UPDATES", "LabelRuns", "RunKernel", "Runs", "block_partials"]
@@ -682,9 +683,9 @@ class LabelRuns:
         Pixels in the block.
     offset
         The global (z, y, x) index of the block's first pixel.
-    codes
-        Per-pixel codes of each label's neighbourhood (:meth:`RunKernel.neighbourhood`), when a
-        family's kernel code reads them.
+    around
+        By local id, what the kernel code of a family that reads the block's frame counted
+        (:data:`NEIGHBOURHOODS`), when the block came with one.
     """
 
     parts: Partials
@@ -694,7 +695,7 @@ class LabelRuns:
     count: NDArray[np.int64]
     pixels: int
     offset: tuple[int, int, int] = (0, 0, 0)
-    codes: NDArray[np.int8] | None = None
+    around: NDArray[Any] | None = None
 
 
 class RunKernel:
@@ -711,14 +712,14 @@ class RunKernel:
         labels: NDArray[np.integer],
         offset: tuple[int, int, int],
         skip: int | None = None,
-        codes: NDArray[np.int8] | None = None,
+        frame: Frame | None = None,
     ) -> LabelRuns:
         """Run-length encode a label block ``(z, y, x)`` of any integer dtype.
 
         ``offset`` is the global (z, y, x) index of the block's first pixel, ``skip`` a label
-        whose pixels are ignored entirely (the background), or None, and ``codes`` the block's
-        per-pixel neighbourhood codes (:meth:`neighbourhood`), for families whose kernel code
-        reads them.
+        whose pixels are ignored entirely (the background), or None, and ``frame`` the pixels
+        around the block, for the family whose kernel code reads them (:data:`NEIGHBOURHOODS`),
+        which then runs here, once per block.
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
         flat, starts = _flat_rows(labels)
@@ -732,13 +733,10 @@ class RunKernel:
         rank[local] = np.arange(local.shape[0])
         parts = Partials(*_in_label_order(local, keys, count, coords, np.asarray(offset, dtype=np.float64)))
         offset = tuple(int(o) for o in offset)  # type: ignore[assignment]
-        return LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, codes)
-
-    def neighbourhood(self, block: NDArray[np.integer], needs: Needs) -> NDArray[np.int8]:
-        """Per-pixel codes of a label block widened by the halo of the family of ``needs`` that
-        reads a label's neighbourhood (see :data:`NEIGHBOURHOODS`)."""
-        (family,) = [f for f in needs.more if f.halo]
-        return NEIGHBOURHOODS[type(family)](block)
+        around = None
+        if frame is not None:
+            around = NEIGHBOURHOODS[type(frame.family)](frame, labels, offset, runs, int(keys.shape[0]))
+        return LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, around)
 
     def channels(self, runs: LabelRuns, image: Sequence[NDArray[np.number]] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over an encoded label block.
@@ -900,9 +898,11 @@ def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generi
     return True, dtype.type(value)
 
 
-#: Per-pixel codes of a label's neighbourhood, by the type of the family that reads them: a
-#: function of a label block widened by the family's halo.
-NEIGHBOURHOODS: dict[type[Family], Callable[[NDArray[np.integer]], NDArray[np.int8]]] = {}
+#: Kernel code that reads a label block's frame (:class:`~xr_rasteragg.frames.Frame`), by the
+#: type of the family it serves: per local id of the block's runs, what the family counts.
+NEIGHBOURHOODS: dict[
+    type[Family], Callable[[Frame, NDArray[np.integer], tuple[int, int, int], Runs, int], NDArray[Any]]
+] = {}
 
 
 def _register_shape_updates() -> None:

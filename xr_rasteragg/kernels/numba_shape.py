@@ -8,8 +8,8 @@ Each update fills one family's fields into a block's partials from the runs of i
   from the run ends; integer arithmetic, so exact;
 - :class:`~xr_rasteragg.families.Border`: for each pixel of each run, the perimeter weight class
   of :func:`skimage.measure.perimeter` (a border pixel's 4- and 8-neighbours that are border
-  pixels of the same label), coded per pixel from the label block widened by two pixels
-  (:func:`border_codes`) and counted along the runs;
+  pixels of the same label), from the label block and its frame of two pixels
+  (:class:`~xr_rasteragg.frames.Frame`), counted in the label stage (:func:`border_counts`);
 - :class:`~xr_rasteragg.families.Hull`: per label and z plane, the convex hull of its row
   extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`);
 - :class:`~xr_rasteragg.families.Weighted`: per run and channel, ``Σ I`` and ``Σ I x``.
@@ -25,14 +25,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
+from ..frames import Frame
 from ..hulls import sorted_hull
 from ..partials import Partials
 from ..ragged import Ragged
 
 if TYPE_CHECKING:
-    from .numba import LabelRuns
+    from .numba import LabelRuns, Runs
 
-__all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_codes"]
+__all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_counts"]
 
 
 def _geometry(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
@@ -93,118 +94,114 @@ assert PRODUCT_AXES == ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the o
 
 
 def _border(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
-    """Fill :class:`~xr_rasteragg.families.Border` from the runs and the block's border codes."""
-    if runs.codes is None:
-        raise ValueError("the perimeter needs the label block's border codes; the engine gave none")
-    counts = _count_codes(*runs.runs, runs.count.shape[0], runs.codes)
-    parts.add(family, border=counts[runs.local])
+    """Fill :class:`~xr_rasteragg.families.Border` from the counts the label stage made."""
+    if runs.around is not None:
+        parts.add(family, border=runs.around[runs.local])
+    elif runs.pixels == 0:  # a block without pixels has no frame, and no labels
+        parts.add(family, border=np.zeros((0, 3), np.int64))
+    else:
+        raise ValueError("the perimeter needs the label block's frame; the engine gave none")
+
+
+def border_counts(
+    frame: Frame, block: NDArray[np.integer], offset: tuple[int, int, int], runs: Runs, k: int
+) -> NDArray[np.int64]:
+    """Per local id, how many of its pixels have each perimeter weight class (0, 1, 2 for the
+    weights 1, √2, (1 + √2) / 2), from the label block and its frame (see :func:`_border_classes`)."""
+    widened, valid = frame.widened(block, offset)
+    return _border_classes(widened, *valid, frame.halo, *runs, k)
 
 
 @nb.njit(nogil=True, cache=True)
-def _count_codes(run_z, run_y, run_x, run_len, run_id, k, codes):  # type: ignore[no-untyped-def]
-    """Per local id, how many of its pixels have each perimeter weight class (codes 0, 1, 2)."""
-    out = np.zeros((k, 3), np.int64)
-    for r in range(run_id.shape[0]):
-        z, y, i = run_z[r], run_y[r], run_id[r]
-        for x in range(run_x[r], run_x[r] + run_len[r]):
-            c = codes[z, y, x]
-            if c >= 0:
-                out[i, c] += 1
-    return out
-
-
-def border_codes(block: NDArray[np.integer]) -> NDArray[np.int8]:
-    """Perimeter weight class of each pixel of a label block (z, y, x), plane by plane: -1 for
-    none, 0, 1, 2 for the weights 1, √2, (1 + √2) / 2 (see :func:`_border_classes`)."""
-    out = np.empty(block.shape, np.int8)
-    for z in range(block.shape[0]):
-        out[z] = _border_classes(np.ascontiguousarray(block[z]))
-    return out
-
-
-@nb.njit(nogil=True, cache=True)
-def _border_classes(labels):  # type: ignore[no-untyped-def]
-    """Perimeter weight class of each pixel of a plane of labels, for the pixel's own label.
+def _border_classes(widened, y0, y1, x0, x1, d, run_z, run_y, run_x, run_len, run_id, k):  # type: ignore[no-untyped-def]
+    """Per local id, the pixels of each perimeter weight class, plane by plane.
 
     As in :func:`skimage.measure.perimeter` (4-connected erosion, border value 0), a pixel is a
-    border pixel of its label when one of its 4-neighbours is not that label (outside the plane
-    counts as not); a border pixel's code is ``1 + 2 (4-neighbours on the label's border) + 10
-    (diagonal neighbours on the label's border)``, and codes 5, 7, 15, 17, 25, 27 weigh 1
-    (class 0), codes 21, 33 weigh √2 (class 1) and codes 13, 23 weigh (1 + √2) / 2 (class 2).
+    border pixel of its label when one of its 4-neighbours is not that label (outside the image
+    counts as not); a border pixel with ``s`` 4-neighbours and ``c`` diagonal neighbours on its
+    label's border has code ``1 + 2 s + 10 c``: codes 5, 7, 15, 17, 25, 27 (``s`` 2 or 3, ``c``
+    at most 2) weigh 1 (class 0), codes 21, 33 (``s, c`` = 0, 2 or 1, 3) weigh √2 (class 1)
+    and codes 13, 23 (``s`` 1, ``c`` 1 or 2) weigh (1 + √2) / 2 (class 2).
+
+    ``widened`` is the block with a frame of ``d`` (2) pixels, of which rows ``y0..y1 - 1`` and
+    columns ``x0..x1 - 1`` lie in the image; the runs (block indices) say which pixels to count
+    and for which local id. Border flags are made for the block and one pixel around it (whose
+    4-neighbours the frame holds), then each run is counted in one branch-free loop. Loops index
+    views from 0, so that no index can be negative and the compiler vectorizes them.
     """
-    weight_class = np.full(50, -1, np.int8)
-    for code in (5, 7, 15, 17, 25, 27):
-        weight_class[code] = 0
-    for code in (21, 33):
-        weight_class[code] = 1
-    for code in (13, 23):
-        weight_class[code] = 2
-    ny, nx = labels.shape
-    border = np.ones((ny, nx), np.bool_)  # pixels on the plane's edge have a neighbour outside
-    for y in range(1, ny - 1):
-        up, row, down = labels[y - 1], labels[y], labels[y + 1]
-        for x in range(1, nx - 1):
-            key = row[x]
-            border[y, x] = up[x] != key or down[x] != key or row[x - 1] != key or row[x + 1] != key
-    out = np.full((ny, nx), -1, np.int8)
-    for y in range(ny):
-        for x in range(nx):
-            if not border[y, x]:
-                continue
-            key = labels[y, x]
-            if 0 < y < ny - 1 and 0 < x < nx - 1:
-                code = (
-                    1
-                    + 2
-                    * (
-                        (border[y - 1, x] and labels[y - 1, x] == key)
-                        + (border[y + 1, x] and labels[y + 1, x] == key)
-                    )
-                    + 2
-                    * (
-                        (border[y, x - 1] and labels[y, x - 1] == key)
-                        + (border[y, x + 1] and labels[y, x + 1] == key)
-                    )
-                    + 10
-                    * (
-                        (border[y - 1, x - 1] and labels[y - 1, x - 1] == key)
-                        + (border[y - 1, x + 1] and labels[y - 1, x + 1] == key)
-                        + (border[y + 1, x - 1] and labels[y + 1, x - 1] == key)
-                        + (border[y + 1, x + 1] and labels[y + 1, x + 1] == key)
-                    )
+    nz, ny, nx = widened.shape
+    out = np.zeros((k, 3), np.int64)
+    border = np.zeros((ny, nx), np.uint8)
+    lo, hi = max(1, x0), min(nx - 1, x1)
+    r = 0
+    for z in range(nz):
+        plane = widened[z]
+        for y in range(max(1, y0), min(ny - 1, y1)):
+            _border_row(plane[y - 1, lo:hi], plane[y, lo - 1 : hi + 1], plane[y + 1, lo:hi], border[y, lo:hi])
+            if y == y0 or y == y1 - 1:
+                border[y, lo:hi] = 1
+            border[y, x0] = border[y, x0] | (x0 >= lo)  # the image's first and last columns
+            border[y, x1 - 1] = border[y, x1 - 1] | (x1 - 1 < hi)
+        classes = np.zeros(nx, np.uint8)
+        row_of_classes = -1
+        while r < run_id.shape[0] and run_z[r] == z:
+            y, a, n, i = run_y[r] + d, run_x[r] + d, run_len[r], run_id[r]
+            if y != row_of_classes:
+                _row_classes(
+                    plane[y - 1],
+                    plane[y],
+                    plane[y + 1],
+                    border[y - 1],
+                    border[y],
+                    border[y + 1],
+                    classes[1:-1],
                 )
-            else:
-                code = 1
-                for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
-                    code += 2 * _border_of(labels, border, y + dy, x + dx, key)
-                for dy, dx in ((-1, -1), (-1, 1), (1, -1), (1, 1)):
-                    code += 10 * _border_of(labels, border, y + dy, x + dx, key)
-            out[y, x] = weight_class[code]
+                row_of_classes = y
+            n0 = n1 = n2 = 0
+            for c in classes[a : a + n]:
+                n0 += c == 1
+                n1 += c == 2
+                n2 += c == 3
+            out[i, 0] += n0
+            out[i, 1] += n1
+            out[i, 2] += n2
+            r += 1
+        border[:] = 0
     return out
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _border_of(labels, border, y, x, key):  # type: ignore[no-untyped-def]
-    """Whether pixel (y, x) is a border pixel of label ``key``."""
-    return 0 <= y < labels.shape[0] and 0 <= x < labels.shape[1] and border[y, x] and labels[y, x] == key
+def _border_row(up, row, down, out):  # type: ignore[no-untyped-def]
+    """Border flags of a row: ``out[x]`` for the pixel ``row[x + 1]``, between ``up[x]`` and ``down[x]``."""
+    for x in range(out.shape[0]):
+        key = row[x + 1]
+        out[x] = (up[x] != key) | (down[x] != key) | (row[x] != key) | (row[x + 2] != key)
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _is(labels, y, x, key):  # type: ignore[no-untyped-def]
-    return 0 <= y < labels.shape[0] and 0 <= x < labels.shape[1] and labels[y, x] == key
-
-
-@nb.njit(nogil=True, cache=True, inline="always")
-def _on_border(labels, y, x, key):  # type: ignore[no-untyped-def]
-    """Whether pixel (y, x) is of label ``key`` and a 4-neighbour is not."""
-    if not _is(labels, y, x, key):
-        return False
-    return not (
-        _is(labels, y - 1, x, key)
-        and _is(labels, y + 1, x, key)
-        and _is(labels, y, x - 1, key)
-        and _is(labels, y, x + 1, key)
-    )
+def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-untyped-def]
+    """The weight class of each pixel of a row, plus 1 (0: not a border pixel): ``out[x]`` for
+    the pixel ``row[x + 1]``, whose neighbours are at ``x``, ``x + 1`` and ``x + 2`` of the rows
+    above and below and the row itself (border flags ``b_*``)."""
+    one = np.uint8(1)
+    for x in range(out.shape[0]):  # in uint8 throughout, so that the loop runs 64 pixels wide
+        key = row[x + 1]
+        sides = (
+            (b_up[x + 1] & np.uint8(up[x + 1] == key))
+            + (b_down[x + 1] & np.uint8(down[x + 1] == key))
+            + (b_row[x] & np.uint8(row[x] == key))
+            + (b_row[x + 2] & np.uint8(row[x + 2] == key))
+        )
+        corners = (
+            (b_up[x] & np.uint8(up[x] == key))
+            + (b_up[x + 2] & np.uint8(up[x + 2] == key))
+            + (b_down[x] & np.uint8(down[x] == key))
+            + (b_down[x + 2] & np.uint8(down[x + 2] == key))
+        )
+        first = np.uint8((sides == 2) | (sides == 3)) & np.uint8(corners <= 2)
+        second = np.uint8((sides == 0) & (corners == 2)) | np.uint8((sides == 1) & (corners == 3))
+        third = np.uint8(sides == 1) & np.uint8((corners == 1) | (corners == 2))
+        out[x] = b_row[x + 1] * (first + (second << one) + third * np.uint8(3))
 
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
@@ -318,8 +315,8 @@ SHAPE_UPDATES: dict[type[Family], Callable[[Partials, Any, LabelRuns, Family], N
     Hull: _hull,
     Weighted: _weighted,
 }
-#: The per-pixel neighbourhood codes, by family type
-#: (merged into :data:`~xr_rasteragg.kernels.numba.NEIGHBOURHOODS`).
-SHAPE_NEIGHBOURHOODS: dict[type[Family], Callable[[NDArray[np.integer]], NDArray[np.int8]]] = {
-    Border: border_codes
-}
+#: The kernel code that reads a label block's frame, by family type (merged into
+#: :data:`~xr_rasteragg.kernels.numba.NEIGHBOURHOODS`): per local id, what the family counts.
+SHAPE_NEIGHBOURHOODS: dict[
+    type[Family], Callable[[Frame, NDArray[np.integer], tuple[int, int, int], Runs, int], NDArray[np.int64]]
+] = {Border: border_counts}
