@@ -31,7 +31,15 @@ def test_each_block_sees_its_neighbourhood(chunks: Any) -> None:
             cols = (x0, x1) if n in (0, 1) else (i * d, i * d + d)
             block_pieces.append(piece[z0:z1, rows[0] : rows[1], cols[0] : cols[1]])
         frame = Frame(tuple(block_pieces), labels.shape, Border())
-        widened, (v0, v1, u0, u1) = frame.widened(labels[z0:z1, y0:y1, x0:x1], (z0, y0, x0))
+        block = labels[z0:z1, y0:y1, x0:x1]
+        widened = np.block(
+            [
+                [block_pieces[4], block_pieces[0], block_pieces[5]],
+                [block_pieces[2], block, block_pieces[3]],
+                [block_pieces[6], block_pieces[1], block_pieces[7]],
+            ]
+        )
+        v0, v1, u0, u1 = frame.valid((z0, y0, x0), block.shape)
         expected = labels[z0:z1, max(y0 - d, 0) : y1 + d, max(x0 - d, 0) : x1 + d]
         np.testing.assert_array_equal(widened[:, v0:v1, u0:u1], expected)
         assert (v1 - v0, u1 - u0) == expected.shape[1:]

@@ -7,7 +7,7 @@ makes them with cheap graph steps on the label array (:func:`frame_arrays`: one-
 one-column slices, stacked and put on the block grid), and gives each block's label task its
 eight pieces, so that the label stage reads its block once and nothing but the thin frame of
 its neighbours travels. Rows and columns beyond the image stand in as copies of its edge and are
-marked invalid (:meth:`Frame.widened`); blocks of any size, one pixel included, work alike.
+marked invalid (:meth:`Frame.valid`); blocks of any size, one pixel included, work alike.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from typing import Any
 
 import dask.array as da
 import numpy as np
-from numpy.typing import NDArray
 
 from .families import Family
 
@@ -51,29 +50,15 @@ class Frame:
         """How many pixels the frame reaches around the block."""
         return self.family.halo
 
-    def widened(
-        self, block: NDArray[Any], offset: tuple[int, int, int]
-    ) -> tuple[NDArray[Any], tuple[int, int, int, int]]:
-        """The block with its frame around it, ``(z, h + 2d, w + 2d)``, and the rows and columns
-        of it that lie in the image, ``(first row, row after the last, first column, column after
-        the last)``."""
+    def valid(self, offset: tuple[int, int, int], shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """Which rows and columns of the block widened by its frame, ``(z, h + 2d, w + 2d)``, lie
+        in the image, for the block at ``offset`` of ``shape``: ``(first row, row after the last,
+        first column, column after the last)``."""
         d = self.halo
-        nz, h, w = block.shape
-        out = np.empty((nz, h + 2 * d, w + 2 * d), block.dtype)
-        top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = self.pieces
-        out[:, d : d + h, d : d + w] = block
-        out[:, :d, d : d + w] = top
-        out[:, d + h :, d : d + w] = bottom
-        out[:, d : d + h, :d] = left
-        out[:, d : d + h, d + w :] = right
-        out[:, :d, :d] = top_left
-        out[:, :d, d + w :] = top_right
-        out[:, d + h :, :d] = bottom_left
-        out[:, d + h :, d + w :] = bottom_right
+        _, h, w = shape
         _, ny, nx = self.shape
         _, y0, x0 = offset
-        valid = (d - min(d, y0), d + h + min(d, ny - y0 - h), d - min(d, x0), d + w + min(d, nx - x0 - w))
-        return out, valid
+        return d - min(d, y0), d + h + min(d, ny - y0 - h), d - min(d, x0), d + w + min(d, nx - x0 - w)
 
 
 def frame_arrays(labels: da.Array, halo: int) -> list[da.Array]:

@@ -108,12 +108,16 @@ def border_counts(
 ) -> NDArray[np.int64]:
     """Per local id, how many of its pixels have each perimeter weight class (0, 1, 2 for the
     weights 1, √2, (1 + √2) / 2), from the label block and its frame (see :func:`_border_classes`)."""
-    widened, valid = frame.widened(block, offset)
-    return _border_classes(widened, *valid, frame.halo, *runs, k)
+    from .numba import _flat_rows
+
+    flat, starts = _flat_rows(block)  # rows read in place, as contiguous arrays
+    return _border_classes(
+        flat, starts, block.shape, frame.pieces, frame.valid(offset, block.shape), frame.halo, *runs, k
+    )
 
 
 @nb.njit(nogil=True, cache=True)
-def _border_classes(widened, y0, y1, x0, x1, d, run_z, run_y, run_x, run_len, run_id, k):  # type: ignore[no-untyped-def]
+def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, run_len, run_id, k):  # type: ignore[no-untyped-def]
     """Per local id, the pixels of each perimeter weight class, plane by plane.
 
     As in :func:`skimage.measure.perimeter` (4-connected erosion, border value 0), a pixel is a
@@ -123,54 +127,98 @@ def _border_classes(widened, y0, y1, x0, x1, d, run_z, run_y, run_x, run_len, ru
     at most 2) weigh 1 (class 0), codes 21, 33 (``s, c`` = 0, 2 or 1, 3) weigh √2 (class 1)
     and codes 13, 23 (``s`` 1, ``c`` 1 or 2) weigh (1 + √2) / 2 (class 2).
 
-    ``widened`` is the block with a frame of ``d`` (2) pixels, of which rows ``y0..y1 - 1`` and
-    columns ``x0..x1 - 1`` lie in the image; the runs (block indices) say which pixels to count
-    and for which local id. Border flags are made for the block and one pixel around it (whose
-    4-neighbours the frame holds), then each run is counted in one branch-free loop. Loops index
-    views from 0, so that no index can be negative and the compiler vectorizes them.
+    The block (``shape``; row ``(z, y)`` is ``flat[starts[z, y]:][:w]``) widened by its frame
+    of ``d`` (2) pixels (``pieces``, see :class:`~xr_rasteragg.frames.Frame`) is walked row by
+    row, never made whole: each widened row is put together in a ring of five rows; the border
+    flags of the row before it, and the classes of the row before that, follow from the ring;
+    then the runs of that row (block indices, local ids) sum their pixels' classes. ``valid``
+    says which widened rows and columns lie in the image (:meth:`~xr_rasteragg.frames.Frame.valid`).
+    Loops index views from 0 (no index can be negative), so the compiler vectorizes them.
     """
-    nz, ny, nx = widened.shape
+    top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = pieces
+    y0, y1, x0, x1 = valid
+    nz, h, w = shape
+    ny, nx = h + 2 * d, w + 2 * d
     out = np.zeros((k, 3), np.int64)
-    border = np.zeros((ny, nx), np.uint8)
+    rows = np.zeros((5, nx), flat.dtype)
+    border = np.zeros((3, nx), np.uint8)
+    classes = np.zeros(nx, np.int64)
     lo, hi = max(1, x0), min(nx - 1, x1)
+    field = (1 << _FIELD) - 1
     r = 0
     for z in range(nz):
-        plane = widened[z]
-        for y in range(max(1, y0), min(ny - 1, y1)):
-            _border_row(plane[y - 1, lo:hi], plane[y, lo - 1 : hi + 1], plane[y + 1, lo:hi], border[y, lo:hi])
-            if y == y0 or y == y1 - 1:
-                border[y, lo:hi] = 1
-            border[y, x0] = border[y, x0] | (x0 >= lo)  # the image's first and last columns
-            border[y, x1 - 1] = border[y, x1 - 1] | (x1 - 1 < hi)
-        classes = np.zeros(nx, np.uint8)
-        row_of_classes = -1
-        while r < run_id.shape[0] and run_z[r] == z:
-            y, a, n, i = run_y[r] + d, run_x[r] + d, run_len[r], run_id[r]
-            if y != row_of_classes:
+        for t in range(ny + 2):
+            if t < ny:  # widened row t into the ring
+                row = rows[t % 5]
+                if t < d:
+                    row[:d], row[d : d + w], row[d + w :] = top_left[z, t], top[z, t], top_right[z, t]
+                elif t < d + h:
+                    start = starts[z, t - d]
+                    row[:d], row[d : d + w], row[d + w :] = (
+                        left[z, t - d],
+                        flat[start : start + w],
+                        right[z, t - d],
+                    )
+                else:
+                    u = t - d - h
+                    row[:d], row[d : d + w], row[d + w :] = (
+                        bottom_left[z, u],
+                        bottom[z, u],
+                        bottom_right[z, u],
+                    )
+            y = t - 1  # border flags of widened row y
+            if 1 <= y < ny - 1:
+                flags = border[y % 3]
+                flags[:] = 0
+                if y0 <= y < y1:
+                    _border_row(
+                        rows[(y - 1) % 5, lo:hi],
+                        rows[y % 5, lo - 1 : hi + 1],
+                        rows[(y + 1) % 5, lo:hi],
+                        flags[lo:hi],
+                    )
+                    if y == y0 or y == y1 - 1:
+                        flags[lo:hi] = 1
+                    flags[x0] |= x0 >= lo  # the image's first and last columns
+                    flags[x1 - 1] |= x1 - 1 < hi
+            y = t - 2  # classes and runs of widened row y
+            if not d <= y < d + h:
+                continue
+            if r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
                 _row_classes(
-                    plane[y - 1],
-                    plane[y],
-                    plane[y + 1],
-                    border[y - 1],
-                    border[y],
-                    border[y + 1],
+                    rows[(y - 1) % 5],
+                    rows[y % 5],
+                    rows[(y + 1) % 5],
+                    border[(y - 1) % 3],
+                    border[y % 3],
+                    border[(y + 1) % 3],
                     classes[1:-1],
                 )
-                row_of_classes = y
-            n0 = n1 = n2 = 0
-            for c in classes[a : a + n]:
-                n0 += c == 1
-                n1 += c == 2
-                n2 += c == 3
-            out[i, 0] += n0
-            out[i, 1] += n1
-            out[i, 2] += n2
-            r += 1
-        border[:] = 0
+            while r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
+                a, n, i = run_x[r] + d, run_len[r], run_id[r]
+                if n <= field:
+                    _add_classes(out[i], classes[a : a + n])
+                else:  # in pieces of fewer than 2**21 pixels, so that no field overflows
+                    for start in range(0, n, field):
+                        _add_classes(out[i], classes[a + start : a + min(n, start + field)])
+                r += 1
     return out
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
+def _add_classes(counts, classes):  # type: ignore[no-untyped-def]
+    """Add the pixels of each class in ``classes`` (fewer than 2**21 pixels, see
+    :func:`_row_classes`) to ``counts``."""
+    total = np.int64(0)
+    for j in range(classes.shape[0]):
+        total += classes[j]
+    field = (1 << _FIELD) - 1
+    counts[0] += total & field
+    counts[1] += (total >> _FIELD) & field
+    counts[2] += total >> (2 * _FIELD)
+
+
+@nb.njit(nogil=True, cache=True)
 def _border_row(up, row, down, out):  # type: ignore[no-untyped-def]
     """Border flags of a row: ``out[x]`` for the pixel ``row[x + 1]``, between ``up[x]`` and ``down[x]``."""
     for x in range(out.shape[0]):
@@ -178,30 +226,49 @@ def _border_row(up, row, down, out):  # type: ignore[no-untyped-def]
         out[x] = (up[x] != key) | (down[x] != key) | (row[x] != key) | (row[x + 2] != key)
 
 
-@nb.njit(nogil=True, cache=True, inline="always")
+#: Bits per class in the sums of :func:`_row_classes` (summed over fewer than 2**21 pixels).
+_FIELD = 21
+#: Bit masks over ``s + 5 c`` (``s`` 4-neighbours and ``c`` diagonal neighbours on the label's
+#: border) of the codes of each weight class (see :func:`_border_classes`).
+_CLASS_BITS = tuple(
+    sum(1 << (s + 5 * c) for s, c in pairs)
+    for pairs in (
+        [(s, c) for s in (2, 3) for c in (0, 1, 2)],
+        [(0, 2), (1, 3)],
+        [(1, 1), (1, 2)],
+    )
+)
+
+
+@nb.njit(nogil=True, cache=True)
 def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-untyped-def]
-    """The weight class of each pixel of a row, plus 1 (0: not a border pixel): ``out[x]`` for
-    the pixel ``row[x + 1]``, whose neighbours are at ``x``, ``x + 1`` and ``x + 2`` of the rows
-    above and below and the row itself (border flags ``b_*``)."""
-    one = np.uint8(1)
-    for x in range(out.shape[0]):  # in uint8 throughout, so that the loop runs 64 pixels wide
+    """The weight class of each pixel of a row as a bit in one of three fields of :data:`_FIELD`
+    bits (0 for none), so that a run's sum counts each class: ``out[x]`` for the pixel
+    ``row[x + 1]``, whose neighbours are at ``x``, ``x + 1`` and ``x + 2`` of the rows above and
+    below and the row itself (border flags ``b_*``). Classes come from bit masks
+    (:data:`_CLASS_BITS`), so that the loop vectorizes."""
+    first, second, third = _CLASS_BITS
+    for x in range(out.shape[0]):
         key = row[x + 1]
         sides = (
-            (b_up[x + 1] & np.uint8(up[x + 1] == key))
-            + (b_down[x + 1] & np.uint8(down[x + 1] == key))
-            + (b_row[x] & np.uint8(row[x] == key))
-            + (b_row[x + 2] & np.uint8(row[x + 2] == key))
+            np.int32(b_up[x + 1]) * np.int32(up[x + 1] == key)
+            + np.int32(b_down[x + 1]) * np.int32(down[x + 1] == key)
+            + np.int32(b_row[x]) * np.int32(row[x] == key)
+            + np.int32(b_row[x + 2]) * np.int32(row[x + 2] == key)
         )
         corners = (
-            (b_up[x] & np.uint8(up[x] == key))
-            + (b_up[x + 2] & np.uint8(up[x + 2] == key))
-            + (b_down[x] & np.uint8(down[x] == key))
-            + (b_down[x + 2] & np.uint8(down[x + 2] == key))
+            np.int32(b_up[x]) * np.int32(up[x] == key)
+            + np.int32(b_up[x + 2]) * np.int32(up[x + 2] == key)
+            + np.int32(b_down[x]) * np.int32(down[x] == key)
+            + np.int32(b_down[x + 2]) * np.int32(down[x + 2] == key)
         )
-        first = np.uint8((sides == 2) | (sides == 3)) & np.uint8(corners <= 2)
-        second = np.uint8((sides == 0) & (corners == 2)) | np.uint8((sides == 1) & (corners == 3))
-        third = np.uint8(sides == 1) & np.uint8((corners == 1) | (corners == 2))
-        out[x] = b_row[x + 1] * (first + (second << one) + third * np.uint8(3))
+        code = np.int32(b_row[x + 1]) * (sides + 5 * corners + 1) - 1  # -1: not a border pixel
+        shift = max(code, 0)
+        out[x] = np.int64(code >= 0) * (
+            np.int64((first >> shift) & 1)
+            + (np.int64((second >> shift) & 1) << _FIELD)
+            + (np.int64((third >> shift) & 1) << (2 * _FIELD))
+        )
 
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
