@@ -129,13 +129,12 @@ def fold_hulls(offsets, values, part_offsets, part_values, rows, first):  # type
         r = source[i]
         if r >= 0 and first[r]:
             a, b = part_offsets[r], part_offsets[r + 1]
-            for q in range(a, b):
-                out[at, 0], out[at, 1], out[at, 2] = part_values[q, 0], part_values[q, 1], part_values[q, 2]
-                at += 1
+            out[at : at + b - a] = part_values[a:b]
+            at += b - a
         elif r < 0:
-            for q in range(offsets[i], offsets[i + 1]):
-                out[at, 0], out[at, 1], out[at, 2] = values[q, 0], values[q, 1], values[q, 2]
-                at += 1
+            a, b = offsets[i], offsets[i + 1]
+            out[at : at + b - a] = values[a:b]
+            at += b - a
         else:  # merge the two sorted vertex lists, then re-hull each plane
             p, p_end = offsets[i], offsets[i + 1]
             q, q_end = part_offsets[r], part_offsets[r + 1]
@@ -153,7 +152,7 @@ def fold_hulls(offsets, values, part_offsets, part_values, rows, first):  # type
                 n += 1
             at = _plane_hulls(union, n, out, at, ys, xs, hy, hx, oy, ox)
         out_offsets[i + 1] = at
-    return out_offsets, out[:at].copy()
+    return out_offsets, out[:at]  # a view: re-hulled rows leave little room unused
 
 
 @nb.njit(nogil=True, cache=True, inline="always")

@@ -274,7 +274,7 @@ def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-un
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
     offsets, points = _run_hulls(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
-    parts.add(family, hull=Ragged(offsets, points))
+    parts.add(family, hull=Ragged(offsets, points.copy()))  # not the room left unused
 
 
 @nb.njit(nogil=True, cache=True)
@@ -335,7 +335,7 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: ign
                 points[m, 2] = ox[q] + offset[2]
                 m += 1
         where[i + 1] = m
-    return where, points[:m].copy()
+    return where, points[:m]
 
 
 def _weighted(
