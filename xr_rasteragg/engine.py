@@ -482,16 +482,17 @@ def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArr
 
 def _framed_label_block(
     labels: Any,
-    *pieces: Any,
+    *rings: NDArray[Any],
     skip: int | None,
     shape: tuple[int, int, int],
     family: Family,
     block_info: Any = None,
 ) -> NDArray[Any]:
-    """The label stage of one spatial block with the pixels around it, the eight pieces of its
-    :class:`~xr_rasteragg.frames.Frame` (a ``map_blocks`` task)."""
+    """The label stage of one spatial block with the pixels around it, its
+    :class:`~xr_rasteragg.frames.Frame`, cut from the rings of the blocks around it (a
+    ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    frame = Frame(pieces, shape, family)
+    frame = Frame.around(labels, offset, [ring.flat[0] for ring in rings], shape, family)  # type: ignore[arg-type]
     return _holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
 
 
@@ -596,7 +597,7 @@ def _merged_partials(
     one_each = tuple((1,) * n for n in labels.numblocks)
     if needs.halo and labels.size:
         # Kernel code that reads a label's neighbourhood gets the frame of pixels around each
-        # block: thin slices of the neighbouring blocks, put on the block grid.
+        # block, from the rings (the pixels near the edges) of the blocks around it.
         (family,) = [f for f in needs.more if f.halo]
         stage = da.map_blocks(
             _framed_label_block,

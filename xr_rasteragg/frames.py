@@ -3,26 +3,32 @@
 A family with a halo of ``d`` pixels (:attr:`~xr_rasteragg.families.Family.halo`, the
 perimeter's 2) needs, for each label block, the ``d`` rows above and below it, the ``d``
 columns left and right of it and the four ``d × d`` corners: its :class:`Frame`. The engine
-makes them with cheap graph steps on the label array (:func:`frame_arrays`: one-row and
-one-column slices, stacked and put on the block grid), and gives each block's label task its
-eight pieces, so that the label stage reads its block once and nothing but the thin frame of
-its neighbours travels. Rows and columns beyond the image stand in as copies of its edge and are
+gets them with one cheap task per block: its :class:`Ring`, the block's own pixels within ``d``
+of its edges (:func:`frame_arrays`). Each label task receives the rings of its neighbouring
+blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that)
+and cuts its frame from them (:meth:`Frame.around`), so that the label stage reads its block
+once and nothing but thin rings travels between blocks. Pixels beyond the image stay 0 and are
 marked invalid (:meth:`Frame.valid`); blocks of any size, one pixel included, work alike.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import dask.array as da
 import numpy as np
+from numpy.typing import NDArray
 
 from .families import Family
 
-__all__ = ["PIECES", "Frame", "frame_arrays"]
+__all__ = ["PIECES", "Frame", "Ring", "frame_arrays"]
 
-#: The frame's pieces, in the order of :func:`frame_arrays` and :class:`Frame`.
+#: A rectangle of the image: (first row, row after the last, first column, column after the last).
+Rect = tuple[int, int, int, int]
+
+#: The frame's pieces, in the order of :class:`Frame`.
 PIECES = ("top", "bottom", "left", "right", "top_left", "top_right", "bottom_left", "bottom_right")
 
 
@@ -45,6 +51,40 @@ class Frame:
     shape: tuple[int, int, int]
     family: Family
 
+    @classmethod
+    def around(
+        cls,
+        block: Any,
+        offset: tuple[int, int, int],
+        rings: Sequence[Ring],
+        shape: tuple[int, int, int],
+        family: Family,
+    ) -> Frame:
+        """The frame of the block at ``offset``, cut from the rings of the blocks around it (a
+        ring may come twice, or be the block's own, where the block lies at the image's edge)."""
+        d = family.halo
+        nz, h, w = block.shape
+        _, y0, x0 = offset
+        y1, x1 = y0 + h, x0 + w
+        rects: list[Rect] = [
+            (y0 - d, y0, x0, x1),
+            (y1, y1 + d, x0, x1),
+            (y0, y1, x0 - d, x0),
+            (y0, y1, x1, x1 + d),
+            (y0 - d, y0, x0 - d, x0),
+            (y0 - d, y0, x1, x1 + d),
+            (y1, y1 + d, x0 - d, x0),
+            (y1, y1 + d, x1, x1 + d),
+        ]
+        pieces = []
+        for rect in rects:
+            piece = np.zeros((nz, rect[1] - rect[0], rect[3] - rect[2]), block.dtype)
+            for ring in rings:
+                for part, values in zip(ring.rects, ring.values, strict=True):
+                    _paste(piece, rect, values, part)
+            pieces.append(piece)
+        return cls(tuple(pieces), shape, family)
+
     @property
     def halo(self) -> int:
         """How many pixels the frame reaches around the block."""
@@ -61,44 +101,75 @@ class Frame:
         return d - min(d, y0), d + h + min(d, ny - y0 - h), d - min(d, x0), d + w + min(d, nx - x0 - w)
 
 
-def frame_arrays(labels: da.Array, halo: int) -> list[da.Array]:
-    """The frame pieces of every block of ``labels`` ``(z, y, x)``, as dask arrays on its block grid.
+@dataclass(frozen=True)
+class Ring:
+    """A label block's pixels within ``halo`` of its edges: rectangles of the image and their
+    pixels (the whole block when it is at most ``2 halo`` pixels high or wide)."""
 
-    Block ``(k, j, i)`` of the ``n``-th array is that block's piece ``PIECES[n]``: the rows
-    ``y_j - halo .. y_j - 1`` above the block (and ``y_{j+1} ..`` below it), the columns likewise,
-    and their crossings. Indices beyond the image are clipped to its edge (the kernel ignores
-    them). Built from one-row and one-column slices, stacked and rechunked: a graph of small
-    tasks over the block edges, never the blocks themselves.
+    rects: tuple[Rect, ...]
+    values: tuple[NDArray[Any], ...]
+
+    @classmethod
+    def of(cls, block: NDArray[Any], offset: tuple[int, int, int], halo: int) -> Ring:
+        """The ring of the block at ``offset``; its pixels are copied (the ring outlives the block)."""
+        _, h, w = block.shape
+        _, y0, x0 = offset
+        if h <= 2 * halo or w <= 2 * halo:
+            return cls(((y0, y0 + h, x0, x0 + w),), (block.copy(),))
+        rects = (
+            (y0, y0 + halo, x0, x0 + w),
+            (y0 + h - halo, y0 + h, x0, x0 + w),
+            (y0 + halo, y0 + h - halo, x0, x0 + halo),
+            (y0 + halo, y0 + h - halo, x0 + w - halo, x0 + w),
+        )
+        return cls(rects, tuple(block[:, a - y0 : b - y0, c - x0 : e - x0].copy() for a, b, c, e in rects))
+
+
+def _paste(out: NDArray[Any], rect: Rect, values: NDArray[Any], source: Rect) -> None:
+    """Copy the pixels of ``values`` (covering ``source``) that fall in ``rect`` into ``out``
+    (covering ``rect``)."""
+    a, b = max(rect[0], source[0]), min(rect[1], source[1])
+    c, e = max(rect[2], source[2]), min(rect[3], source[3])
+    if a < b and c < e:
+        out[:, a - rect[0] : b - rect[0], c - rect[2] : e - rect[2]] = values[
+            :, a - source[0] : b - source[0], c - source[2] : e - source[2]
+        ]
+
+
+def _ring_block(block: NDArray[Any], halo: int, block_info: Any = None) -> NDArray[Any]:
+    """The :class:`Ring` of one label block (a ``map_blocks`` task), in a ``(1, 1, 1)`` object array."""
+    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
+    out = np.empty((1, 1, 1), dtype=object)
+    out[0, 0, 0] = Ring.of(block, offset, halo)  # type: ignore[arg-type]
+    return out
+
+
+def frame_arrays(labels: da.Array, halo: int) -> list[da.Array]:
+    """Object arrays on the block grid of ``labels`` ``(z, y, x)`` whose blocks ``(k, j, i)`` hold
+    the :class:`Ring` of each block around block ``(k, j, i)``, as far as ``halo`` pixels reach.
+
+    One task per block makes its ring; the arrays shifted by ``(dy, dx)`` blocks are stacks of
+    one-block slices of the rings (clipped at the grid's edges, where the frame lies beyond the
+    image anyway). Blocks at least ``halo`` pixels high (wide) need their neighbours one block
+    away; thinner blocks, up to ``halo`` blocks away.
     """
-    ny, nx = labels.shape[1:]
-    if ny == 0 or nx == 0:
-        raise ValueError(f"'labels' without pixels have no frames; got shape {labels.shape}")
-    above = _strips(labels, 1, halo, before=True)
-    below = _strips(labels, 1, halo, before=False)
+    one_each = tuple((1,) * n for n in labels.numblocks)
+    meta = np.empty((0, 0, 0), dtype=object)
+    rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
+    reach_y = 1 if min(labels.chunks[1]) >= halo else halo
+    reach_x = 1 if min(labels.chunks[2]) >= halo else halo
     return [
-        above,
-        below,
-        _strips(labels, 2, halo, before=True),
-        _strips(labels, 2, halo, before=False),
-        _strips(above, 2, halo, before=True),  # the strips keep the blocks' columns
-        _strips(above, 2, halo, before=False),
-        _strips(below, 2, halo, before=True),
-        _strips(below, 2, halo, before=False),
+        _shifted(rings, dy, dx)
+        for dy in range(-reach_y, reach_y + 1)
+        for dx in range(-reach_x, reach_x + 1)
+        if (dy, dx) != (0, 0)
     ]
 
 
-def _strips(array: da.Array, axis: int, halo: int, before: bool) -> da.Array:
-    """``halo`` slices along ``axis`` before (or after) each chunk boundary, clipped to the array,
-    stacked in chunk order and chunked ``halo`` per chunk (the other axes keep their chunks)."""
-    sizes = array.chunks[axis]
-    length = array.shape[axis]
-    starts = np.cumsum((0, *sizes))
-    slices = []
-    for j in range(len(sizes)):
-        first = starts[j] - halo if before else starts[j + 1]
-        for index in range(first, first + halo):
-            at = int(min(max(index, 0), length - 1))
-            where: list[slice] = [slice(None)] * array.ndim
-            where[axis] = slice(at, at + 1)
-            slices.append(array[tuple(where)])
-    return da.concatenate(slices, axis=axis).rechunk({axis: (halo,) * len(sizes)})
+def _shifted(rings: da.Array, dy: int, dx: int) -> da.Array:
+    """``rings`` (one element per block) with block ``(k, j, i)`` taken from block
+    ``(k, j + dy, i + dx)``, clipped to the grid: single blocks, put together again."""
+    _, ny, nx = rings.numblocks
+    rows = [min(max(j + dy, 0), ny - 1) for j in range(ny)]
+    columns = [min(max(i + dx, 0), nx - 1) for i in range(nx)]
+    return da.block([[[rings[:, j : j + 1, i : i + 1] for i in columns] for j in rows]])
