@@ -172,4 +172,6 @@ def _shifted(rings: da.Array, dy: int, dx: int) -> da.Array:
     _, ny, nx = rings.numblocks
     rows = [min(max(j + dy, 0), ny - 1) for j in range(ny)]
     columns = [min(max(i + dx, 0), nx - 1) for i in range(nx)]
-    return da.block([[[rings[:, j : j + 1, i : i + 1] for i in columns] for j in rows]])
+    return da.concatenate(
+        [da.concatenate([rings[:, j : j + 1, i : i + 1] for i in columns], axis=2) for j in rows], axis=1
+    )
