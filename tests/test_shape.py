@@ -304,3 +304,12 @@ def test_centroid_weighted_every_sweep(dtype: Any, with_moments: bool) -> None:
     keep = expected["label"] != 0
     expected_values = np.swapaxes(expected["centroid_weighted"], 1, 2)[keep]
     np.testing.assert_allclose(result["centroid_weighted"], expected_values, rtol=RTOL, atol=1e-8)
+
+
+def test_2d_labels_on_other_axes() -> None:
+    """2-D labels with dims (z, x): their planes are rows of the engine's (z, y, x) blocks, so
+    solidity is counted from the merged hull, not per block."""
+    labels = irregular((30, 24), 6, 11)
+    props = tuple(name for name in SHAPE_2D if name != "perimeter")
+    result = xr.DataArray(da.from_array(labels, chunks=(7, 9)), dims=("z", "x")).rasteragg.aggregate(props)
+    check(result.compute(), reference(labels, props), props)

@@ -463,26 +463,31 @@ class Border(Family):
 @dataclass(frozen=True)
 class Hull(Family):
     """Per label: the vertices of the convex hull of its pixel centres in each z plane, as global
-    (z, y, x) indices sorted in that order, in a :class:`~xr_rasteragg.ragged.Ragged` field.
+    (z, y, x) indices sorted in that order, in a :class:`~xr_rasteragg.ragged.Ragged` field
+    ``hull``; and ``convex`` (int64), the pixels of the convex hull image of a label whose
+    vertices lie in one plane and come from one part (-1 where that is not known yet).
 
     The hull of a union is the hull of the parts' hulls, so a merge re-hulls the two vertex
-    lists plane by plane (:func:`~xr_rasteragg.hulls.fold_hulls`, compiled); the 3-D hull of a
-    label is the hull of its planes' vertices.
+    lists plane by plane (:func:`~xr_rasteragg.hulls.fold_hulls`, compiled), and leaves the
+    pixel count of the labels it merges unknown; the 3-D hull of a label is the hull of its
+    planes' vertices. Most labels lie in one block: their pixel count is made there, in
+    parallel, and finalization counts only the others.
     """
 
     name: ClassVar[str] = "hull"
     channel: ClassVar[bool] = False
-    all_fields: ClassVar[tuple[str, ...]] = ("hull",)
+    all_fields: ClassVar[tuple[str, ...]] = ("hull", "convex")
 
     def fields(self) -> tuple[Field, ...]:
-        return (Field("hull", _fixed(object), None),)
+        return (Field("hull", _fixed(object), None), Field("convex", _fixed(np.int64), None))
 
     def empty(self, k: int, nchan: int, image_dtype: np.dtype | None) -> dict[str, Any]:
-        return {"hull": Ragged.empty(k)}
+        return {"hull": Ragged.empty(k), "convex": np.full(k, -1, np.int64)}
 
     def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
         out, add = cast(Ragged, merged["hull"]), cast(Ragged, part["hull"])
         out.offsets, out.values = fold_hulls(out.offsets, out.values, add.offsets, add.values, rows, first)
+        merged["convex"][rows] = np.where(first, part["convex"], -1)
 
 
 @dataclass(frozen=True)

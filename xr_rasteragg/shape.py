@@ -196,9 +196,14 @@ class ShapeQuantities:
         axes = list(self.space.axes)
         if self.space.ndim == 2:
             # The axis the labels lack has one index: the vertices, sorted by (z, y, x), are
-            # sorted on the labels' two axes too.
-            points = np.ascontiguousarray(hull.values[:, axes])
-            convex = convex_pixels_2d(hull.offsets, points).astype(np.float64)
+            # sorted on the labels' two axes too. Labels in (y, x) planes counted in their block
+            # keep that count.
+            assert self.p.convex is not None
+            counts = self.p.convex.copy() if self.space.axes == (1, 2) else np.full(len(hull), -1, np.int64)
+            unknown = np.flatnonzero(counts < 0)
+            rest = hull[unknown]
+            counts[unknown] = convex_pixels_2d(rest.offsets, np.ascontiguousarray(rest.values[:, axes]))
+            convex = counts.astype(np.float64)
         else:
             low = self.bbox[:, : self.space.ndim]
             high = self.bbox[:, self.space.ndim :]

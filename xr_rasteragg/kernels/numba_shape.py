@@ -11,7 +11,8 @@ Each update fills one family's fields into a block's partials from the runs of i
   pixels of the same label), from the label block and its frame of two pixels
   (:class:`~xr_rasteragg.frames.Frame`), counted in the label stage (:func:`border_counts`);
 - :class:`~xr_rasteragg.families.Hull`: per label and z plane, the convex hull of its row
-  extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`);
+  extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`), and in a block
+  of one plane the pixels of each label's convex hull image;
 - :class:`~xr_rasteragg.families.Weighted`: per run and channel, ``Σ I`` and ``Σ I x``.
 """
 
@@ -26,7 +27,7 @@ from numpy.typing import NDArray
 
 from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
 from ..frames import Frame
-from ..hulls import sorted_hull
+from ..hulls import convex_pixels_2d, sorted_hull
 from ..partials import Partials
 from ..ragged import Ragged
 
@@ -274,7 +275,12 @@ def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-un
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
     offsets, points = _run_hulls(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
-    parts.add(family, hull=Ragged(offsets, points.copy()))  # not the room left unused
+    points = points.copy()  # not the room left unused
+    if runs.parts.size and int(runs.runs.z.max()) == int(runs.runs.z.min()):  # one plane
+        convex = convex_pixels_2d(offsets, np.ascontiguousarray(points[:, 1:]))
+    else:
+        convex = np.full(runs.parts.size, -1, np.int64)
+    parts.add(family, hull=Ragged(offsets, points), convex=convex)
 
 
 @nb.njit(nogil=True, cache=True)
