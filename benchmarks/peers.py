@@ -1,8 +1,9 @@
 """The methods under test: ours (class and accessor), the read limit and each peer.
 
 Each method takes the in-memory reference dataset (``labels`` ``(y, x)``, ``image`` ``(c, y, x)``)
-and a piece of work — ``"mean"`` or ``"all"`` (the nine statistics of DESIGN §6) — and returns a
-call that does that work up to a finished result table, the way a user of that library would
+and a piece of work — ``"mean"``, ``"all"`` (the nine statistics of DESIGN §6), a median work or
+``"shape"`` (the nine and every shape feature, where a method has them) — and returns a call that
+does that work up to a finished result table, the way a user of that library would
 write it. Methods that take dask arrays get them built beforehand, untimed (as a user's arrays
 would come from zarr; ``name=False`` so that dask does not hash the data): the call times the
 work, not dask's tokenizing of in-memory arrays. Peers that cannot compute some statistics are
@@ -22,12 +23,31 @@ import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ALL_STATS", "MEDIAN_WORKS", "METHODS", "Data", "Method", "Work"]
+__all__ = ["ALL_STATS", "MEDIAN_WORKS", "METHODS", "SHAPE", "Data", "Method", "Work"]
 
-Work = Literal["mean", "all", "median", "median-all"]
+Work = Literal["mean", "all", "median", "median-all", "shape"]
 ALL_STATS = ("sum", "mean", "count", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
 #: Whole-label work: the median of every channel, and the median with the nine statistics in one call.
 MEDIAN_WORKS: tuple[Work, ...] = ("median", "median-all")
+#: Every shape feature of 2-D labels, named as in ``skimage.measure.regionprops``.
+SHAPE = (
+    "area",
+    "bbox",
+    "centroid",
+    "axis_major_length",
+    "axis_minor_length",
+    "eccentricity",
+    "orientation",
+    "inertia_tensor",
+    "inertia_tensor_eigvals",
+    "extent",
+    "equivalent_diameter_area",
+    "perimeter",
+    "solidity",
+    "centroid_weighted",
+)
+#: The shape features of the labels alone (all but the intensity-weighted centroid).
+LABEL_SHAPE = tuple(name for name in SHAPE if name != "centroid_weighted")
 
 
 @dataclass(frozen=True)
@@ -163,8 +183,24 @@ def _ours_accessor(data: Data, work: Work) -> Callable[[], Any]:
                 return image.rasteragg.mean(labels).compute()
             if work == "median":
                 return image.rasteragg.median(labels).compute()
-            stats = (*ALL_STATS, "median") if work == "median-all" else ALL_STATS
+            stats = {"median-all": (*ALL_STATS, "median"), "shape": ALL_STATS + SHAPE}.get(work, ALL_STATS)
             return image.rasteragg.aggregate(labels, stats).compute()
+
+    return run
+
+
+def _ours_labels_shape(data: Data, work: Work) -> Callable[[], Any]:
+    """Ours: the shape features of the labels alone (``labels.rasteragg.aggregate``)."""
+    import xarray as xr
+
+    import xr_rasteragg  # noqa: F401  (registers the accessor)
+
+    s = data.spatial_chunk
+    labels = xr.DataArray(da.from_array(data.labels, chunks=(s, s), name=False), dims=("y", "x"))
+
+    def run() -> Any:
+        with dask.config.set(scheduler="threads"):
+            return labels.rasteragg.aggregate(LABEL_SHAPE).compute()
 
     return run
 
@@ -260,6 +296,8 @@ def _skimage(data: Data, work: Work) -> Callable[[], Any]:
             "intensity_max",
         )
     )
+    if work == "shape":  # the same properties as ours: the statistics above and every shape feature
+        properties = tuple(dict.fromkeys(properties + SHAPE))
     return lambda: regionprops_table(
         data.labels, intensity_image=np.moveaxis(data.image, 0, -1), properties=properties
     )
@@ -373,7 +411,18 @@ METHODS: dict[str, Method] = {
             _ours_script,
         ),
         Method(
-            "accessor", "xr_rasteragg .rasteragg accessor", (), _with_median(_all(*ALL_STATS)), _ours_accessor
+            "accessor",
+            "xr_rasteragg .rasteragg accessor",
+            (),
+            {**_with_median(_all(*ALL_STATS)), "shape": ALL_STATS + SHAPE},
+            _ours_accessor,
+        ),
+        Method(
+            "labels-shape",
+            "xr_rasteragg labels.rasteragg.aggregate (shape features of the labels alone)",
+            (),
+            {"shape": LABEL_SHAPE},
+            _ours_labels_shape,
         ),
         Method("bincount", "NumPy bincount (+ ufunc.at for min/max)", (), _all(*ALL_STATS), _bincount),
         Method(
@@ -387,7 +436,11 @@ METHODS: dict[str, Method] = {
             "skimage",
             "scikit-image regionprops_table",
             ("skimage",),
-            {**_all("mean", "count", "var", "min", "max", "center_of_mass"), "median": ("median",)},
+            {
+                **_all("mean", "count", "var", "min", "max", "center_of_mass"),
+                "median": ("median",),
+                "shape": ("mean", "count", "var", "min", "max", "center_of_mass", *SHAPE),
+            },
             _skimage,
         ),
         Method(

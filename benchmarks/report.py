@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["merge", "tables", "write_docs"]
+__all__ = ["merge", "shape_table", "tables", "write_docs"]
 
 WORKS = ("mean", "all")
 #: Whole-label work (see :data:`benchmarks.peers.MEDIAN_WORKS`), in a table of its own.
@@ -93,6 +93,40 @@ def median_table(section: dict[str, Any]) -> str:
                 )
                 row += [_fmt(record["ratio_read"]), _fmt(versus), _fmt(record["peak_mib"])]
         rows.append(row)
+    return _table(header, rows)
+
+
+#: The rows of :func:`shape_table`: (method, work, what it computes).
+SHAPE_ROWS = (
+    ("accessor", "all", "ours: the nine statistics"),
+    ("accessor", "shape", "ours: the nine statistics and every shape feature, in one call"),
+    ("labels-shape", "shape", "ours: the shape features of the labels alone"),
+    ("skimage", "shape", "scikit-image regionprops_table, the same properties"),
+)
+
+
+def shape_table(section: dict[str, Any]) -> str:
+    """The shape features: ours with the nine statistics against the nine alone (DESIGN's target:
+    at most 1.3×), the labels alone, and regionprops_table with the same properties."""
+    found = _by_method(section)
+    nine, both = found.get(("accessor", "all")), found.get(("accessor", "shape"))
+    rows = []
+    for name, work, title in SHAPE_ROWS:
+        record = found.get((name, work))
+        if name in section["skipped"]:
+            rows.append([title, f"skipped ({section['skipped'][name]})", "", "", ""])
+            continue
+        if record is None or record["status"] != "ok":
+            rows.append([title, record["message"] if record else "not run", "", "", ""])
+            continue
+        ratios = [
+            record["seconds"] / other["seconds"] if other and other["status"] == "ok" else math.nan
+            for other in (nine, both)
+        ]
+        rows.append(
+            [title, f"{record['seconds'] * 1e3:,.0f}", _fmt(record["ratio_read"]), *map(_fmt, ratios)]
+        )
+    header = ["method", "ms", "× read", "× ours nine", "× ours nine + shape"]
     return _table(header, rows)
 
 
@@ -223,6 +257,8 @@ def tables(results: dict[str, Any]) -> str:
             reference_table(section),
             "\nWhole-label statistics (exact per-label median, reference dataset):\n",
             median_table(section),
+            "\nShape features (reference dataset):\n",
+            shape_table(section),
         ]
     if "chunks" in results:
         parts += ["\nChunk sizes (ours, reference dataset):\n", chunks_table(results["chunks"])]
@@ -518,7 +554,10 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
             f"{reference['channel_chunk']} channel; {reference_summary(reference)}.\n\n"
             + reference_table(reference)
             + "\n\nWhole-label statistics: the exact per-label median of the 8 channels, alone and "
-            "with the nine statistics in one call.\n\n" + median_table(reference)
+            "with the nine statistics in one call.\n\n"
+            + median_table(reference)
+            + "\n\nShape features (regionprops names, DESIGN §6: all of them with the nine statistics at "
+            "most 1.3× the nine alone):\n\n" + shape_table(reference)
             if reference
             else "Not run."
         ),

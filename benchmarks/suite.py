@@ -11,8 +11,10 @@ Sections (``--only`` picks some):
 
 ``reference``
     DESIGN §6's dataset (4096² px, 8 channels uint16, ~18.8k cells, chunks 2048² x 1 channel) in
-    memory; "mean", all nine statistics, and (for the methods that compute it) the median of the
-    8 channels, alone and with the nine in one call, by each method of :mod:`benchmarks.peers`
+    memory; "mean", all nine statistics, (for the methods that compute it) the median of the
+    8 channels, alone and with the nine in one call, and the nine with every shape feature (ours
+    through the accessor, scikit-image's regionprops_table with the same properties) and the
+    shape features of the labels alone (ours), by each method of :mod:`benchmarks.peers`
     (``--methods`` picks some), as ratios to the read limit (NumPy summing image and mask once,
     measured in the same process right before) and to ours, with peak memory. Ours runs three ways through the
     class: without an index, with ``index=np.unique(mask)``, and as harpy's four-call script

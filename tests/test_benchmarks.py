@@ -206,6 +206,36 @@ def test_median_table_only_methods_that_compute_it() -> None:
     assert "median peer" not in main_rows  # not in the table of mean and the nine
 
 
+def test_shape_table_compares_with_the_nine_alone() -> None:
+    results = _results()
+    section = results["reference"]
+    section["methods"]["accessor"] = {"title": "accessor", "computes": {"all": ["sum"], "shape": ["area"]}}
+    section["methods"]["labels-shape"] = {"title": "labels-only title", "computes": {"shape": ["area"]}}
+    section["results"] += [
+        {
+            "job": {"method": "accessor", "work": work},
+            "status": "ok",
+            "seconds": s,
+            "ratio_read": r,
+            "read_seconds": 0.05,
+            "peak_mib": 1.0,
+        }
+        for work, s, r in (("all", 0.2, 4.0), ("shape", 0.26, 5.2))
+    ] + [{"job": {"method": "skimage", "work": "shape"}, "status": "timeout", "message": "did not finish"}]
+    text = tables(results)
+    rows = {
+        line.split(" | ")[0]: line
+        for line in text.splitlines()
+        if line.startswith("| ours:") or "regionprops" in line
+    }
+    assert (
+        "| 260 | 5.2 | 1.3 | 1 |" in rows["| ours: the nine statistics and every shape feature, in one call"]
+    )
+    assert "not run" in rows["| ours: the shape features of the labels alone"]
+    assert "did not finish" in rows["| scikit-image regionprops_table, the same properties"]
+    assert "| labels-only title |" not in text  # a method of shape features alone: no row in the main table
+
+
 def test_failures_counts_our_jobs_only() -> None:
     results = _results()
     assert failures(results) == []
