@@ -313,3 +313,19 @@ def test_2d_labels_on_other_axes() -> None:
     props = tuple(name for name in SHAPE_2D if name != "perimeter")
     result = xr.DataArray(da.from_array(labels, chunks=(7, 9)), dims=("z", "x")).rasteragg.aggregate(props)
     check(result.compute(), reference(labels, props), props)
+
+
+def test_descending_coordinates_give_regionprops_of_the_flipped_labels() -> None:
+    """Coordinates that decrease along an axis: the features that depend on its direction are
+    those of regionprops on the labels laid out with increasing coordinates."""
+    labels = irregular((30, 40), 5, 12)
+    xlabels = xr.DataArray(
+        labels, dims=("y", "x"), coords={"y": 20 - np.arange(30) * 0.5, "x": np.arange(40) * 0.25}
+    )
+    props = ("orientation", "inertia_tensor", "eccentricity", "axis_major_length", "solidity")
+    result = xlabels.rasteragg.aggregate((*props, "centroid"), background=None)
+    check(result, reference(labels[::-1], props, spacing=(0.5, 0.25)), props)
+    unflipped = reference(labels, ("orientation",), spacing=(0.5, 0.25))["orientation"]
+    assert np.any(np.abs(result["orientation"].values - unflipped) > 0.1)  # the direction matters
+    rows = [20 - 0.5 * np.argwhere(labels == i)[:, 0].mean() for i in result["label"].values]
+    np.testing.assert_allclose(result["centroid"][:, 0], rows)  # positions: in the coordinates

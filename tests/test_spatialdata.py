@@ -432,3 +432,34 @@ def test_median_through_the_adapter_with_dask_elements() -> None:
     expected = [[np.median(plane[labels == i].astype(np.float64)) for plane in image] for i in ids]
     np.testing.assert_array_equal(np.asarray(table.layers["median"]), expected)
     np.testing.assert_allclose(np.asarray(table.X), reference(image, labels, "mean")[1], rtol=1e-12)
+
+
+def test_negative_scale_gives_regionprops_of_the_flipped_labels() -> None:
+    """SpatialData elements whose transformation flips x, through the accessor: shape features in
+    the coordinate system's units, the direction-dependent ones those of regionprops on the labels
+    as the coordinate system shows them (x reversed)."""
+    from skimage.measure import regionprops_table
+
+    labels = blob_labels((20, 27))
+    sdata = sdata_2d(labels, image_of(labels.shape))
+    flipped = Affine(
+        np.array([[-1.0, 0, 50], [0, 2.0, 3], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y")
+    )
+    for name in ("img", "cells"):
+        spatialdata.transformations.set_transformation(sdata[name], flipped, to_coordinate_system="slide")
+    props = ("orientation", "inertia_tensor", "eccentricity", "area")
+    result = sdata["img"].rasteragg.aggregate(sdata["cells"], ["mean", *props], coordinate_system="slide")
+    expected = regionprops_table(labels[:, ::-1], properties=("label", *props), spacing=(2.0, 1.0))
+    keep = np.isin(expected["label"], result["label"].values)
+    np.testing.assert_allclose(result["orientation"], expected["orientation"][keep], rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(result["area"], expected["area"][keep], rtol=1e-9)
+    np.testing.assert_allclose(
+        result["inertia_tensor"][:, 0, 1], expected["inertia_tensor-0-1"][keep], atol=1e-9
+    )
+    rotated = Affine(
+        np.array([[0.0, 1, 0], [1.0, 0, 0], [0, 0, 1]]), input_axes=("x", "y"), output_axes=("x", "y")
+    )
+    for name in ("img", "cells"):
+        spatialdata.transformations.set_transformation(sdata[name], rotated, to_coordinate_system="swapped")
+    with pytest.raises(ValueError, match="rotation, shear or swap of axes"):
+        sdata["img"].rasteragg.aggregate(sdata["cells"], ["orientation"], coordinate_system="swapped")

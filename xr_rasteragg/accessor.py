@@ -649,10 +649,8 @@ def _engine_inputs(aligned: Aligned, names: Sequence[str]) -> tuple[Any, Any, Sp
     image_data = None if image is None else _canonical(image, IMAGE_DIMS)
     axes = [d for d in SPATIAL if d in labels.dims]
     shape = any(name in SHAPE_FEATURES for name in names)
-    space = Space(
-        tuple(SPATIAL.index(d) for d in axes),
-        _spacing(labels, axes, aligned.affine) if shape else (1.0,) * len(axes),
-    )
+    spacing, flipped = _spacing(labels, axes, aligned.affine) if shape else ((1.0,) * len(axes), ())
+    space = Space(tuple(SPATIAL.index(d) for d in axes), spacing, flipped)
     return _canonical(labels, SPATIAL), image_data, space
 
 
@@ -711,30 +709,32 @@ _OUTPUT_DIMS = {"space": "axis", "space_j": "axis_j"}
 
 def _spacing(
     labels: xr.DataArray, axes: Sequence[str], affine: NDArray[np.float64] | None
-) -> tuple[float, ...]:
-    """The pixel spacing of the labels on ``axes``: from a SpatialData scale, or from the step of
-    their coordinates (1 on dims without coordinates).
+) -> tuple[tuple[float, ...], tuple[bool, ...]]:
+    """The pixel spacing of the labels on ``axes``, and along which of them the coordinates
+    decrease: from a SpatialData scale (its sign), or from the step of their coordinates (1, and
+    not flipped, on dims without coordinates).
 
     Raises
     ------
     ValueError
-        If the coordinates are not evenly spaced, or the transformation rotates or shears the
-        pixel grid: shape features then have no unit.
+        If the coordinates are not evenly spaced, or the transformation rotates, shears or swaps
+        the axes of the pixel grid: shape features then have no unit or no direction.
     """
     if affine is not None:
         n = affine.shape[0] - 1
         linear = affine[:n, :n]  # columns: (x, y[, z])
-        gram = linear.T @ linear
-        if not np.allclose(gram, np.diag(np.diag(gram)), rtol=0, atol=1e-12 * np.abs(gram).max()):
+        if np.any(np.abs(linear[~np.eye(n, dtype=bool)]) > 1e-12 * np.abs(linear).max()):
             raise ValueError(
                 "shape features need labels whose transformation scales and translates the pixel grid; "
-                f"got a rotation or shear (linear part {linear.tolist()})"
+                f"got a rotation, shear or swap of axes (linear part {linear.tolist()})"
             )
-        return tuple(float(v) for v in np.sqrt(np.diag(gram))[::-1][-len(axes) :])
-    spacing = []
+        scale = np.diag(linear)[::-1][-len(axes) :]  # in the order of ``axes``
+        return tuple(float(abs(v)) for v in scale), tuple(bool(v < 0) for v in scale)
+    spacing, flipped = [], []
     for dim in axes:
         if dim not in labels.coords or labels.sizes[dim] < 2:
             spacing.append(1.0)
+            flipped.append(False)
             continue
         values = np.asarray(labels[dim].values, dtype=np.float64)
         steps = np.diff(values)
@@ -744,7 +744,8 @@ def _spacing(
                 f"from {steps.min():g} to {steps.max():g}"
             )
         spacing.append(abs(float(steps[0])))
-    return tuple(spacing)
+        flipped.append(bool(steps[0] < 0))
+    return tuple(spacing), tuple(flipped)
 
 
 def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:

@@ -40,10 +40,17 @@ class Space:
         Which of the engine's (z, y, x) axes the labels have (0 = z, 1 = y, 2 = x), in order.
     spacing
         The pixel spacing along each of ``axes`` (as regionprops' ``spacing=``).
+    flipped
+        Along which of ``axes`` the coordinates decrease as the pixel index grows (a negative
+        scale, or descending coordinates); empty for none. The features that depend on the
+        direction of the axes (the signs of the inertia tensor's off-diagonal terms, the
+        orientation, the principal axes) are then those of regionprops on the labels laid out
+        with their coordinates increasing, as a plot in those coordinates shows them.
     """
 
     axes: tuple[int, ...] = (0, 1, 2)
     spacing: tuple[float, ...] = (1.0, 1.0, 1.0)
+    flipped: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.axes or list(self.axes) != sorted(set(self.axes)) or not set(self.axes) <= {0, 1, 2}:
@@ -54,6 +61,10 @@ class Space:
             )
         if not all(np.isfinite(s) and s > 0 for s in self.spacing):
             raise ValueError(f"'spacing' must hold positive, finite values; got {self.spacing}")
+        if self.flipped and len(self.flipped) != len(self.axes):
+            raise ValueError(
+                f"'flipped' must hold one flag per axis {self.axes} (or none); got {len(self.flipped)} flags"
+            )
 
     @property
     def ndim(self) -> int:
@@ -110,13 +121,15 @@ class ShapeQuantities:
     @cached_property
     def central(self) -> NDArray[np.float64]:
         """Central second moments ``Σ (p - mean)_a (p - mean)_b`` on the labels' axes, in units of
-        the spacing, shape ``(k, ndim, ndim)`` (regionprops' ``moments_central`` of order 2)."""
+        the spacing, shape ``(k, ndim, ndim)`` (regionprops' ``moments_central`` of order 2); the
+        terms that mix a flipped axis with another change sign (see :class:`Space`)."""
         _, moved, products = self._recentred
         full = np.empty((moved.shape[0], 3, 3))
         for q, (a, b) in enumerate(PRODUCT_AXES):
             full[:, a, b] = full[:, b, a] = products[:, q] - moved[:, a] * moved[:, b] / self.n
         axes = list(self.space.axes)
-        return full[:, axes][:, :, axes] * self.scale[:, None] * self.scale[None, :]
+        signed = self.scale * np.where(np.asarray(self.space.flipped or [False] * len(axes)), -1.0, 1.0)
+        return full[:, axes][:, :, axes] * signed[:, None] * signed[None, :]
 
     @cached_property
     def inertia_tensor(self) -> NDArray[np.float64]:
