@@ -329,3 +329,30 @@ def test_descending_coordinates_give_regionprops_of_the_flipped_labels() -> None
     assert np.any(np.abs(result["orientation"].values - unflipped) > 0.1)  # the direction matters
     rows = [20 - 0.5 * np.argwhere(labels == i)[:, 0].mean() for i in result["label"].values]
     np.testing.assert_allclose(result["centroid"][:, 0], rows)  # positions: in the coordinates
+
+
+@pytest.mark.parametrize("chunks", [(40, 50), (7, 9), (1, 50)], ids=str)
+def test_moment_features_with_every_kernel(engine_kernel: Any, chunks: Any) -> None:
+    """The moment-based features (the Geometry family) from each block kernel, the array-API
+    reference included, equal regionprops; blocks of background only included."""
+    labels = irregular((40, 50), 7, 13)
+    labels[:8] = 0
+    props = ("area", "bbox", "centroid", "inertia_tensor", "eccentricity", "orientation", "extent")
+    result = xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x")).rasteragg.aggregate(props)
+    check(result.compute(), reference(labels, props), props)
+
+
+@pytest.mark.parametrize("offset", [(0, 0, 0), (3, 40, 500)])
+def test_geometry_of_the_compiled_kernel_equals_the_array_kernel(offset: tuple[int, int, int]) -> None:
+    from xr_rasteragg.families import Geometry
+    from xr_rasteragg.kernels import numba as compiled
+    from xr_rasteragg.kernels import xp
+    from xr_rasteragg.partials import Needs
+
+    labels = np.stack([irregular((23, 31), 6, seed) for seed in (14, 15, 16)])
+    needs = Needs(more=(Geometry(),))
+    got = compiled.block_partials(labels, None, offset, needs, 0)
+    expected = xp.block_partials(labels, None, offset, needs, 0)
+    np.testing.assert_array_equal(got.labels, expected.labels)
+    for name in Geometry().names():
+        np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..families import Extrema, Moments, Valid
+from ..families import PRODUCT_AXES, Extrema, Geometry, Moments, Valid
 from ..partials import Needs, Partials, shift_dtype
 
 __all__ = ["ArrayReductions", "block_partials", "namespace", "partials_with", "to_numpy"]
@@ -138,10 +138,12 @@ def partials_with(
     Raises
     ------
     TypeError
-        If ``needs`` holds families beyond counts, moments and extrema (``needs.more``).
+        If ``needs`` holds families beyond counts, moments, extrema and the label geometry
+        (:class:`~xr_rasteragg.families.Geometry`, the moment-based shape features).
     """
-    if needs.more:
-        raise TypeError(f"the array kernel has no update for the families {[f.name for f in needs.more]}")
+    unknown = [f.name for f in needs.more if not isinstance(f, Geometry)]
+    if unknown:
+        raise TypeError(f"the array kernel has no update for the families {unknown}")
     xp = reductions.xp
     _, ny, nx = labels.shape
     flat = labels.reshape(-1)
@@ -167,6 +169,12 @@ def partials_with(
     index_sums = [per_label(axis.astype(xp.float64)) for axis in (z, rest // nx, rest % nx)]
     coords = xp.stack(index_sums, axis=1) + xp.asarray(offset, dtype=xp.float64) * count[:, None]
     parts = Partials(labels=to_numpy(uniq), count=to_numpy(count), coords=to_numpy(coords))
+    for family in needs.more:  # Geometry, the only one (checked above)
+        pixel = [z, rest // nx, rest % nx]
+        parts.add(
+            family,
+            **_geometry(reductions, [a + o for a, o in zip(pixel, offset, strict=True)], first, inverse, k),
+        )
     if image is None or (needs.order == 0 and not needs.extrema):
         return parts
 
@@ -219,6 +227,30 @@ def partials_with(
     if needs.order >= 1:
         parts.add(sums, **{name: table(name) for name in sums.names()})
     return parts
+
+
+def _geometry(
+    reductions: ArrayReductions, pixel: Sequence[Any], first: Any, inverse: Any, k: int
+) -> dict[str, np.ndarray]:
+    """The fields of :class:`~xr_rasteragg.families.Geometry` from each pixel's global (z, y, x)
+    index: each label's first pixel as its origin, the sums of the offsets ``d`` from it and of
+    their products (int64 per pixel, summed in float64: exact below 2**53), and the bounding box
+    from per-label extrema."""
+    xp = reductions.xp
+    origin = xp.stack([axis[first] for axis in pixel], axis=1)
+    offsets = [axis - origin[inverse, a] for a, axis in enumerate(pixel)]
+    sums = [reductions.sum(d.astype(xp.float64), inverse, k) for d in offsets]
+    products = [
+        reductions.sum((offsets[a] * offsets[b]).astype(xp.float64), inverse, k) for a, b in PRODUCT_AXES
+    ]
+    bounds = [reductions.extrema(axis, inverse, k, None) for axis in pixel]
+    return {
+        "origin": to_numpy(origin),
+        "offsets": to_numpy(xp.stack(sums, axis=1)),
+        "products": to_numpy(xp.stack(products, axis=1)),
+        "low": to_numpy(xp.stack([lo for lo, _ in bounds], axis=1)),
+        "high": to_numpy(xp.stack([hi + 1 for _, hi in bounds], axis=1)),
+    }
 
 
 def _shifts(xp: ModuleType, channel: Any, first: Any, inverse: Any, k: int) -> Any:
@@ -293,9 +325,9 @@ def _empty(dtype: np.dtype, image: Sequence[Any] | None, needs: Needs) -> Partia
     parts = Partials(
         labels=np.empty(0, dtype), count=np.empty(0, np.int64), coords=np.empty((0, 3), np.float64)
     )
-    if image is None or (needs.order == 0 and not needs.extrema):
-        return parts
-    nchan = sum(int(chunk.shape[0]) for chunk in image)
+    channels = image is not None and (needs.order >= 1 or needs.extrema)
+    nchan = sum(int(chunk.shape[0]) for chunk in image) if image is not None else 0
     for family in needs.families[1:]:
-        parts.add(family, **family.empty(0, nchan, image[0].dtype))
+        if channels or not family.channel:
+            parts.add(family, **family.empty(0, nchan, image[0].dtype if image is not None else None))
     return parts
