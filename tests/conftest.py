@@ -242,9 +242,13 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
         def __init__(self, kernel: Any) -> None:
             self.kernel = kernel
 
-        def encode(self, labels: Any, offset: tuple[int, int, int], *args: Any) -> Any:
+        def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> Any:
             calls.append(offset)
-            return self.kernel.encode(labels, offset, *args)
+            return self.kernel.encode(labels, offset, skip)
+
+        def encode_framed(self, labels: Any, offset: tuple[int, int, int], *args: Any) -> Any:
+            calls.append(offset)
+            return self.kernel.encode_framed(labels, offset, *args)
 
         def channels(self, encoded: Any, image: Any, needs: Any) -> Any:
             return self.kernel.channels(encoded, image, needs)

@@ -39,7 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .families import Family
 from .frames import Frame, frame_arrays
-from .kernels import BlockKernel, StagedKernel, array_backend, kernel_for
+from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import SHAPE_FEATURES, STATISTICS, Space, check_space, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
@@ -423,14 +423,14 @@ def _label_task(
     """The label stage of one spatial block (a dask task); ``frame``: the pixels around it, for
     a family whose kernel code reads a label's neighbourhood (staged kernels only)."""
     kernel = kernel_for(labels)
-    if isinstance(kernel, StagedKernel):
-        block = (
-            kernel.encode(labels, offset, skip)
-            if frame is None
-            else kernel.encode(labels, offset, skip, frame)
-        )
-    elif frame is not None:
-        raise TypeError(f"the kernel for {array_backend(labels)} blocks cannot read a label's neighbourhood")
+    if frame is not None:
+        if not isinstance(kernel, FrameReader):
+            raise TypeError(
+                f"the kernel for {array_backend(labels)} blocks cannot read a label's neighbourhood"
+            )
+        block = kernel.encode_framed(labels, offset, skip, frame)
+    elif isinstance(kernel, StagedKernel):
+        block = kernel.encode(labels, offset, skip)
     else:
         block = labels
     return _LabelStage(array_backend(labels), kernel, block, offset, skip)

@@ -20,7 +20,7 @@ from ..partials import Needs, Partials
 if TYPE_CHECKING:
     from ..frames import Frame
 
-__all__ = ["BlockKernel", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
+__all__ = ["BlockKernel", "FrameReader", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
 
 
 class BlockKernel(Protocol):
@@ -40,14 +40,20 @@ class BlockKernel(Protocol):
 class StagedKernel(BlockKernel, Protocol):
     """A block kernel that also runs in two stages: labels first, then groups of channels."""
 
-    def encode(
-        self, labels: Any, offset: tuple[int, int, int], skip: int | None = None, frame: Frame | None = None
-    ) -> Any:
-        """What every group of channels of the block needs from its labels (``frame``: the pixels
-        around the block, when a family's kernel code reads a label's neighbourhood)."""
+    def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> Any:
+        """What every group of channels of the block needs from its labels."""
 
     def channels(self, encoded: Any, image: Sequence[Any] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over the block encoded by :meth:`encode`."""
+
+
+@runtime_checkable
+class FrameReader(StagedKernel, Protocol):
+    """A staged kernel whose label stage can also read the pixels around each block, for families
+    whose kernel code reads a label's neighbourhood (``Family.halo``)."""
+
+    def encode_framed(self, labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame) -> Any:
+        """:meth:`encode`, with the block's :class:`~xr_rasteragg.frames.Frame`."""
 
 
 _KERNELS: dict[str, str] = {

@@ -707,6 +707,13 @@ class RunKernel:
     Calling the kernel runs both stages on one block, as every block kernel does.
     """
 
+    def encode_framed(
+        self, labels: NDArray[np.integer], offset: tuple[int, int, int], skip: int | None, frame: Frame
+    ) -> LabelRuns:
+        """:meth:`encode`, with the pixels around the block for the family whose kernel code reads
+        them (:data:`NEIGHBOURHOODS`), which then runs here, once per block."""
+        return self.encode(labels, offset, skip, frame)
+
     def encode(
         self,
         labels: NDArray[np.integer],
@@ -718,8 +725,7 @@ class RunKernel:
 
         ``offset`` is the global (z, y, x) index of the block's first pixel, ``skip`` a label
         whose pixels are ignored entirely (the background), or None, and ``frame`` the pixels
-        around the block, for the family whose kernel code reads them (:data:`NEIGHBOURHOODS`),
-        which then runs here, once per block.
+        around the block (see :meth:`encode_framed`).
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
         flat, starts = _flat_rows(labels)
