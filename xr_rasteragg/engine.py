@@ -517,16 +517,14 @@ def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
     return _holding(block.flat[0].labels, block.ndim)
 
 
-def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], channels: bool = True) -> NDArray[Any]:
-    """One partial's rows of the labels ``ids`` (a piece of the result), in label order.
+def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], families: tuple[str, ...]) -> NDArray[Any]:
+    """One partial's rows of the labels ``ids`` (a piece of the result), in label order, with the
+    fields of the named ``families`` only (those that the piece's statistics read).
 
     Sorted ids take the partial's rows between the first and the last id (a view); ids in any
-    other order (an ``index`` as the user gave it) take exactly the rows of their ids. Without
-    ``channels`` only the families that are not per channel are taken.
+    other order (an ``index`` as the user gave it) take exactly the rows of their ids.
     """
-    part: Partials = block.flat[0]
-    if not channels:
-        part = part.label_fields()
+    part: Partials = block.flat[0].with_families(families)
     if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
         rows = part.rows(*_cut(part.labels, int(ids[0]), int(ids[-1])))
     else:
@@ -686,9 +684,15 @@ def _finalized(
     for name in stats:
         groups.setdefault(any(f.channel for f in STATISTICS[name].needs.families), []).append(name)
     values = {}
-    for channels, names in groups.items():
+    for names in groups.values():
+        # Each group merges only the families its statistics read (the counts always, and the
+        # valid counts where NaNs are skipped): the per-channel pieces do not merge the shape
+        # features' hulls, nor the labels' pieces the moments.
+        families = tuple(
+            sorted({f.name for n in names for f in STATISTICS[n].needs.families} | {"counts", "valid"})
+        )
         rows = da.blockwise(
-            _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", channels,  None,
+            _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", families,  None,
             dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
         )  # fmt: skip
         # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its

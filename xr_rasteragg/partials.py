@@ -18,7 +18,7 @@ deviations, moments and variance exactly 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -177,10 +177,10 @@ class Partials:
         out.families = self.families
         return out
 
-    def label_fields(self) -> Partials:
-        """The same labels with only the families that are not per channel (no copy)."""
+    def with_families(self, names: Collection[str]) -> Partials:
+        """The same labels with only the families of these names (no copy)."""
         out = Partials.__new__(Partials)
-        kept = tuple(f for f in self.families if not f.channel)
+        kept = tuple(f for f in self.families if f.name in names)
         out.__dict__.update(
             labels=self.labels, **{name: self.__dict__[name] for f in kept for name in f.names()}
         )
