@@ -158,20 +158,33 @@ def frame_arrays(labels: da.Array, halo: int) -> list[da.Array]:
     rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
     reach_y = 1 if min(labels.chunks[1]) >= halo else halo
     reach_x = 1 if min(labels.chunks[2]) >= halo else halo
+    shifted_y = {dy: _shifted(rings, 1, dy) for dy in range(-reach_y, reach_y + 1)}
     return [
-        _shifted(rings, dy, dx)
+        _shifted(shifted_y[dy], 2, dx)
         for dy in range(-reach_y, reach_y + 1)
         for dx in range(-reach_x, reach_x + 1)
         if (dy, dx) != (0, 0)
     ]
 
 
-def _shifted(rings: da.Array, dy: int, dx: int) -> da.Array:
-    """``rings`` (one element per block) with block ``(k, j, i)`` taken from block
-    ``(k, j + dy, i + dx)``, clipped to the grid: single blocks, put together again."""
-    _, ny, nx = rings.numblocks
-    rows = [min(max(j + dy, 0), ny - 1) for j in range(ny)]
-    columns = [min(max(i + dx, 0), nx - 1) for i in range(nx)]
-    return da.concatenate(
-        [da.concatenate([rings[:, j : j + 1, i : i + 1] for i in columns], axis=2) for j in rows], axis=1
-    )
+def _shifted(rings: da.Array, axis: int, step: int) -> da.Array:
+    """``rings`` (one element per block) with block ``j`` along ``axis`` taken from block
+    ``j + step``, clipped to the grid: the edge block repeated, then one slice of the rest (a few
+    graph steps, however many blocks)."""
+    n = rings.numblocks[axis]
+    if step == 0:
+        return rings
+
+    def part(start: int, stop: int) -> da.Array:
+        where = [slice(None)] * rings.ndim
+        where[axis] = slice(start, stop)
+        return rings[tuple(where)]
+
+    edge = min(abs(step), n)
+    if step > 0:
+        pieces = [part(edge, n)] if edge < n else []
+        pieces += [part(n - 1, n)] * edge
+    else:
+        pieces = [part(0, 1)] * edge
+        pieces += [part(0, n - edge)] if edge < n else []
+    return da.concatenate(pieces, axis=axis)
