@@ -79,14 +79,11 @@ class Extremes(NamedTuple):
 
 
 class Flags(NamedTuple):
-    """What a sweep accumulates: moments up to ``order``, the ``extrema``, valid counts (``skipna``)
-    and, in :func:`_power_sweep`, the index-weighted sums of :class:`~xr_rasteragg.families.Weighted`
-    (``weighted``)."""
+    """What a sweep accumulates: moments up to ``order``, the ``extrema``, valid counts (``skipna``)."""
 
     order: int
     extrema: bool
     skipna: bool
-    weighted: bool = False
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -232,7 +229,7 @@ def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
     ``d``, so accuracy never rests on power sums that cancel nor on large means.
     """
     run_z, run_y, run_x, run_len, run_id = runs
-    order, extrema, skipna = flags.order, flags.extrema, flags.skipna
+    order, extrema, skipna = flags
     shift, sums, m2, m3, m4 = moments
     lo, hi = extremes
     nruns = run_id.shape[0]
@@ -343,7 +340,7 @@ def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
 
 
 @nb.njit(nogil=True, cache=True)
-def _power_sweep(flats, rows, runs, flags, power, extremes):
+def _power_sweep(flats, rows, runs, flags, power, extremes, positions):
     """Exact power sums and extrema of an image of at most 16-bit integers, run by run.
 
     ``runs`` is a :class:`Runs`, ``flags`` the :class:`Flags` (``order`` and ``extrema`` read),
@@ -361,13 +358,14 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
     its label's rows of the accumulators; with label ids numbered in order of first appearance
     (see :func:`_encode_runs`), neighbouring runs touch neighbouring rows.
 
-    With ``flags.weighted``, the last three entries of ``power[i, c]`` receive ``Σ x z``,
-    ``Σ x y`` and ``Σ x j`` (block indices z, y and column j), modulo 2**64 as well: the pixels of
-    the intensity-weighted centroid cost one product more in the loop that reads them anyway.
+    ``positions`` is None, or receives in ``positions[i, c]`` the sums ``Σ x z``, ``Σ x y`` and
+    ``Σ x j`` (block indices z, y and column j), modulo 2**64 as well, with ``Σ x`` in
+    ``power[i, c, 0]`` whatever the order: the intensity-weighted centroid costs one product more
+    in the loop that reads the pixels anyway. (Numba compiles the sweep without that product
+    where ``positions`` is None.)
     """
     run_z, run_y, run_x, run_len, run_id = runs
-    order, extrema, weighted = flags.order, flags.extrema, flags.weighted
-    w = power.shape[2] - 3  # the first of the weighted sums' entries
+    order, extrema = flags.order, flags.extrema
     lo, hi = extremes
     for r in range(run_id.shape[0]):
         i = run_id[r]
@@ -387,7 +385,7 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
                     mx = max(mx, row[p])
             lo[i, c] = mn  # stored even when unused: a conditional store makes the loop 2x slower
             hi[i, c] = mx
-            if order == 0 and not weighted:  # the extrema alone
+            if order == 0 and positions is None:  # the extrema alone
                 continue
             t1 = np.uint64(0)
             t2 = np.uint64(0)
@@ -397,7 +395,7 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
             for p in range(row.shape[0]):
                 d = np.uint64(row[p])  # negative values wrap: exact modulo 2**64
                 t1 += d
-                if weighted:
+                if positions is not None:
                     tj += d * np.uint64(p)
                 if order >= 2:
                     d2 = d * d
@@ -405,10 +403,10 @@ def _power_sweep(flats, rows, runs, flags, power, extremes):
                     if order >= 3:
                         t3 += d2 * d
                         t4 += d2 * d2
-            if weighted:
-                power[i, c, w] += np.uint64(z) * t1
-                power[i, c, w + 1] += np.uint64(y) * t1
-                power[i, c, w + 2] += tj + np.uint64(a) * t1
+            if positions is not None:
+                positions[i, c, 0] += np.uint64(z) * t1
+                positions[i, c, 1] += np.uint64(y) * t1
+                positions[i, c, 2] += tj + np.uint64(a) * t1
             power[i, c, 0] += t1
             if order >= 2:
                 power[i, c, 1] += t2
@@ -841,17 +839,17 @@ def _small_integer_partials(
     lo_init, hi_init = _extrema_init(dtype)
     extremes = Extremes(np.full((k, nchan), lo_init, dtype), np.full((k, nchan), hi_init, dtype))
     weighted = _weighted_family(needs, runs, image)
-    power = np.zeros((k, nchan, max(order, 1) + (3 if weighted else 0)), np.uint64)
+    power = np.zeros((k, nchan, max(order, 1)), np.uint64)
+    positions = None if weighted is None else np.zeros((k, nchan, 3), np.uint64)
     batches = _flat_channels(image)
-    flags = Flags(order, extrema, False, weighted is not None)
     for flats, rows in batches:
-        _power_sweep(flats, rows, runs.runs, flags, power, extremes)
-    if weighted is not None:
+        _power_sweep(flats, rows, runs.runs, Flags(order, extrema, False), power, extremes, positions)
+    if weighted is not None and positions is not None:
         # Sums modulo 2**64 read as int64: the true values (see _weighted_family) fit.
-        found = [_take_rows(power[:, :, j].view(np.int64), local).astype(np.float64) for j in (0, -3, -2, -1)]
-        weight = found[0]
-        positions = [s + o * weight for s, o in zip(found[1:], runs.offset, strict=True)]
-        parts.add(weighted, **dict(zip(weighted.names(), [weight, *positions], strict=True)))
+        weight = _take_rows(power[:, :, 0].view(np.int64), local).astype(np.float64)
+        found = [_take_rows(positions[:, :, a].view(np.int64), local).astype(np.float64) for a in range(3)]
+        moved = [s + o * weight for s, o in zip(found, runs.offset, strict=True)]
+        parts.add(weighted, **dict(zip(weighted.names(), [weight, *moved], strict=True)))
     if needs.skipna:
         parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))
     if needs.extrema:
