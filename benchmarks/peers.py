@@ -271,6 +271,20 @@ def _scipy(data: Data, work: Work) -> Callable[[], Any]:
     return run
 
 
+def _steinbock(data: Data, work: Work) -> Callable[[], Any]:
+    """steinbock's intensity measurement with median aggregation (``scipy.ndimage.median`` per
+    channel over the whole image in memory), as its ``measure intensities --aggr median`` runs.
+
+    steinbock's dependencies (OpenCV, xtiff, fcswrite, ...) are not in the ``bench`` extra; its
+    intensity module needs only NumPy, pandas, SciPy and tifffile, so ``pip install --no-deps
+    steinbock`` is enough to measure it.
+    """
+    from steinbock.measurement.intensities import IntensityAggregation, measure_intensites
+
+    names = [f"c{i}" for i in range(data.image.shape[0])]
+    return lambda: measure_intensites(data.image, data.labels, names, IntensityAggregation.MEDIAN)
+
+
 def _median(mask: NDArray[np.bool_], intensity: NDArray[Any]) -> float:
     """A median extra property, as scikit-image's users write one."""
     return float(np.median(intensity[mask]))
@@ -452,6 +466,13 @@ METHODS: dict[str, Method] = {
             ("xrspatial",),
             _all("sum", "mean", "count", "var", "min", "max"),
             _xrspatial,
+        ),
+        Method(
+            "steinbock",
+            "steinbock measure_intensites, median aggregation",
+            ("steinbock",),
+            {"median": ("median",)},
+            _steinbock,
         ),
         Method("harpy", "harpy RasterAggregator", ("harpy",), _all(*ALL_STATS), _harpy),
         Method(
