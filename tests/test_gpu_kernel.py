@@ -199,6 +199,18 @@ def test_float64_extrema_keep_full_precision() -> None:
     assert parts.max[0, 0] == 1.0 + 3e-12
 
 
+@pytest.mark.parametrize("order", [0, 2])
+def test_valid_counts_with_extrema_alone(order: int) -> None:
+    """Valid pixels are counted when NaN pixels are skipped, with or without a sum pass (found by
+    hypothesis: with extrema alone, the counts stayed 0)."""
+    labels = np.array([2, 0], np.uint16).reshape(1, 2, 1)
+    image = np.array([1000.0, np.nan]).reshape(1, 1, 2, 1)
+    needs = Needs(order, extrema=True, skipna=True)
+    got = run(labels, [image], needs, 65535)
+    np.testing.assert_array_equal(got.nvalid, [[0], [1]])
+    assert_partials_close(got, KERNELS["numba"](labels, [image], (0, 0, 0), needs, 65535))
+
+
 #: Few examples and no shrinking: the simulator runs a kernel in about a second.
 SIMULATED = settings(max_examples=6, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
 

@@ -454,14 +454,18 @@ def _first_pass(
                     mn = _UMAX
                     mx = _U0
                     nan = False
+                    valid = 0
                     for p in range(x0, x1):
                         x = image[c, z, y, p]
                         if x != x:
                             nan = True
                             continue
+                        valid += 1
                         v = _order_key(x, bits[c, z, y, p], kind, low, sign, full)
                         mn = min(mn, v)
                         mx = max(mx, v)
+                    if skipna and not sums:  # the valid pixels, when no sum pass counts them
+                        cuda.atomic.add(nvalid, (i, c), valid)
                     if nan and not skipna:  # NaN wins, as in NumPy: the keys of NaN bit patterns
                         mn = _U0
                         mx = full
