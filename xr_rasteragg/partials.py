@@ -196,14 +196,20 @@ class Partials:
         """Per-channel sums ``n K + sum(x - K)``, shape ``(k, C)``."""
         assert self.shift is not None
         assert self.shifted is not None
-        return self.n() * self.shift.astype(np.float64) + self.shifted
+        # Written into one output, without temporaries of its size (as the result's first pages
+        # are costly to touch at 10^7 labels): the same operations, in the same order.
+        out = np.multiply(self.n(), self.shift, dtype=np.float64)
+        out += self.shifted
+        return out
 
     def means(self) -> NDArray[np.float64]:
         """Per-channel means ``K + sum(x - K) / n`` (NaN where a channel has no valid pixel)."""
         assert self.shift is not None
         assert self.shifted is not None
         with np.errstate(invalid="ignore", divide="ignore"):
-            return self.shift.astype(np.float64) + self.shifted / self.n()
+            out = np.divide(self.shifted, self.n(), dtype=np.float64)
+        out += self.shift
+        return out
 
     def n(self) -> NDArray[Any]:
         """Number of pixels entering the moments, shape ``(k, C)`` or ``(k, 1)``."""

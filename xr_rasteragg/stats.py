@@ -158,8 +158,10 @@ class Derived:
     def var(self) -> NDArray[np.float64]:
         """Per-channel population variances."""
         assert self.p.m2 is not None
+        out = np.maximum(self.p.m2, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.maximum(self.p.m2, 0.0) / self.n
+            out /= self.n
+        return out
 
 
 def _standardized(
