@@ -8,6 +8,7 @@ values), and that must be one read too.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 import warnings
 from collections.abc import Callable
@@ -233,6 +234,12 @@ WHOLE_CALLS: dict[str, Callable[[xr.DataArray, xr.DataArray, Any], Any]] = {
     "median": lambda image, labels, index: image.rasteragg.median(labels, index=index),
     "quantile": lambda image, labels, index: image.rasteragg.quantile(labels, [0.25, 0.75], index=index),
     "apply": lambda image, labels, index: image.rasteragg.apply(labels, np.ptp, index=index),
+    "aggregate median, mean and shape features": lambda image, labels, index: image.rasteragg.aggregate(
+        labels, ["median", "mean", "perimeter", "solidity", "eccentricity", "centroid_weighted"], index=index
+    ),
+    "aggregate median and shape features of the labels alone": lambda image, labels, index: (
+        image.rasteragg.aggregate(labels, ["median", "area", "perimeter", "bbox"], index=index)
+    ),
 }
 
 
@@ -266,3 +273,58 @@ def test_raster_aggregator_median_with_moments_reads_the_image_once(
     frames = aggregator.aggregate_stats(("mean", "median", "var", "kurtosis"))
     assert counted.reads == image.shape[0] * BLOCKS
     assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
+
+
+def test_raster_aggregator_median_with_shape_features_reads_the_image_once(
+    data: tuple[np.ndarray, np.ndarray],
+) -> None:
+    labels, image = data
+    counted = _CountedImage(image)
+    aggregator = RasterAggregator(
+        da.from_array(labels, chunks=CHUNKS),
+        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
+        run_on_gpu=False,
+    )
+    frames = aggregator.aggregate_stats(("median", "perimeter", "solidity", "mean"))
+    assert counted.reads == image.shape[0] * BLOCKS
+    assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
+
+
+def test_quantify_median_with_mask_properties_reads_the_image_once(
+    data: tuple[np.ndarray, np.ndarray], tmp_path: Path, kernel_calls: list[tuple[int, int, int]]
+) -> None:
+    """``rasteragg quantify --intensity_props intensity_median``: the median, the other intensity
+    properties and MCQuant's mask properties (shape features) from one read of the image, and
+    one label stage per block of each mask (no second pass over the masks)."""
+    tifffile = pytest.importorskip("tifffile")
+    from xr_rasteragg import quantify
+
+    labels, image = data[0][0], (data[1][:, 0] * 1000).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "img.tif", image, photometric="minisblack")
+    tifffile.imwrite(tmp_path / "cells.tif", labels)
+    tifffile.imwrite(tmp_path / "nuclei.tif", np.where(labels % 2 == 0, labels, 0))
+    resolved = quantify.plan(
+        [tmp_path / "cells.tif", tmp_path / "nuclei.tif"],
+        tmp_path / "img.tif",
+        tmp_path / "out",
+        channel_names=_markers(tmp_path, image.shape[0]),
+        intensity_props=["intensity_median", "intensity_max"],
+        mask_props=["perimeter"],
+    )
+    counted = _CountedImage(image)
+    pixels = resolved.image.copy(data=da.from_array(counted, chunks=(1, *CHUNKS[1:]), asarray=False))
+    masks = {
+        name: mask.chunk(dict(zip(mask.dims, CHUNKS[1:], strict=True)))
+        for name, mask in resolved.masks.items()
+    }
+    assert [mask.dims for mask in masks.values()] == [("y", "x")] * 2
+    tables = quantify.compute(dataclasses.replace(resolved, image=pixels, masks=masks))
+    assert counted.reads == image.shape[0] * BLOCKS
+    assert len(kernel_calls) == 2 * BLOCKS
+    assert {"ch0_intensity_median", "Solidity", "perimeter"} <= set(tables["cells"].columns)
+
+
+def _markers(folder: Path, nchan: int) -> Path:
+    path = folder / "markers.csv"
+    path.write_text("marker_name\n" + "".join(f"ch{c}\n" for c in range(nchan)))
+    return path

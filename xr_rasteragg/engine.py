@@ -41,7 +41,7 @@ from .families import Family
 from .frames import Frame, frame_arrays
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .partials import Needs, Partials, concat_channels, label_union, merge
-from .stats import SHAPE_FEATURES, STATISTICS, Space, check_space, finalize, needs_of, validate_stats
+from .stats import STATISTICS, Space, check_space, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
 
 if TYPE_CHECKING:
@@ -136,7 +136,8 @@ def aggregate(
         ``stats`` may be empty. Their values have shape ``(k, C, *spec.shape)``. Whole-label
         statistics run through :func:`xr_rasteragg.gather.aggregate`: the labels are surveyed
         when the call is made, and the rest is one lazy graph (dask inputs) that reads the image
-        once when its arrays are computed together.
+        once when its arrays are computed together, for the other statistics of ``stats`` (shape
+        features included) as well.
     space
         Which of the (z, y, x) axes the caller's labels have, and their pixel spacing, for the
         shape features (:mod:`xr_rasteragg.shape`); None: all three, spacing 1.
@@ -160,16 +161,9 @@ def aggregate(
     if wholes or any(STATISTICS[name].whole is not None for name in stats):
         from .gather import aggregate as gather_aggregate
 
-        shape = [name for name in stats if name in SHAPE_FEATURES]
-        if shape:
-            raise ValueError(
-                f"'stats' asks for shape features {shape} with whole-label statistics (median, quantiles, "
-                "functions of a label's pixels); ask for them in separate calls"
-            )
-
         return gather_aggregate(
             labels, image, stats, wholes or {}, index=index, background=background, skipna=skipna,
-            split_every=split_every, eager=eager,
+            split_every=split_every, eager=eager, space=space,
         )  # fmt: skip
     check_background(background)
     lazy = not eager and (isinstance(labels, da.Array) or isinstance(image, da.Array))
@@ -560,13 +554,31 @@ def _pick(piece: NDArray[Any], name: str) -> Any:
     return piece.flat[0][name]
 
 
-def label_stages(labels: da.Array, skip: int | None) -> da.Array:
+def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
     """The label stage of every spatial block (:class:`_LabelStage`), an object array of one per block.
 
-    Its tasks are named after the labels and ``skip`` alone, so that graphs built on the same
-    labels (the moment statistics' pass and the whole-label gather) share them: computed
-    together, each label block is encoded once.
+    Its tasks are named after the labels, ``skip`` and the family that reads a label's
+    neighbourhood (if ``needs`` has one) alone, so that graphs built on the same labels (the
+    moment statistics' pass and the whole-label gather) share them: computed together, each
+    label block is encoded once. When a family of ``needs`` reads a label's neighbourhood (the
+    perimeter's), each block's stage gets the frame of pixels around it, cut from the rings
+    (the pixels near the edges) of the blocks around it.
     """
+    halo = [f for f in needs.more if f.halo] if needs is not None and labels.size else []
+    if halo:
+        (family,) = halo
+        return da.map_blocks(
+            _framed_label_block,
+            labels,
+            *frame_arrays(labels, family.halo),
+            skip=skip,
+            shape=tuple(int(n) for n in labels.shape),
+            family=family,
+            dtype=object,
+            chunks=tuple((1,) * n for n in labels.numblocks),
+            meta=_objects(3),
+            name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip, family)}",
+        )
     return da.map_blocks(
         _label_block,
         labels,
@@ -592,25 +604,7 @@ def _merged_partials(
     keep dask's names, after their function: a ``name=`` breaks them under query planning.)
     """
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
-    one_each = tuple((1,) * n for n in labels.numblocks)
-    if needs.halo and labels.size:
-        # Kernel code that reads a label's neighbourhood gets the frame of pixels around each
-        # block, from the rings (the pixels near the edges) of the blocks around it.
-        (family,) = [f for f in needs.more if f.halo]
-        stage = da.map_blocks(
-            _framed_label_block,
-            labels,
-            *frame_arrays(labels, needs.halo),
-            skip=skip,
-            shape=tuple(int(n) for n in labels.shape),
-            family=family,
-            dtype=object,
-            chunks=one_each,
-            meta=_objects(3),
-            name=f"rasteragg-labels-{token}",
-        )
-    else:
-        stage = label_stages(labels, skip)
+    stage = label_stages(labels, skip, needs)
     groups = []
     for start, stop in _channel_groups(image):
         pixels = [] if image is None else [image[start:stop], "czyx"]

@@ -26,11 +26,12 @@ the pixels of the crossing labels of one piece.
 
 The image is read once per call, also together with the moment statistics: then the task of a
 block and group of channel chunks also computes the moments' partials from the same chunks
-(:func:`_both_block`), so that each image chunk has one reader and is freed as soon as it is
-read (two readers, ordered far apart, kept chunks alive in between: memory grew with the
-image). The gather alone groups the chunks too: with a task per chunk (each block's layout
-read by several tasks), the peak memory of a median at 16384² was twice as high. The labels are
-read twice (survey and pass).
+(:func:`_both_block`; the shape features' partials too, the label-only ones from the label
+stage and the perimeter's from a label stage with each block's frame), so that each image chunk
+has one reader and is freed as soon as it is read (two readers, ordered far apart, kept chunks
+alive in between: memory grew with the image). The gather alone groups the chunks too: with a
+task per chunk (each block's layout read by several tasks), the peak memory of a median at
+16384² was twice as high. The labels are read twice (survey and pass; more with the frames).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ from .engine import (
 from .kernels.numba import LabelRuns, block_partials
 from .kernels.selection import group_runs, scatter_runs
 from .partials import Needs
-from .stats import STATISTICS, needs_of
+from .stats import STATISTICS, Space, needs_of
 from .validation import check_background
 from .whole_label import Segments, WholeLabel
 
@@ -468,10 +469,13 @@ def gathered(
     each image chunk is read by one task; the second result then holds, per
     channel group, an object array of the blocks' partials, for the engine's tree merge
     (:func:`_merge_tree`). ``sorted_ids`` says whether ``wanted`` are all the labels (then every
-    block finishes all of its own); otherwise the blocks finish only the wanted ones.
-    (Families that read a label's neighbourhood, for the shape features, do not come here.)
+    block finishes all of its own); otherwise the blocks finish only the wanted ones. The shape
+    features' families are among ``needs`` as in the engine's pass: those of the labels alone
+    are computed from the label stage, and a family that reads a label's neighbourhood (the
+    perimeter's) gets each block's frame in its label stage (:func:`label_stages`), so that the
+    image is still read once.
     """
-    stages = label_stages(labels, skip)
+    stages = label_stages(labels, skip, needs)
     layouts = da.map_blocks(
         _layout_block,
         stages,
@@ -548,9 +552,11 @@ def aggregate(
     skipna: bool,
     split_every: int,
     eager: bool,
+    space: Space | None = None,
 ) -> Aggregation:
     """:func:`xr_rasteragg.engine.aggregate` with whole-label statistics among ``stats`` or in
-    ``wholes`` (named specs beyond the statistics, such as quantiles and user functions).
+    ``wholes`` (named specs beyond the statistics, such as quantiles and user functions), and
+    ``space`` for the shape features among ``stats`` (see :func:`xr_rasteragg.engine.aggregate`).
 
     The survey of the labels runs now; the rest is one graph, in which the moment statistics'
     pass and the gather read the image's blocks once (when computed together). With dask inputs
@@ -579,7 +585,7 @@ def aggregate(
     if moments:
         token = dask.base.tokenize(labels.name, image.name, needs, skip, split_every, "gather")
         parts = _merge_tree(groups, split_every, split_every**2, token)
-        values.update(_finalized(parts, wanted, moments, int(image.shape[0])))
+        values.update(_finalized(parts, wanted, moments, int(image.shape[0]), space))
     values = {name: values[name] for name in (*stats, *wholes) if name in values}
     if not lazy:
         (values,) = dask.compute(values)

@@ -30,11 +30,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from .accessor import RasterAggAccessor, aggregate_pairs  # noqa: F401  (registers DataArray.rasteragg)
+from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
 from .csv_tables import write_csv
 from .engine import progress as progress_bars
 from .io import read_image, read_labels
-from .stats import SHAPE_FEATURES, STATISTICS
+from .stats import STATISTICS
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -380,20 +380,10 @@ def quantify(
 
 
 def compute(resolved: Quantification, *, progress: bool = False) -> dict[str, pd.DataFrame]:
-    """MCQuant's table of each mask, from one pass over the image for all masks.
-
-    Whole-label statistics (``intensity_median``) and shape features do not share a pass: then the
-    shape features come from a pass over the masks alone, and the image is still read once.
-    """
-    stats = resolved.stats
-    whole = any(STATISTICS[name].whole is not None for name in stats)
-    shape = [name for name in stats if name in SHAPE_FEATURES] if whole else []
+    """MCQuant's table of each mask, from one pass over the image for all masks (the intensity
+    properties, ``intensity_median`` included, and the mask properties alike)."""
     with progress_bars(progress):
-        intensities = [name for name in stats if name not in shape]
-        results = resolved.image.rasteragg.aggregate_masks(resolved.masks, intensities)
-        if shape:
-            alone = aggregate_pairs({name: (None, mask) for name, mask in resolved.masks.items()}, shape)
-            results = {name: xr.merge([results[name], alone[name]]) for name in results}
+        results = resolved.image.rasteragg.aggregate_masks(resolved.masks, resolved.stats)
         (computed,) = dask.compute(results)
     return {name: _table(resolved, dataset) for name, dataset in computed.items()}
 
