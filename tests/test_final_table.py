@@ -32,9 +32,7 @@ def final_table(
     ids = label_union([p.labels for p in parts]) if index is None else prepare_index(index)
     nchan = max((value.shape[1] for value in parts[0].channel_arrays().values()), default=0)
     with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", piece):
-        values = xr_rasteragg.engine._finalized(
-            da.from_array(holder, chunks=1, name=False), ids, stats, nchan
-        )
+        values = xr_rasteragg.engine.finalized(da.from_array(holder, chunks=1, name=False), ids, stats, nchan)
     for value in values.values():
         assert value.chunks[0] == (tuple(min(piece, ids.size - s) for s in range(0, ids.size, piece)) or (0,))
     return ids, dict(zip(values, dask.compute(*values.values()), strict=True))

@@ -40,6 +40,7 @@ from numpy.typing import ArrayLike, NDArray
 from .families import Family
 from .frames import Frame, frame_arrays
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
+from .object_arrays import holding, objects, pick, tree_reduce
 from .partials import Needs, Partials, concat_channels, label_union, merge
 from .stats import STATISTICS, Space, check_space, finalize, needs_of, validate_stats
 from .validation import check_background, check_image_dtype, check_known_shape, check_labels_dtype
@@ -48,14 +49,24 @@ if TYPE_CHECKING:
     from .whole_label import WholeLabel
 
 __all__ = [
+    "PIECE_LABELS",
+    "SPLIT_EVERY",
     "Aggregation",
+    "LabelStage",
     "aggregate",
     "aggregate_masks",
     "as_dask",
+    "channel_groups",
+    "channel_partials",
+    "check_inputs",
     "distributed_client",
+    "finalized",
+    "label_stages",
     "locate",
+    "merge_tree",
     "prepare_index",
     "progress",
+    "rows_between",
 ]
 
 #: How many partials one merge task combines.
@@ -168,14 +179,14 @@ def aggregate(
     check_background(background)
     lazy = not eager and (isinstance(labels, da.Array) or isinstance(image, da.Array))
     labels, image = as_dask(labels, "labels"), None if image is None else as_dask(image, "image")
-    labels, image = _check_inputs(labels, image, stats)
+    labels, image = check_inputs(labels, image, stats)
     wanted = None if index is None else prepare_index(index)
     skip = background
     if wanted is not None and background is not None and np.any(wanted == background):
         skip = None
     needs = needs_of(stats, skipna)
     # The tree stops at split_every**2 partials (two levels short of the top): the rest of the
-    # merge runs in pieces over the label ids, fused with finalization (see :func:`_finalized`),
+    # merge runs in pieces over the label ids, fused with finalization (see :func:`finalized`),
     # which saves writing every label once more per level.
     parts = _merged_partials(labels, image, needs, skip, split_every, split_every**2)
     nchan = 0 if image is None else int(image.shape[0])
@@ -184,10 +195,10 @@ def aggregate(
     if wanted is None:
         parts = parts.persist()
         _show_progress(parts)
-        ids = parts.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{parts.name}-ids")
+        ids = parts.map_blocks(_block_labels, dtype=object, meta=objects(3), name=f"{parts.name}-ids")
         (ids,) = dask.compute(ids)
         wanted = label_union(list(ids.ravel()))
-    return Aggregation(wanted, _finalized(parts, wanted, stats, nchan, space))
+    return Aggregation(wanted, finalized(parts, wanted, stats, nchan, space))
 
 
 @contextlib.contextmanager
@@ -256,7 +267,7 @@ def _eager(
         merged = merge(found)
         return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids), space))
     kept = da.from_array(blocks, chunks=1, name=f"rasteragg-partials-{uuid.uuid4().hex}")
-    values = _finalized(kept, ids, stats, nchan, space)
+    values = finalized(kept, ids, stats, nchan, space)
     return Aggregation(ids, dict(zip(values, dask.compute(*values.values()), strict=True)))
 
 
@@ -354,7 +365,7 @@ def _spatial_chunks(shape: Sequence[int], pixels: int = BLOCK_PIXELS) -> tuple[i
     return cz, cy, cx
 
 
-def _check_inputs(
+def check_inputs(
     labels: da.Array, image: da.Array | None, stats: Sequence[str]
 ) -> tuple[da.Array, da.Array | None]:
     """Validate the engine's inputs and put the labels on the image's spatial chunks."""
@@ -397,11 +408,22 @@ def _check_inputs(
 
 
 @dataclass(frozen=True)
-class _LabelStage:
+class LabelStage:
     """A label block as the channel tasks of its spatial block receive it (see :func:`_label_task`).
 
-    ``block`` is the kernel's encoding of the labels for a kernel that runs in two stages, and
-    the labels block itself for a kernel that takes whole blocks.
+    Attributes
+    ----------
+    backend
+        The array backend of the block (``numpy``, ``cupy``).
+    kernel
+        The kernel chosen for the block's type.
+    block
+        The kernel's encoding of the labels for a kernel that runs in two stages, and the labels
+        block itself for a kernel that takes whole blocks.
+    offset
+        The global (z, y, x) index of the block's first pixel.
+    skip
+        The label whose pixels are left out (the background), or None.
     """
 
     backend: str
@@ -413,7 +435,7 @@ class _LabelStage:
 
 def _label_task(
     labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame | None = None
-) -> _LabelStage:
+) -> LabelStage:
     """The label stage of one spatial block (a dask task); ``frame``: the pixels around it, for
     a family whose kernel code reads a label's neighbourhood (staged kernels only)."""
     kernel = kernel_for(labels)
@@ -427,10 +449,10 @@ def _label_task(
         block = kernel.encode(labels, offset, skip)
     else:
         block = labels
-    return _LabelStage(array_backend(labels), kernel, block, offset, skip)
+    return LabelStage(array_backend(labels), kernel, block, offset, skip)
 
 
-def _channel_task(stage: _LabelStage, image: list[Any] | None, needs: Needs) -> Partials:
+def channel_partials(stage: LabelStage, image: list[Any] | None, needs: Needs) -> Partials:
     """Partials of one spatial block over a group of channel chunks, or of its labels alone."""
     backends = {stage.backend, *(array_backend(chunk) for chunk in image or [])}
     if len(backends) > 1:
@@ -440,7 +462,7 @@ def _channel_task(stage: _LabelStage, image: list[Any] | None, needs: Needs) -> 
     return stage.kernel(stage.block, image or None, stage.offset, needs, stage.skip)
 
 
-def _channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
+def channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
     """Channel ranges ``(start, stop)`` of whole channel chunks, grouped so that one task reads at
     most :data:`GROUP_BYTES` (or one chunk)."""
     if image is None:
@@ -456,22 +478,10 @@ def _channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
     return groups
 
 
-def _objects(ndim: int) -> NDArray[Any]:
-    """The ``meta`` of an object array of partials (or stages) with ``ndim`` dims."""
-    return np.empty((0,) * ndim, dtype=object)
-
-
-def _holding(item: Any, ndim: int) -> NDArray[Any]:
-    """An object array of shape ``(1,) * ndim`` holding ``item``: one block of an array of partials."""
-    out = np.empty((1,) * ndim, dtype=object)
-    out.flat[0] = item
-    return out
-
-
 def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArray[Any]:
     """The label stage of one spatial block (a ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    return _holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
+    return holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
 
 
 def _framed_label_block(
@@ -487,28 +497,28 @@ def _framed_label_block(
     ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
     frame = Frame.around(labels, offset, [ring.flat[0] for ring in rings], shape, family)  # type: ignore[arg-type]
-    return _holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
+    return holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
 
 
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
     """Partials of one spatial block over a group of channel chunks, or of its labels alone (a
     ``blockwise`` task)."""
-    return _holding(_channel_task(stage.flat[0], image, needs), 3)
+    return holding(channel_partials(stage.flat[0], image, needs), 3)
 
 
 def _join_block(*groups: NDArray[Any]) -> NDArray[Any]:
     """The partials of a spatial block's channel groups side by side (a ``map_blocks`` task)."""
-    return _holding(concat_channels([group.flat[0] for group in groups]), 3)
+    return holding(concat_channels([group.flat[0] for group in groups]), 3)
 
 
 def _merge_block(block: NDArray[Any]) -> NDArray[Any]:
     """The merge of the partials in one block of the tree (a ``map_blocks`` task)."""
-    return _holding(merge(list(block.ravel())), block.ndim)
+    return holding(merge(list(block.ravel())), block.ndim)
 
 
 def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
     """The label ids of the partials in one block (all that leaves the workers before finalization)."""
-    return _holding(block.flat[0].labels, block.ndim)
+    return holding(block.flat[0].labels, block.ndim)
 
 
 def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], families: tuple[str, ...]) -> NDArray[Any]:
@@ -520,14 +530,14 @@ def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], families: tuple[s
     """
     part: Partials = block.flat[0].with_families(families)
     if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
-        rows = part.rows(*_cut(part.labels, int(ids[0]), int(ids[-1])))
+        rows = part.rows(*rows_between(part.labels, int(ids[0]), int(ids[-1])))
     else:
         where, found = locate(part.labels, np.unique(ids))
         rows = part.take(where[found])
-    return _holding(rows, block.ndim + 1)
+    return holding(rows, block.ndim + 1)
 
 
-def _cut(ids: NDArray[np.integer], low: int, high: int) -> tuple[int, int]:
+def rows_between(ids: NDArray[np.integer], low: int, high: int) -> tuple[int, int]:
     """The rows of the sorted ``ids`` from ``low`` to ``high`` (Python ints, any range)."""
     info = np.iinfo(ids.dtype)
     low, high = max(low, int(info.min)), min(high, int(info.max))
@@ -546,16 +556,11 @@ def _finalize_piece(
     ids of the piece; the result is a dict of one array per statistic, one row per id.
     """
     merged = merge(list(block.ravel()))
-    return _holding(finalize(merged, stats, *locate(merged.labels, ids), space), 1)
-
-
-def _pick(piece: NDArray[Any], name: str) -> Any:
-    """One statistic's rows of a finalized piece (a ``map_blocks`` task)."""
-    return piece.flat[0][name]
+    return holding(finalize(merged, stats, *locate(merged.labels, ids), space), 1)
 
 
 def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
-    """The label stage of every spatial block (:class:`_LabelStage`), an object array of one per block.
+    """The label stage of every spatial block (:class:`LabelStage`), an object array of one per block.
 
     Its tasks are named after the labels, ``skip`` and the family that reads a label's
     neighbourhood (if ``needs`` has one) alone, so that graphs built on the same labels (the
@@ -576,7 +581,7 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
             family=family,
             dtype=object,
             chunks=tuple((1,) * n for n in labels.numblocks),
-            meta=_objects(3),
+            meta=objects(3),
             name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip, family)}",
         )
     return da.map_blocks(
@@ -585,7 +590,7 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
         skip,
         dtype=object,
         chunks=tuple((1,) * n for n in labels.numblocks),
-        meta=_objects(3),
+        meta=objects(3),
         name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip)}",
     )
 
@@ -606,7 +611,7 @@ def _merged_partials(
     token = dask.base.tokenize(labels.name, None if image is None else image.name, needs, skip, split_every)
     stage = label_stages(labels, skip, needs)
     groups = []
-    for start, stop in _channel_groups(image):
+    for start, stop in channel_groups(image):
         pixels = [] if image is None else [image[start:stop], "czyx"]
         groups.append(
             da.blockwise(
@@ -617,45 +622,32 @@ def _merged_partials(
                 *pixels,
                 needs=needs,
                 dtype=object,
-                meta=_objects(3),
+                meta=objects(3),
                 concatenate=False,
                 align_arrays=False,
             )
         )
-    return _merge_tree(groups, split_every, left, token)
+    return merge_tree(groups, split_every, left, token)
 
 
-def _merge_tree(groups: Sequence[da.Array], split_every: int, left: int, token: str) -> da.Array:
+def merge_tree(groups: Sequence[da.Array], split_every: int, left: int, token: str) -> da.Array:
     """The tree merge of a pass's partials (see :func:`_merged_partials`).
 
     ``groups`` are object arrays of one :class:`Partials` per spatial block, one per group of
-    channel chunks (see :func:`_channel_groups`); a spatial block's groups are joined side by
+    channel chunks (see :func:`channel_groups`); a spatial block's groups are joined side by
     side, then merged along the most divided axis, ``split_every`` at a time, until at most
-    ``left`` are left. ``token`` names the tasks.
+    ``left`` are left (:func:`~xr_rasteragg.object_arrays.tree_reduce`). ``token`` names the
+    tasks.
     """
     parts = groups[0]
     if len(groups) > 1:
         parts = da.map_blocks(
-            _join_block, *groups, dtype=object, meta=_objects(3), name=f"rasteragg-join-{token}"
+            _join_block, *groups, dtype=object, meta=objects(3), name=f"rasteragg-join-{token}"
         )
-    level = 0
-    while int(np.prod(parts.numblocks)) > left:
-        axis = int(np.argmax(parts.numblocks))
-        parts = parts.rechunk({axis: split_every})
-        chunks = list(parts.chunks)
-        chunks[axis] = (1,) * parts.numblocks[axis]
-        parts = parts.map_blocks(
-            _merge_block,
-            dtype=object,
-            chunks=tuple(chunks),
-            meta=_objects(3),
-            name=f"rasteragg-merge-{level}-{token}",
-        )
-        level += 1
-    return parts
+    return tree_reduce(parts, _merge_block, split_every, left=left, name="rasteragg-merge", token=token)
 
 
-def _finalized(
+def finalized(
     parts: da.Array, ids: NDArray[np.integer], stats: Sequence[str], nchan: int, space: Space | None = None
 ) -> dict[str, da.Array]:
     """Dask arrays of the statistics for ``ids``, one task per piece of :data:`PIECE_LABELS` ids.
@@ -687,13 +679,13 @@ def _finalized(
         )
         rows = da.blockwise(
             _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", families,  None,
-            dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+            dtype=object, meta=objects(4), align_arrays=False, adjust_chunks={"p": 1},
         )  # fmt: skip
         # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its
         # rows of every partial, concatenated.
         pieces = da.blockwise(
             _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
-            stats=tuple(names), space=space, dtype=object, meta=_objects(1), concatenate=True,
+            stats=tuple(names), space=space, dtype=object, meta=objects(1), concatenate=True,
             align_arrays=False,
             adjust_chunks={"p": 1},
         )  # fmt: skip
@@ -701,7 +693,7 @@ def _finalized(
             width, dtype = STATISTICS[name].row_shape(nchan, space.ndim), STATISTICS[name].dtype
             trailing = list(range(1, 1 + len(width)))
             values[name] = pieces.map_blocks(
-                _pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)), new_axis=trailing or None,
+                pick, name, dtype=dtype, chunks=(sizes, *((w,) for w in width)), new_axis=trailing or None,
                 meta=np.empty((0,) * (1 + len(width)), dtype), name=f"rasteragg-{name}-{token}",
             )  # fmt: skip
     return {name: values[name] for name in stats}
@@ -762,7 +754,7 @@ def aggregate_masks(
     needs = needs_of(stats, skipna)
     parts, nchan = {}, {}
     for name, (labels, image) in inputs.items():
-        checked, pixels = _check_inputs(labels, image, stats)
+        checked, pixels = check_inputs(labels, image, stats)
         parts[name] = _merged_partials(checked, pixels, needs, background, split_every, split_every**2)
         nchan[name] = 0 if pixels is None else int(pixels.shape[0])
     kept = dict(zip(parts, dask.persist(*parts.values()), strict=True))
@@ -771,14 +763,14 @@ def aggregate_masks(
     if not lazy:
         return {name: _eager(part, None, stats, nchan[name], space[name]) for name, part in kept.items()}
     blocks = [
-        part.map_blocks(_block_labels, dtype=object, meta=_objects(3), name=f"{part.name}-ids")
+        part.map_blocks(_block_labels, dtype=object, meta=objects(3), name=f"{part.name}-ids")
         for part in kept.values()
     ]
     found = dask.compute(*blocks)
     out = {}
     for (name, part), ids in zip(kept.items(), found, strict=True):
         wanted = label_union(list(ids.ravel()))
-        out[name] = Aggregation(wanted, _finalized(part, wanted, stats, nchan[name], space[name]))
+        out[name] = Aggregation(wanted, finalized(part, wanted, stats, nchan[name], space[name]))
     return out
 
 

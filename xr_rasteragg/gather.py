@@ -50,22 +50,20 @@ from .engine import (
     PIECE_LABELS,
     SPLIT_EVERY,
     Aggregation,
-    _channel_groups,
-    _channel_task,
-    _check_inputs,
-    _cut,
-    _finalized,
-    _holding,
-    _merge_tree,
-    _objects,
-    _pick,
     as_dask,
+    channel_groups,
+    channel_partials,
+    check_inputs,
+    finalized,
     label_stages,
     locate,
+    merge_tree,
     prepare_index,
+    rows_between,
 )
 from .kernels.numba import LabelRuns, block_partials
 from .kernels.selection import group_runs, scatter_runs
+from .object_arrays import holding, objects, pick, tree_reduce
 from .partials import Needs
 from .stats import STATISTICS, Space, needs_of
 from .validation import check_background
@@ -80,7 +78,7 @@ __all__ = ["aggregate", "crossing_labels"]
 def _ids_block(labels: Any, skip: int | None) -> NDArray[Any]:
     """The sorted ids of one label block, each marked as seen in one block (a survey task)."""
     ids = block_partials.encode(np.asarray(labels), (0, 0, 0), skip).parts.labels
-    return _holding((ids, np.zeros(ids.shape[0], dtype=bool)), 3)
+    return holding((ids, np.zeros(ids.shape[0], dtype=bool)), 3)
 
 
 def _merge_ids(block: NDArray[Any]) -> NDArray[Any]:
@@ -95,7 +93,7 @@ def _merge_ids(block: NDArray[Any]) -> NDArray[Any]:
     starts = np.flatnonzero(first)
     repeated = np.diff(np.append(starts, ids.shape[0])) > 1
     many = np.logical_or.reduceat(many, starts) | repeated if ids.shape[0] else many
-    return _holding((ids[starts], many), block.ndim)
+    return holding((ids[starts], many), block.ndim)
 
 
 def crossing_labels(labels: da.Array, skip: int | None) -> tuple[NDArray[np.integer], NDArray[np.integer]]:
@@ -113,23 +111,10 @@ def crossing_labels(labels: da.Array, skip: int | None) -> tuple[NDArray[np.inte
         skip,
         dtype=object,
         chunks=one_each,
-        meta=_objects(3),
+        meta=objects(3),
         name=f"rasteragg-survey-{token}",
     )
-    level = 0
-    while int(np.prod(ids.numblocks)) > 1:
-        axis = int(np.argmax(ids.numblocks))
-        ids = ids.rechunk({axis: SPLIT_EVERY})
-        chunks = list(ids.chunks)
-        chunks[axis] = (1,) * ids.numblocks[axis]
-        ids = ids.map_blocks(
-            _merge_ids,
-            dtype=object,
-            chunks=tuple(chunks),
-            meta=_objects(3),
-            name=f"rasteragg-survey-{level}-{token}",
-        )
-        level += 1
+    ids = tree_reduce(ids, _merge_ids, SPLIT_EVERY, name="rasteragg-survey", token=token)
     (found,) = dask.compute(ids)
     union, many = found.flat[0]
     return union, union[many]
@@ -222,7 +207,7 @@ def _layout_block(
         np.flatnonzero(keep & cross),
         label_stage.offset,
     )
-    return _holding(layout, 3)
+    return holding(layout, 3)
 
 
 @dataclass(frozen=True)
@@ -288,7 +273,7 @@ def _rows_of(have: NDArray[np.integer], ids: NDArray[np.integer]) -> NDArray[np.
     """The rows of sorted ``have`` whose ids are among ``ids`` (the ids of one piece of the
     result; when sorted, by their range), or None when that is all of them."""
     if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
-        rows = np.arange(*_cut(have, int(ids[0]), int(ids[-1])))
+        rows = np.arange(*rows_between(have, int(ids[0]), int(ids[-1])))
     else:
         rows = np.flatnonzero(_member(have, np.unique(ids)))
     return None if rows.shape[0] == have.shape[0] else rows
@@ -317,7 +302,7 @@ def _places_block(layout: NDArray[Any]) -> NDArray[Any]:
         lay.length[runs],
         lay.origin(runs),
     )
-    return _holding(places, 3)
+    return holding(places, 3)
 
 
 def _gather_block(
@@ -326,7 +311,7 @@ def _gather_block(
     """A block's share of each of a group of channel chunks (a ``blockwise`` task), as
     ``(None, [share per chunk])``: the form of :func:`_both_block`'s results, without partials."""
     lay: _Layout = layout.flat[0]
-    return _holding((None, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
+    return holding((None, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
 
 
 def _both_block(
@@ -346,25 +331,25 @@ def _both_block(
     gather's) could keep it in memory between them, ordered far apart.
     """
     lay: _Layout = layout.flat[0]
-    partials = _channel_task(stage.flat[0], image, needs)
-    return _holding((partials, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
+    partials = channel_partials(stage.flat[0], image, needs)
+    return holding((partials, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
 
 
 def _partials_of(block: NDArray[Any]) -> NDArray[Any]:
     """The moment partials of a :func:`_both_block` result (a ``map_blocks`` task)."""
-    return _holding(block.flat[0][0], 3)
+    return holding(block.flat[0][0], 3)
 
 
 def _share_rows(block: NDArray[Any], ids: NDArray[np.integer], chunk: int) -> NDArray[Any]:
     """One block's share of channel chunk ``chunk`` (of the task's) for the ids of one piece of
     the result (a ``blockwise`` task)."""
     share: _Gathered = block.flat[0][1][chunk]
-    return _holding(share.rows(ids), block.ndim + 1)
+    return holding(share.rows(ids), block.ndim + 1)
 
 
 def _place_rows(block: NDArray[Any], ids: NDArray[np.integer]) -> NDArray[Any]:
     """One block's places (:class:`_Places`) for the ids of one piece (a ``blockwise`` task)."""
-    return _holding(block.flat[0].rows(ids), block.ndim + 1)
+    return holding(block.flat[0].rows(ids), block.ndim + 1)
 
 
 def _grouping(
@@ -444,7 +429,7 @@ def _finish_piece(
         for name, spec in wholes.items():
             values = spec.reduce(segments, every, skipna)
             out[name][found, channels] = values[rows[found]]
-    return _holding(out, 1)
+    return holding(out, 1)
 
 
 def gathered(
@@ -463,12 +448,12 @@ def gathered(
 
     The runs of each label block come from its label stage (:func:`label_stages`, shared with
     the moment statistics' pass); one task per block and group of channel chunks
-    (:func:`_channel_groups`, as the engine's pass) finishes the block's own labels in those
+    (:func:`channel_groups`, as the engine's pass) finishes the block's own labels in those
     chunks and emits the crossing labels' pixels. With ``needs`` (the families of the moment
     statistics of the same call), that task also computes the partials of its chunks, so that
     each image chunk is read by one task; the second result then holds, per
     channel group, an object array of the blocks' partials, for the engine's tree merge
-    (:func:`_merge_tree`). ``sorted_ids`` says whether ``wanted`` are all the labels (then every
+    (:func:`merge_tree`). ``sorted_ids`` says whether ``wanted`` are all the labels (then every
     block finishes all of its own); otherwise the blocks finish only the wanted ones. The shape
     features' families are among ``needs`` as in the engine's pass: those of the labels alone
     are computed from the label stage, and a family that reads a label's neighbourhood (the
@@ -482,7 +467,7 @@ def gathered(
         crossing,
         None if sorted_ids else np.unique(wanted),
         dtype=object,
-        meta=_objects(3),
+        meta=objects(3),
         name=f"rasteragg-layout-{uuid.uuid4().hex}",
     )
     k = int(wanted.shape[0])
@@ -492,33 +477,33 @@ def gathered(
     bounds = np.cumsum((0, *image.chunks[0])).tolist()
     shares: list[Any] = []
     partials: list[da.Array] = []
-    for start, stop in _channel_groups(image):
+    for start, stop in channel_groups(image):
         if needs is None:
             blocks = da.blockwise(
                 _gather_block, "zyx", layouts, "zyx", image[start:stop], "czyx",
-                wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3), concatenate=False,
+                wholes=wholes, skipna=skipna, dtype=object, meta=objects(3), concatenate=False,
                 align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
             )  # fmt: skip
         else:
             blocks = da.blockwise(
                 _both_block, "zyx", stages, "zyx", layouts, "zyx", image[start:stop], "czyx",
-                needs=needs, wholes=wholes, skipna=skipna, dtype=object, meta=_objects(3),
+                needs=needs, wholes=wholes, skipna=skipna, dtype=object, meta=objects(3),
                 concatenate=False, align_arrays=False, adjust_chunks=dict.fromkeys("zyx", 1),
             )  # fmt: skip
-            partials.append(blocks.map_blocks(_partials_of, dtype=object, meta=_objects(3)))
+            partials.append(blocks.map_blocks(_partials_of, dtype=object, meta=objects(3)))
         for chunk in range(bounds.index(stop) - bounds.index(start)):
             rows = da.blockwise(
                 _share_rows, "zyxp", blocks, "zyx", pieces_of_ids, "p", chunk, None,
-                dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+                dtype=object, meta=objects(4), align_arrays=False, adjust_chunks={"p": 1},
             )  # fmt: skip
             shares += [rows, "zyxp"]
     positions = any(spec.needs_positions for spec in wholes.values())
     if positions:  # once per block, for every channel chunk
-        places = layouts.map_blocks(_places_block, dtype=object, meta=_objects(3))
+        places = layouts.map_blocks(_places_block, dtype=object, meta=objects(3))
         shares += [
             da.blockwise(
                 _place_rows, "zyxp", places, "zyx", pieces_of_ids, "p",
-                dtype=object, meta=_objects(4), align_arrays=False, adjust_chunks={"p": 1},
+                dtype=object, meta=objects(4), align_arrays=False, adjust_chunks={"p": 1},
             ),
             "zyxp",
         ]  # fmt: skip
@@ -526,12 +511,12 @@ def gathered(
     pieces = da.blockwise(
         _finish_piece, "p", *shares, pieces_of_ids, "p",
         wholes=wholes, skipna=skipna, nchan=nchan, positions=positions, dtype=object,
-        meta=_objects(1), concatenate=True, align_arrays=False, adjust_chunks={"p": 1},
+        meta=objects(1), concatenate=True, align_arrays=False, adjust_chunks={"p": 1},
     )  # fmt: skip
     values = {}
     for name, spec in wholes.items():
         values[name] = pieces.map_blocks(
-            _pick, name, dtype=np.float64, chunks=(sizes, (nchan,), *((w,) for w in spec.shape)),
+            pick, name, dtype=np.float64, chunks=(sizes, (nchan,), *((w,) for w in spec.shape)),
             new_axis=list(range(1, 2 + len(spec.shape))), meta=np.empty((0,) * (2 + len(spec.shape))),
             name=f"rasteragg-{name}-{token}",
         )  # fmt: skip
@@ -569,7 +554,7 @@ def aggregate(
     if image is None:
         raise ValueError(f"statistics {sorted(wholes)} need an image; 'image' is None")
     labels, image = as_dask(labels, "labels"), as_dask(image, "image")
-    labels, image = _check_inputs(labels, image, moments)
+    labels, image = check_inputs(labels, image, moments)
     assert image is not None
     wanted = None if index is None else prepare_index(index)
     skip = background
@@ -584,8 +569,8 @@ def aggregate(
     values, groups = gathered(labels, image, crossing, wanted, wholes, skip, skipna, everything, needs)
     if moments:
         token = dask.base.tokenize(labels.name, image.name, needs, skip, split_every, "gather")
-        parts = _merge_tree(groups, split_every, split_every**2, token)
-        values.update(_finalized(parts, wanted, moments, int(image.shape[0]), space))
+        parts = merge_tree(groups, split_every, split_every**2, token)
+        values.update(finalized(parts, wanted, moments, int(image.shape[0]), space))
     values = {name: values[name] for name in (*stats, *wholes) if name in values}
     if not lazy:
         (values,) = dask.compute(values)
