@@ -154,6 +154,29 @@ def test_engine_with_small_pieces_matches_reference(
     assert_all_stats(result.values, reference(labels, image, [int(i) for i in ids]), ALL_STATS)
 
 
+def test_pieces_stay_within_dasks_chunk_size_with_many_channels() -> None:
+    """Many channels make pieces of fewer labels (one piece's rows of every statistic within
+    ``array.chunk-size``), every result chunked alike, with the values of one piece."""
+    rng = np.random.default_rng(8)
+    labels = rng.permutation(np.repeat(np.arange(400, dtype=np.int32), 8)).reshape(1, 40, 80)
+    image = rng.integers(0, 2**16, size=(24, *labels.shape)).astype(np.uint16)
+    stats = ("count", "mean", "var", "max", "center_of_mass")
+    row = 8 + 3 * 24 * 8 + 3 * 8  # bytes of one label's row of every statistic
+    with dask.config.set({"array.chunk-size": f"{50 * row}B"}):
+        result = aggregate(
+            da.from_array(labels, chunks=(1, 16, 32)), da.from_array(image, chunks=(8, 1, 16, 32)), stats
+        )
+    assert xr_rasteragg.engine.piece_labels(row) == 2**27 // row  # 128 MiB by default
+    assert xr_rasteragg.engine.row_bytes(stats, 24) == row
+    assert result.labels.shape[0] == 400
+    for value in result.values.values():
+        assert value.chunks[0] == (*(50,) * 8,)
+    whole = aggregate(labels, image, stats)  # one block: other merges, so equal up to rounding
+    for name in stats:
+        value = result.values[name].compute()
+        np.testing.assert_allclose(value, whole.values[name], rtol=1e-12, err_msg=name)
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_one_merge_of_many_parts_equals_pairwise_merges(case: str) -> None:
     """Many parts folded into one union, part by part, as a chain of pairwise merges."""

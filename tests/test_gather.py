@@ -266,7 +266,7 @@ def _crop_reference(labels: np.ndarray, image: np.ndarray, ids: np.ndarray) -> n
 def test_pieces_of_few_labels_with_positions(index: list[int] | None, monkeypatch: Any) -> None:
     """Median and a crop function over pieces of three ids: each piece takes its rows of every
     block's pixels (per channel chunk) and of its places (once per block)."""
-    monkeypatch.setattr(xr_rasteragg.gather, "PIECE_LABELS", 3)
+    monkeypatch.setattr(xr_rasteragg.engine, "PIECE_LABELS", 3)
     labels, image = _geometries(), _image(np.float64) + 300.0
     spec = xr_rasteragg.whole_label.LabelFunction(_weighted_row, on="crops")
     result = aggregate(
@@ -282,6 +282,30 @@ def test_pieces_of_few_labels_with_positions(index: list[int] | None, monkeypatc
     np.testing.assert_array_equal(result.labels, ids)
     np.testing.assert_array_equal(result.values["median"], _expected(labels, image, ids, 0.5))
     np.testing.assert_allclose(result.values["row"], _crop_reference(labels, image, ids), rtol=1e-12)
+
+
+def test_whole_label_and_moment_statistics_are_chunked_alike() -> None:
+    """One piece size for every statistic of a call (pieces within dask's ``array.chunk-size``),
+    so that the results make a Dataset with one chunking."""
+    labels, image = _geometries(), _image(np.float64) + 300.0
+    stats = ["median", "mean", "count"]
+    row = 8 * image.shape[0] * 2 + 8  # median and mean per channel, and the count
+    with dask.config.set({"array.chunk-size": f"{4 * row}B"}):
+        result = aggregate(
+            da.from_array(labels, chunks=(1, 5, 7)),
+            da.from_array(image, chunks=(1, 1, 5, 7)),
+            stats,
+            background=0,
+        )
+    k = result.labels.shape[0]
+    assert k > 4
+    for name in stats:
+        assert result.values[name].chunks[0] == (*(4,) * (k // 4), *((k % 4,) if k % 4 else ())), name
+    whole = aggregate(labels, image, stats, background=0)
+    for name in stats:
+        np.testing.assert_allclose(
+            result.values[name].compute(), whole.values[name], rtol=1e-12, err_msg=name
+        )
 
 
 def test_apply_errors_name_the_label() -> None:

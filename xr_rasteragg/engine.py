@@ -64,8 +64,10 @@ __all__ = [
     "label_stages",
     "locate",
     "merge_tree",
+    "piece_labels",
     "prepare_index",
     "progress",
+    "row_bytes",
     "rows_between",
 ]
 
@@ -81,8 +83,9 @@ BLOCK_PIXELS = 2**22
 #: 8192² block is 2**20 threads of 64-pixel row segments), and each block pays a few launches
 #: and one copy of its label tables to the host.
 GPU_BLOCK_PIXELS = 2**26
-#: Labels per piece of the final merge and finalization, and rows per chunk of every result
-#: (10^7 labels, all statistics: 2**16 took 1.8x as long to finalize, in 4x as many tasks).
+#: Labels per piece of the final merge and finalization, and rows per chunk of every result, at
+#: most (10^7 labels, all statistics: 2**16 took 1.8x as long to finalize, in 4x as many tasks);
+#: fewer where a piece's rows would pass dask's ``array.chunk-size`` (:func:`piece_labels`).
 PIECE_LABELS = 2**18
 #: Whether a progress bar is shown for a pass that runs inside a call (see :func:`progress`).
 _PASS_PROGRESS: ContextVar[bool] = ContextVar("rasteragg_pass_progress", default=False)
@@ -157,7 +160,7 @@ def aggregate(
     -------
     Aggregation
         The labels and one array per statistic. With dask inputs (and not ``eager``) the arrays
-        are dask arrays of one graph, chunked by :data:`PIECE_LABELS` rows: with an ``index``
+        are dask arrays of one graph, chunked by :func:`piece_labels` rows: with an ``index``
         nothing has been computed yet; without one the pass has run and its merged partials are
         kept (on the cluster's workers, under ``dask.distributed``), so computing any of the
         arrays, together or one by one, only finalizes them. Compute them together
@@ -647,10 +650,42 @@ def merge_tree(groups: Sequence[da.Array], split_every: int, left: int, token: s
     return tree_reduce(parts, _merge_block, split_every, left=left, name="rasteragg-merge", token=token)
 
 
+def row_bytes(stats: Sequence[str], nchan: int, ndim: int = 3) -> int:
+    """Bytes of one label's values of these statistics, for ``nchan`` channels and ``ndim``-D labels."""
+    specs = [STATISTICS[name] for name in stats]
+    return sum(spec.dtype.itemsize * int(np.prod(spec.row_shape(nchan, ndim))) for spec in specs)
+
+
+def piece_labels(row: int) -> int:
+    """Labels per piece of finalization (and rows per chunk of the results) for rows of ``row`` bytes.
+
+    :data:`PIECE_LABELS`, or fewer, so that one piece's rows of every statistic stay within
+    dask's ``array.chunk-size`` (128 MiB by default): with 60 channels and every statistic, a
+    piece of :data:`PIECE_LABELS` labels would be 1.2 GiB in each task, and in the client for
+    each chunk that it computes.
+
+    Examples
+    --------
+    >>> piece_labels(row_bytes(["mean"], nchan=4))
+    262144
+    >>> with dask.config.set({"array.chunk-size": "1 MiB"}):
+    ...     piece_labels(row_bytes(["mean", "max"], nchan=64))
+    1024
+    """
+    budget = dask.utils.parse_bytes(dask.config.get("array.chunk-size"))
+    return int(max(1, min(PIECE_LABELS, budget // max(row, 1))))
+
+
 def finalized(
-    parts: da.Array, ids: NDArray[np.integer], stats: Sequence[str], nchan: int, space: Space | None = None
+    parts: da.Array,
+    ids: NDArray[np.integer],
+    stats: Sequence[str],
+    nchan: int,
+    space: Space | None = None,
+    step: int | None = None,
 ) -> dict[str, da.Array]:
-    """Dask arrays of the statistics for ``ids``, one task per piece of :data:`PIECE_LABELS` ids.
+    """Dask arrays of the statistics for ``ids``, one task per piece of ``step`` ids (by default
+    :func:`piece_labels` of the statistics' rows).
 
     One task per partial and piece takes the partial's rows of the piece's ids where the partial
     is; one task per piece gathers them, merges them and finalizes every statistic (those of the
@@ -658,10 +693,11 @@ def finalized(
     from the pieces. Nothing but the ids goes through the client.
     """
     k = int(ids.shape[0])
-    sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
+    space = space or Space()
+    step = step or piece_labels(row_bytes(stats, nchan, space.ndim))
+    sizes = tuple(min(step, k - start) for start in range(0, k, step)) or (0,)
     token = uuid.uuid4().hex  # not a token of the ids, which would read them all
     pieces_of_ids = da.from_array(ids, chunks=(sizes,), name=f"rasteragg-ids-{token}")
-    space = space or Space()
     # Statistics of the labels alone (count, center of mass) are finalized from the label
     # families only, in pieces of their own: computing them (as the SpatialData adapter does for
     # the table's obs) does not finalize the per-channel statistics, which are computed once,

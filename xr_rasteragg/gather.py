@@ -58,7 +58,9 @@ from .engine import (
     label_stages,
     locate,
     merge_tree,
+    piece_labels,
     prepare_index,
+    row_bytes,
     rows_between,
 )
 from .kernels.numba import LabelRuns, block_partials
@@ -442,9 +444,10 @@ def gathered(
     skipna: bool,
     sorted_ids: bool,
     needs: Needs | None = None,
+    step: int = PIECE_LABELS,
 ) -> tuple[dict[str, da.Array], list[da.Array]]:
-    """Dask arrays of the whole-label statistics for ``wanted``, one task per piece of ids, and
-    the moment statistics' per-block partials when ``needs`` asks for them.
+    """Dask arrays of the whole-label statistics for ``wanted``, one task per piece of ``step``
+    ids, and the moment statistics' per-block partials when ``needs`` asks for them.
 
     The runs of each label block come from its label stage (:func:`label_stages`, shared with
     the moment statistics' pass); one task per block and group of channel chunks
@@ -471,7 +474,7 @@ def gathered(
         name=f"rasteragg-layout-{uuid.uuid4().hex}",
     )
     k = int(wanted.shape[0])
-    sizes = tuple(min(PIECE_LABELS, k - start) for start in range(0, k, PIECE_LABELS)) or (0,)
+    sizes = tuple(min(step, k - start) for start in range(0, k, step)) or (0,)
     token = uuid.uuid4().hex
     pieces_of_ids = da.from_array(wanted, chunks=(sizes,), name=f"rasteragg-gather-ids-{token}")
     bounds = np.cumsum((0, *image.chunks[0])).tolist()
@@ -565,12 +568,16 @@ def aggregate(
     if wanted is None:
         wanted = ids
     needs = needs_of(moments, skipna) if moments else None
+    nchan = int(image.shape[0])
+    # One piece size for every statistic, so that the results are chunked alike.
+    row = row_bytes(moments, nchan, (space or Space()).ndim)
+    step = piece_labels(row + sum(8 * nchan * int(np.prod(spec.shape)) for spec in wholes.values()))
     values: dict[str, Any]
-    values, groups = gathered(labels, image, crossing, wanted, wholes, skip, skipna, everything, needs)
+    values, groups = gathered(labels, image, crossing, wanted, wholes, skip, skipna, everything, needs, step)
     if moments:
         token = dask.base.tokenize(labels.name, image.name, needs, skip, split_every, "gather")
         parts = merge_tree(groups, split_every, split_every**2, token)
-        values.update(finalized(parts, wanted, moments, int(image.shape[0]), space))
+        values.update(finalized(parts, wanted, moments, nchan, space, step))
     values = {name: values[name] for name in (*stats, *wholes) if name in values}
     if not lazy:
         (values,) = dask.compute(values)
