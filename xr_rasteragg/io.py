@@ -9,7 +9,8 @@ made before any pixel is read.
 
 Images come out with dims ``("c", [ "z",] "y", "x")`` and the channel names as the ``c``
 coordinate where the file names them (OME-TIFF ``Channel@Name``, OME-Zarr ``omero`` labels);
-masks with dims ``([ "z",] "y", "x")``. ``tifffile`` and ``zarr`` are imported when a reader runs.
+masks with dims ``([ "z",] "y", "x")``. ``tifffile`` and ``zarr`` are imported when a reader runs
+(``zarr`` only for zarr inputs and the TIFF layouts that :mod:`xr_rasteragg.tiff_pages` leaves to it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import dask
 import dask.array as da
 import xarray as xr
+
+from .tiff_pages import tiff_pages
 
 __all__ = ["BLOCK_SIDE", "read_image", "read_labels"]
 
@@ -146,7 +149,6 @@ def _open_tiff(
     path: Path, argument: str, *, labels: bool
 ) -> tuple[da.Array, tuple[str, ...], list[str] | None]:
     import tifffile
-    import zarr
 
     try:
         tif = tifffile.TiffFile(path)
@@ -158,9 +160,14 @@ def _open_tiff(
     letters = series.axes
     shape = tuple(series.shape)
     names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
-    # The zarr interface reads the file's tiles or strips as zarr chunks; the series (and so the
-    # file) stays open as long as the store does.
-    stored = _Stored(zarr.open(series.aszarr(level=0), mode="r"), path, "series 0, level 0")
+    # The tiles or strips are read with tifffile's segment decoder where the layout allows
+    # (tiff_pages), through tifffile's zarr interface otherwise; either way the series (and so
+    # the file) stays open as long as the array does.
+    stored: Any = tiff_pages(series, _token(path, "series 0, level 0"))
+    if stored is None:
+        import zarr
+
+        stored = _Stored(zarr.open(series.aszarr(level=0), mode="r"), path, "series 0, level 0")
     dims = _tiff_dims(letters, shape, path, argument, labels=labels)
     array, dims = _squeezed(_lazy(stored, dims), dims, labels=labels)
     return array, dims, names
@@ -274,14 +281,19 @@ class _Stored:
         self.dtype = array.dtype
         self.ndim = len(self.shape)
         self.chunks: tuple[int, ...] = tuple(array.chunks)
-        stat = path.stat()
-        self.token = (str(path.resolve()), key, stat.st_mtime_ns, stat.st_size)
+        self.token = _token(path, key)
 
     def __getitem__(self, key: Any) -> Any:
         return self.array[key]
 
     def __dask_tokenize__(self) -> Any:
         return self.token
+
+
+def _token(path: Path, key: str) -> tuple[Any, ...]:
+    """A dask token of an array in a file: the file's path and version and the array's key."""
+    stat = path.stat()
+    return (str(path.resolve()), key, stat.st_mtime_ns, stat.st_size)
 
 
 def _squeezed(array: da.Array, dims: tuple[str, ...], *, labels: bool) -> tuple[da.Array, tuple[str, ...]]:
