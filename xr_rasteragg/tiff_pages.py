@@ -139,12 +139,22 @@ class TiffPages:
             for down in range(y0 // rows, (y1 - 1) // rows + 1)
             for across in range(x0 // columns, (x1 - 1) // columns + 1)
         ]
-        offsets = [page.dataoffsets[i] for i in indices]
-        counts = [page.databytecounts[i] for i in indices]
+        segments = sorted(
+            ((page.dataoffsets[i], page.databytecounts[i], i) for i in indices), key=lambda s: s[0]
+        )
         extra = {}
         if self.keyframe.compression in _JPEG:
             extra = {"jpegtables": page.jpegtables, "jpegheader": self.keyframe.jpegheader}
-        for data, index in self.handle.read_segments(offsets, counts, indices, lock=self.handle.lock):
+        # One buffer for the segments, each read into it and decoded (uncompressed segments as a
+        # view of it) and copied out before the next: new memory for every segment costs more
+        # in page faults than the reading.
+        buffer = memoryview(bytearray(max(count for _, count, _ in segments)))
+        for offset, count, index in segments:
+            data = None  # an empty segment (no bytes written)
+            if count > 0 and offset > 0:
+                with self.handle.lock:
+                    self.handle.seek(offset)
+                    data = buffer[: self.handle.readinto(buffer[:count])]
             segment, (_, _, top, left, _), shape = page.decode(data, index, **extra)
             if segment is None:  # an empty segment: the page's fill value
                 segment = np.full((shape[1], shape[2]), self.keyframe.nodata, self.dtype)
