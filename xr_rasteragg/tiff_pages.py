@@ -119,7 +119,7 @@ class TiffPages:
                 ranges.append(range(i, i + 1))
         # The bounding box of the selection, read whole, then stepped (a copy, only for steps
         # other than 1, which dask does not take) and without the axes of the integers.
-        box = [range(min(r), max(r) + 1) if len(r) else range(0) for r in ranges]
+        box = [range(min(r[0], r[-1]), max(r[0], r[-1]) + 1) if len(r) else range(0) for r in ranges]
         out = np.empty(tuple(len(b) for b in box), self.dtype)
         if out.size:
             (y0, y1), (x0, x1) = ((b.start, b.stop) for b in box[-2:])
