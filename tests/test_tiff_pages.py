@@ -83,14 +83,18 @@ def test_pages_of_a_stack_and_a_plane(tmp_path: Path) -> None:
 
 def test_empty_tiles_read_as_the_fill_value(tmp_path: Path) -> None:
     path = tmp_path / "sparse.tif"
-    image = np.zeros((64, 64), np.uint16)
-    image[40:, 40:] = 7
-    # tifffile writes no bytes for the all-zero tiles of a sparse image
-    tifffile.imwrite(path, image, tile=(16, 16), compression="zlib")
+    # Tiles given as None are not written (no bytes, offset 0): they read as the fill value, 0.
+    tiles = [None if i % 3 else np.full((16, 16), i + 1, np.uint16) for i in range(16)]
+    tifffile.imwrite(path, iter(tiles), shape=(64, 64), dtype=np.uint16, tile=(16, 16))
+    expected = tifffile.imread(path)
     with tifffile.TiffFile(path) as tif:
+        assert 0 in tif.pages[0].databytecounts
         pages = tiff_pages(tif.series[0], ("token",))
         assert pages is not None
-        np.testing.assert_array_equal(pages[:, :], image)
+        np.testing.assert_array_equal(pages[:, :], expected)
+        np.testing.assert_array_equal(pages[10:40, 5:63], expected[10:40, 5:63])
+    assert expected[0, 0] == 1
+    assert expected[0, 16] == 0
 
 
 def test_other_layouts_are_left_to_zarr(tmp_path: Path) -> None:
