@@ -4,9 +4,9 @@ Every reader looks at the file's metadata only and returns an ``xarray.DataArray
 dask array whose tasks read the file block by block when they run: TIFFs tile by tile (or strip by
 strip) through tifffile's segment decoder (:mod:`xr_rasteragg.tiff_pages`) or, for layouts it
 leaves out, tifffile's zarr interface (tiled, striped, pyramidal and BigTIFF files alike; the
-full-resolution level of a pyramid), zarr arrays and OME-Zarr images directly. Nothing is read into memory here, so every
-check (a file that is not an image, a mask of a non-integer dtype, axes that cannot be placed) is
-made before any pixel is read.
+full-resolution level of a pyramid), zarr arrays and OME-Zarr images directly. Nothing is read
+into memory here, so every check (a file that is not an image, a mask of a non-integer dtype, axes
+that cannot be placed) is made before any pixel is read.
 
 Images come out with dims ``("c", [ "z",] "y", "x")`` and the channel names as the ``c``
 coordinate where the file names them (OME-TIFF ``Channel@Name``, OME-Zarr ``omero`` labels);
