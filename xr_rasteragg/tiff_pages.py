@@ -3,12 +3,12 @@
 tifffile's zarr interface (:meth:`tifffile.TiffPageSeries.aszarr`) reads every TIFF layout, but
 each tile goes through zarr's asynchronous chunk pipeline, a thread hop and two copies; on the
 8-channel 4096² OME-TIFF of ``benchmarks/quantify.py`` (512 px tiles, read in 2048 px blocks)
-that costs about three times the CPU of reading the same tiles with tifffile's own segment
-reader and decoder (:meth:`tifffile.FileHandle.read_segments` and ``TiffPage.decode``, as in
-tifffile's documented example of decoding single tiles), and importing zarr costs 0.1-0.3 s
-more. :func:`tiff_pages` wraps a series in :class:`TiffPages` where its layout is the common
-one -- pages of one sample per pixel, all in the series' file -- and returns None otherwise,
-for the caller to use the zarr interface.
+that costs two to three times the CPU of reading the same tiles into one buffer and decoding
+them with tifffile's decoder of single segments (``TiffPage.decode``, as in tifffile's
+documented example of decoding single tiles), and importing zarr costs 0.1-0.3 s more.
+:func:`tiff_pages` wraps a series in :class:`TiffPages` where its layout is the common one --
+pages of one sample per pixel, all in the series' file -- and returns None otherwise, for the
+caller to use the zarr interface.
 """
 
 from __future__ import annotations
