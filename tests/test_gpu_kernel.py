@@ -48,8 +48,9 @@ pytestmark = [
 ]
 
 EVERYTHING = Needs(order=4, extrema=True)
-#: Small segments, so that the tiny blocks still have runs split at segment ends.
-KERNEL = cuda_kernel.CudaRunKernel(segment=4)
+#: Small segments, so that the tiny blocks still have runs split at segment ends; small hash
+#: tables, so that labels collide in them (and the simulator runs few threads per table).
+KERNEL = cuda_kernel.CudaRunKernel(segment=4, slots=8)
 CUPY, _ = probe_cupy()
 #: The simulator runs one launch at a time (it swaps the module that kernels see while one runs).
 SCHEDULER = "threads" if CUPY is not None else "synchronous"
@@ -352,17 +353,119 @@ def test_shape_features_through_the_engine_equal_regionprops(
     assert result.values["bbox"].dtype == np.int64
 
 
-def test_perimeter_and_solidity_are_a_type_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """They need each label's neighbourhood and its convex hull, which only the CPU kernel builds."""
-    monkeypatch.setattr(xr_rasteragg.engine, "kernel_for", lambda array: KERNEL)
-    labels = da.from_array(device(np.array([[[1, 1, 2], [1, 2, 2]]], np.int32)), asarray=False)
-    with pytest.raises(TypeError, match="cannot read a label's neighbourhood"):
-        aggregate(labels, None, ["perimeter"], space=Space((1, 2), (1.0, 1.0)))
-    with (
-        pytest.raises(TypeError, match="no update for the family 'hull'"),
-        dask.config.set(scheduler=SCHEDULER),
-    ):
-        aggregate(labels, None, ["solidity"], space=Space((1, 2), (1.0, 1.0)))
+def _engine(
+    kernel: Any, labels: np.ndarray, image: np.ndarray | None, chunks: Any, stats: Any, **kw: Any
+) -> Any:
+    """The engine's eager result with every block through ``kernel`` (blocks on the device when
+    there is one and ``kernel`` is the CUDA kernel)."""
+    on = device if kernel is KERNEL else (lambda array: array)
+    with mock.patch.object(xr_rasteragg.engine, "kernel_for", return_value=kernel):
+        dlabels = da.from_array(on(labels), chunks=chunks, asarray=False)
+        dimage = None if image is None else da.from_array(on(image), chunks=(1, *chunks), asarray=False)
+        with dask.config.set(scheduler=SCHEDULER):
+            return aggregate(dlabels, dimage, stats, eager=True, **kw)
+
+
+@pytest.mark.parametrize(
+    ("grid", "chunks"),
+    [
+        ((1, 14, 17), (1, 8, 9)),
+        ((1, 14, 17), (1, 3, 17)),
+        ((1, 8, 9), (1, 8, 2)),
+        ((2, 9, 8), (1, 5, 4)),
+        ((2, 9, 8), (2, 9, 3)),
+    ],
+    ids=["2d-quarters", "2d-thin-rows", "2d-thin-columns", "3d", "3d-columns"],
+)
+def test_perimeter_and_solidity_equal_the_cpu_kernel_and_regionprops(
+    grid: tuple[int, int, int], chunks: tuple[int, int, int]
+) -> None:
+    """The families without a GPU update (the perimeter's border counts, the convex hulls) run on
+    a host copy of each block: bit for bit the CPU kernel's results, and regionprops', for labels
+    that cross block borders (irregular, some in several pieces); with the moment-based features
+    and the per-channel statistics, which stay on the device."""
+    labels = shape.irregular(grid, 5, seed=21, size=3)
+    image = values(1, grid, "uint16", seed=22)
+    flat = grid[0] == 1
+    props = ("perimeter", "solidity", "area", "centroid") if flat else ("solidity", "area", "centroid")
+    stats = (*props, "mean", "max")
+    space = Space((1, 2), (1.0, 1.0)) if flat else Space()
+    got = _engine(KERNEL, labels, image, chunks, stats, background=0, space=space)
+    cpu = _engine(KERNELS["numba"], labels, image, chunks, stats, background=0, space=space)
+    np.testing.assert_array_equal(got.labels, cpu.labels)
+    for name in stats:
+        value = got.values[name]
+        assert type(value) is np.ndarray, name
+        np.testing.assert_array_equal(value, cpu.values[name], err_msg=name)
+    expected = shape.reference(labels[0] if flat else labels, props)
+    np.testing.assert_array_equal(got.labels, expected["label"])
+    shape.check(got.values, expected, props)
+
+
+def test_the_perimeter_needs_the_frame() -> None:
+    """The perimeter's family from a label stage without a frame is an error, as on the CPU."""
+    from xr_rasteragg.families import Border
+
+    labels = np.array([[[1, 1, 2], [1, 2, 2]]], np.int32)
+    with pytest.raises(ValueError, match="needs the label block's frame"):
+        run(labels, None, Needs(0, more=(Border(),)))
+
+
+def test_host_encodings_must_hold_the_device_labels() -> None:
+    """The host fallback fills the GPU kernel's rows with the CPU kernel's: a block whose two
+    encodings differ (which the kernels' shared order rules out) is an error, not a misalignment."""
+    labels = np.array([[[1, 1, 2], [1, 2, 3]]], np.int32)
+    runs = KERNEL.encode(device(labels), (0, 0, 0), 3)
+    assert list(runs.host_runs().parts.labels) == [1, 2]
+    other = KERNELS["numba"].encode(labels, (0, 0, 0), None)
+    with pytest.raises(RuntimeError, match="different labels"):
+        cuda_kernel._checked(other, runs.parts)
+
+
+def _crop_sum(mask: np.ndarray, intensity: np.ndarray) -> list[float]:
+    """A crop function (as skimage's extra properties): the crop's shape and the weighted row."""
+    rows = np.arange(mask.shape[-2], dtype=np.float64)[:, None]
+    return [float(mask.sum()), float((intensity * rows).sum()), float(mask.shape[-1])]
+
+
+@pytest.mark.parametrize(
+    ("grid", "chunks", "stats"),
+    [
+        ((2, 9, 12), (1, 5, 7), ("median",)),
+        ((2, 9, 12), (2, 9, 3), ("median", "mean", "solidity")),
+        ((1, 9, 12), (1, 4, 12), ("median", "mean", "area", "perimeter", "solidity")),
+    ],
+    ids=["alone", "with-moments-3d", "with-shape-2d"],
+)
+def test_whole_label_statistics_from_the_cuda_label_stage(
+    grid: tuple[int, int, int], chunks: tuple[int, int, int], stats: tuple[str, ...]
+) -> None:
+    """Median, quantiles and user functions (of the values, of the crops) gather a host copy of
+    the CUDA label stage's blocks (with the perimeter, the framed stage's): exactly the NumPy
+    path's results, for labels that cross blocks; with the moment statistics and shape features
+    of the same call on the device."""
+    from xr_rasteragg.whole_label import LabelFunction, Quantiles
+
+    labels = shape.irregular(grid, 6, seed=23, size=3)
+    image = values(2, labels.shape, "float32", seed=24)
+    wholes = {
+        "quartiles": Quantiles((0.25, 0.75), "linear"),
+        "spread": LabelFunction(lambda v: [v.max() - v.min(), v.size], output_size=2),
+        "crop": LabelFunction(_crop_sum, output_size=3, on="crops"),
+    }
+    space = Space((1, 2), (1.0, 1.0)) if grid[0] == 1 else Space()
+    ask = {"background": 0, "wholes": wholes, "index": [4, 1, 9, 2], "space": space}
+    got = _engine(KERNEL, labels, image, chunks, stats, **ask)
+    cpu = _engine(KERNELS["numba"], labels, image, chunks, stats, **ask)
+    np.testing.assert_array_equal(got.labels, [4, 1, 9, 2])
+    assert set(got.values) == {*stats, *wholes}
+    for name, value in got.values.items():
+        assert type(value) is np.ndarray, name
+        np.testing.assert_array_equal(value, cpu.values[name], err_msg=name)
+    pixels = image[:, labels == 4].astype(np.float64)
+    np.testing.assert_array_equal(got.values["median"][0], np.median(pixels, axis=1))
+    np.testing.assert_array_equal(got.values["quartiles"][0], np.quantile(pixels, [0.25, 0.75], axis=1).T)
+    assert np.isnan(got.values["median"][2]).all()  # 9: absent
 
 
 def test_every_kernel_compiles_for_a_hopper_gpu() -> None:
@@ -376,9 +479,12 @@ def test_every_kernel_compiles_for_a_hopper_gpu() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_a_segment_must_hold_a_pixel() -> None:
+def test_a_segment_must_hold_a_pixel_and_tables_a_power_of_two_slots() -> None:
     with pytest.raises(ValueError, match="'segment' must be at least 1 pixel; got 0"):
         cuda_kernel.CudaRunKernel(segment=0)
+    for slots in (0, 12):
+        with pytest.raises(ValueError, match=f"'slots' must be a power of two; got {slots}"):
+            cuda_kernel.CudaRunKernel(slots=slots)
 
 
 def test_cupy_is_imported_lazily() -> None:

@@ -111,18 +111,27 @@ class Ring:
 
     @classmethod
     def of(cls, block: NDArray[Any], offset: tuple[int, int, int], halo: int) -> Ring:
-        """The ring of the block at ``offset``; its pixels are copied (the ring outlives the block)."""
+        """The ring of the block at ``offset``; its pixels are copied, to the host for a block on
+        a GPU (the ring outlives the block, and frames are read on the host)."""
         _, h, w = block.shape
         _, y0, x0 = offset
         if h <= 2 * halo or w <= 2 * halo:
-            return cls(((y0, y0 + h, x0, x0 + w),), (block.copy(),))
+            return cls(((y0, y0 + h, x0, x0 + w),), (_host_copy(block),))
         rects = (
             (y0, y0 + halo, x0, x0 + w),
             (y0 + h - halo, y0 + h, x0, x0 + w),
             (y0 + halo, y0 + h - halo, x0, x0 + halo),
             (y0 + halo, y0 + h - halo, x0 + w - halo, x0 + w),
         )
-        return cls(rects, tuple(block[:, a - y0 : b - y0, c - x0 : e - x0].copy() for a, b, c, e in rects))
+        return cls(
+            rects, tuple(_host_copy(block[:, a - y0 : b - y0, c - x0 : e - x0]) for a, b, c, e in rects)
+        )
+
+
+def _host_copy(array: Any) -> NDArray[Any]:
+    """A NumPy copy of a NumPy or CuPy array."""
+    get = getattr(array, "get", None)
+    return get() if callable(get) else np.array(array)
 
 
 def _paste(out: NDArray[Any], rect: Rect, values: NDArray[Any], source: Rect) -> None:

@@ -63,8 +63,10 @@ from .engine import (
     row_bytes,
     rows_between,
 )
+from .kernels import HostRuns
 from .kernels.numba import LabelRuns, block_partials
 from .kernels.selection import group_runs, scatter_runs
+from .kernels.xp import to_numpy
 from .object_arrays import holding, objects, pick, tree_reduce
 from .partials import Needs
 from .stats import STATISTICS, Space, needs_of
@@ -79,7 +81,7 @@ __all__ = ["aggregate", "crossing_labels"]
 
 def _ids_block(labels: Any, skip: int | None) -> NDArray[Any]:
     """The sorted ids of one label block, each marked as seen in one block (a survey task)."""
-    ids = block_partials.encode(np.asarray(labels), (0, 0, 0), skip).parts.labels
+    ids = block_partials.encode(to_numpy(labels), (0, 0, 0), skip).parts.labels
     return holding((ids, np.zeros(ids.shape[0], dtype=bool)), 3)
 
 
@@ -185,8 +187,10 @@ def _layout_block(
     """
     label_stage = stage.flat[0]
     encoded = label_stage.block
-    if not isinstance(encoded, LabelRuns):  # a kernel that takes whole blocks: encode them here
-        encoded = block_partials.encode(np.asarray(encoded), label_stage.offset, label_stage.skip)
+    if isinstance(encoded, HostRuns):  # a device kernel's stage: its host copy's runs
+        encoded = encoded.host_runs()
+    elif not isinstance(encoded, LabelRuns):  # a kernel that takes whole blocks: encode them here
+        encoded = block_partials.encode(to_numpy(encoded), label_stage.offset, label_stage.skip)
     runs, ids = encoded.runs, encoded.parts.labels
     row_of_run = encoded.rank[runs.id].astype(np.int64)
     order, run_starts = group_runs(row_of_run, ids.shape[0])
@@ -313,7 +317,7 @@ def _gather_block(
     """A block's share of each of a group of channel chunks (a ``blockwise`` task), as
     ``(None, [share per chunk])``: the form of :func:`_both_block`'s results, without partials."""
     lay: _Layout = layout.flat[0]
-    return holding((None, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
+    return holding((None, [_share(lay, to_numpy(chunk), wholes, skipna) for chunk in image]), 3)
 
 
 def _both_block(
@@ -334,7 +338,7 @@ def _both_block(
     """
     lay: _Layout = layout.flat[0]
     partials = channel_partials(stage.flat[0], image, needs)
-    return holding((partials, [_share(lay, np.asarray(chunk), wholes, skipna) for chunk in image]), 3)
+    return holding((partials, [_share(lay, to_numpy(chunk), wholes, skipna) for chunk in image]), 3)
 
 
 def _partials_of(block: NDArray[Any]) -> NDArray[Any]:

@@ -19,8 +19,17 @@ from ..partials import Needs, Partials
 
 if TYPE_CHECKING:
     from ..frames import Frame
+    from .numba import LabelRuns
 
-__all__ = ["BlockKernel", "FrameReader", "StagedKernel", "array_backend", "kernel_for", "register_kernel"]
+__all__ = [
+    "BlockKernel",
+    "FrameReader",
+    "HostRuns",
+    "StagedKernel",
+    "array_backend",
+    "kernel_for",
+    "register_kernel",
+]
 
 
 class BlockKernel(Protocol):
@@ -54,6 +63,15 @@ class FrameReader(StagedKernel, Protocol):
 
     def encode_framed(self, labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame) -> Any:
         """:meth:`encode`, with the block's :class:`~xr_rasteragg.frames.Frame`."""
+
+
+@runtime_checkable
+class HostRuns(Protocol):
+    """A label stage's encoding on a device that also gives the compiled CPU kernel's encoding
+    of a host copy of its block, for work done on the host (the whole-label gather)."""
+
+    def host_runs(self) -> LabelRuns:
+        """The :class:`~xr_rasteragg.kernels.numba.LabelRuns` of the block, copied to the host."""
 
 
 _KERNELS: dict[str, str] = {

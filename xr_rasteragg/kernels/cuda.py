@@ -42,8 +42,9 @@ The kernels run unchanged under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numba import cuda
@@ -72,6 +73,11 @@ from .cuda_runs import (
     _power_pass,
     _second_pass,
 )
+from .xp import to_numpy
+
+if TYPE_CHECKING:
+    from ..frames import Frame
+    from .numba import LabelRuns
 
 __all__ = ["FAMILY_UPDATES", "SEGMENT", "CudaRunKernel", "DeviceRuns", "block_partials"]
 
@@ -228,6 +234,13 @@ class DeviceRuns:
         The global (z, y, x) index of the block's first pixel.
     totals
         The rows of ``packed`` in label order (host).
+    source
+        The label block as the kernel was given it (a CuPy array; NumPy under the simulator).
+    background
+        The label whose pixels are left out, as the kernel was given it (``skip``), or None.
+    framed
+        The compiled CPU kernel's encoding of a host copy of the block with its frame, for the
+        perimeter (see :meth:`CudaRunKernel.encode_framed`), or None.
     """
 
     parts: Partials
@@ -242,6 +255,23 @@ class DeviceRuns:
     segment: int
     offset: tuple[int, int, int]
     totals: NDArray[np.uint64]
+    source: Any = None
+    background: int | None = None
+    framed: LabelRuns | None = None
+
+    def host_runs(self) -> LabelRuns:
+        """The compiled CPU kernel's encoding (:class:`~xr_rasteragg.kernels.numba.LabelRuns`)
+        of a host copy of the block, for the work done on the host: the families without GPU
+        updates (:mod:`~xr_rasteragg.kernels.cuda_shape`) and the whole-label gather. Made once
+        (the frame's when :meth:`CudaRunKernel.encode_framed` made one); its labels are those of
+        :attr:`parts`, row by row (both kernels sort them by id and skip the same label)."""
+        return self.framed if self.framed is not None else self._host_runs
+
+    @cached_property
+    def _host_runs(self) -> LabelRuns:
+        from .numba import block_partials as cpu
+
+        return _checked(cpu.encode(to_numpy(self.source), self.offset, self.background), self.parts)
 
     def walk(self) -> tuple[Any, ...]:
         """The leading arguments of every kernel that walks the runs."""
@@ -261,12 +291,18 @@ class CudaRunKernel:
     ----------
     segment
         Pixels of a row that one CUDA thread walks (runs that cross a segment's end are split).
+    slots
+        The fewest slots of a block's hash table of labels (a power of two; the table has at
+        least twice as many slots as the block can hold labels).
     """
 
-    def __init__(self, segment: int = SEGMENT) -> None:
+    def __init__(self, segment: int = SEGMENT, slots: int = 1024) -> None:
         if segment < 1:
             raise ValueError(f"'segment' must be at least 1 pixel; got {segment}")
+        if slots < 1 or slots & (slots - 1):
+            raise ValueError(f"'slots' must be a power of two; got {slots}")
         self.segment = segment
+        self.slots = slots
 
     def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> DeviceRuns:
         """Discover, number and count the labels of a block ``(z, y, x)`` on the device.
@@ -285,7 +321,7 @@ class CudaRunKernel:
         if labels.size:
             _launch(_count_fresh, threads, *walk, counter)
         bound = int(counter.copy_to_host()[0])  # the one value read back mid-stage
-        size = 1024
+        size = self.slots
         while size < 2 * bound:
             size *= 2
         mask = np.uint64(size - 1)
@@ -318,6 +354,22 @@ class CudaRunKernel:
             self.segment,
             start,
             host[local],
+            labels,
+            skip,
+        )
+
+    def encode_framed(
+        self, labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame
+    ) -> DeviceRuns:
+        """:meth:`encode`, and the compiled CPU kernel's encoding of a host copy of the block with
+        its ``frame`` (:class:`~xr_rasteragg.frames.Frame`, on the host), whose neighbourhood
+        counts fill the perimeter's family (:meth:`DeviceRuns.host_runs`): the GPU kernel does
+        not read a label's neighbourhood, so this family's work runs on the host."""
+        from .numba import block_partials as cpu
+
+        runs = self.encode(labels, offset, skip)
+        return replace(
+            runs, framed=_checked(cpu.encode_framed(to_numpy(labels), offset, skip, frame), runs.parts)
         )
 
     def channels(self, runs: DeviceRuns, image: Sequence[Any] | None, needs: Needs) -> Partials:
@@ -362,6 +414,14 @@ class CudaRunKernel:
 
 #: The kernel for CuPy blocks.
 block_partials = CudaRunKernel()
+
+
+def _checked(host: LabelRuns, parts: Partials) -> LabelRuns:
+    """``host``, the CPU kernel's encoding of a block, once its labels are found to be those of
+    the GPU kernel's ``parts`` row by row (so that its fields fill the GPU kernel's rows)."""
+    if host.parts.labels.dtype != parts.labels.dtype or not np.array_equal(host.parts.labels, parts.labels):
+        raise RuntimeError("the CPU and GPU kernels found different labels in one block")
+    return host
 
 
 def _add_empty(parts: Partials, needs: Needs, nchan: int, dtype: np.dtype) -> None:

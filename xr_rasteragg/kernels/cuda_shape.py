@@ -1,4 +1,4 @@
-"""GPU kernel code of the moment-based shape families (:mod:`xr_rasteragg.families`).
+"""GPU kernel code of the shape families (:mod:`xr_rasteragg.families`).
 
 Each update launches its CUDA kernel over an encoded label block
 (:class:`~xr_rasteragg.kernels.cuda.DeviceRuns`) and returns the step that copies its fields to
@@ -18,8 +18,17 @@ kernel of a stage before the first copy. The fields are those of the CPU kernel'
   float64 (four atomic adds), as the CPU kernel sums them run by run.
 
 :class:`~xr_rasteragg.families.Border` (perimeter) and :class:`~xr_rasteragg.families.Hull`
-(solidity) have no GPU update: they need each label's neighbourhood (a halo) and the convex
-hulls, which the CPU kernel builds; on CuPy blocks they raise a ``TypeError``.
+(solidity) have no GPU update: they need each label's neighbourhood (a halo of pixels, from the
+frame around the block) and its convex hulls, which the CPU kernel builds. On CuPy blocks they
+run on the host (:func:`_on_host`): the label block is copied to the host and encoded with the
+compiled CPU kernel as well, once per label stage
+(:meth:`~xr_rasteragg.kernels.cuda.DeviceRuns.host_runs`; for the perimeter in
+:meth:`~xr_rasteragg.kernels.cuda.CudaRunKernel.encode_framed`, with the block's frame, whose
+rings are kept on the host), and the CPU kernel's updates of these two families fill their
+fields, bit for bit those of NumPy blocks. Both kernels hold a block's
+labels sorted by id and leave out the same label, so the rows align (checked). The moments,
+extrema and the moment-based families above stay on the device; the host work is done in the
+update's copy step, after every kernel of the stage is launched, so that it overlaps them.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import numpy as np
 from numba import cuda
 from numpy.typing import NDArray
 
-from ..families import PRODUCT_AXES, Family, Geometry, Weighted
+from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
 from ..partials import Partials
 from .cuda_runs import _EMPTY, _U0, _U1, _U2, _UMAX, _find, _run_end, _segment
 
@@ -212,8 +221,22 @@ def _weighted(parts: Partials, image: Sequence[Any] | None, runs: DeviceRuns, fa
     return copy
 
 
+def _on_host(parts: Partials, image: Sequence[Any] | None, runs: DeviceRuns, family: Family) -> Copy:
+    """The fields of a family without GPU update (:class:`~xr_rasteragg.families.Border`,
+    :class:`~xr_rasteragg.families.Hull`, which read no image), from the compiled CPU kernel's
+    update over the CPU kernel's encoding of a host copy of the block, in the copy step."""
+    from .numba import FAMILY_UPDATES as CPU_UPDATES
+
+    def copy() -> None:
+        CPU_UPDATES[type(family)](parts, None, runs.host_runs(), family)
+
+    return copy
+
+
 #: The updates, by family type (merged into :data:`~xr_rasteragg.kernels.cuda.FAMILY_UPDATES`).
 SHAPE_UPDATES: dict[type[Family], Callable[[Partials, Sequence[Any] | None, DeviceRuns, Any], Copy]] = {
     Geometry: _geometry,
     Weighted: _weighted,
+    Border: _on_host,
+    Hull: _on_host,
 }
