@@ -23,6 +23,7 @@ cupy = pytest.importorskip("cupy")
 import xarray as xr  # noqa: E402
 from conftest import ALL_STATS, KERNELS, assert_all_stats, assert_partials_close, reference  # noqa: E402
 from test_gpu_kernel import EVERYTHING, IDS, blobs, values  # noqa: E402
+from test_shape import irregular  # noqa: E402
 
 from xr_rasteragg import RasterAggregator  # noqa: E402
 from xr_rasteragg.engine import aggregate  # noqa: E402
@@ -154,6 +155,68 @@ def test_raster_aggregator_runs_on_the_gpu() -> None:
     on_cpu = RasterAggregator(mask, pixels, run_on_gpu=False)
     for got, expected in zip(on_gpu.aggregate_stats(stats), on_cpu.aggregate_stats(stats), strict=True):
         pd.testing.assert_frame_equal(got, expected, check_exact=False, rtol=1e-9, atol=1e-6)
+
+
+def _crop_row(mask: np.ndarray, intensity: np.ndarray) -> list[float]:
+    """A crop function (as skimage's extra properties): pixels, the row-weighted sum, width."""
+    rows = np.arange(mask.shape[-2], dtype=np.float64)[:, None]
+    return [float(mask.sum()), float((intensity * rows).sum()), float(mask.shape[-1])]
+
+
+@pytest.mark.parametrize("layout", ["cupy", "dask-cupy"])
+@pytest.mark.parametrize("dims", ["yx", "zyx"])
+def test_host_statistics_on_the_device_equal_the_numpy_path(layout: str, dims: str) -> None:
+    """Median, quantiles, a crop function, perimeter (2-D) and solidity on CuPy data through the
+    accessor: NumPy arrays, equal to the NumPy path's (exactly; the mean to rounding, as its
+    float64 sums come from atomic adds)."""
+    shape = (40, 52) if dims == "yx" else (3, 20, 26)
+    labels = irregular(shape, 9, seed=15, size=5 if dims == "yx" else 3)
+    image = values(2, labels.shape, "uint16", seed=16)
+    chunks = (16, 20) if dims == "yx" else (2, 8, 11)
+    on_gpu, on_cpu = [], []
+    for device in (True, False):
+        data, pixels = (cupy.asarray(labels), cupy.asarray(image)) if device else (labels, image)
+        if layout == "dask-cupy":
+            data = da.from_array(data, chunks=chunks, asarray=False)
+            pixels = da.from_array(pixels, chunks=(1, *chunks), asarray=False)
+        (on_gpu if device else on_cpu).append(
+            (xr.DataArray(data, dims=tuple(dims)), xr.DataArray(pixels, dims=("c", *dims)))
+        )
+    shape_stats = ["perimeter", "solidity"] if dims == "yx" else ["solidity"]
+    stats = ["median", "mean", "area", *shape_stats]
+    results = []
+    for xlabels, ximage in (on_gpu[0], on_cpu[0]):
+        table = ximage.rasteragg.aggregate(xlabels, stats).compute()
+        quartiles = ximage.rasteragg.quantile(xlabels, [0.25, 0.75]).compute()
+        crops = ximage.rasteragg.apply(xlabels, _crop_row, output_size=3, on="crops").compute()
+        shapes = xlabels.rasteragg.aggregate(shape_stats).compute()
+        results.append((table, quartiles, crops, shapes))
+    (table, quartiles, crops, shapes), expected = results
+    for name in stats:
+        assert type(table[name].data) is np.ndarray, name
+        if name == "mean":
+            np.testing.assert_allclose(table[name].values, expected[0][name].values, rtol=1e-12)
+        else:
+            np.testing.assert_array_equal(table[name].values, expected[0][name].values, err_msg=name)
+    for got, want in ((quartiles, expected[1]), (crops, expected[2])):
+        assert type(got.data) is np.ndarray
+        np.testing.assert_array_equal(got.values, want.values)
+    for name in shape_stats:
+        np.testing.assert_array_equal(shapes[name].values, expected[3][name].values, err_msg=name)
+
+
+def test_raster_aggregator_median_perimeter_and_solidity_on_the_gpu() -> None:
+    labels = irregular((1, 30, 40), 7, seed=17, size=5)
+    image = values(2, labels.shape, "uint16", seed=18)
+    mask = da.from_array(labels, chunks=(1, 15, 20))
+    pixels = da.from_array(image, chunks=(1, 1, 15, 20))
+    on_gpu = RasterAggregator(mask, pixels, run_on_gpu=True)
+    assert array_backend(on_gpu._mask) == "cupy"
+    on_cpu = RasterAggregator(mask, pixels, run_on_gpu=False)
+    stats = ("median", "perimeter", "solidity", "area")
+    for got, expected in zip(on_gpu.aggregate_stats(stats), on_cpu.aggregate_stats(stats), strict=True):
+        pd.testing.assert_frame_equal(got, expected, check_exact=True)
+    pd.testing.assert_frame_equal(on_gpu.aggregate_median(), on_cpu.aggregate_median(), check_exact=True)
 
 
 def test_mixed_numpy_and_cupy_inputs_are_an_error() -> None:
