@@ -28,12 +28,15 @@ stages, as on the CPU (:class:`~xr_rasteragg.kernels.StagedKernel`):
   maxima of unsigned keys that sort as the values do (exact for every dtype; NaN wins).
   The moment-based shape families (label geometry, the intensity-weighted centroid) walk the
   runs in kernels of their own (:mod:`xr_rasteragg.kernels.cuda_shape`), launched in the same
-  stage.
+  stage. The perimeter's and the convex hulls' families have no GPU kernel: the CPU kernel's
+  code fills them from a host copy of the block (:meth:`DeviceRuns.host_runs`), as it does the
+  whole-label gather (:mod:`xr_rasteragg.gather`).
 
 Between its first launch and its closing copy to the host, a stage never waits for the device:
 every size it needs is known before it starts (the label bound is the one value ``encode``
 reads back in the middle). The per-label tables ``(k, C)`` are the only data that leave the
-device.
+device, but for the host copies of the label block that the families without GPU kernel and
+the whole-label gather ask for.
 
 The kernels run unchanged under Numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1``, set before
 ``numba.cuda`` is first imported) on NumPy arrays: that is how CI tests them without a GPU.
@@ -255,8 +258,8 @@ class DeviceRuns:
     segment: int
     offset: tuple[int, int, int]
     totals: NDArray[np.uint64]
-    source: Any = None
-    background: int | None = None
+    source: Any
+    background: int | None
     framed: LabelRuns | None = None
 
     def host_runs(self) -> LabelRuns:
@@ -292,8 +295,8 @@ class CudaRunKernel:
     segment
         Pixels of a row that one CUDA thread walks (runs that cross a segment's end are split).
     slots
-        The fewest slots of a block's hash table of labels (a power of two; the table has at
-        least twice as many slots as the block can hold labels).
+        The fewest slots of a block's hash table of labels (a power of two; a table grows to at
+        least twice the bound on its block's labels).
     """
 
     def __init__(self, segment: int = SEGMENT, slots: int = 1024) -> None:
