@@ -260,9 +260,13 @@ def test_whole_label_statistics_read_the_image_once(
     assert len(kernel_calls) <= BLOCKS  # the moments' kernel, when moments are asked for
 
 
-def test_raster_aggregator_median_with_moments_reads_the_image_once(
-    data: tuple[np.ndarray, np.ndarray],
+@pytest.mark.parametrize(
+    "stats", [("mean", "median", "var", "kurtosis"), ("median", "perimeter", "solidity", "mean")]
+)
+def test_raster_aggregator_median_with_other_statistics_reads_the_image_once(
+    data: tuple[np.ndarray, np.ndarray], stats: tuple[str, ...]
 ) -> None:
+    """The median with moment statistics, or with shape features, through the class."""
     labels, image = data
     counted = _CountedImage(image)
     aggregator = RasterAggregator(
@@ -270,22 +274,7 @@ def test_raster_aggregator_median_with_moments_reads_the_image_once(
         da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
         run_on_gpu=False,
     )
-    frames = aggregator.aggregate_stats(("mean", "median", "var", "kurtosis"))
-    assert counted.reads == image.shape[0] * BLOCKS
-    assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
-
-
-def test_raster_aggregator_median_with_shape_features_reads_the_image_once(
-    data: tuple[np.ndarray, np.ndarray],
-) -> None:
-    labels, image = data
-    counted = _CountedImage(image)
-    aggregator = RasterAggregator(
-        da.from_array(labels, chunks=CHUNKS),
-        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
-        run_on_gpu=False,
-    )
-    frames = aggregator.aggregate_stats(("median", "perimeter", "solidity", "mean"))
+    frames = aggregator.aggregate_stats(stats)
     assert counted.reads == image.shape[0] * BLOCKS
     assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
 

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.ndimage as ndi
+import test_shape
 import xarray as xr
 from numpy.typing import NDArray
 from skimage.measure import regionprops_table
@@ -28,22 +29,7 @@ from xr_rasteragg.engine import aggregate
 from xr_rasteragg.stats import Space
 from xr_rasteragg.whole_label import LabelFunction, Quantiles
 
-SHAPE_2D = (
-    "area",
-    "bbox",
-    "centroid",
-    "axis_major_length",
-    "axis_minor_length",
-    "eccentricity",
-    "orientation",
-    "inertia_tensor",
-    "inertia_tensor_eigvals",
-    "extent",
-    "equivalent_diameter_area",
-    "perimeter",
-    "solidity",
-    "centroid_weighted",
-)
+SHAPE_2D = (*test_shape.SHAPE_2D, "centroid_weighted")
 SHAPE_3D = (
     *(name for name in SHAPE_2D if name not in ("eccentricity", "orientation", "perimeter")),
     "radii",
