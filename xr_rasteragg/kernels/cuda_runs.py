@@ -2,7 +2,10 @@
 
 Every kernel that walks the block gives each thread a segment of :data:`SEGMENT` pixels of one
 row and reduces each run of equal labels in registers, with one atomic update per run and
-field. Arithmetic that must wrap (hashes, power sums modulo 2**64 and 2**128) is written
+field. The walk is written once, in device functions that Numba inlines: :func:`_segment` (the
+thread's segment), :func:`_next_run` (the run at ``x``, its end, and whether it counts) and
+:func:`_row` (its label's row, kept while the label is the same); each kernel adds its per-run
+work. Arithmetic that must wrap (hashes, power sums modulo 2**64 and 2**128) is written
 without overflowing uint64, so that it also runs, unchanged and without warnings, under Numba's
 CUDA simulator. The host side, and what the fields mean, are in :mod:`xr_rasteragg.kernels.cuda`.
 """
@@ -40,8 +43,10 @@ _SMALL, _UINT64, _INT64, _FLOAT = 0, 1, 2, 3
 
 
 @cuda.jit(device=True, inline=True)
-def _segment(t, nz, ny, nx, seg):
-    """(z, y, first x, end x) of thread ``t``'s segment, or z = -1 past the last one."""
+def _segment(labels, seg):
+    """(z, y, first x, end x) of this thread's segment of ``labels``, or z = -1 past the last one."""
+    nz, ny, nx = labels.shape
+    t = cuda.grid(1)
     nseg = (nx + seg - 1) // seg
     r = t // nseg
     if r >= nz * ny:
@@ -53,12 +58,16 @@ def _segment(t, nz, ny, nx, seg):
 
 
 @cuda.jit(device=True, inline=True)
-def _run_end(labels, z, y, x0, b, key):
-    """End of the run of ``key`` that starts at ``x0`` (at most ``b``)."""
+def _next_run(labels, z, y, x0, b, use_skip, skip):
+    """The run of equal labels that starts at ``x0``: ``(key, end, counts)``.
+
+    Its end is at most ``b``; it counts unless its key is ``skip`` (with ``use_skip``).
+    """
+    key = np.uint64(labels[z, y, x0])
     x1 = x0 + 1
     while x1 < b and np.uint64(labels[z, y, x1]) == key:
         x1 += 1
-    return x1
+    return key, x1, not (use_skip and key == skip)
 
 
 @cuda.jit(device=True, inline=True)
@@ -91,6 +100,18 @@ def _find(table, mask, key):
     while table[s] != key:
         s = (s + 1) & np.int64(mask)
     return s
+
+
+@cuda.jit(device=True, inline=True)
+def _row(table, mask, ids, key, i, last_key):
+    """``(row, key)`` of a counted run's ``key``, given ``(i, last_key)`` of the thread's last one.
+
+    The table is searched only when the key differs from the last (or ``i < 0``: no run yet);
+    else the last row is kept.
+    """
+    if i < 0 or key != last_key:
+        return np.int64(ids[_find(table, mask, key)]), key
+    return i, last_key
 
 
 @cuda.jit(device=True, inline=True)
@@ -200,16 +221,14 @@ def _order_key(x, bits, kind, low, sign, full):
 @cuda.jit
 def _count_fresh(labels, seg, use_skip, skip, counter):
     """Count the runs that start below another label (or in a plane's first row): a bound on the labels."""
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     fresh = 0
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip) and (y == 0 or np.uint64(labels[z, y - 1, x0]) != key):
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts and (y == 0 or np.uint64(labels[z, y - 1, x0]) != key):
             fresh += 1
         x0 = x1
     if fresh:
@@ -222,17 +241,15 @@ def _discover(labels, seg, use_skip, skip, table, mask, sums):
 
     ``sums[slot]`` holds the pixel count and the sums of z, y and 2 x (integers, exact).
     """
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
     slot = np.int64(-1)
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
             if slot < 0 or key != last_key:
                 slot = _insert(table, mask, key)
                 last_key = key
@@ -273,20 +290,16 @@ def _power_pass(
 
     ``power[i, c]`` holds ``[T1, T2, T3 low, T3 high, T4 low, T4 high]`` (128-bit T3, T4).
     """
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
     i = np.int64(-1)
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
-            if i < 0 or key != last_key:
-                i = np.int64(ids[_find(table, mask, key)])
-                last_key = key
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
+            i, last_key = _row(table, mask, ids, key, i, last_key)
             for c in range(image.shape[0]):
                 mn = _UMAX
                 mx = _U0
@@ -399,20 +412,17 @@ def _first_pass(
     integers of up to 32 bits are summed exactly in int64 (``exact``), others in float64
     (``total``).
     """
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    _, ny, nx = labels.shape
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
     i = np.int64(-1)
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
-            if i < 0 or key != last_key:
-                i = np.int64(ids[_find(table, mask, key)])
-                last_key = key
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
+            i, last_key = _row(table, mask, ids, key, i, last_key)
             for c in range(image.shape[0]):
                 if sums:
                     k = zero
@@ -501,20 +511,16 @@ def _second_pass(
     order, central,
 ):  # fmt: skip
     """``Σ d**p`` (p = 1..order) of the deviations ``d`` of each pixel from its label's mean, run by run."""
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
     i = np.int64(-1)
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
-            if i < 0 or key != last_key:
-                i = np.int64(ids[_find(table, mask, key)])
-                last_key = key
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
+            i, last_key = _row(table, mask, ids, key, i, last_key)
             for c in range(image.shape[0]):
                 n = nvalid[i, c] if skipna else np.int64(packed[i, 1])
                 if n == 0:

@@ -42,7 +42,7 @@ from numpy.typing import NDArray
 
 from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
 from ..partials import Partials
-from .cuda_runs import _EMPTY, _U0, _U1, _U2, _UMAX, _find, _run_end, _segment
+from .cuda_runs import _EMPTY, _U0, _U1, _U2, _UMAX, _next_run, _row, _segment
 
 if TYPE_CHECKING:
     from .cuda import DeviceRuns
@@ -66,8 +66,8 @@ def _geometry_pass(labels, seg, use_skip, skip, table, mask, ids, first, low, hi
     ``n`` at ``(z, y, a..a+n-1)`` adds ``Σ x = n a + n(n-1)/2`` and ``Σ x² = n a² + a n(n-1) +
     (n-1) n (2n-1)/6``, and their products with its constant z and y. uint64, modulo 2**64.
     """
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    _, ny, nx = labels.shape
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
@@ -76,12 +76,9 @@ def _geometry_pass(labels, seg, use_skip, skip, table, mask, ids, first, low, hi
     uy = np.uint64(y)
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
-            if i < 0 or key != last_key:
-                i = np.int64(ids[_find(table, mask, key)])
-                last_key = key
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
+            i, last_key = _row(table, mask, ids, key, i, last_key)
             n = np.uint64(x1 - x0)
             ux = np.uint64(x0)
             sx = n * ux + n * (n - _U1) // _U2
@@ -173,8 +170,7 @@ def _at_origins(
 def _weighted_pass(labels, seg, use_skip, skip, table, mask, ids, image, oz, oy, ox, sums):  # type: ignore[no-untyped-def]
     """``Σ I``, ``Σ I z``, ``Σ I y`` and ``Σ I x`` (global indices ``z + oz``, ...) per label and
     channel, in ``sums[0..3, i, c]`` (float64), run by run."""
-    nz, ny, nx = labels.shape
-    z, y, a, b = _segment(cuda.grid(1), nz, ny, nx, seg)
+    z, y, a, b = _segment(labels, seg)
     if z < 0:
         return
     last_key = _EMPTY
@@ -183,12 +179,9 @@ def _weighted_pass(labels, seg, use_skip, skip, table, mask, ids, image, oz, oy,
     gy = y + oy
     x0 = a
     while x0 < b:
-        key = np.uint64(labels[z, y, x0])
-        x1 = _run_end(labels, z, y, x0, b, key)
-        if not (use_skip and key == skip):
-            if i < 0 or key != last_key:
-                i = np.int64(ids[_find(table, mask, key)])
-                last_key = key
+        key, x1, counts = _next_run(labels, z, y, x0, b, use_skip, skip)
+        if counts:
+            i, last_key = _row(table, mask, ids, key, i, last_key)
             for c in range(image.shape[0]):
                 total = 0.0
                 moment = 0.0
