@@ -15,7 +15,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
-__all__ = ["convex_pixels_2d", "fold_hulls", "monotone_chain", "sorted_hull"]
+__all__ = ["chain_pixels", "convex_pixels_2d", "fold_hulls", "monotone_chain", "sorted_hull"]
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
@@ -184,8 +184,8 @@ def convex_pixels_2d(offsets, points):  # type: ignore[no-untyped-def]
         longest = max(longest, offsets[i + 1] - offsets[i])
         if offsets[i + 1] > offsets[i]:
             tallest = max(tallest, points[offsets[i + 1] - 1, 0] - points[offsets[i], 0] + 1)
-    chain_y = np.empty(longest, np.int64)
-    chain_v = np.empty(longest, np.int64)
+    chain_y = np.empty((2, longest), np.int64)
+    chain_v = np.empty((2, longest), np.int64)
     q = np.empty(tallest, np.int64)
     rem = np.empty(tallest, np.int64)
     den = np.empty(tallest, np.int64)
@@ -195,27 +195,46 @@ def convex_pixels_2d(offsets, points):  # type: ignore[no-untyped-def]
         a, b = offsets[i], offsets[i + 1]
         if a == b:
             continue
-        low, high = points[a, 0], points[b - 1, 0]
-        total = high - low + 1
-        for side in range(2):  # the right end (largest columns), then the mirrored left end
-            sign = 1 if side == 0 else -1  # v = sign * column
-            h = 0
-            for p in range(a, b):
-                y, v = points[p, 0], sign * (points[p, 1] - points[a, 1])  # from the first vertex
-                while h >= 2 and _not_clockwise(chain_y, chain_v, h, y, v):
-                    h -= 1  # an upper chain turns clockwise at every vertex
-                chain_y[h], chain_v[h] = y, v
-                h += 1
-            _chain_rows(chain_y, chain_v, h, low, q, rem, den)
-            _widened_floors(q, rem, den, high - low + 1, right if side == 0 else q)
-            if side == 0:
-                for t in range(high - low + 1):
-                    total += right[t]
-            else:
-                for t in range(high - low + 1):
-                    total += q[t]
-        out[i] = total
+        # The upper chains of the right ends (v = column) and of the mirrored left ends (v = -column).
+        hr = _upper_chain(points, a, b, 1, chain_y[0], chain_v[0])
+        hl = _upper_chain(points, a, b, -1, chain_y[1], chain_v[1])
+        out[i] = chain_pixels(chain_y[0], chain_v[0], hr, chain_y[1], chain_v[1], hl, q, rem, den, right)
     return out
+
+
+@nb.njit(nogil=True, cache=True)
+def chain_pixels(right_y, right_v, hr, left_y, left_v, hl, q, rem, den, right):  # type: ignore[no-untyped-def]
+    """Pixels of the convex hull image of a 2-D label from the two upper chains of its hull
+    (:func:`convex_pixels_2d`): ``(right_y, right_v)`` (``hr`` vertices) over the rows' right
+    ends, ``v`` = column, and ``(left_y, left_v)`` (``hl`` vertices) over their left ends, ``v``
+    = -column; each strictly clockwise, rows ascending from the label's first row to its last.
+    ``q, rem, den, right``: scratch of at least the label's rows."""
+    low, high = right_y[0], right_y[hr - 1]
+    rows = high - low + 1
+    total = rows
+    _chain_rows(right_y, right_v, hr, low, q, rem, den)
+    _widened_floors(q, rem, den, rows, right)
+    for t in range(rows):
+        total += right[t]
+    _chain_rows(left_y, left_v, hl, low, q, rem, den)
+    _widened_floors(q, rem, den, rows, q)
+    for t in range(rows):
+        total += q[t]
+    return total
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _upper_chain(points, a, b, sign, chain_y, chain_v):  # type: ignore[no-untyped-def]
+    """The upper chain of the points ``(y, sign * x)`` of ``points[a:b]`` (sorted by (y, x)) into
+    ``chain_y, chain_v``; returns its number of vertices."""
+    h = 0
+    for p in range(a, b):
+        y, v = points[p, 0], sign * points[p, 1]
+        while h >= 2 and _not_clockwise(chain_y, chain_v, h, y, v):
+            h -= 1  # an upper chain turns clockwise at every vertex
+        chain_y[h], chain_v[h] = y, v
+        h += 1
+    return h
 
 
 @nb.njit(nogil=True, cache=True, inline="always")

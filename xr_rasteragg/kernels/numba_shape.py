@@ -27,7 +27,7 @@ from numpy.typing import NDArray
 
 from ..families import PRODUCT_AXES, Border, Family, Geometry, Hull, Weighted
 from ..frames import Frame
-from ..hulls import convex_pixels_2d, sorted_hull
+from ..hulls import chain_pixels
 from ..partials import Partials
 from ..ragged import Ragged
 
@@ -274,74 +274,129 @@ def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-un
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
-    offsets, points = _run_hulls(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
-    points = points.copy()  # not the room left unused
-    if runs.parts.size and int(runs.runs.z.max()) == int(runs.runs.z.min()):  # one plane
-        convex = convex_pixels_2d(offsets, np.ascontiguousarray(points[:, 1:]))
-    else:
-        convex = np.full(runs.parts.size, -1, np.int64)
+    one_plane = runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
+    offsets, points, convex = _run_hulls(*runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane)
     parts.add(family, hull=Ragged(offsets, points), convex=convex)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_hulls(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: ignore[no-untyped-def]
-    """Per label (in label order: row ``rank[id]``) and z plane, the hull vertices of its pixel
-    centres, sorted by (z, y, x), from its row extremes (global indices); and where each label's
-    vertices start.
+def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane):  # type: ignore[no-untyped-def]
+    """Per label (in label order: local id ``local[row]``) and z plane, the hull vertices of its
+    pixel centres, sorted by (z, y, x) (global indices), and where each label's vertices start;
+    and with ``one_plane``, the pixels of each label's convex hull image (-1 otherwise).
 
-    One pass over the runs, in their (z, y, x) order, writes each label's rows (z, y, first
-    column, last column) into its own stretch of a table (a counting sort, which keeps them
-    sorted); then each label's rows are read in turn and hulled plane by plane.
+    One pass over the runs, in their (z, y, x) order, keeps each label's last row (first and
+    last column) and, as a row is complete, pushes its ends onto the label's two upper chains
+    (Andrew's monotone chain, which takes points sorted by row): the right ends (``v`` =
+    column) and the mirrored left ends (``v`` = -column), each in its own stretch of a table,
+    restarted at each plane. The hull's vertices are the vertices of the two chains, merged;
+    the convex hull image's pixels follow from the chains (:func:`~xr_rasteragg.hulls.chain_pixels`).
     """
-    k = rank.shape[0]
+    k = local.shape[0]
     nruns = run_id.shape[0]
-    start = np.zeros(k + 1, np.int64)
+    base = np.zeros(k + 1, np.int64)  # a label's chains hold at most one vertex per run
     for r in range(nruns):
-        start[rank[run_id[r]] + 1] += 1
+        base[run_id[r] + 1] += 1
     for i in range(k):
-        start[i + 1] += start[i]
-    end = start[:-1].copy()
-    rows = np.empty((nruns, 4), np.int64)  # z, y, first and last column of a label's row
-    for r in range(nruns):
-        i = rank[run_id[r]]
-        e = end[i] - 1
-        z, y = run_z[r], run_y[r]
-        if e >= start[i] and rows[e, 1] == y and rows[e, 0] == z:
-            rows[e, 3] = run_x[r] + run_len[r] - 1
-        else:
-            e += 1
-            rows[e, 0], rows[e, 1], rows[e, 2], rows[e, 3] = z, y, run_x[r], run_x[r] + run_len[r] - 1
-            end[i] = e + 1
-    points = np.empty((2 * nruns + 1, 3), np.int64)
+        base[i + 1] += base[i]
+    # The right chain (v = column) and the left one (v = -column) of label i: entries
+    # base[i] to top[i] of their tables, the current plane's from floor[i].
+    right_z, right_y, right_v = (
+        np.empty(nruns, np.int64),
+        np.empty(nruns, np.int64),
+        np.empty(nruns, np.int64),
+    )
+    left_z, left_y, left_v = np.empty(nruns, np.int64), np.empty(nruns, np.int64), np.empty(nruns, np.int64)
+    right_top, left_top = base[:-1].copy(), base[:-1].copy()
+    right_floor, left_floor = base[:-1].copy(), base[:-1].copy()
+    row_z = np.full(k, -1, np.int64)  # each label's last row: plane, row, first and last column
+    row_y = np.empty(k, np.int64)
+    row_a = np.empty(k, np.int64)
+    row_b = np.empty(k, np.int64)
+    for r in range(nruns + k):
+        if r < nruns:
+            i = run_id[r]
+            z, y = np.int64(run_z[r]), np.int64(run_y[r])
+            if row_z[i] == z and row_y[i] == y:  # one more run of the label's row
+                row_b[i] = run_x[r] + run_len[r] - 1
+                continue
+        else:  # the labels' last rows
+            i = r - nruns
+            z = -1
+        if row_z[i] >= 0:
+            right_top[i] = _push(
+                right_z, right_y, right_v, right_top[i], right_floor[i], row_z[i], row_y[i], row_b[i]
+            )
+            left_top[i] = _push(
+                left_z, left_y, left_v, left_top[i], left_floor[i], row_z[i], row_y[i], -row_a[i]
+            )
+            if z != row_z[i]:  # the plane ends
+                right_floor[i], left_floor[i] = right_top[i], left_top[i]
+        if r < nruns:
+            row_z[i], row_y[i], row_a[i], row_b[i] = z, y, run_x[r], run_x[r] + run_len[r] - 1
     where = np.zeros(k + 1, np.int64)
-    room = 2 * nruns + 1
-    ys = np.empty(room, np.int64)
-    xs = np.empty(room, np.int64)
-    hy = np.empty(room, np.int64)
-    hx = np.empty(room, np.int64)
-    oy = np.empty(room, np.int64)
-    ox = np.empty(room, np.int64)
-    m = 0
+    for j in range(k):
+        i = local[j]
+        where[j + 1] = where[j] + right_top[i] - base[i] + left_top[i] - base[i]
+    points = np.empty((where[k], 3), np.int64)
+    convex = np.full(k, -1, np.int64)
+    tallest = 1
     for i in range(k):
-        e = start[i]
-        while e < end[i]:
-            z = rows[e, 0]
-            n = 0
-            while e < end[i] and rows[e, 0] == z:
-                ys[n], xs[n] = rows[e, 1], rows[e, 2]
-                n += 1
-                if rows[e, 3] > rows[e, 2]:
-                    ys[n], xs[n] = rows[e, 1], rows[e, 3]
-                    n += 1
-                e += 1
-            h = sorted_hull(ys, xs, n, hy, hx, oy, ox)
-            for q in range(h):
-                points[m, 0] = z + offset[0]
-                points[m, 1] = oy[q] + offset[1]
-                points[m, 2] = ox[q] + offset[2]
-                m += 1
-        where[i + 1] = m
-    return where, points[:m]
+        if right_top[i] > base[i]:
+            tallest = max(tallest, right_y[right_top[i] - 1] - right_y[base[i]] + 1)
+    q = np.empty(tallest, np.int64)
+    rem = np.empty(tallest, np.int64)
+    den = np.empty(tallest, np.int64)
+    right = np.empty(tallest, np.int64)
+    for j in range(k):
+        i = local[j]
+        # Merge the chains' vertices by (z, y, x); on a row, the left end comes first.
+        a, b, c, d = base[i], right_top[i], base[i], left_top[i]
+        m = where[j]
+        while a < b or c < d:
+            take_left = a >= b or (
+                c < d
+                and (
+                    left_z[c] < right_z[a]
+                    or (
+                        left_z[c] == right_z[a]
+                        and (left_y[c] < right_y[a] or (left_y[c] == right_y[a] and -left_v[c] <= right_v[a]))
+                    )
+                )
+            )
+            if take_left:
+                zz, yy, xx = left_z[c] + offset[0], left_y[c] + offset[1], -left_v[c] + offset[2]
+                c += 1
+            else:
+                zz, yy, xx = right_z[a] + offset[0], right_y[a] + offset[1], right_v[a] + offset[2]
+                a += 1
+            if m > where[j] and points[m - 1, 0] == zz and points[m - 1, 1] == yy and points[m - 1, 2] == xx:
+                continue  # a vertex of both chains (a row of one pixel at a plane's end)
+            points[m, 0], points[m, 1], points[m, 2] = zz, yy, xx
+            m += 1
+        where[j + 1] = m
+        if one_plane and right_top[i] > base[i]:
+            a, b, d = base[i], right_top[i], left_top[i]
+            convex[j] = chain_pixels(
+                right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a, q, rem, den, right
+            )
+    return where, points[: where[k]].copy(), convex  # not the room of the vertices of both chains
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-untyped-def]
+    """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
+    ``top``), popping the vertices it makes turn anticlockwise or not at all; returns the new top."""
+    h = top
+    while (
+        h - floor >= 2
+        and (chain_y[h - 1] - chain_y[h - 2]) * (v - chain_v[h - 2])
+        - (chain_v[h - 1] - chain_v[h - 2]) * (y - chain_y[h - 2])
+        >= 0
+    ):
+        h -= 1
+    chain_z[h], chain_y[h], chain_v[h] = z, y, v
+    return h + 1
 
 
 def _weighted(
