@@ -260,9 +260,9 @@ def _chain_rows(chain_y, chain_v, h, low, q, rem, den):  # type: ignore[no-untyp
             q[y], rem[y], den[y] = value, r, d
             value += step
             r += extra
-            if r >= d:
-                value += 1
-                r -= d
+            carry = r >= d  # without a branch (the carries of a slope follow no pattern)
+            value += carry
+            r -= carry * d
     last = chain_y[h - 1] - low
     top = chain_v[h - 1]
     for j in range(h - 1):
@@ -279,15 +279,14 @@ def _widened_floors(q, rem, den, rows, out):  # type: ignore[no-untyped-def]
     ``(S - 1) / 2 + [f >= 1]`` for odd ``S``. ``out`` may be ``q`` itself."""
     previous = 0
     for t in range(rows):
-        best = q[t] + (2 * rem[t] >= den[t])
-        for u in (t - 1, t + 1):
-            if 0 <= u < rows:
-                qu = previous if u == t - 1 else q[u]
-                ru = rem[u]
-                total = q[t] + qu
-                if total % 2 == 0:
-                    best = max(best, total // 2)
-                else:
-                    best = max(best, (total - 1) // 2 + (rem[t] * den[u] + ru * den[t] >= den[t] * den[u]))
+        qt, rt, dt = q[t], rem[t], den[t]
+        best = qt + (2 * rt >= dt)
+        # Without branches on the parity (which no predictor learns): floor(S / 2) + [S odd][f >= 1].
+        if t > 0:
+            total, ru, du = qt + previous, rem[t - 1], den[t - 1]
+            best = max(best, (total >> 1) + (total & 1) * (rt * du + ru * dt >= dt * du))
+        if t + 1 < rows:
+            total, ru, du = qt + q[t + 1], rem[t + 1], den[t + 1]
+            best = max(best, (total >> 1) + (total & 1) * (rt * du + ru * dt >= dt * du))
         previous = q[t]
         out[t] = best

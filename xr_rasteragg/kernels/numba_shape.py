@@ -301,12 +301,13 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
         base[i + 1] += base[i]
     # The right chain (v = column) and the left one (v = -column) of label i: entries
     # base[i] to top[i] of their tables, the current plane's from floor[i].
+    # (int32, as the runs: the tables are written once, and their memory is most of the cost.)
     right_z, right_y, right_v = (
-        np.empty(nruns, np.int64),
-        np.empty(nruns, np.int64),
-        np.empty(nruns, np.int64),
+        np.empty(nruns, np.int32),
+        np.empty(nruns, np.int32),
+        np.empty(nruns, np.int32),
     )
-    left_z, left_y, left_v = np.empty(nruns, np.int64), np.empty(nruns, np.int64), np.empty(nruns, np.int64)
+    left_z, left_y, left_v = np.empty(nruns, np.int32), np.empty(nruns, np.int32), np.empty(nruns, np.int32)
     right_top, left_top = base[:-1].copy(), base[:-1].copy()
     right_floor, left_floor = base[:-1].copy(), base[:-1].copy()
     row_z = np.full(k, -1, np.int64)  # each label's last row: plane, row, first and last column
@@ -388,12 +389,10 @@ def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-un
     """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
     ``top``), popping the vertices it makes turn anticlockwise or not at all; returns the new top."""
     h = top
-    while (
-        h - floor >= 2
-        and (chain_y[h - 1] - chain_y[h - 2]) * (v - chain_v[h - 2])
-        - (chain_v[h - 1] - chain_v[h - 2]) * (y - chain_y[h - 2])
-        >= 0
-    ):
+    while h - floor >= 2:
+        ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
+        if (chain_y[h - 1] - ay) * (v - av) - (chain_v[h - 1] - av) * (y - ay) < 0:
+            break
         h -= 1
     chain_z[h], chain_y[h], chain_v[h] = z, y, v
     return h + 1
