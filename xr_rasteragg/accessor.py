@@ -677,7 +677,7 @@ def _wrap(
             continue
         if name == "centroid":
             value = _positions(value, labels, axes, aligned.affine)
-        elif name == "centroid_weighted":
+        elif name == "centroid_weighted" and not _in_pixels(labels, axes, aligned.affine):
             stack = da.stack if isinstance(value, da.Array) else np.stack
             value = stack(
                 [_positions(value[:, c], labels, axes, aligned.affine) for c in range(value.shape[1])], axis=1
@@ -762,6 +762,11 @@ def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) ->
     return out
 
 
+def _in_pixels(labels: xr.DataArray, axes: Sequence[str], affine: NDArray[np.float64] | None) -> bool:
+    """Whether positions on ``axes`` stay pixel indices (no transformation, no coordinates)."""
+    return affine is None and not any(dim in labels.coords for dim in axes)
+
+
 def _positions(
     positions: Any, labels: xr.DataArray, axes: Sequence[str], affine: NDArray[np.float64] | None
 ) -> Any:
@@ -772,6 +777,8 @@ def _positions(
     """
     if affine is not None:
         return to_coordinate_system(positions, affine)[:, ::-1]  # back to the order of ``axes``
+    if _in_pixels(labels, axes, affine):
+        return positions  # no graph steps for the identity
     columns = []
     for j, dim in enumerate(axes):
         column = positions[:, j]
