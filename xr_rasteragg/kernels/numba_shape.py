@@ -301,13 +301,15 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
         base[i + 1] += base[i]
     # The right chain (v = column) and the left one (v = -column) of label i: entries
     # base[i] to top[i] of their tables, the current plane's from floor[i].
-    # (int32, as the runs: the tables are written once, and their memory is most of the cost.)
+    # (int32, as the runs: the tables are written once, and their memory is most of the cost;
+    # the planes only where the block has several.)
+    planes = nruns if not one_plane else 0
     right_z, right_y, right_v = (
-        np.empty(nruns, np.int32),
+        np.zeros(planes, np.int32),
         np.empty(nruns, np.int32),
         np.empty(nruns, np.int32),
     )
-    left_z, left_y, left_v = np.empty(nruns, np.int32), np.empty(nruns, np.int32), np.empty(nruns, np.int32)
+    left_z, left_y, left_v = np.zeros(planes, np.int32), np.empty(nruns, np.int32), np.empty(nruns, np.int32)
     right_top, left_top = base[:-1].copy(), base[:-1].copy()
     right_floor, left_floor = base[:-1].copy(), base[:-1].copy()
     row_z = np.full(k, -1, np.int64)  # each label's last row: plane, row, first and last column
@@ -349,27 +351,30 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
     rem = np.empty(tallest, np.int64)
     den = np.empty(tallest, np.int64)
     right = np.empty(tallest, np.int64)
+    plane = run_z[0] if nruns else 0  # the plane of a block of one
     for j in range(k):
         i = local[j]
         # Merge the chains' vertices by (z, y, x); on a row, the left end comes first.
         a, b, c, d = base[i], right_top[i], base[i], left_top[i]
         m = where[j]
         while a < b or c < d:
+            left_plane = left_z[c] if planes and c < d else plane
+            right_plane = right_z[a] if planes and a < b else plane
             take_left = a >= b or (
                 c < d
                 and (
-                    left_z[c] < right_z[a]
+                    left_plane < right_plane
                     or (
-                        left_z[c] == right_z[a]
+                        left_plane == right_plane
                         and (left_y[c] < right_y[a] or (left_y[c] == right_y[a] and -left_v[c] <= right_v[a]))
                     )
                 )
             )
             if take_left:
-                zz, yy, xx = left_z[c] + offset[0], left_y[c] + offset[1], -left_v[c] + offset[2]
+                zz, yy, xx = left_plane + offset[0], left_y[c] + offset[1], -left_v[c] + offset[2]
                 c += 1
             else:
-                zz, yy, xx = right_z[a] + offset[0], right_y[a] + offset[1], right_v[a] + offset[2]
+                zz, yy, xx = right_plane + offset[0], right_y[a] + offset[1], right_v[a] + offset[2]
                 a += 1
             if m > where[j] and points[m - 1, 0] == zz and points[m - 1, 1] == yy and points[m - 1, 2] == xx:
                 continue  # a vertex of both chains (a row of one pixel at a plane's end)
@@ -387,14 +392,16 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
 @nb.njit(nogil=True, cache=True, inline="always")
 def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-untyped-def]
     """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
-    ``top``), popping the vertices it makes turn anticlockwise or not at all; returns the new top."""
+    ``top``; planes kept where ``chain_z`` has room), popping the vertices it makes turn anticlockwise or not at all; returns the new top."""
     h = top
     while h - floor >= 2:
         ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
         if (chain_y[h - 1] - ay) * (v - av) - (chain_v[h - 1] - av) * (y - ay) < 0:
             break
         h -= 1
-    chain_z[h], chain_y[h], chain_v[h] = z, y, v
+    chain_y[h], chain_v[h] = y, v
+    if chain_z.shape[0]:  # several planes
+        chain_z[h] = z
     return h + 1
 
 
