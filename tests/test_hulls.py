@@ -78,15 +78,20 @@ def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
     slots = [np.array([0, 2, 3])] * 3  # three parts over disjoint pixels, each holding rows 0, 2 and 3
     pixels = [np.unique(rng.integers(0, [2, 40, 40], size=(90, 3)), axis=0) for _ in range(3)]
     owner = [rng.integers(0, 3, size=len(p)) for p in pixels]  # which part holds each pixel
-    merged = Ragged.empty(4)
-    for j, rows in enumerate(slots):
+    parts = []
+    for j in range(3):
         mine = [p[o == j] for p, o in zip(pixels, owner, strict=True)]  # sorted by (z, y, x)
-        part = Ragged(np.cumsum([0] + [len(p) for p in mine]), np.concatenate(mine))
-        first = np.full(3, j == 0)
-        merged.offsets, merged.values = fold_hulls(
-            merged.offsets, merged.values, part.offsets, part.values, rows, first
-        )
-    assert len(merged.row(1)) == 0
+        parts.append(Ragged(np.cumsum([0] + [len(p) for p in mine]), np.concatenate(mine)))
+    # A fourth part holds row 1 alone: its rows are copied.
+    alone = hull_of(np.argwhere(np.ones((3, 3), bool)).astype(np.int64))
+    parts.append(Ragged(np.array([0, len(alone)]), np.column_stack([np.full(len(alone), 5), alone])))
+    together = Ragged.concatenate(parts)
+    rows = np.concatenate([*slots, [1]]).astype(np.int64)
+    offsets, values, source = fold_hulls(together.offsets, together.values, rows, 5)
+    merged = Ragged(offsets, values)
+    np.testing.assert_array_equal(merged.row(1), together.row(9))
+    np.testing.assert_array_equal(source, [-1, 9, -1, -1, -2])  # several parts, one, none
+    assert len(merged.row(4)) == 0
     for slot, row in enumerate([0, 2, 3]):
         got = merged.row(row)
         assert np.all(np.diff(got[:, 0]) >= 0)

@@ -17,7 +17,7 @@ arguments.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -110,6 +110,9 @@ class Family(ABC):
         Whether its fields hold one column per channel (and so need an image).
     halo
         How many pixels around each label block (in y and x) its kernel code reads.
+    at_once
+        Whether a merge folds every part in one call (:meth:`fold_all`) rather than one part
+        after another; such a family reads no pixel counts.
     all_fields
         The name of every field it may hold, whatever its parameters (registered in
         :data:`FIELD_NAMES`).
@@ -119,6 +122,7 @@ class Family(ABC):
     weights: ClassVar[bool] = False
     channel: ClassVar[bool] = True
     halo: ClassVar[int] = 0
+    at_once: ClassVar[bool] = False
     all_fields: ClassVar[tuple[str, ...]]
 
     def __init_subclass__(cls) -> None:
@@ -145,6 +149,18 @@ class Family(ABC):
         Families that merge with the pixel counts read them in ``merged`` as they were before
         the fold (:func:`pixel_counts`): the ``weights`` families fold last.
         """
+
+    def fold_all(
+        self,
+        merged: Fields,
+        parts: Sequence[Fields],
+        rows: Sequence[NDArray[np.intp]],
+        firsts: Sequence[NDArray[np.bool_]],
+    ) -> None:
+        """Fold several parts, in order (``rows`` and ``firsts`` of each as in :meth:`fold`): one
+        after another, or in one pass where the family does better (:attr:`at_once`)."""
+        for part, where, first in zip(parts, rows, firsts, strict=True):
+            self.fold(merged, part, where, first)
 
     def names(self) -> tuple[str, ...]:
         """The names of its fields."""
@@ -467,15 +483,17 @@ class Hull(Family):
     ``hull``; and ``convex`` (int64), the pixels of the convex hull image of a label whose
     vertices lie in one plane and come from one part (-1 where that is not known yet).
 
-    The hull of a union is the hull of the parts' hulls, so a merge re-hulls the two vertex
-    lists plane by plane (:func:`~xr_rasteragg.hulls.fold_hulls`, compiled), and leaves the
-    pixel count of the labels it merges unknown; the 3-D hull of a label is the hull of its
+    The hull of a union is the hull of the parts' hulls, so a merge re-hulls the vertex lists
+    of a label's parts plane by plane, all parts at once (:func:`~xr_rasteragg.hulls.fold_hulls`,
+    compiled, which copies every other row once), and leaves the pixel count of the labels it
+    merges unknown; the 3-D hull of a label is the hull of its
     planes' vertices. Most labels lie in one block: their pixel count is made there, in
     parallel, and finalization counts only the others.
     """
 
     name: ClassVar[str] = "hull"
     channel: ClassVar[bool] = False
+    at_once: ClassVar[bool] = True
     all_fields: ClassVar[tuple[str, ...]] = ("hull", "convex")
 
     def fields(self) -> tuple[Field, ...]:
@@ -485,9 +503,24 @@ class Hull(Family):
         return {"hull": Ragged.empty(k), "convex": np.full(k, -1, np.int64)}
 
     def fold(self, merged: Fields, part: Fields, rows: NDArray[np.intp], first: NDArray[np.bool_]) -> None:
-        out, add = cast(Ragged, merged["hull"]), cast(Ragged, part["hull"])
-        out.offsets, out.values = fold_hulls(out.offsets, out.values, add.offsets, add.values, rows, first)
-        merged["convex"][rows] = np.where(first, part["convex"], -1)
+        self.fold_all(merged, [part], [rows], [first])
+
+    def fold_all(
+        self,
+        merged: Fields,
+        parts: Sequence[Fields],
+        rows: Sequence[NDArray[np.intp]],
+        firsts: Sequence[NDArray[np.bool_]],
+    ) -> None:
+        # The merged rows so far are one more part, before the others; a row keeps the pixel
+        # count of its convex hull image where its vertices come from one part row.
+        out = cast(Ragged, merged["hull"])
+        k = len(out)
+        together = Ragged.concatenate([out, *(cast(Ragged, p["hull"]) for p in parts)])
+        targets = np.concatenate([np.arange(k), *rows]).astype(np.int64)
+        out.offsets, out.values, source = fold_hulls(together.offsets, together.values, targets, k)
+        convex = np.concatenate([merged["convex"], *(p["convex"] for p in parts)])
+        merged["convex"][:] = np.where(source >= 0, convex[np.maximum(source, 0)], -1)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 The :class:`~xr_rasteragg.families.Hull` family keeps, per label and z plane, the vertices of
 the convex hull of its pixel centres, sorted by (z, y, x), in a
 :class:`~xr_rasteragg.ragged.Ragged` field. This module makes those vertex lists from sorted
-points (:func:`sorted_hull`), merges two of them (:func:`fold_hulls`: the hull of a union is
+points (:func:`sorted_hull`), merges those of several parts (:func:`fold_hulls`: the hull of a union is
 the hull of the parts' hulls) and counts the pixels of
 :func:`skimage.morphology.convex_hull_image` of a 2-D label from its vertices
 (:func:`convex_pixels_2d`), row by row, analytically. Every step is a loop over the points,
@@ -98,26 +98,43 @@ def _plane_hulls(points, n, out, at, ys, xs, hy, hx, oy, ox):  # type: ignore[no
 
 
 @nb.njit(nogil=True, cache=True)
-def fold_hulls(offsets, values, part_offsets, part_values, rows, first):  # type: ignore[no-untyped-def]
-    """The hull rows ``(offsets, values)`` with the part's rows folded in: part row ``r`` goes
-    to row ``rows[r]``, copied if ``first[r]``, else re-hulled with the row's vertices, plane by
-    plane (the vertex lists of disjoint pixel sets, so their points are distinct). Returns the
-    new, compact ``(offsets, values)``."""
-    k = offsets.shape[0] - 1
-    source = np.full(k, -1, np.int64)
-    for r in range(rows.shape[0]):
-        source[rows[r]] = r
+def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
+    """Hull rows of ``k`` labels from rows of several parts, all folded at once.
+
+    Row ``r`` of the ragged array ``(offsets, values)`` (the parts' rows one after the other)
+    goes to row ``rows[r]``. A row whose points come from one part row is copied; the vertex
+    lists of several (those of disjoint pixel sets, so their points are distinct) are merged in
+    (z, y, x) order, in the order of the parts, and re-hulled plane by plane. Returns the new,
+    compact ``(offsets, values)`` and, per row, the part row its points come from (-1 where
+    several give points, -2 where none does).
+    """
+    n = rows.shape[0]
+    holders = np.zeros(k + 1, np.int64)  # part rows with points, by row: a counting sort
     room = 0
-    longest = 0
+    for r in range(n):
+        size = offsets[r + 1] - offsets[r]
+        if size:
+            holders[rows[r] + 1] += 1
+            room += size
     for i in range(k):
-        room += offsets[i + 1] - offsets[i]
-    for r in range(rows.shape[0]):
-        size = part_offsets[r + 1] - part_offsets[r]
-        room += size
-        longest = max(longest, size + offsets[rows[r] + 1] - offsets[rows[r]])
+        holders[i + 1] += holders[i]
+    order = np.empty(holders[k], np.int64)
+    fill = holders[:-1].copy()
+    longest = 0
+    sizes = np.zeros(k, np.int64)
+    for r in range(n):
+        size = offsets[r + 1] - offsets[r]
+        if size:
+            i = rows[r]
+            order[fill[i]] = r
+            fill[i] += 1
+            sizes[i] += size
+            longest = max(longest, sizes[i])
     out_offsets = np.zeros(k + 1, np.int64)
     out = np.empty((room, 3), np.int64)
+    source = np.full(k, -2, np.int64)
     union = np.empty((longest, 3), np.int64)
+    merged = np.empty((longest, 3), np.int64)
     ys = np.empty(longest, np.int64)
     xs = np.empty(longest, np.int64)
     oy = np.empty(longest, np.int64)
@@ -126,33 +143,34 @@ def fold_hulls(offsets, values, part_offsets, part_values, rows, first):  # type
     hx = np.empty(longest + 1, np.int64)
     at = 0
     for i in range(k):
-        r = source[i]
-        if r >= 0 and first[r]:
-            a, b = part_offsets[r], part_offsets[r + 1]
-            out[at : at + b - a] = part_values[a:b]
-            at += b - a
-        elif r < 0:
-            a, b = offsets[i], offsets[i + 1]
-            out[at : at + b - a] = values[a:b]
-            at += b - a
-        else:  # merge the two sorted vertex lists, then re-hull each plane
-            p, p_end = offsets[i], offsets[i + 1]
-            q, q_end = part_offsets[r], part_offsets[r + 1]
-            n = 0
-            while p < p_end or q < q_end:
-                take_p = q >= q_end or (p < p_end and _before(values, p, part_values, q))
-                if take_p:
-                    for axis in range(3):
-                        union[n, axis] = values[p, axis]
-                    p += 1
-                else:
-                    for axis in range(3):
-                        union[n, axis] = part_values[q, axis]
-                    q += 1
-                n += 1
-            at = _plane_hulls(union, n, out, at, ys, xs, hy, hx, oy, ox)
+        first, last = holders[i], holders[i + 1]
+        if last - first == 1:
+            r = order[first]
+            source[i] = r
+            for p in range(offsets[r], offsets[r + 1]):
+                for axis in range(3):
+                    out[at, axis] = values[p, axis]
+                at += 1
+        elif last - first > 1:  # merge the sorted vertex lists one by one, then re-hull each plane
+            source[i] = -1
+            n_union = 0
+            for h in range(first, last):
+                r = order[h]
+                p, p_end, q, m = 0, n_union, offsets[r], 0
+                while p < p_end or q < offsets[r + 1]:
+                    if q >= offsets[r + 1] or (p < p_end and _before(union, p, values, q)):
+                        for axis in range(3):
+                            merged[m, axis] = union[p, axis]
+                        p += 1
+                    else:
+                        for axis in range(3):
+                            merged[m, axis] = values[q, axis]
+                        q += 1
+                    m += 1
+                union, merged, n_union = merged, union, m
+            at = _plane_hulls(union, n_union, out, at, ys, xs, hy, hx, oy, ox)
         out_offsets[i + 1] = at
-    return out_offsets, out[:at]  # a view: re-hulled rows leave little room unused
+    return out_offsets, out[:at], source  # a view: re-hulled rows leave little room unused
 
 
 @nb.njit(nogil=True, cache=True, inline="always")

@@ -264,27 +264,23 @@ def merge(parts: Sequence[Partials]) -> Partials:
     k = labels.shape[0]
     first = parts[0]
     merged = first._with(labels, {name: _empty_rows(v, k) for name, v in first.fields.items()})
-    # Families that merge with the pixel counts fold before the counts themselves.
-    families = sorted(first.families, key=lambda f: f.weights)
+    # Whether each part's rows are their label's first holders.
     seen = np.zeros(k, np.bool_)
-    for part, rows in zip(parts, positions, strict=True):
-        _fold(merged, part, rows, seen, families)
+    firsts = []
+    for rows in positions:
+        firsts.append(~seen[rows])
+        seen[rows] = True
+    into, fields = merged.fields, [part.fields for part in parts]
+    # Part by part, families that merge with the pixel counts fold before the counts themselves;
+    # families that fold every part at once, after.
+    families = sorted((f for f in first.families if not f.at_once), key=lambda f: f.weights)
+    for part, rows, fresh in zip(fields, positions, firsts, strict=True):
+        for family in families:
+            family.fold(into, part, rows, fresh)
+    for family in first.families:
+        if family.at_once:
+            family.fold_all(into, fields, positions, firsts)
     return merged
-
-
-def _fold(
-    merged: Partials,
-    part: Partials,
-    rows: NDArray[np.intp],
-    seen: NDArray[np.bool_],
-    families: Sequence[Family],
-) -> None:
-    """Fold ``part`` into the distinct rows ``rows`` of ``merged`` (``seen``: the rows written before)."""
-    first = ~seen[rows]
-    into, fields = merged.fields, part.fields
-    for family in families:
-        family.fold(into, fields, rows, first)
-    seen[rows] = True
 
 
 def label_union(ids: Sequence[NDArray[Any]]) -> NDArray[Any]:

@@ -392,7 +392,8 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
 @nb.njit(nogil=True, cache=True, inline="always")
 def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-untyped-def]
     """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
-    ``top``; planes kept where ``chain_z`` has room), popping the vertices it makes turn anticlockwise or not at all; returns the new top."""
+    ``top``; planes kept where ``chain_z`` has room), popping the vertices it makes turn
+    anticlockwise or not at all; returns the new top."""
     h = top
     while h - floor >= 2:
         ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
