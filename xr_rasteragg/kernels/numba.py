@@ -845,11 +845,8 @@ def _small_integer_partials(
     for flats, rows in batches:
         _power_sweep(flats, rows, runs.runs, Flags(order, extrema, False), power, extremes, positions)
     if weighted is not None and positions is not None:
-        # Sums modulo 2**64 read as int64: the true values (see _weighted_family) fit.
-        weight = _take_rows(power[:, :, 0].view(np.int64), local).astype(np.float64)
-        found = [_take_rows(positions[:, :, a].view(np.int64), local).astype(np.float64) for a in range(3)]
-        moved = [s + o * weight for s, o in zip(found, runs.offset, strict=True)]
-        parts.add(weighted, **dict(zip(weighted.names(), [weight, *moved], strict=True)))
+        sums = _weighted_sums(power, positions, local, np.asarray(runs.offset, np.float64))
+        parts.add(weighted, **dict(zip(weighted.names(), sums, strict=True)))
     if needs.skipna:
         parts.add(Valid(), nvalid=np.repeat(parts.count[:, None], nchan, axis=1))
     if needs.extrema:
@@ -876,6 +873,25 @@ def _weighted_family(needs: Needs, runs: LabelRuns, image: Sequence[NDArray[np.n
     family = next((f for f in needs.more if isinstance(f, Weighted)), None)
     width = max(image[0].shape[1:], default=0)
     return family if family is not None and 2.0**16 * runs.pixels * width < 2.0**63 else None
+
+
+@nb.njit(nogil=True, cache=True)
+def _weighted_sums(power, positions, local, offset):
+    """The fields of :class:`~xr_rasteragg.families.Weighted` in label order (rows ``local``), from
+    the sums of :func:`_power_sweep`: ``Σ x`` and ``Σ x j`` about global indices ``j`` (block
+    indices plus ``offset``). The sums modulo 2**64 are read as int64: the true values fit (see
+    :func:`_weighted_family`)."""
+    k, nchan = local.shape[0], power.shape[1]
+    weight = np.empty((k, nchan))
+    moments = (np.empty((k, nchan)), np.empty((k, nchan)), np.empty((k, nchan)))
+    for r in range(k):
+        i = local[r]
+        for c in range(nchan):
+            w = float(np.int64(power[i, c, 0]))
+            weight[r, c] = w
+            for a in range(3):
+                moments[a][r, c] = float(np.int64(positions[i, c, a])) + offset[a] * w
+    return weight, moments[0], moments[1], moments[2]
 
 
 def _add_moments(parts: Partials, order: int, moments: list[NDArray[Any]]) -> None:

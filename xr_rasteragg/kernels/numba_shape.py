@@ -39,18 +39,20 @@ __all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_counts"]
 
 def _geometry(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Geometry` from the runs."""
-    fields = _run_geometry(*runs.runs, runs.count.shape[0], np.asarray(runs.offset, np.int64))
-    parts.add(family, **{name: value[runs.local] for name, value in zip(family.names(), fields, strict=True)})
+    fields = _run_geometry(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
+    parts.add(family, **dict(zip(family.names(), fields, strict=True)))
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_geometry(run_z, run_y, run_x, run_len, run_id, k, offset):  # type: ignore[no-untyped-def]
-    """Origin (each label's first pixel), offset sums, product sums and bounding box by local id.
+def _run_geometry(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: ignore[no-untyped-def]
+    """Origin (each label's first pixel), offset sums, product sums and bounding box, in label
+    order (local id ``i`` at row ``rank[i]``).
 
     A run of length ``L`` at offsets ``(dz, dy, a..a+L-1)`` from its label's origin adds
     ``Σ dx = L a + L(L-1)/2`` and ``Σ dx² = L a² + a L(L-1) + (L-1) L (2L-1) / 6``; the other sums
     are products of its constant ``dz`` and ``dy`` with these. Sums are int64 inside the block.
     """
+    k = rank.shape[0]
     origin = np.zeros((k, 3), np.int64)
     seen = np.zeros(k, np.bool_)
     s1 = np.zeros((k, 3), np.int64)
@@ -58,7 +60,7 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, k, offset):  # type: ign
     low = np.empty((k, 3), np.int64)
     high = np.empty((k, 3), np.int64)
     for r in range(run_id.shape[0]):
-        i = run_id[r]
+        i = rank[run_id[r]]
         z, y, x0, n = np.int64(run_z[r]), np.int64(run_y[r]), np.int64(run_x[r]), np.int64(run_len[r])
         if not seen[i]:
             seen[i] = True
@@ -83,12 +85,17 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, k, offset):  # type: ign
         high[i, 0] = max(high[i, 0], z + 1)
         high[i, 1] = max(high[i, 1], y + 1)
         high[i, 2] = max(high[i, 2], x0 + n)
+    offsets = np.empty((k, 3))
+    products = np.empty((k, 6))
     for i in range(k):
         for a in range(3):
             origin[i, a] += offset[a]
             low[i, a] += offset[a]
             high[i, a] += offset[a]
-    return origin, s1.astype(np.float64), s2.astype(np.float64), low, high
+            offsets[i, a] = s1[i, a]
+        for q in range(6):
+            products[i, q] = s2[i, q]
+    return origin, offsets, products, low, high
 
 
 assert PRODUCT_AXES == ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the order of _run_geometry
@@ -386,7 +393,7 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
             convex[j] = chain_pixels(
                 right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a, q, rem, den, right
             )
-    return where, points[: where[k]].copy(), convex  # not the room of the vertices of both chains
+    return where, points[: where[k]], convex  # a view: the room of the vertices of both chains is small
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
