@@ -123,6 +123,17 @@ def test_3d_features_equal_regionprops(chunks: Any) -> None:
     assert result["bbox"].shape == (len(expected["label"]), 6)
 
 
+def test_solidity_of_blocks_wider_than_int16_columns() -> None:
+    """The hull kernel keeps block rows and columns in int16 tables where they fit, int32 in
+    wider blocks: both equal regionprops."""
+    labels = irregular((6, 33000), 9, 2, size=3)
+    expected = reference(labels, ("solidity", "perimeter"))
+    for chunks in ((6, 33000), (6, 16500)):
+        xlabels = xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x"))
+        result = xlabels.rasteragg.aggregate(["solidity", "perimeter"]).compute()
+        check(result, expected, ("solidity", "perimeter"))
+
+
 def test_flat_3d_label_has_no_convex_hull_as_in_skimage() -> None:
     """A 3-D label in one plane: skimage's hull fails and its solidity is inf; so is ours."""
     labels = np.zeros((3, 6, 6), np.int32)

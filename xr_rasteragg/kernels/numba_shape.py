@@ -282,12 +282,17 @@ def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-un
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
     one_plane = runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
-    offsets, points, convex = _run_hulls(*runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane)
+    # Rows and columns within the block in the chain tables: int16 where they fit.
+    rows, columns, lengths = runs.runs.y, runs.runs.x, runs.runs.length
+    narrow = rows.size == 0 or max(int(rows.max()), int(columns.max()) + int(lengths.max())) < 2**15
+    offsets, points, convex = _run_hulls(
+        *runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane, np.int16 if narrow else np.int32
+    )
     parts.add(family, hull=Ragged(offsets, points), convex=convex)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane):  # type: ignore[no-untyped-def]
+def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, index):  # type: ignore[no-untyped-def]
     """Per label (in label order: local id ``local[row]``) and z plane, the hull vertices of its
     pixel centres, sorted by (z, y, x) (global indices), and where each label's vertices start;
     and with ``one_plane``, the pixels of each label's convex hull image (-1 otherwise).
@@ -308,15 +313,12 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane): 
         base[i + 1] += base[i]
     # The right chain (v = column) and the left one (v = -column) of label i: entries
     # base[i] to top[i] of their tables, the current plane's from floor[i].
-    # (int32, as the runs: the tables are written once, and their memory is most of the cost;
-    # the planes only where the block has several.)
+    # (In the dtype ``index``, int16 or int32: the tables are written once, and the cache
+    # misses of their first writes are most of the cost; the planes only where the block has
+    # several.)
     planes = nruns if not one_plane else 0
-    right_z, right_y, right_v = (
-        np.zeros(planes, np.int32),
-        np.empty(nruns, np.int32),
-        np.empty(nruns, np.int32),
-    )
-    left_z, left_y, left_v = np.zeros(planes, np.int32), np.empty(nruns, np.int32), np.empty(nruns, np.int32)
+    right_z, right_y, right_v = np.zeros(planes, np.int32), np.empty(nruns, index), np.empty(nruns, index)
+    left_z, left_y, left_v = np.zeros(planes, np.int32), np.empty(nruns, index), np.empty(nruns, index)
     right_top, left_top = base[:-1].copy(), base[:-1].copy()
     right_floor, left_floor = base[:-1].copy(), base[:-1].copy()
     row_z = np.full(k, -1, np.int64)  # each label's last row: plane, row, first and last column
