@@ -12,6 +12,7 @@ import pytest
 tifffile = pytest.importorskip("tifffile")
 
 import xr_rasteragg.io  # noqa: E402
+from xr_rasteragg.tiff_files import TiffSource  # noqa: E402
 from xr_rasteragg.tiff_pages import TiffPages, tiff_pages  # noqa: E402
 
 SHAPE = (3, 70, 90)  # not a multiple of the tiles or the strips: edge segments are partial
@@ -46,7 +47,7 @@ def test_slices_as_tifffile_reads_them(tmp_path: Path, image: np.ndarray, layout
     path = tmp_path / "image.tif"
     _write(path, image, LAYOUTS[layout])
     with tifffile.TiffFile(path) as tif:
-        pages = tiff_pages(tif.series[0], ("token",))
+        pages = tiff_pages(TiffSource(tif))
         assert isinstance(pages, TiffPages)
         assert pages.shape == image.shape
         assert pages.dtype == image.dtype
@@ -71,12 +72,12 @@ def test_pages_of_a_stack_and_a_plane(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "stack.ome.tif", stack, tile=(16, 16), metadata={"axes": "ZCYX"})
     tifffile.imwrite(tmp_path / "plane.tif", stack[0, 0])
     with tifffile.TiffFile(tmp_path / "stack.ome.tif") as tif:
-        pages = tiff_pages(tif.series[0], ("token",))
+        pages = tiff_pages(TiffSource(tif))
         assert pages is not None
         np.testing.assert_array_equal(pages[1, 2, 5:30, 10:45], stack[1, 2, 5:30, 10:45])
         np.testing.assert_array_equal(pages[:, :, :, :], stack)
     with tifffile.TiffFile(tmp_path / "plane.tif") as tif:
-        pages = tiff_pages(tif.series[0], ("token",))
+        pages = tiff_pages(TiffSource(tif))
         assert pages is not None
         np.testing.assert_array_equal(pages[3:9, :], stack[0, 0, 3:9])
 
@@ -89,7 +90,7 @@ def test_empty_tiles_read_as_the_fill_value(tmp_path: Path) -> None:
     expected = tifffile.imread(path)
     with tifffile.TiffFile(path) as tif:
         assert 0 in tif.pages[0].databytecounts
-        pages = tiff_pages(tif.series[0], ("token",))
+        pages = tiff_pages(TiffSource(tif))
         assert pages is not None
         np.testing.assert_array_equal(pages[:, :], expected)
         np.testing.assert_array_equal(pages[10:40, 5:63], expected[10:40, 5:63])
@@ -112,7 +113,7 @@ def test_other_layouts_are_left_to_zarr(tmp_path: Path) -> None:
     )
     for name in ("rgb.tif", "planes.tif", "volume.tif"):
         with tifffile.TiffFile(tmp_path / name) as tif:
-            assert tiff_pages(tif.series[0], ("token",)) is None, name
+            assert tiff_pages(TiffSource(tif)) is None, name
 
 
 def test_reader_uses_segments_and_blocks_of_whole_tiles(
@@ -137,7 +138,7 @@ def test_reader_uses_segments_and_blocks_of_whole_tiles(
 def test_bad_keys(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "plane.tif", np.zeros((8, 8), np.uint8))
     with tifffile.TiffFile(tmp_path / "plane.tif") as tif:
-        pages = tiff_pages(tif.series[0], ("token",))
+        pages = tiff_pages(TiffSource(tif))
         assert pages is not None
         with pytest.raises(IndexError, match="out of bounds"):
             pages[8, 0]

@@ -25,6 +25,7 @@ import dask
 import dask.array as da
 import xarray as xr
 
+from .tiff_files import TiffSource, TiffZarr
 from .tiff_pages import tiff_pages
 
 __all__ = ["BLOCK_SIDE", "read_image", "read_labels"]
@@ -156,19 +157,19 @@ def _open_tiff(
     except (tifffile.TiffFileError, ValueError, OSError) as error:
         raise ValueError(f"'{argument}' {str(path)!r} is not a TIFF image: {error}") from error
     if not tif.series:
+        tif.close()
         raise ValueError(f"'{argument}' {str(path)!r} holds no image (a TIFF without image series)")
     series = tif.series[0]
     letters = series.axes
     shape = tuple(series.shape)
     names = _ome_channel_names(tif.ome_metadata) if tif.is_ome else None
     # The tiles or strips are read with tifffile's segment decoder where the layout allows
-    # (tiff_pages), through tifffile's zarr interface otherwise; either way the series (and so
-    # the file) stays open as long as the array does.
-    stored: Any = tiff_pages(series, _token(path, "series 0, level 0"))
+    # (tiff_pages), through tifffile's zarr interface otherwise; either way the file stays open
+    # as long as the array does, and copies of the array sent to other processes open it again.
+    source = TiffSource(tif, series=0, level=0)
+    stored: Any = tiff_pages(source)
     if stored is None:
-        import zarr
-
-        stored = _Stored(zarr.open(series.aszarr(level=0), mode="r"), path, "series 0, level 0")
+        stored = TiffZarr(source)
     dims = _tiff_dims(letters, shape, path, argument, labels=labels)
     array, dims = _squeezed(_lazy(stored, dims), dims, labels=labels)
     return array, dims, names
@@ -273,8 +274,9 @@ def _lazy(array: Any, dims: Sequence[str]) -> da.Array:
 
 
 class _Stored:
-    """A zarr array of a file, read by slices, with a dask token of the file's path, version and
-    array (dask would otherwise hash the array's store, which tifffile's cannot be)."""
+    """A zarr array, read by slices, with a dask token of the store's path, version and array
+    (rather than dask's hash of the array's store). Pickled, it is the zarr array (its store's
+    path and the array's key), which the process that unpickles it opens again."""
 
     def __init__(self, array: Any, path: Path, key: str) -> None:
         self.array = array
@@ -292,7 +294,7 @@ class _Stored:
 
 
 def _token(path: Path, key: str) -> tuple[Any, ...]:
-    """A dask token of an array in a file: the file's path and version and the array's key."""
+    """A dask token of an array in a zarr store: the store's path and version and the array's key."""
     stat = path.stat()
     return (str(path.resolve()), key, stat.st_mtime_ns, stat.st_size)
 

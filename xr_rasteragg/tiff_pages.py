@@ -19,31 +19,31 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from .tiff_files import TiffSource
+
 __all__ = ["TiffPages", "tiff_pages"]
 
 #: TIFF compressions whose segments need the page's JPEG tables to decode.
 _JPEG = {6, 7, 33007, 34892}
 
 
-def tiff_pages(series: Any, token: tuple[Any, ...]) -> TiffPages | None:
-    """The full-resolution level of a tifffile series as a :class:`TiffPages`, or None.
+def tiff_pages(source: TiffSource) -> TiffPages | None:
+    """A level of a TIFF series as a :class:`TiffPages`, or None.
 
     Parameters
     ----------
-    series
-        A ``tifffile.TiffPageSeries`` of an open ``TiffFile``.
-    token
-        What identifies the file's version (see :class:`TiffPages`).
+    source
+        The level of the series (of an open file).
 
     Returns
     -------
     TiffPages or None
-        None where the series is not pages of ``(y, x)`` planes of one sample per pixel, each a
+        None where the level is not pages of ``(y, x)`` planes of one sample per pixel, each a
         plane of the series, all in the series' own file (RGB and other multi-sample pages, 3-D
         tiles, files of a multi-file OME series, missing pages): tifffile's zarr interface reads
-        those.
+        those (:class:`xr_rasteragg.tiff_files.TiffZarr`).
     """
-    level = series.levels[0]
+    level = source.open()
     pages = list(level.pages)
     keyframe = level.keyframe
     shape = tuple(int(n) for n in level.shape)
@@ -56,10 +56,10 @@ def tiff_pages(series: Any, token: tuple[Any, ...]) -> TiffPages | None:
         or len(shape) < 2
         or shape[-2:] != (keyframe.imagelength, keyframe.imagewidth)
         or math.prod(shape[:-2]) != len(pages)
-        or any(page is None or page.parent is not series.parent for page in pages)
+        or any(page is None or page.parent is not level.parent for page in pages)
     ):
         return None
-    return TiffPages(pages, keyframe, shape, token)
+    return TiffPages(source)
 
 
 class TiffPages:
@@ -67,29 +67,25 @@ class TiffPages:
 
     Indexing with integers and slices (as dask's ``from_array`` does) reads the tiles or strips
     that the slice touches, each once, and copies their parts in the slice into the result.
+    Pickled, it is its :class:`~xr_rasteragg.tiff_files.TiffSource` and layout; a copy opens the
+    file on its first read and reads through that handle from then on.
 
     Parameters
     ----------
-    pages
-        The ``TiffPage`` or ``TiffFrame`` of each plane, in C order of the leading axes.
-    keyframe
-        The page whose tags the pages share (tile or strip layout, dtype, compression).
-    shape
-        The stacked shape: the leading axes, then ``(imagelength, imagewidth)``.
-    token
-        What dask's token of the array is (the file's path and version), as the file handle
-        cannot be hashed.
+    source
+        A level of a series of pages of ``(y, x)`` planes of one sample per pixel, all in one
+        file (see :func:`tiff_pages`); its shape is the leading axes (the pages, in C order),
+        then ``(imagelength, imagewidth)``.
     """
 
-    def __init__(
-        self, pages: list[Any], keyframe: Any, shape: tuple[int, ...], token: tuple[Any, ...]
-    ) -> None:
-        self.pages = pages
-        self.keyframe = keyframe
-        self.shape = shape
-        self.ndim = len(shape)
+    def __init__(self, source: TiffSource) -> None:
+        self.source = source
+        self._opened: tuple[list[Any], Any] | None = None
+        level = source.open()
+        keyframe = level.keyframe
+        self.shape: tuple[int, ...] = tuple(int(n) for n in level.shape)
+        self.ndim = len(self.shape)
         self.dtype = np.dtype(keyframe.dtype)
-        self.token = token
         leading = (1,) * (self.ndim - 2)
         if keyframe.is_tiled:
             self.segment = (int(keyframe.tilelength), int(keyframe.tilewidth))
@@ -97,13 +93,25 @@ class TiffPages:
             self.segment = (int(min(keyframe.rowsperstrip, keyframe.imagelength)), int(keyframe.imagewidth))
         self.chunks = (*leading, *self.segment)
         self.across = -(-int(keyframe.imagewidth) // self.segment[1])  # segments per row of segments
-        self.handle = pages[0].parent.filehandle
-        self.handle.set_lock(True)  # dask's threads share the file handle
+
+    def _pages(self) -> tuple[list[Any], Any]:
+        """The pages and their keyframe, from the file as this copy opened it."""
+        if self._opened is None:
+            level = self.source.open()
+            pages = list(level.pages)
+            pages[0].parent.filehandle.set_lock(True)  # dask's threads share the file handle
+            self._opened = (pages, level.keyframe)
+        return self._opened
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_opened": None}
 
     def __dask_tokenize__(self) -> Any:
-        return self.token
+        return ("tiff-pages", self.source.__dask_tokenize__())
 
     def __getitem__(self, key: Any) -> NDArray[Any]:
+        self.source.check()
+        pages, keyframe = self._pages()
         key = key if isinstance(key, tuple) else (key,)
         if len(key) > self.ndim or not all(isinstance(k, slice | int | np.integer) for k in key):
             raise IndexError(f"TiffPages takes integers and slices, at most {self.ndim}; got {key!r}")
@@ -125,14 +133,14 @@ class TiffPages:
             (y0, y1), (x0, x1) = ((b.start, b.stop) for b in box[-2:])
             for position in np.ndindex(*out.shape[:-2]):
                 plane = tuple(b.start + p for b, p in zip(box, position, strict=False))
-                page = self.pages[int(np.ravel_multi_index(plane, self.shape[:-2])) if plane else 0]
-                self._read(page, y0, y1, x0, x1, out[position])
+                page = pages[int(np.ravel_multi_index(plane, self.shape[:-2])) if plane else 0]
+                self._read(page, keyframe, y0, y1, x0, x1, out[position])
         if any(len(r) > 1 and r.step != 1 for r in ranges):
             out = out[np.ix_(*(np.asarray(r) - b.start for r, b in zip(ranges, box, strict=True)))]
         return out[tuple(slice(None) if isinstance(k, slice) else 0 for k in key)]
 
-    def _read(self, page: Any, y0: int, y1: int, x0: int, x1: int, out: NDArray[Any]) -> None:
-        """Rows ``y0:y1`` and columns ``x0:x1`` of ``page`` into ``out``."""
+    def _read(self, page: Any, keyframe: Any, y0: int, y1: int, x0: int, x1: int, out: NDArray[Any]) -> None:
+        """Rows ``y0:y1`` and columns ``x0:x1`` of ``page`` (of tags as ``keyframe``'s) into ``out``."""
         rows, columns = self.segment
         indices = [
             down * self.across + across
@@ -143,21 +151,22 @@ class TiffPages:
             ((page.dataoffsets[i], page.databytecounts[i], i) for i in indices), key=lambda s: s[0]
         )
         extra = {}
-        if self.keyframe.compression in _JPEG:
-            extra = {"jpegtables": page.jpegtables, "jpegheader": self.keyframe.jpegheader}
+        if keyframe.compression in _JPEG:
+            extra = {"jpegtables": page.jpegtables, "jpegheader": keyframe.jpegheader}
         # One buffer for the segments, each read into it and decoded (uncompressed segments as a
         # view of it) and copied out before the next: new memory for every segment costs more
         # in page faults than the reading.
         buffer = memoryview(bytearray(max(count for _, count, _ in segments)))
+        handle = page.parent.filehandle
         for offset, count, index in segments:
             data = None  # an empty segment (no bytes written)
             if count > 0 and offset > 0:
-                with self.handle.lock:
-                    self.handle.seek(offset)
-                    data = buffer[: self.handle.readinto(buffer[:count])]
+                with handle.lock:
+                    handle.seek(offset)
+                    data = buffer[: handle.readinto(buffer[:count])]
             segment, (_, _, top, left, _), shape = page.decode(data, index, **extra)
             if segment is None:  # an empty segment: the page's fill value
-                segment = np.full((shape[1], shape[2]), self.keyframe.nodata, self.dtype)
+                segment = np.full((shape[1], shape[2]), keyframe.nodata, self.dtype)
             else:
                 segment = segment.reshape(segment.shape[-3], segment.shape[-2])
             ys, ye = max(top, y0), min(top + segment.shape[0], y1)
