@@ -18,6 +18,7 @@ import gc
 import os
 import pickle
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,12 @@ def _reader(array: Any) -> Any:
     return reader
 
 
+def _touch(path: Path) -> None:
+    """Make ``path`` a second newer than it is."""
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+
+
 # -- readers pickle ------------------------------------------------------------------------------
 
 
@@ -103,7 +110,7 @@ def test_tiff_readers_pickle(tmp_path: Path, data: tuple[np.ndarray, ...], layou
     np.testing.assert_array_equal(copy[key], reader[key])
     assert copy.source._file is reader.source._file  # the file this process has open
     # the whole array, pickled as the distributed scheduler sends it
-    again = pickle.loads(pickle.dumps(pixels.data))
+    again = cloudpickle.loads(cloudpickle.dumps(pixels.data))
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(again.compute(), image.reshape(pixels.shape))  # (c, z, y, x): 3-D
 
@@ -114,9 +121,48 @@ def test_ome_tiff_stack_pickles(tmp_path: Path) -> None:
     pixels = xr_rasteragg.io.read_image(tmp_path / "stack.ome.tif")
     assert pixels.dims == ("c", "z", "y", "x")
     assert isinstance(_reader(pixels), TiffPages)
-    again = pickle.loads(pickle.dumps(pixels.data))
+    again = cloudpickle.loads(cloudpickle.dumps(pixels.data))
     with dask.config.set(scheduler="threads"):
         np.testing.assert_array_equal(again.compute(), stack.transpose(1, 0, 2, 3))
+
+
+def _multi_file_ome(folder: Path, image: np.ndarray) -> list[Path]:
+    """A multi-file OME-TIFF: one channel per file, the OME-XML in each naming both files."""
+    names = [f"channel{c}.ome.tif" for c in range(len(image))]
+    uuids = [uuid.uuid4().urn for _ in names]
+    planes = "".join(
+        f'<TiffData FirstC="{c}" IFD="0" PlaneCount="1"><UUID FileName="{name}">{uuids[c]}</UUID></TiffData>'
+        for c, name in enumerate(names)
+    )
+    channels = "".join(
+        f'<Channel ID="Channel:0:{c}" Name="{m}" SamplesPerPixel="1"/>' for c, m in enumerate(MARKERS)
+    )
+    for c, name in enumerate(names):
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            f'<OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06" UUID="{uuids[c]}">'
+            '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYCZT" '
+            f'Type="{image.dtype}" SizeX="{image.shape[2]}" SizeY="{image.shape[1]}" SizeC="{len(image)}" '
+            f'SizeZ="1" SizeT="1">{channels}{planes}</Pixels></Image></OME>'
+        )
+        tifffile.imwrite(folder / name, image[c], description=xml, tile=(32, 32), metadata=None)
+    return [folder / name for name in names]
+
+
+def test_multi_file_ome_tiff_pickles(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
+    image = data[1]
+    paths = _multi_file_ome(tmp_path, image)
+    pixels = xr_rasteragg.io.read_image(paths[0])
+    assert list(pixels.c.values) == MARKERS
+    reader = _reader(pixels)
+    assert isinstance(reader, TiffZarr)  # pages in other files: tifffile's zarr interface
+    assert [version[0] for version in reader.source.versions] == [str(p) for p in paths]
+    again = cloudpickle.loads(cloudpickle.dumps(pixels.data))
+    with dask.config.set(scheduler="threads"):
+        np.testing.assert_array_equal(again.compute(), image)
+        _touch(paths[2])  # another file of the series than the one opened
+        with pytest.raises(FileChangedError, match=f"TIFF file '{paths[2]}' changed"):
+            again.compute()
 
 
 def test_zarr_readers_pickle(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
@@ -130,7 +176,9 @@ def test_zarr_readers_pickle(tmp_path: Path, data: tuple[np.ndarray, ...]) -> No
         copy = pickle.loads(pickle.dumps(_reader(array)))
         np.testing.assert_array_equal(copy[(slice(None),) * expected.ndim], expected)
         with dask.config.set(scheduler="threads"):
-            np.testing.assert_array_equal(pickle.loads(pickle.dumps(array.data)).compute(), expected)
+            np.testing.assert_array_equal(
+                cloudpickle.loads(cloudpickle.dumps(array.data)).compute(), expected
+            )
 
 
 def test_graph_holds_the_reader_once(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
@@ -180,17 +228,16 @@ def test_changed_file_is_an_error(tmp_path: Path, data: tuple[np.ndarray, ...], 
     path = tmp_path / "image.tif"
     _write(path, image, layout)
     pixels = xr_rasteragg.io.read_image(path)
-    copy = pickle.loads(pickle.dumps(pixels.data))
+    copy = cloudpickle.loads(cloudpickle.dumps(pixels.data))
     _write(path, image[:, ::-1], layout)  # the same size
-    stat = path.stat()
-    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a coarse clock notwithstanding
+    _touch(path)  # a coarse clock notwithstanding
     with dask.config.set(scheduler="threads"):
         for array in (pixels.data, copy):
             with pytest.raises(FileChangedError, match=f"TIFF file '{path}' changed since it was opened"):
                 array.compute()
     path.unlink()
     with pytest.raises(FileNotFoundError, match=f"TIFF file '{path}' is not there"):
-        pickle.loads(pickle.dumps(pixels.data)).compute(scheduler="threads")
+        cloudpickle.loads(cloudpickle.dumps(pixels.data)).compute(scheduler="threads")
 
 
 # -- on a cluster --------------------------------------------------------------------------------
@@ -202,7 +249,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, data: tuple[np.ndarray, ...
     cells, image = data
     nuclei = np.where(np.random.default_rng(1).random(SHAPE) < 0.6, cells, 0)
     folders = {}
-    for kind in ("tiff", "rgb", "zarr"):
+    for kind in ("tiff", "rgb", "multi-file", "zarr"):
         folder = tmp_path_factory.mktemp(kind)
         (folder / "markers.csv").write_text("marker_name\n" + "\n".join(MARKERS) + "\n")
         if kind == "zarr":
@@ -210,7 +257,11 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, data: tuple[np.ndarray, ...
             zarr.create_array(folder / "cells.zarr", data=cells, chunks=(64, 64))
             zarr.create_array(folder / "nuclei.zarr", data=nuclei, chunks=(32, 64))
         else:
-            _write(folder / "image.tif", image, "tiled" if kind == "tiff" else "rgb")
+            if kind == "multi-file":
+                # a link to the first file, so that the tables are named as the others
+                (folder / "image.tif").symlink_to(_multi_file_ome(folder, image)[0])
+            else:
+                _write(folder / "image.tif", image, "tiled" if kind == "tiff" else "rgb")
             tifffile.imwrite(folder / "cells.tif", cells, tile=(32, 32))
             tifffile.imwrite(folder / "nuclei.tif", nuclei, rowsperstrip=16)
         folders[kind] = folder
@@ -262,7 +313,7 @@ def _opens() -> list[str]:
     return list(files.opened)  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("kind", ["tiff", "rgb", "zarr"])
+@pytest.mark.parametrize("kind", ["tiff", "rgb", "multi-file", "zarr"])
 def test_quantify_on_a_cluster(
     client: Any, inputs: dict[str, Path], kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -283,5 +334,5 @@ def test_quantify_on_a_cluster(
     per_worker = client.run(_opens)
     for paths in per_worker.values():
         assert len(paths) == len(set(paths))
-    files = {str(p) for p in folder.glob("*.tif")}
+    files = {os.path.realpath(p) for p in folder.glob("*.tif") if "channel" not in p.name}
     assert {p for paths in per_worker.values() for p in paths} == files
