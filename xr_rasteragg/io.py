@@ -8,6 +8,10 @@ full-resolution level of a pyramid), zarr arrays and OME-Zarr images directly. N
 into memory here, so every check (a file that is not an image, a mask of a non-integer dtype, axes
 that cannot be placed) is made before any pixel is read.
 
+The arrays compute on a ``dask.distributed`` cluster too: their readers pickle as the file's path
+(and, for TIFFs, its version), and each worker opens the file again by that path (a TIFF once, see
+:mod:`xr_rasteragg.tiff_files`), so the files must be readable at the same path from the workers.
+
 Images come out with dims ``("c", [ "z",] "y", "x")`` and the channel names as the ``c``
 coordinate where the file names them (OME-TIFF ``Channel@Name``, OME-Zarr ``omero`` labels);
 masks with dims ``([ "z",] "y", "x")``. ``tifffile`` and ``zarr`` are imported when a reader runs
