@@ -165,6 +165,19 @@ def test_multi_file_ome_tiff_pickles(tmp_path: Path, data: tuple[np.ndarray, ...
             again.compute()
 
 
+def test_series_in_other_files_is_an_error(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
+    paths = _multi_file_ome(tmp_path, data[1])
+    pickled = cloudpickle.dumps(xr_rasteragg.io.read_image(paths[0]).data)
+    gc.collect()  # the file closed: a copy opens it again
+    # The OME-XML of the first file names another file for a channel; its size and time as before.
+    stat = paths[0].stat()
+    content = paths[0].read_bytes()
+    paths[0].write_bytes(content.replace(b'FileName="channel1', b'FileName="channel7'))
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(FileChangedError, match="its series is in other files now"):
+        cloudpickle.loads(pickled).compute(scheduler="threads")
+
+
 def test_zarr_readers_pickle(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
     cells, image = data
     zarr.create_array(tmp_path / "image.zarr", data=image, chunks=(1, 64, 64))

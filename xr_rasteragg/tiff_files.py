@@ -94,6 +94,10 @@ class TiffSource:
                     opened = _OpenFile(_open(self.path))
                     if _versions(self._level(opened.tif)) != self.versions:
                         self.check()  # raises, naming the file that changed
+                        raise FileChangedError(
+                            f"TIFF file {self.path!r} changed since it was opened: its series is in "
+                            "other files now"
+                        )
                     _OPEN[key] = opened
                 if opened in _RECENT:
                     _RECENT.remove(opened)
