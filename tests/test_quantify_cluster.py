@@ -127,7 +127,7 @@ def test_ome_tiff_stack_pickles(tmp_path: Path) -> None:
 
 
 def _multi_file_ome(folder: Path, image: np.ndarray) -> list[Path]:
-    """A multi-file OME-TIFF: one channel per file, the OME-XML in each naming both files."""
+    """A multi-file OME-TIFF: one channel per file, the OME-XML in each naming all the files."""
     names = [f"channel{c}.ome.tif" for c in range(len(image))]
     uuids = [uuid.uuid4().urn for _ in names]
     planes = "".join(
@@ -178,16 +178,29 @@ def test_series_in_other_files_is_an_error(tmp_path: Path, data: tuple[np.ndarra
         cloudpickle.loads(pickled).compute(scheduler="threads")
 
 
+def _ome_zarr(path: Path, image: np.ndarray) -> None:
+    """``image`` (c, y, x) as an OME-Zarr image (t, c, z, y, x, with channel labels)."""
+    group = zarr.open_group(path, mode="w")
+    group.create_array("0", data=image[None, :, None], chunks=(1, 1, 1, 64, 64))
+    group.attrs["ome"] = {
+        "version": "0.5",
+        "multiscales": [{"axes": [{"name": n} for n in "tczyx"], "datasets": [{"path": "0"}]}],
+        "omero": {"channels": [{"label": m} for m in MARKERS]},
+    }
+
+
 def test_zarr_readers_pickle(tmp_path: Path, data: tuple[np.ndarray, ...]) -> None:
     cells, image = data
     zarr.create_array(tmp_path / "image.zarr", data=image, chunks=(1, 64, 64))
+    _ome_zarr(tmp_path / "image.ome.zarr", image)
     zarr.create_array(tmp_path / "cells.zarr", data=cells, chunks=(64, 64))
     for array, expected in (
         (xr_rasteragg.io.read_image(tmp_path / "image.zarr"), image),
+        (xr_rasteragg.io.read_image(tmp_path / "image.ome.zarr"), image),
         (xr_rasteragg.io.read_labels(tmp_path / "cells.zarr"), cells),
     ):
         copy = pickle.loads(pickle.dumps(_reader(array)))
-        np.testing.assert_array_equal(copy[(slice(None),) * expected.ndim], expected)
+        np.testing.assert_array_equal(copy[(slice(None),) * copy.ndim].reshape(expected.shape), expected)
         with dask.config.set(scheduler="threads"):
             np.testing.assert_array_equal(
                 cloudpickle.loads(cloudpickle.dumps(array.data)).compute(), expected
@@ -266,7 +279,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory, data: tuple[np.ndarray, ...
         folder = tmp_path_factory.mktemp(kind)
         (folder / "markers.csv").write_text("marker_name\n" + "\n".join(MARKERS) + "\n")
         if kind == "zarr":
-            zarr.create_array(folder / "image.zarr", data=image, chunks=(1, 64, 64))
+            _ome_zarr(folder / "image.zarr", image)
             zarr.create_array(folder / "cells.zarr", data=cells, chunks=(64, 64))
             zarr.create_array(folder / "nuclei.zarr", data=nuclei, chunks=(32, 64))
         else:
