@@ -10,7 +10,9 @@ thread), and each worker's peak resident memory during the run (Linux's ``VmHWM`
 run).
 
 Run ``python benchmarks/cluster.py`` (10**6 labels x 16 channels, 2 workers); ``--quick`` is a
-small smoke run. The target of issue 15: the client grows by less than 300 MiB.
+small smoke run. The target of issue 15: the client grows by less than 300 MiB. The suite's
+``cluster`` section (``python benchmarks/suite.py --only cluster``) runs :func:`run` in a fresh
+process and puts the figures on the benchmarks page.
 """
 
 from __future__ import annotations
@@ -40,6 +42,16 @@ MiB = 2**20
 ALL = ("count", "sum", "mean", "var", "std", "skew", "kurtosis", "min", "max", "center_of_mass")
 #: Target of issue 15 for the client's growth.
 CLIENT_TARGET = 300 * MiB
+#: The arguments of :func:`run` for the full run (issue 15's row) and for ``--quick``.
+FULL: dict[str, Any] = {
+    "n_labels": 10**6,
+    "channels": 16,
+    "chunk": 2048,
+    "cell": 4,
+    "workers": 2,
+    "memory": "6GiB",
+}
+QUICK: dict[str, Any] = {**FULL, "n_labels": 10**4, "channels": 4, "chunk": 256}
 
 
 class PeakSampler:
@@ -96,6 +108,8 @@ def run(n_labels: int, channels: int, chunk: int, cell: int, workers: int, memor
 
     labels, image = inputs(n_labels, channels, chunk, cell)
     with (
+        # zarr's notices on writing fixed-width strings (the axis names) and consolidated metadata
+        warnings.catch_warnings(),
         distributed.LocalCluster(
             n_workers=workers,
             threads_per_worker=1,
@@ -107,6 +121,7 @@ def run(n_labels: int, channels: int, chunk: int, cell: int, workers: int, memor
         distributed.Client(cluster) as client,
         tempfile.TemporaryDirectory(prefix="rasteragg-cluster-") as tmp,
     ):
+        warnings.filterwarnings("ignore", module=r"zarr\.")
         # Load (or compile) the kernels on the workers, outside the measurement.
         small_labels, small_image = inputs(16, channels, 64, 4)
         small_image.rasteragg.aggregate(small_labels, ALL).to_zarr(Path(tmp) / "warm.zarr")
@@ -137,19 +152,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--labels", type=int, default=10**6, help="number of cells")
-    parser.add_argument("--channels", type=int, default=16)
-    parser.add_argument("--cell", type=int, default=4, help="cell side in px (about)")
-    parser.add_argument("--chunk", type=int, default=2048, help="spatial chunk side in px")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (1 thread each)")
-    parser.add_argument("--memory", default="6GiB", help="memory limit per worker")
+    parser.add_argument("--labels", type=int, default=FULL["n_labels"], help="number of cells")
+    parser.add_argument("--channels", type=int, default=FULL["channels"])
+    parser.add_argument("--cell", type=int, default=FULL["cell"], help="cell side in px (about)")
+    parser.add_argument("--chunk", type=int, default=FULL["chunk"], help="spatial chunk side in px")
+    parser.add_argument(
+        "--workers", type=int, default=FULL["workers"], help="worker processes (1 thread each)"
+    )
+    parser.add_argument("--memory", default=FULL["memory"], help="memory limit per worker")
     parser.add_argument("--quick", action="store_true", help="10**4 labels x 4 channels smoke run")
     args = parser.parse_args()
     if args.quick:
-        args.labels, args.channels, args.chunk = 10**4, 4, 256
+        args.labels, args.channels, args.chunk = QUICK["n_labels"], QUICK["channels"], QUICK["chunk"]
 
-    # zarr's notices on writing fixed-width strings (the axis names) and consolidated metadata
-    warnings.filterwarnings("ignore", module=r"zarr\.")
     figures = run(args.labels, args.channels, args.chunk, args.cell, args.workers, args.memory)
     growth = figures["client_growth"]
     print(

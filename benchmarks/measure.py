@@ -2,7 +2,7 @@
 
 A process gets a list of jobs of one kind and prints one ``RESULT {json}`` line per job as soon as
 the job is done, so that the parent (:mod:`benchmarks.suite`) keeps what finished if a later job
-is stopped. Two kinds:
+is stopped. Four kinds:
 
 ``reference``
     A method of :mod:`benchmarks.peers` on the in-memory reference dataset. Its runs alternate
@@ -13,6 +13,13 @@ is stopped. Two kinds:
     generating and reading the same data (the same generators, summed), in the same process;
     the three (generate, mean, all) run in rounds, so that both sides of a ratio see the same
     state of the machine.
+``quantify``
+    One method of :mod:`benchmarks.quantify` (``rasteragg quantify`` or MCQuant's method) on
+    its files on disk, once (:func:`benchmarks.quantify.measure_one`); the suite runs each in a
+    process of its own and alternates them in rounds.
+``cluster``
+    The whole table on a ``LocalCluster``, written to zarr (:func:`benchmarks.cluster.run`): its
+    wall times, the client's peak growth and the workers' peaks.
 
 Time is the best of a few wall-clock runs. Peak memory is the growth of the process's resident
 set during a run (for scale jobs, the largest over the rounds): the kernel's high-water mark
@@ -25,6 +32,7 @@ left.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -176,20 +184,43 @@ def _scale_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _quantify_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.quantify import measure_one
+
+    paths = {name: Path(path) for name, path in spec["files"].items()}
+    record = _capped(spec["cap"], lambda: measure_one(job["method"], paths))
+    del record["method"]  # in the job
+    return record
+
+
+def _cluster_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
+    from benchmarks.cluster import run
+
+    return _capped(spec["cap"], lambda: run(**job))  # type: ignore[no-any-return]
+
+
+#: The measurement of one job of each kind but ``reference`` (which loads its dataset first).
+JOBS: dict[str, Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]] = {
+    "scale": _scale_job,
+    "quantify": _quantify_job,
+    "cluster": _cluster_job,
+}
+
+
 def run_jobs(spec: dict[str, Any]) -> None:
     """Run the jobs of ``spec`` in order, printing one ``RESULT`` line per job."""
     logging.getLogger("xr_rasteragg").setLevel(logging.ERROR)  # the constant-label notices
-    data = None
+    measure: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     if spec["kind"] == "reference":
         labels, image = reference_dataset(spec["size"], spec["channels"], Path(spec["cache"]))
         data = Data(labels, image, 0, 0)
+        measure = functools.partial(_reference_job, data=data)
+    else:
+        measure = JOBS[spec["kind"]]
     for job in spec["jobs"]:
         record: dict[str, Any] = {"job": job}
         try:
-            if data is not None:
-                record.update(_reference_job(spec, job, data), status="ok")
-            else:
-                record.update(_scale_job(spec, job), status="ok")
+            record.update(measure(spec, job), status="ok")
         except _Timeout:
             record.update(status="timeout", message=f"did not finish in {spec['cap']:g} s")
         except Exception as error:  # a peer's failure is a result to report, not a crash

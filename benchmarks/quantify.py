@@ -20,6 +20,8 @@ is the growth of the process's resident set during the run (``VmHWM``, see
 not in memory, before either method starts).
 
 Run ``python benchmarks/quantify.py`` (4096² px, 8 channels); ``--quick`` is a small smoke run.
+The suite's ``quantify`` section (``python benchmarks/suite.py --only quantify``) runs the same
+functions in rounds and puts the figures on the benchmarks page.
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 from benchmarks.measure import peak_rss
 
 METHODS = ("ours", "mcquant")
+#: The dataset of the full run and of ``--quick``: image side in px and channels.
+FULL: dict[str, int] = {"size": 4096, "channels": 8}
+QUICK: dict[str, int] = {"size": 512, "channels": 3}
+#: Where the files are made, once per size.
+CACHE = Path(tempfile.gettempdir()) / "rasteragg-bench-quantify"
 #: MCQuant's default mask properties (its ``MaskIDs``).
 MCQUANT_MASK_PROPS = (
     "label",
@@ -83,6 +90,11 @@ def make_files(folder: Path, size: int, channels: int) -> dict[str, Path]:
     tifffile.imwrite(paths["nucleus"], nuclei, tile=(512, 512))
     paths["markers"].write_text("marker_name\n" + "\n".join(markers) + "\n")
     return paths
+
+
+def dataset(size: int, channels: int, cache: Path = CACHE) -> dict[str, Path]:
+    """The files of ``size``² px and ``channels`` channels in ``cache`` (made on the first call)."""
+    return make_files(cache / f"{size}_{channels}", size, channels)
 
 
 def run_ours(paths: dict[str, Path], output: Path) -> None:
@@ -149,16 +161,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=4096, help="image side in px (default: %(default)s)")
-    parser.add_argument("--channels", type=int, default=8, help="(default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a 512² px, 3-channel smoke run")
     parser.add_argument(
-        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "rasteragg-bench-quantify"
+        "--size", type=int, default=FULL["size"], help="image side in px (default: %(default)s)"
     )
+    parser.add_argument("--channels", type=int, default=FULL["channels"], help="(default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a 512² px, 3-channel smoke run")
+    parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)  # one method, in this process
     args = parser.parse_args()
-    size, channels = (512, 3) if args.quick else (args.size, args.channels)
-    paths = make_files(args.cache / f"{size}_{channels}", size, channels)
+    size, channels = (QUICK["size"], QUICK["channels"]) if args.quick else (args.size, args.channels)
+    paths = dataset(size, channels, args.cache)
     if args.method:
         print("RESULT " + json.dumps(measure_one(args.method, paths)))
         return

@@ -217,6 +217,101 @@ def scale_table(section: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+#: The methods of the quantify section (:data:`benchmarks.quantify.METHODS`), as the page names them.
+QUANTIFY_TITLES = {
+    "ours": "`rasteragg quantify`",
+    "mcquant": "MCQuant's method (regionprops per channel per mask)",
+}
+
+
+def _quantify_best(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each method over the rounds: its fastest run, with the largest peak memory of its runs and
+    their number; or its first failure where no run finished."""
+    best = {}
+    for method in QUANTIFY_TITLES:
+        records = [r for r in section["results"] if r["job"]["method"] == method]
+        ok = [r for r in records if r["status"] == "ok"]
+        if ok:
+            fastest = min(ok, key=lambda r: r["seconds"])
+            best[method] = {**fastest, "peak_mib": max(r["peak_mib"] for r in ok), "runs": len(ok)}
+        elif records:
+            best[method] = records[0]
+    return best
+
+
+def quantify_summary(section: dict[str, Any]) -> str:
+    """The dataset and the tables ours wrote (one CSV file per mask)."""
+    ours = _quantify_best(section).get("ours", {})
+    tables = ", ".join(f"{name}: {count:,} rows" for name, count in ours.get("rows", {}).items())
+    dataset = f"{section['size']}² px, {section['channels']} channels uint16, tiled OME-TIFF, 2 masks"
+    return f"{dataset} ({tables})" if tables else dataset
+
+
+def quantify_table(section: dict[str, Any]) -> str:
+    """``rasteragg quantify`` and MCQuant's method: best time, peak memory, each as a ratio to ours."""
+    best = _quantify_best(section)
+    ours = best.get("ours")
+    rows = []
+    for method, title in QUANTIFY_TITLES.items():
+        record = best.get(method)
+        if record is None or record["status"] != "ok":
+            rows.append([title, record["message"] if record else "not run", "", "", "", "", ""])
+            continue
+        same = ours is not None and ours["status"] == "ok"
+        rows.append(
+            [
+                title,
+                _fmt(record["seconds"]),
+                _fmt(record["seconds"] / ours["seconds"]) if same else "–",
+                _fmt(record["peak_mib"]),
+                _fmt(record["peak_mib"] / ours["peak_mib"]) if same and ours["peak_mib"] else "–",
+                " + ".join(f"{count:,}" for count in record["rows"].values()),
+                str(record["runs"]),
+            ]
+        )
+    header = ["method", "seconds (best)", "× ours", "peak MiB", "× ours", "rows written", "runs"]
+    return _table(header, rows)
+
+
+def cluster_table(section: dict[str, Any]) -> str:
+    """The whole table on a LocalCluster: wall times, the client's peak growth, the workers' peaks."""
+    rows = []
+    for record in section["results"]:
+        job = record["job"]
+        row = [f"{job['n_labels']:.0e}".replace("+0", "") + f" × {job['channels']}"]
+        if record["status"] != "ok":
+            rows.append([*row, record.get("message", record["status"]), *[""] * 7])
+            continue
+        mib = 2**20
+        workers = ", ".join(
+            f"{_fmt(peak / mib)} (from {_fmt(base / mib)})"
+            for peak, base in zip(record["worker_peaks"], record["worker_bases"], strict=True)
+        )
+        rows.append(
+            [
+                *row,
+                f"{record['pixels'] / 1e6:,.1f} M px, chunks {job['chunk']}²",
+                f"{job['workers']} × 1 thread, {job['memory']}",
+                _fmt(record["table_bytes"] / mib),
+                _fmt(record["call_s"]),
+                _fmt(record["write_s"]),
+                _fmt(record["client_growth"] / mib),
+                workers,
+            ]
+        )
+    header = [
+        "labels × channels",
+        "image",
+        "workers",
+        "table MiB",
+        "the call s",
+        "to_zarr s",
+        f"client peak growth MiB (target < {_fmt(section['target_mib'])})",
+        "worker peak MiB",
+    ]
+    return _table(header, rows)
+
+
 def _loads(values: Sequence[float]) -> str:
     return ", ".join(f"{x:.1f}" for x in values)
 
@@ -264,6 +359,11 @@ def tables(results: dict[str, Any]) -> str:
         parts += ["\nChunk sizes (ours, reference dataset):\n", chunks_table(results["chunks"])]
     if "scale" in results:
         parts += ["\nScale series (ours, lazily generated data):\n", scale_table(results["scale"])]
+    if "quantify" in results:
+        section = results["quantify"]
+        parts += [f"\nMCQuant's method: {quantify_summary(section)}.\n", quantify_table(section)]
+    if "cluster" in results:
+        parts += ["\nOn a LocalCluster, written to zarr:\n", cluster_table(results["cluster"])]
     return "\n".join(parts)
 
 
@@ -425,6 +525,26 @@ def _findings(results: dict[str, Any]) -> list[str]:
                 f"{_fmt(min(per_px))}–{_fmt(max(per_px))} ns per pixel (× 4 channels) over "
                 f"{len(by_size)} image sizes, peak memory {_fmt(min(peaks))}–{_fmt(max(peaks))} MiB."
             )
+    if "quantify" in results:
+        best = _quantify_best(results["quantify"])
+        ours, mcquant = best.get("ours"), best.get("mcquant")
+        if ours and mcquant and ours["status"] == mcquant["status"] == "ok":
+            lines.append(
+                f"- MCQuant's method took {_fmt(mcquant['seconds'] / ours['seconds'])}× the time of "
+                f"`rasteragg quantify` ({_fmt(mcquant['seconds'])} s against {_fmt(ours['seconds'])} s) "
+                f"and {_fmt(mcquant['peak_mib'] / ours['peak_mib'])}× its peak memory."
+            )
+    if "cluster" in results:
+        section = results["cluster"]
+        for record in section["results"]:
+            if record["status"] == "ok":
+                growth = record["client_growth"] / 2**20
+                verdict = "within" if growth < section["target_mib"] else "over"
+                lines.append(
+                    f"- On the LocalCluster the client grew by {_fmt(growth)} MiB for a table of "
+                    f"{_fmt(record['table_bytes'] / 2**20)} MiB, {verdict} issue 15's target of "
+                    f"{_fmt(section['target_mib'])} MiB."
+                )
     return lines
 
 
@@ -475,6 +595,29 @@ Versions: {versions}.
   swung the baseline by up to 1.8× between processes. Ours is `xr_rasteragg.aggregate` (the
   engine) with background 0 left out; "result MiB" is the size of the float64 result table of
   all statistics, which necessarily grows with the label count.
+- **MCQuant's method** (`benchmarks/quantify.py`): the reference dataset written by tifffile as a
+  tiled OME-TIFF (512² tiles), its cell mask and a nucleus mask (each cell less 4 px at its
+  edge) as TIFFs, all on disk. `rasteragg quantify` (the command line's entry, in-process: the
+  image read by tiles, once for both masks) against MCQuant's `ExtractSingleCells` as its code
+  does it (masks and each channel read whole, `regionprops_table` per channel per mask, then its
+  mask properties per mask); both write the same CSV tables. Each run is one call in a fresh
+  process, its libraries imported before timing; ours' time includes loading the compiled
+  kernels from numba's on-disk cache, as every run of the command does. A first run of ours,
+  not reported, fills that cache and puts the files in the operating system's page cache, so
+  both methods read them from memory. Then the two alternate in rounds ({rounds}): time is
+  the best of each method's runs and "× ours" best over best, both from the same run; peak
+  memory is the growth of the process's resident set during the call (`VmHWM` as above, the
+  largest over the rounds), which here includes all each method reads from the files, since
+  the process holds none of it before.
+- **LocalCluster** (`benchmarks/cluster.py`): one fresh process starts a `distributed.LocalCluster`
+  of worker processes (1 thread each) and runs every intensity statistic of the pass through
+  `image.rasteragg.aggregate(labels, ALL).to_zarr(path)` on lazily generated data (cells of about
+  4 × 4 px, as in the scale series), after a small warm-up on the same cluster. "The call" is
+  the wall time of `aggregate` (the pass; the merged partials stay on the workers), "to_zarr" of
+  the write (finalization and writing, on the workers). The client's peak growth is its resident
+  set sampled every 10 ms by a thread (psutil) during both, over what it held before; each
+  worker's peak is its `VmHWM`, reset before the run, with its resident set at the reset in
+  parentheses. The table is read back and its label count and total pixel count checked.
 
 ## Reference dataset
 
@@ -487,6 +630,20 @@ Versions: {versions}.
 ## Scale series
 
 {scale}
+
+## MCQuant's method
+
+`rasteragg quantify` against MCQuant's method, both writing the same CSV tables (the columns and
+options are on [the guide's MCQuant page](guide/mcquant.md)).
+
+{quantify}
+
+## On a cluster
+
+The whole table on a `LocalCluster`, written to zarr by the workers: the client holds the label
+ids, not the table (issue 15; see [the scaling guide](guide/scaling.md)).
+
+{cluster}
 
 ## Chunk-size guidance
 
@@ -530,6 +687,7 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
     machine = results["machine"]
     reference = results.get("reference")
     scale = results.get("scale")
+    quantify = results.get("quantify")
     big = " --big" if scale and any(r["job"]["height"] >= 65536 for r in scale["results"]) else ""
     text = PAGE.format(
         command=(
@@ -568,6 +726,11 @@ def write_docs(results: dict[str, Any], docs: Path) -> list[Path]:
             else "Not run."
         ),
         scale=scale_table(scale) if scale else "Not run.",
+        rounds=f"{quantify['rounds']} round{'s' * (quantify['rounds'] != 1)} in this run"
+        if quantify
+        else "–",
+        quantify=f"{quantify_summary(quantify)}.\n\n{quantify_table(quantify)}" if quantify else "Not run.",
+        cluster=cluster_table(results["cluster"]) if "cluster" in results else "Not run.",
         findings="\n".join(_findings(results)) or "–",
     )
     page.write_text(text)
@@ -579,6 +742,7 @@ def _run_summary(results: dict[str, Any]) -> dict[str, Any]:
     if "scale" in results:
         sizes = sorted({r["job"]["height"] for r in results["scale"]["results"]})
         sections.append("scale series (" + ", ".join(f"{size}²" for size in sizes) + ")")
+    sections += [name for name in ("quantify", "cluster") if name in results]
     machine = results["machine"]
     return {
         "sections": sections,

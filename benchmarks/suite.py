@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python benchmarks/suite.py                 # everything but the 65536² point (about 15 min on 2 cores)
+    python benchmarks/suite.py                 # everything but the 65536² point (about 20 min on 2 cores)
     python benchmarks/suite.py --big           # ... and the 32 GiB point (several minutes more)
     python benchmarks/suite.py --write-docs    # ... and regenerate docs/benchmarks.md and its plot
     python benchmarks/suite.py --quick         # smoke run (seconds; CI); skips peers not installed
@@ -25,6 +25,14 @@ Sections (``--only`` picks some):
     Ours on lazily generated data (nothing stored) — 10^3..10^7 labels on 16384² x 4 channels,
     and 4096²..32768² (65536² with ``--big``: 32 GiB of uint16, more than this machine's memory)
     with 10^5 labels — as a ratio to generating and reading the same data, with peak memory.
+``quantify``
+    ``rasteragg quantify`` against MCQuant's method (:mod:`benchmarks.quantify`) on the reference
+    dataset as a tiled OME-TIFF with a cell and a nucleus mask: time and peak memory of each, one
+    run per fresh process, the two methods alternating in rounds after a warm-up run of ours.
+``cluster``
+    The whole table on a ``LocalCluster`` of 2 worker processes, written to zarr
+    (:mod:`benchmarks.cluster`, 10^6 labels x 16 channels): wall times, the client's peak growth
+    (issue 15's target: under 300 MiB) and the workers' peaks.
 
 Every measurement runs in a fresh process (:mod:`benchmarks.measure`); a method that runs past
 ``--cap`` seconds is reported as not finished. Results go to ``--json`` (by default
@@ -46,6 +54,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks import cluster, quantify
 from benchmarks.datasets import REFERENCE, reference_files
 from benchmarks.machine import describe_machine
 from benchmarks.peers import METHODS
@@ -68,6 +77,8 @@ def plan(quick: bool, big: bool, big_only: bool = False) -> dict[str, Any]:
             "chunks": [(128, 1), (512, 8)],
             "labels_series": {"size": 1024, "n_labels": [10**2, 10**4]},
             "size_series": {"n_labels": 10**3, "sizes": [512, 1024]},
+            "quantify": {**quantify.QUICK, "rounds": 1},
+            "cluster": cluster.QUICK,
         }
     sizes = [65536] if big_only else [4096, 8192, 16384, 32768] + ([65536] if big else [])
     return {
@@ -78,6 +89,8 @@ def plan(quick: bool, big: bool, big_only: bool = False) -> dict[str, Any]:
         "chunks": [(s, c) for s in (512, 1024, 2048, 4096) for c in (1, 4, 8)],
         "labels_series": {"size": 16384, "n_labels": [] if big_only else [10**3, 10**4, 10**5, 10**6, 10**7]},
         "size_series": {"n_labels": 10**5, "sizes": sizes},
+        "quantify": {**quantify.FULL, "rounds": 2},
+        "cluster": cluster.FULL,
     }
 
 
@@ -115,15 +128,24 @@ def _run_process(spec: dict[str, Any], backstop: float) -> list[dict[str, Any]]:
 def _progress(record: dict[str, Any]) -> None:
     job = record["job"]
     what = " ".join(f"{key}={value}" for key, value in job.items())
+    print(f"  {what}: {_outcome(record)}", file=sys.stderr, flush=True)
+
+
+def _outcome(record: dict[str, Any]) -> str:
+    """One job's result in a few words, for the progress lines."""
     if record["status"] != "ok":
-        print(f"  {what}: {record['status']}: {record.get('message', '')}", file=sys.stderr, flush=True)
-    elif "ratio_read" in record:
-        print(f"  {what}: {record['seconds']:.3f} s = {record['ratio_read']:.1f} x read", file=sys.stderr)
-    else:
+        return f"{record['status']}: {record.get('message', '')}"
+    if "ratio_read" in record:  # reference, chunks
+        return f"{record['seconds']:.3f} s = {record['ratio_read']:.1f} x read"
+    if "generate" in record:  # scale
         ratios = ", ".join(f"{w} {record[w]['ratio_generate']:.2f}" for w in ("mean", "all"))
-        print(
-            f"  {what}: generate {record['generate']['seconds']:.2f} s; x generate: {ratios}", file=sys.stderr
+        return f"generate {record['generate']['seconds']:.2f} s; x generate: {ratios}"
+    if "client_growth" in record:  # cluster
+        return (
+            f"call {record['call_s']:.1f} s, to_zarr {record['write_s']:.1f} s; "
+            f"client peak growth {record['client_growth'] / 2**20:.0f} MiB"
         )
+    return f"{record['seconds']:.2f} s, peak +{record['peak_mib']:.0f} MiB"  # quantify
 
 
 def _reference_spec(settings: dict[str, Any], cap: float) -> dict[str, Any]:
@@ -219,7 +241,34 @@ def scale_section(
     }
 
 
-SECTIONS = {"reference": reference_section, "chunks": chunks_section, "scale": scale_section}
+def quantify_section(
+    settings: dict[str, Any], cap: float, quick: bool, methods: list[str] | None = None
+) -> dict[str, Any]:
+    size, channels, rounds = (settings["quantify"][key] for key in ("size", "channels", "rounds"))
+    paths = quantify.dataset(size, channels)  # made here once, so that each process only reads it
+    spec = {"kind": "quantify", "files": {name: str(path) for name, path in paths.items()}, "cap": cap}
+    # Not reported: fills numba's cache of compiled kernels and the page cache with the files, so
+    # that every measured run loads the same cached kernels and reads the files from memory.
+    _run_process({**spec, "jobs": [{"method": "ours", "warm-up": True}]}, cap + 300)
+    groups = [[{"method": method, "round": r}] for r in range(rounds) for method in quantify.METHODS]
+    results = [r for group in groups for r in _run_process({**spec, "jobs": group}, cap + 300)]
+    return {"size": size, "channels": channels, "rounds": rounds, "results": results}
+
+
+def cluster_section(
+    settings: dict[str, Any], cap: float, quick: bool, methods: list[str] | None = None
+) -> dict[str, Any]:
+    spec = {"kind": "cluster", "cap": cap, "jobs": [settings["cluster"]]}
+    return {"target_mib": cluster.CLIENT_TARGET / 2**20, "results": _run_process(spec, cap + 300)}
+
+
+SECTIONS = {
+    "reference": reference_section,
+    "chunks": chunks_section,
+    "scale": scale_section,
+    "quantify": quantify_section,
+    "cluster": cluster_section,
+}
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -271,7 +320,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def failures(results: dict[str, Any]) -> list[str]:
-    """Jobs of our own code (ours, accessor, read limit, chunks, scale) that did not run to the end.
+    """Jobs of our own code (ours, accessor, read limit, chunks, scale, quantify's ours, cluster)
+    that did not run to the end.
 
     Peers' failures are results to report; ours fail the run (so that CI's smoke run catches rot).
     """
