@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import math
 
 import numpy as np
 import pytest
 
+import benchmarks.cluster
 import benchmarks.datasets
+import benchmarks.quantify
 from benchmarks.datasets import CellGrid, image_block, lazy_image, lazy_labels
 from benchmarks.measure import best_of, peak_rss
-from benchmarks.report import merge, tables
-from benchmarks.suite import failures, plan
+from benchmarks.report import merge, tables, write_docs
+from benchmarks.suite import SECTIONS, _progress, failures, plan
 
 
 def test_datasets_doctests() -> None:
@@ -264,3 +267,142 @@ def test_merge_pools_scale_points(tmp_path) -> None:  # type: ignore[no-untyped-
         ["reference", "scale series (4096²)"],
         ["scale series (8192²)"],
     ]
+
+
+def _quantify_and_cluster() -> dict:
+    """A run of the quantify and cluster sections only: two rounds, MCQuant's second one stopped."""
+
+    def run(method: str, r: int, seconds: float, peak: float) -> dict:
+        rows = {"exemplar_cellMask.csv": 18769, "exemplar_nucleiMask.csv": 18768}
+        return {
+            "job": {"method": method, "round": r},
+            "status": "ok",
+            "seconds": seconds,
+            "peak_mib": peak,
+            "rows": rows,
+        }
+
+    mib = 2**20
+    cluster_job = {**benchmarks.cluster.FULL}
+    return {
+        "machine": {**_results()["machine"], "date": "later"},
+        "quantify": {
+            "size": 4096,
+            "channels": 8,
+            "rounds": 2,
+            "results": [
+                run("ours", 0, 1.25, 190.0),
+                run("mcquant", 0, 40.0, 330.0),
+                run("ours", 1, 1.0, 200.0),
+                {"job": {"method": "mcquant", "round": 1}, "status": "timeout", "message": "did not finish"},
+            ],
+        },
+        "cluster": {
+            "target_mib": 300.0,
+            "results": [
+                {
+                    "job": cluster_job,
+                    "status": "ok",
+                    "pixels": 16 * 10**6,
+                    "table_bytes": 1007 * mib,
+                    "call_s": 13.3,
+                    "write_s": 8.5,
+                    "client_growth": 75 * mib,
+                    "worker_peaks": [1239 * mib, 1217 * mib],
+                    "worker_bases": [280 * mib, 281 * mib],
+                }
+            ],
+        },
+    }
+
+
+def test_plan_runs_the_scripts_sizes() -> None:
+    quick, full = plan(quick=True, big=False), plan(quick=False, big=False)
+    assert {"quantify", "cluster"} <= set(SECTIONS)
+    assert quick["quantify"] == {**benchmarks.quantify.QUICK, "rounds": 1}
+    assert full["quantify"] == {**benchmarks.quantify.FULL, "rounds": 2}
+    assert (quick["cluster"], full["cluster"]) == (benchmarks.cluster.QUICK, benchmarks.cluster.FULL)
+    assert (full["cluster"]["n_labels"], full["cluster"]["workers"]) == (10**6, 2)  # issue 15's row
+    # the job of the cluster section is the keyword arguments of the script's run()
+    assert set(inspect.signature(benchmarks.cluster.run).parameters) == set(full["cluster"])
+
+
+def test_quantify_table_best_of_the_rounds_as_ratios_to_ours() -> None:
+    text = tables(_quantify_and_cluster())
+    ours = next(line for line in text.splitlines() if line.startswith("| `rasteragg quantify`"))
+    mcquant = next(line for line in text.splitlines() if line.startswith("| MCQuant's method"))
+    # best time of two rounds, the largest peak of them, rows of both tables, runs that finished
+    assert ours == "| `rasteragg quantify` | 1 | 1 | 200 | 1 | 18,769 + 18,768 | 2 |"
+    assert mcquant.endswith("| 40 | 40 | 330 | 1.65 | 18,769 + 18,768 | 1 |")
+    assert "4096² px, 8 channels uint16" in text
+    assert "exemplar_cellMask.csv: 18,769 rows" in text
+
+
+def test_quantify_table_reports_a_method_that_never_finished() -> None:
+    results = _quantify_and_cluster()
+    section = results["quantify"]
+    section["results"] = [
+        r for r in section["results"] if r["status"] != "ok" or r["job"]["method"] == "ours"
+    ]
+    mcquant = next(line for line in tables(results).splitlines() if line.startswith("| MCQuant's method"))
+    assert "did not finish" in mcquant
+
+
+def test_cluster_table_in_mib_against_the_target() -> None:
+    results = _quantify_and_cluster()
+    row = next(line for line in tables(results).splitlines() if line.startswith("| 1e6 × 16"))
+    assert row == (
+        "| 1e6 × 16 | 16.0 M px, chunks 2048² | 2 × 1 thread, 6GiB | 1,007 | 13.3 | 8.5 | 75 "
+        "| 1,239 (from 280), 1,217 (from 281) |"
+    )
+    assert "target < 300" in tables(results)
+    results["cluster"]["results"][0] = {"job": benchmarks.cluster.QUICK, "status": "error", "message": "boom"}
+    assert "| 1e4 × 4 | boom |" in tables(results)
+
+
+def test_failures_of_quantify_and_cluster() -> None:
+    results = _quantify_and_cluster()
+    assert failures(results) == []  # MCQuant's timeout is a peer's result
+    results["cluster"]["results"][0]["status"] = "error"
+    results["quantify"]["results"][0]["status"] = "error"
+    assert [line.split()[0] for line in failures(results)] == ["quantify", "cluster"]
+
+
+def test_progress_lines_of_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    records = [*_results()["reference"]["results"], *_results()["scale"]["results"]]
+    records += [
+        *_quantify_and_cluster()["quantify"]["results"],
+        *_quantify_and_cluster()["cluster"]["results"],
+    ]
+    for record in records:
+        _progress(record)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == len(records)
+    assert "1.25 s, peak +190 MiB" in lines[-5]
+    assert "client peak growth 75 MiB" in lines[-1]
+
+
+def test_new_sections_merge_with_a_full_run_and_render(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    again = _quantify_and_cluster()
+    again["quantify"]["results"][0]["seconds"] = 0.5  # a later run: its rows replace the earlier ones
+    del again["cluster"]
+    paths = [tmp_path / "full.json", tmp_path / "new.json", tmp_path / "again.json"]
+    for path, results in zip(paths, (_results(), _quantify_and_cluster(), again), strict=True):
+        path.write_text(json.dumps(results))
+    merged = merge(paths)
+    assert {"reference", "scale", "quantify", "cluster"} <= set(merged)
+    assert [run["sections"] for run in merged["runs"]] == [
+        ["reference", "scale series (4096²)"],
+        ["quantify (replaced by a later run)", "cluster"],
+        ["quantify"],
+    ]
+    page, _ = write_docs(merged, tmp_path / "docs")
+    text = page.read_text()
+    assert "| `rasteragg quantify` | 0.5 | 1 | 200 | 1 | 18,769 + 18,768 | 2 |" in text
+    assert "| 1e6 × 16 | 16.0 M px" in text
+    assert "| slow peer |" in text  # the full run's reference table is still there
+    assert "2 rounds in this run" in text
+    assert "MCQuant's method took 80× the time" in text
+    assert "within issue 15's target of 300 MiB" in text
