@@ -196,7 +196,7 @@ def _quantify_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
 def _cluster_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:
     from benchmarks.cluster import run
 
-    return _capped(spec["cap"], lambda: run(**job))  # type: ignore[no-any-return]
+    return _capped(spec["cap"], lambda: run(**job))
 
 
 #: The measurement of one job of each kind but ``reference`` (which loads its dataset first).
