@@ -17,6 +17,7 @@ from typing import Any
 __all__ = ["merge", "shape_table", "tables", "write_docs"]
 
 WORKS = ("mean", "all")
+MIB = 2**20
 #: Whole-label work (see :data:`benchmarks.peers.MEDIAN_WORKS`), in a table of its own.
 MEDIAN_WORKS = {"median": "median (8 channels)", "median-all": "median + the nine, one call"}
 
@@ -269,7 +270,7 @@ def quantify_table(section: dict[str, Any]) -> str:
                 str(record["runs"]),
             ]
         )
-    header = ["method", "seconds (best)", "× ours", "peak MiB", "× ours", "rows written", "runs"]
+    header = ["method", "seconds (best)", "time × ours", "peak MiB", "peak × ours", "rows written", "runs"]
     return _table(header, rows)
 
 
@@ -282,9 +283,8 @@ def cluster_table(section: dict[str, Any]) -> str:
         if record["status"] != "ok":
             rows.append([*row, record.get("message", record["status"]), *[""] * 7])
             continue
-        mib = 2**20
         workers = ", ".join(
-            f"{_fmt(peak / mib)} (from {_fmt(base / mib)})"
+            f"{_fmt(peak / MIB)} (from {_fmt(base / MIB)})"
             for peak, base in zip(record["worker_peaks"], record["worker_bases"], strict=True)
         )
         rows.append(
@@ -292,10 +292,10 @@ def cluster_table(section: dict[str, Any]) -> str:
                 *row,
                 f"{record['pixels'] / 1e6:,.1f} M px, chunks {job['chunk']}²",
                 f"{job['workers']} × 1 thread, {job['memory']}",
-                _fmt(record["table_bytes"] / mib),
+                _fmt(record["table_bytes"] / MIB),
                 _fmt(record["call_s"]),
                 _fmt(record["write_s"]),
-                _fmt(record["client_growth"] / mib),
+                _fmt(record["client_growth"] / MIB),
                 workers,
             ]
         )
@@ -538,11 +538,11 @@ def _findings(results: dict[str, Any]) -> list[str]:
         section = results["cluster"]
         for record in section["results"]:
             if record["status"] == "ok":
-                growth = record["client_growth"] / 2**20
+                growth = record["client_growth"] / MIB
                 verdict = "within" if growth < section["target_mib"] else "over"
                 lines.append(
                     f"- On the LocalCluster the client grew by {_fmt(growth)} MiB for a table of "
-                    f"{_fmt(record['table_bytes'] / 2**20)} MiB, {verdict} issue 15's target of "
+                    f"{_fmt(record['table_bytes'] / MIB)} MiB, {verdict} issue 15's target of "
                     f"{_fmt(section['target_mib'])} MiB."
                 )
     return lines
