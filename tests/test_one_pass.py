@@ -18,6 +18,7 @@ from typing import Any
 import dask
 import dask.array as da
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -75,19 +76,74 @@ def test_raster_aggregator_reads_once_per_call(
     assert all(len(frame) == len(np.unique(labels)) for frame in frames)
 
 
+def _harpy_script(aggregator: RasterAggregator, index: Any) -> list[pd.DataFrame]:
+    """harpy's four calls, each with the index."""
+    return [
+        *aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index),
+        aggregator.aggregate_min(index=index),
+        aggregator.aggregate_max(index=index),
+        aggregator.center_of_mass(index=index),
+    ]
+
+
 @pytest.mark.parametrize("with_index", [False, True])
-def test_harpy_style_script_reads_once_per_call(
+def test_harpy_style_script_reads_the_data_once(
     data: tuple[np.ndarray, np.ndarray], kernel_calls: list[tuple[int, int, int]], with_index: bool
 ) -> None:
+    """The first call's pass keeps its partials (the moments and the extrema), which serve the
+    other three calls; each call's values are those of a RasterAggregator of its own."""
+    labels, image = data
+
+    def fresh() -> RasterAggregator:
+        lazy_image = da.from_array(image, chunks=(1, *CHUNKS))
+        return RasterAggregator(da.from_array(labels, chunks=CHUNKS), lazy_image, run_on_gpu=False)
+
+    index = _index(labels, with_index)
+    frames = _harpy_script(fresh(), index)
+    assert len(kernel_calls) == BLOCKS
+    expected = [
+        *fresh().aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index),
+        fresh().aggregate_min(index=index),
+        fresh().aggregate_max(index=index),
+        fresh().center_of_mass(index=index),
+    ]
+    for frame, alone in zip(frames, expected, strict=True):
+        pd.testing.assert_frame_equal(frame, alone)
+
+
+def test_a_pass_keeps_what_earlier_passes_had(
+    data: tuple[np.ndarray, np.ndarray], kernel_calls: list[tuple[int, int, int]]
+) -> None:
+    """A call that needs more than the kept partials hold runs a pass for both: later calls of
+    either read nothing. Labels-only statistics first read the labels alone."""
+    labels, image = data
+    counted = _CountedImage(image)
+    aggregator = RasterAggregator(
+        da.from_array(labels, chunks=CHUNKS),
+        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
+        run_on_gpu=False,
+    )
+    aggregator.center_of_mass()
+    assert (len(kernel_calls), counted.reads) == (BLOCKS, 0)
+    aggregator.aggregate_mean()
+    aggregator.aggregate_max()
+    assert (len(kernel_calls), counted.reads) == (2 * BLOCKS, image.shape[0] * BLOCKS)
+    aggregator.aggregate_kurtosis()
+    aggregator.aggregate_stats(("mean", "min", "center_of_mass", "count", "std"))
+    assert (len(kernel_calls), counted.reads) == (3 * BLOCKS, 2 * image.shape[0] * BLOCKS)
+
+
+def test_partials_past_the_limit_are_not_kept(
+    data: tuple[np.ndarray, np.ndarray],
+    kernel_calls: list[tuple[int, int, int]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(xr_rasteragg.aggregator, "KEEP_BYTES", 0)
     labels, image = data
     aggregator = RasterAggregator(
         da.from_array(labels, chunks=CHUNKS), da.from_array(image, chunks=(1, *CHUNKS)), run_on_gpu=False
     )
-    index = _index(labels, with_index)
-    aggregator.aggregate_stats(("sum", "mean", "count", "var", "kurtosis", "skew"), index=index)
-    aggregator.aggregate_min(index=index)
-    aggregator.aggregate_max(index=index)
-    aggregator.center_of_mass(index=index)
+    _harpy_script(aggregator, None)
     assert len(kernel_calls) == 4 * BLOCKS
 
 

@@ -14,11 +14,12 @@ from collections.abc import Callable, Iterable, Sequence
 import dask.array as da
 import numpy as np
 import pandas as pd
-from numpy.typing import ArrayLike
+from numpy.typing import ArrayLike, NDArray
 
-from .engine import aggregate, as_dask
+from .engine import Aggregation, aggregate, as_dask, finalize_blocks, pass_blocks, prepare_index
 from .gpu import probe_cupy, to_device, to_host
-from .stats import SHAPE_FEATURES, STATISTICS, Space, validate_stats
+from .partials import Needs
+from .stats import SHAPE_FEATURES, STATISTICS, Space, needs_of, validate_stats
 from .validation import InvalidStatisticError, check_image_dtype, integral_ids
 
 __all__ = ["RasterAggregator"]
@@ -26,6 +27,13 @@ __all__ = ["RasterAggregator"]
 log = logging.getLogger("xr_rasteragg")
 
 _DEFAULT_STATS = ("sum", "mean", "count", "var", "kurtosis", "skew")
+#: Statistics that a :class:`RasterAggregator` finalizes from the partials of its last pass, when
+#: they hold what the statistics need (harpy's scripts ask for them in several calls).
+_FROM_KEPT_PASS = frozenset(
+    ("sum", "mean", "count", "var", "std", "kurtosis", "skew", "min", "max", "center_of_mass")
+)
+#: The most bytes of partials that a :class:`RasterAggregator` keeps between calls.
+KEEP_BYTES = 2**30
 
 
 def _chunksize(array: da.Array) -> tuple[int, ...]:
@@ -90,7 +98,15 @@ class RasterAggregator:
 
     Notes
     -----
-    Results are computed, not lazy: each call reads the data once, with or without an ``index``.
+    Results are computed, not lazy: each call reads the data at most once, with or without an
+    ``index``. The partials of the last pass (per label: pixel counts and index sums, the
+    moments up to the highest order asked for so far, and the extrema) are kept, up to
+    :data:`KEEP_BYTES` (1 GiB), so that later calls of ``sum``, ``mean``, ``count``, ``var``,
+    ``std``, ``kurtosis``, ``skew``, ``min``, ``max`` and ``center_of_mass`` that they serve
+    read nothing: harpy's scripts ask for these in four calls (``aggregate_stats``,
+    ``aggregate_min``, ``aggregate_max``, ``center_of_mass``). The arrays are read when the
+    calls are made, as dask arrays are: change the data under a NumPy-backed dask array, and
+    make a new ``RasterAggregator``.
     ``index=None`` means every label in the mask, including the background 0, sorted. Labels
     named in ``index`` but absent from the mask get area 0, sum 0 and NaN for every other
     statistic. The skewness and kurtosis of a label with constant values are 0.0 (with a logged
@@ -180,6 +196,7 @@ class RasterAggregator:
         self._instance_key = instance_key
         self._instance_size_key = instance_size_key
         self._run_on_gpu = run_on_gpu
+        self._kept: tuple[Needs, NDArray[np.object_]] | None = None
 
     def aggregate_stats(
         self,
@@ -264,7 +281,7 @@ class RasterAggregator:
         index = None if index is None else integral_ids(index, "'index'")
         flat = self._mask.shape[0] == 1 and any(n in SHAPE_FEATURES for n in names)
         space = Space((1, 2), (1.0, 1.0)) if flat else Space()
-        result = aggregate(self._mask, self._image, (*names, *helpers), index=index, eager=True, space=space)
+        result = self._aggregate((*names, *helpers), index, space)
         values = result.values
         if shape_stats:
             # Constant labels: harpy reports 0.0 where scipy (and the accessor) report NaN.
@@ -289,6 +306,34 @@ class RasterAggregator:
         for name in requested:
             out.append(frames.pop(name) if name in frames else out[requested.index(name)].copy())
         return out
+
+    def _aggregate(
+        self, names: tuple[str, ...], index: NDArray[np.integer] | None, space: Space
+    ) -> Aggregation:
+        """The values of ``names``: from the kept partials where they serve, else from a pass.
+
+        A pass for these statistics computes the extrema too, and at least what the kept
+        partials held (so that it serves every earlier call's statistics as well), and is kept
+        when its partials take at most :data:`KEEP_BYTES`. Other statistics (shape features,
+        the median) run a pass of their own.
+        """
+        if not set(names) <= _FROM_KEPT_PASS:
+            return aggregate(self._mask, self._image, names, index=index, eager=True, space=space)
+        needs = needs_of(names)
+        wanted = None if index is None else prepare_index(index)
+        if self._kept is None or (self._kept[0] | needs) != self._kept[0]:
+            if needs.order >= 1 or needs.extrema:
+                needs = needs | Needs(extrema=True)
+            if self._kept is not None:
+                needs = needs | self._kept[0]
+            per_channel = needs.order >= 1 or needs.extrema
+            blocks = pass_blocks(self._mask, self._image if per_channel else None, needs)
+            nbytes = sum(v.nbytes for part in blocks.ravel() for v in part.fields.values())
+            self._kept = (needs, blocks) if nbytes <= KEEP_BYTES else None
+        else:
+            blocks = self._kept[1]
+        nchan = 0 if self._image is None else int(self._image.shape[0])
+        return finalize_blocks(blocks, wanted, names, nchan, space)
 
     aggregate_sum = _per_channel("sum", "Sum of the pixel values of each label, per channel.")
     aggregate_mean = _per_channel("mean", "Mean of the pixel values of each label, per channel.")

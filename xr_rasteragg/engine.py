@@ -60,10 +60,12 @@ __all__ = [
     "channel_partials",
     "check_inputs",
     "distributed_client",
+    "finalize_blocks",
     "finalized",
     "label_stages",
     "locate",
     "merge_tree",
+    "pass_blocks",
     "piece_labels",
     "prepare_index",
     "progress",
@@ -258,12 +260,40 @@ def _eager(
 ) -> Aggregation:
     """NumPy results: the merged partials computed into this process, then finalized.
 
-    A table of one piece of labels is finalized here at once; a larger one in parallel pieces by
-    the same graph as lazy results. (One computation of the partials, rather than a ``persist``
-    and two more, saves a few scheduler runs per call: 0.2x the read limit of DESIGN's reference
-    dataset.)
+    (One computation of the partials, rather than a ``persist`` and two more, saves a few
+    scheduler runs per call: 0.2x the read limit of DESIGN's reference dataset.)
     """
     (blocks,) = dask.compute(parts)
+    return finalize_blocks(blocks, wanted, stats, nchan, space)
+
+
+def pass_blocks(labels: Any, image: Any | None, needs: Needs, split_every: int = SPLIT_EVERY) -> NDArray[Any]:
+    """Run the pass now, for every label (none left out): the partials left by the tree merge, an
+    object array of at most ``split_every**2`` :class:`~xr_rasteragg.partials.Partials`.
+
+    For a caller that finalizes the statistics of several calls from one pass
+    (:class:`~xr_rasteragg.aggregator.RasterAggregator`), with :func:`finalize_blocks`.
+    """
+    labels, image = as_dask(labels, "labels"), None if image is None else as_dask(image, "image")
+    labels, image = check_inputs(labels, image, ())
+    (blocks,) = dask.compute(_merged_partials(labels, image, needs, None, split_every, split_every**2))
+    return np.asarray(blocks)
+
+
+def finalize_blocks(
+    blocks: NDArray[Any],
+    wanted: NDArray[np.integer] | None,
+    stats: Sequence[str],
+    nchan: int,
+    space: Space | None = None,
+) -> Aggregation:
+    """NumPy values of ``stats`` for the labels ``wanted`` (None: every label of the partials),
+    from computed partials (an object array, as :func:`pass_blocks` returns).
+
+    A table of one piece of labels is finalized here at once; a larger one in parallel pieces by
+    the same graph as lazy results.
+    """
+    space = space or Space()
     found = list(blocks.ravel())
     ids = label_union([part.labels for part in found]) if wanted is None else wanted
     if ids.shape[0] <= PIECE_LABELS:
