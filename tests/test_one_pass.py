@@ -125,12 +125,15 @@ def test_a_pass_keeps_what_earlier_passes_had(
     )
     aggregator.center_of_mass()
     assert (len(kernel_calls), counted.reads) == (BLOCKS, 0)
+    reads = image.shape[0] * BLOCKS  # of the image, by one pass
     aggregator.aggregate_mean()
-    aggregator.aggregate_max()
-    assert (len(kernel_calls), counted.reads) == (2 * BLOCKS, image.shape[0] * BLOCKS)
-    aggregator.aggregate_kurtosis()
-    aggregator.aggregate_stats(("mean", "min", "center_of_mass", "count", "std"))
-    assert (len(kernel_calls), counted.reads) == (3 * BLOCKS, 2 * image.shape[0] * BLOCKS)
+    assert (len(kernel_calls), counted.reads) == (2 * BLOCKS, reads)
+    aggregator.aggregate_max()  # the extrema: a pass for them and the mean
+    aggregator.aggregate_sum()
+    assert (len(kernel_calls), counted.reads) == (3 * BLOCKS, 2 * reads)
+    aggregator.aggregate_kurtosis()  # the moments up to the fourth, and the extrema kept
+    aggregator.aggregate_stats(("mean", "min", "center_of_mass", "count", "std", "skew"))
+    assert (len(kernel_calls), counted.reads) == (4 * BLOCKS, 3 * reads)
 
 
 def test_partials_past_the_limit_are_not_kept(

@@ -100,7 +100,8 @@ class RasterAggregator:
     -----
     Results are computed, not lazy: each call reads the data at most once, with or without an
     ``index``. The partials of the last pass (per label: pixel counts and index sums, the
-    moments up to the highest order asked for so far, and the extrema) are kept, up to
+    moments up to the highest order asked for so far, and the extrema, which come along with
+    skew and kurtosis) are kept, up to
     :data:`KEEP_BYTES` (1 GiB), so that later calls of ``sum``, ``mean``, ``count``, ``var``,
     ``std``, ``kurtosis``, ``skew``, ``min``, ``max`` and ``center_of_mass`` that they serve
     read nothing: harpy's scripts ask for these in four calls (``aggregate_stats``,
@@ -312,17 +313,17 @@ class RasterAggregator:
     ) -> Aggregation:
         """The values of ``names``: from the kept partials where they serve, else from a pass.
 
-        A pass for these statistics computes the extrema too, and at least what the kept
-        partials held (so that it serves every earlier call's statistics as well), and is kept
-        when its partials take at most :data:`KEEP_BYTES`. Other statistics (shape features,
-        the median) run a pass of their own.
+        A pass for the moments of order 3 or more (skew, kurtosis) computes the extrema too, and
+        every pass at least what the kept partials held (so that it serves every earlier call's
+        statistics as well); a pass is kept when its partials take at most :data:`KEEP_BYTES`.
+        Other statistics (shape features, the median) run a pass of their own.
         """
         if not set(names) <= _FROM_KEPT_PASS:
             return aggregate(self._mask, self._image, names, index=index, eager=True, space=space)
         needs = needs_of(names)
         wanted = None if index is None else prepare_index(index)
         if self._kept is None or (self._kept[0] | needs) != self._kept[0]:
-            if needs.order >= 1 or needs.extrema:
+            if needs.order >= 3:  # the extrema cost 3 % more here (23 % more for a mean alone)
                 needs = needs | Needs(extrema=True)
             if self._kept is not None:
                 needs = needs | self._kept[0]
