@@ -117,12 +117,7 @@ def test_a_pass_keeps_what_earlier_passes_had(
     """A call that needs more than the kept partials hold runs a pass for both: later calls of
     either read nothing. Labels-only statistics first read the labels alone."""
     labels, image = data
-    counted = _CountedImage(image)
-    aggregator = RasterAggregator(
-        da.from_array(labels, chunks=CHUNKS),
-        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
-        run_on_gpu=False,
-    )
+    aggregator, counted = _counted_aggregator(labels, image)
     aggregator.center_of_mass()
     assert (len(kernel_calls), counted.reads) == (BLOCKS, 0)
     reads = image.shape[0] * BLOCKS  # of the image, by one pass
@@ -263,6 +258,13 @@ def test_command_line_reads_once(
 # -- whole-label statistics with the moment statistics ---------------------------------------------
 
 
+def _counted_aggregator(labels: np.ndarray, image: np.ndarray) -> tuple[RasterAggregator, _CountedImage]:
+    """A RasterAggregator over dask arrays of ``labels`` and of ``image``, whose chunk reads count."""
+    counted = _CountedImage(image)
+    lazy_image = da.from_array(counted, chunks=(1, *CHUNKS), asarray=False)
+    return RasterAggregator(da.from_array(labels, chunks=CHUNKS), lazy_image, run_on_gpu=False), counted
+
+
 class _CountedImage:
     """An in-memory image that counts the chunks read from it (through ``da.from_array``); empty
     reads (dask's look at the array type) are not counted. Each one has a token of its own: equal
@@ -327,12 +329,7 @@ def test_raster_aggregator_median_with_other_statistics_reads_the_image_once(
 ) -> None:
     """The median with moment statistics, or with shape features, through the class."""
     labels, image = data
-    counted = _CountedImage(image)
-    aggregator = RasterAggregator(
-        da.from_array(labels, chunks=CHUNKS),
-        da.from_array(counted, chunks=(1, *CHUNKS), asarray=False),
-        run_on_gpu=False,
-    )
+    aggregator, counted = _counted_aggregator(labels, image)
     frames = aggregator.aggregate_stats(stats)
     assert counted.reads == image.shape[0] * BLOCKS
     assert [len(frame) for frame in frames] == [len(np.unique(labels))] * 4
