@@ -132,32 +132,39 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
     border pixel of its label when one of its 4-neighbours is not that label (outside the image
     counts as not); a border pixel with ``s`` 4-neighbours and ``c`` diagonal neighbours on its
     label's border has code ``1 + 2 s + 10 c``: codes 5, 7, 15, 17, 25, 27 (``s`` 2 or 3, ``c``
-    at most 2) weigh 1 (class 0), codes 21, 33 (``s, c`` = 0, 2 or 1, 3) weigh √2 (class 1)
-    and codes 13, 23 (``s`` 1, ``c`` 1 or 2) weigh (1 + √2) / 2 (class 2).
+    at most 2) weigh 1 (class 1), codes 21, 33 (``s, c`` = 0, 2 or 1, 3) weigh √2 (class 2)
+    and codes 13, 23 (``s`` 1, ``c`` 1 or 2) weigh (1 + √2) / 2 (class 3).
 
     The block (``shape``; row ``(z, y)`` is ``flat[starts[z, y]:][:w]``) widened by its frame
     of ``d`` (2) pixels (``pieces``, see :class:`~xr_rasteragg.frames.Frame`) is walked row by
-    row, never made whole: each widened row is put together in a ring of five rows; the border
-    flags of the row before it, and the classes of the row before that, follow from the ring;
-    then the runs of that row (block indices, local ids) sum their pixels' classes. ``valid``
-    says which widened rows and columns lie in the image (:meth:`~xr_rasteragg.frames.Frame.valid`).
-    Loops index views from 0 (no index can be negative), so the compiler vectorizes them.
+    row, never made whole. Each widened row's labels are compared once, with the pixel to the
+    right and with the next row (below and both diagonals), into a byte of flags per pixel
+    (:data:`_ACROSS` and the others, kept for four rows); the border flags of the row before
+    (a byte per pixel, kept for three rows), and the classes of the row before that, follow
+    from those bytes alone, in one-byte arithmetic, so that a vector instruction takes many
+    pixels. Then the runs of that row (block indices, local ids) count their pixels' classes
+    from the row's prefix counts (:func:`_word_counts`). ``valid`` says which widened rows and
+    columns lie in the image (:meth:`~xr_rasteragg.frames.Frame.valid`). Loops index views
+    from 0 (no index can be negative), so the compiler vectorizes them.
     """
     top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = pieces
     y0, y1, x0, x1 = valid
     nz, h, w = shape
     ny, nx = h + 2 * d, w + 2 * d
     out = np.zeros((k, 3), np.int64)
-    rows = np.zeros((5, nx), flat.dtype)
-    border = np.zeros((3, nx), np.uint8)
-    classes = np.zeros(nx, np.int64)
-    lo, hi = max(1, x0), min(nx - 1, x1)
+    rows = np.zeros((2, nx), flat.dtype)
+    flags = np.zeros((4, nx), np.uint8)  # of widened row y at y % 4
+    edge = np.zeros((3, nx), np.uint8)  # border pixels of widened row y at y % 3
+    words = np.zeros(w // 8 + 1, np.uint64)  # the classes of a row, a byte per pixel
+    classes = words.view(np.uint8)[:w]
+    before = np.zeros(words.shape[0] + 1, np.uint64)  # the classes before each word, packed
     field = (1 << _FIELD) - 1
+    lo, hi = max(1, x0), min(nx - 1, x1)
     r = 0
     for z in range(nz):
         for t in range(ny + 2):
-            if t < ny:  # widened row t into the ring
-                row = rows[t % 5]
+            if t < ny:  # widened row t in, with its flags against itself and the row before
+                row = rows[t % 2]
                 if t < d:
                     row[:d], row[d : d + w], row[d + w :] = top_left[z, t], top[z, t], top_right[z, t]
                 elif t < d + h:
@@ -174,109 +181,157 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                         bottom[z, u],
                         bottom_right[z, u],
                     )
+                _across(row, flags[t % 4])
+                if t >= 1:
+                    _below(rows[(t - 1) % 2], row, flags[(t - 1) % 4])
             y = t - 1  # border flags of widened row y
             if 1 <= y < ny - 1:
-                flags = border[y % 3]
-                flags[:] = 0
+                marks = edge[y % 3]
+                marks[:] = 0
                 if y0 <= y < y1:
-                    _border_row(
-                        rows[(y - 1) % 5, lo:hi],
-                        rows[y % 5, lo - 1 : hi + 1],
-                        rows[(y + 1) % 5, lo:hi],
-                        flags[lo:hi],
-                    )
+                    _border_row(flags[(y - 1) % 4, lo:hi], flags[y % 4, lo - 1 : hi], marks[lo:hi])
                     if y == y0 or y == y1 - 1:
-                        flags[lo:hi] = 1
-                    flags[x0] |= x0 >= lo  # the image's first and last columns
-                    flags[x1 - 1] |= x1 - 1 < hi
+                        marks[lo:hi] = 1
+                    marks[x0] |= x0 >= lo  # the image's first and last columns
+                    marks[x1 - 1] |= x1 - 1 < hi
             y = t - 2  # classes and runs of widened row y
-            if not d <= y < d + h:
+            if not d <= y < d + h or not (r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y):
                 continue
-            if r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
-                _row_classes(
-                    rows[(y - 1) % 5],
-                    rows[y % 5],
-                    rows[(y + 1) % 5],
-                    border[(y - 1) % 3],
-                    border[y % 3],
-                    border[(y + 1) % 3],
-                    classes[1:-1],
-                )
+            _row_classes(
+                flags[(y - 1) % 4, d - 1 : d + w + 1],
+                flags[y % 4, d - 1 : d + w + 1],
+                edge[(y - 1) % 3, d - 1 : d + w + 1],
+                edge[y % 3, d - 1 : d + w + 1],
+                edge[(y + 1) % 3, d - 1 : d + w + 1],
+                classes,
+            )
+            _word_counts(words, before)
+            end, at_end = -1, np.uint64(0)  # the last run's end and the counts before it
             while r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
-                a, n, i = run_x[r] + d, run_len[r], run_id[r]
-                if n <= field:
-                    _add_classes(out[i], classes[a : a + n])
-                else:  # in pieces of fewer than 2**21 pixels, so that no field overflows
-                    for start in range(0, n, field):
-                        _add_classes(out[i], classes[a + start : a + min(n, start + field)])
+                a, n, i = run_x[r], run_len[r], run_id[r]
+                # The counts before the run's start and end, and before each 2**21 - 1 pixels of
+                # a longer run, so that the fields of each difference do not overflow.
+                low = at_end if a == end else _count_before(words, before, a)
+                for start in range(a, a + n, field):
+                    end = min(a + n, start + field)
+                    at_end = _count_before(words, before, end)
+                    counts = at_end - low  # modulo 2**64, each field exact
+                    out[i, 0] += np.int64(counts & np.uint64(field))
+                    out[i, 1] += np.int64((counts >> np.uint64(_FIELD)) & np.uint64(field))
+                    out[i, 2] += np.int64(counts >> np.uint64(2 * _FIELD))
+                    low = at_end
                 r += 1
     return out
 
 
+#: Bits of a pixel's flags (see :func:`_border_classes`): whether it equals the pixel to its
+#: right, the pixel below, the pixel below right (``_FALL``), and whether the pixel to its right
+#: equals the pixel below it (``_RISE``).
+_ACROSS, _DOWN, _FALL, _RISE = 1, 2, 4, 8
+
+
+@nb.njit(nogil=True, cache=True)
+def _across(row, flags):  # type: ignore[no-untyped-def]
+    """Set each pixel's flags to :data:`_ACROSS`, whether it equals the pixel to its right (the
+    last pixel: none)."""
+    for u in range(row.shape[0] - 1):
+        flags[u] = row[u] == row[u + 1]
+    flags[row.shape[0] - 1] = 0
+
+
+@nb.njit(nogil=True, cache=True)
+def _below(row, below, flags):  # type: ignore[no-untyped-def]
+    """Add to the flags of ``row`` whether each pixel equals the pixel below (:data:`_DOWN`) and
+    below right (:data:`_FALL`), and whether the pixel to its right equals the one below it
+    (:data:`_RISE`)."""
+    n = row.shape[0] - 1
+    for u in range(n):
+        flags[u] |= np.uint8(
+            np.uint8(row[u] == below[u]) * np.uint8(_DOWN)
+            | np.uint8(row[u] == below[u + 1]) * np.uint8(_FALL)
+            | np.uint8(row[u + 1] == below[u]) * np.uint8(_RISE)
+        )
+    flags[n] |= np.uint8(row[n] == below[n]) * np.uint8(_DOWN)
+
+
+@nb.njit(nogil=True, cache=True)
+def _border_row(up, flags, out):  # type: ignore[no-untyped-def]
+    """Border flags of a row: ``out[u]`` for the pixel whose flags are ``flags[u + 1]`` (and
+    ``up[u]`` in the row above): 1 unless it equals the pixels above, below, left and right."""
+    for u in range(out.shape[0]):
+        out[u] = np.uint8(1) ^ np.uint8((up[u] >> 1) & (flags[u + 1] >> 1) & flags[u] & flags[u + 1] & 1)
+
+
+@nb.njit(nogil=True, cache=True)
+def _row_classes(above, flags, b_up, b_row, b_down, out):  # type: ignore[no-untyped-def]
+    """The weight class of each pixel of a row, 1 to 3 (0 for none): ``out[u]`` for the pixel
+    whose flags are ``flags[u + 1]``, border flags ``b_row[u + 1]``, below ``above[u + 1]``
+    (the row above's flags, from the pixel before to the pixel after), with the border flags
+    ``b_*`` of the rows above and below. One-byte arithmetic (every sum at most 4, each step
+    cast back to a byte), so that the compiler vectorizes the loop a byte per pixel."""
+    for u in range(out.shape[0]):
+        left, here = flags[u], flags[u + 1]
+        top, top_left = above[u + 1], above[u]
+        # The neighbours on the border with this pixel's label: s of the four sides, c of the
+        # four corners.
+        s = np.uint8(
+            np.uint8(b_up[u + 1] & (top >> 1))
+            + np.uint8(b_down[u + 1] & (here >> 1))
+            + np.uint8(b_row[u] & left)
+            + np.uint8(b_row[u + 2] & here)
+        ) & np.uint8(7)
+        c = np.uint8(
+            np.uint8(b_up[u] & (top_left >> 2))
+            + np.uint8(b_up[u + 2] & (top >> 3))
+            + np.uint8(b_down[u] & (left >> 3))
+            + np.uint8(b_down[u + 2] & (here >> 2))
+        ) & np.uint8(7)
+        one = (s >= 2) & (s <= 3) & (c <= 2)
+        root = ((s == 0) & (c == 2)) | ((s == 1) & (c == 3))
+        mean = (s == 1) & (c >= 1) & (c <= 2)
+        out[u] = b_row[u + 1] * np.uint8(np.uint8(one) | (np.uint8(root) << 1) | (np.uint8(mean) << 2))
+
+
+@nb.njit(nogil=True, cache=True)
+def _word_counts(words, before):  # type: ignore[no-untyped-def]
+    """``before[j]``: the pixels of each class in the words before word ``j`` of a row's
+    classes (a byte per pixel, see :func:`_row_classes`), packed (:func:`_packed_counts`),
+    modulo 2**64."""
+    total = np.uint64(0)
+    for j in range(words.shape[0]):
+        before[j] = total
+        total += _packed_counts(words[j])
+    before[words.shape[0]] = total
+
+
 @nb.njit(nogil=True, cache=True, inline="always")
-def _add_classes(counts, classes):  # type: ignore[no-untyped-def]
-    """Add the pixels of each class in ``classes`` (fewer than 2**21 pixels, see
-    :func:`_row_classes`) to ``counts``."""
-    total = np.int64(0)
-    for j in range(classes.shape[0]):
-        total += classes[j]
-    field = (1 << _FIELD) - 1
-    counts[0] += total & field
-    counts[1] += (total >> _FIELD) & field
-    counts[2] += total >> (2 * _FIELD)
+def _count_before(words, before, x):  # type: ignore[no-untyped-def]
+    """The pixels of each class before pixel ``x`` of a row's classes, packed, modulo 2**64
+    (see :func:`_word_counts`)."""
+    low = (np.uint64(1) << np.uint64(8 * (x & 7))) - np.uint64(1)  # the word's first x % 8 bytes
+    return before[x >> 3] + _packed_counts(words[x >> 3] & low)
 
 
-@nb.njit(nogil=True, cache=True)
-def _border_row(up, row, down, out):  # type: ignore[no-untyped-def]
-    """Border flags of a row: ``out[x]`` for the pixel ``row[x + 1]``, between ``up[x]`` and ``down[x]``."""
-    for x in range(out.shape[0]):
-        key = row[x + 1]
-        out[x] = (up[x] != key) | (down[x] != key) | (row[x] != key) | (row[x + 2] != key)
-
-
-#: Bits per class in the sums of :func:`_row_classes` (summed over fewer than 2**21 pixels).
-_FIELD = 21
-#: Bit masks over ``s + 5 c`` (``s`` 4-neighbours and ``c`` diagonal neighbours on the label's
-#: border) of the codes of each weight class (see :func:`_border_classes`).
-_CLASS_BITS = tuple(
-    sum(1 << (s + 5 * c) for s, c in pairs)
-    for pairs in (
-        [(s, c) for s in (2, 3) for c in (0, 1, 2)],
-        [(0, 2), (1, 3)],
-        [(1, 1), (1, 2)],
+@nb.njit(nogil=True, cache=True, inline="always")
+def _packed_counts(word):  # type: ignore[no-untyped-def]
+    """The pixels of each class in a word of eight classes (bits 1, 2, 4 of a byte: classes 1,
+    2, 3) in fields of :data:`_FIELD` bits. The top byte of a product by :data:`_LOW_BITS` sums
+    the bytes: classes 1 and 2 summed at once, as the low and high halves of each byte (each
+    at most 8)."""
+    pair = ((word & _LOW_BITS) | (((word >> np.uint64(1)) & _LOW_BITS) << np.uint64(4))) * _LOW_BITS
+    third = ((word >> np.uint64(2)) & _LOW_BITS) * _LOW_BITS
+    pair, third = pair >> np.uint64(56), third >> np.uint64(56)
+    return (
+        (pair & np.uint64(15))
+        | ((pair >> np.uint64(4)) << np.uint64(_FIELD))
+        | (third << np.uint64(2 * _FIELD))
     )
-)
 
 
-@nb.njit(nogil=True, cache=True)
-def _row_classes(up, row, down, b_up, b_row, b_down, out):  # type: ignore[no-untyped-def]
-    """The weight class of each pixel of a row as a bit in one of three fields of :data:`_FIELD`
-    bits (0 for none), so that a run's sum counts each class: ``out[x]`` for the pixel
-    ``row[x + 1]``, whose neighbours are at ``x``, ``x + 1`` and ``x + 2`` of the rows above and
-    below and the row itself (border flags ``b_*``). Classes come from bit masks
-    (:data:`_CLASS_BITS`), so that the loop vectorizes."""
-    first, second, third = _CLASS_BITS
-    for x in range(out.shape[0]):
-        key = row[x + 1]
-        sides = (
-            np.int32(b_up[x + 1]) * np.int32(up[x + 1] == key)
-            + np.int32(b_down[x + 1]) * np.int32(down[x + 1] == key)
-            + np.int32(b_row[x]) * np.int32(row[x] == key)
-            + np.int32(b_row[x + 2]) * np.int32(row[x + 2] == key)
-        )
-        corners = (
-            np.int32(b_up[x]) * np.int32(up[x] == key)
-            + np.int32(b_up[x + 2]) * np.int32(up[x + 2] == key)
-            + np.int32(b_down[x]) * np.int32(down[x] == key)
-            + np.int32(b_down[x + 2]) * np.int32(down[x + 2] == key)
-        )
-        code = np.int32(b_row[x + 1]) * (sides + 5 * corners + 1) - 1  # -1: not a border pixel
-        shift = max(code, 0)
-        out[x] = np.int64(code >= 0) * (
-            np.int64((first >> shift) & 1)
-            + (np.int64((second >> shift) & 1) << _FIELD)
-            + (np.int64((third >> shift) & 1) << (2 * _FIELD))
-        )
+#: Bits per class in the packed counts of :func:`_packed_counts`.
+_FIELD = 21
+#: One in the lowest bit of each byte of a word.
+_LOW_BITS = np.uint64(0x0101010101010101)
 
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
