@@ -18,15 +18,19 @@ CHUNKS = [(2, 9, 11), (1, 1, 1), (2, 2, 3), (2, (1, 8), (3, 1, 7)), (2, 9, 1), (
 def test_each_block_sees_its_neighbourhood(chunks: Any) -> None:
     labels = np.arange(2 * 9 * 11, dtype=np.int32).reshape(2, 9, 11) + 1
     array = da.from_array(labels, chunks=chunks)
-    arrays = frame_arrays(array, 2)
-    assert all(a.numblocks == array.numblocks for a in arrays)  # on the block grid
-    rings = [a.compute() for a in arrays]
+    around = frame_arrays(array, 2)
+    assert around.numblocks == array.numblocks  # on the block grid
+    everything = around.compute()  # each block's neighbourhood of rings, side by side
+    at = [np.cumsum((0, *c)) for c in around.chunks]
     d = 2
     starts = [np.cumsum((0, *c)) for c in array.chunks]
     for k, j, i in np.ndindex(*array.numblocks):
         (z0, z1), (y0, y1), (x0, x1) = ((s[n], s[n + 1]) for s, n in zip(starts, (k, j, i), strict=True))
         block = labels[z0:z1, y0:y1, x0:x1]
-        frame = Frame.around(block, (z0, y0, x0), [r[k, j, i] for r in rings], labels.shape, Border())
+        rings = list(
+            everything[at[0][k] : at[0][k + 1], at[1][j] : at[1][j + 1], at[2][i] : at[2][i + 1]].ravel()
+        )
+        frame = Frame.around(block, (z0, y0, x0), rings, labels.shape, Border())
         top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = frame.pieces
         widened = np.block(
             [[top_left, top, top_right], [left, block, right], [bottom_left, bottom, bottom_right]]

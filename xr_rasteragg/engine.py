@@ -519,7 +519,8 @@ def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArr
 
 def _framed_label_block(
     labels: Any,
-    *rings: NDArray[Any],
+    rings: NDArray[Any],
+    *,
     skip: int | None,
     shape: tuple[int, int, int],
     family: Family,
@@ -529,7 +530,7 @@ def _framed_label_block(
     :class:`~xr_rasteragg.frames.Frame`, cut from the rings of the blocks around it (a
     ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    frame = Frame.around(labels, offset, [ring.flat[0] for ring in rings], shape, family)  # type: ignore[arg-type]
+    frame = Frame.around(labels, offset, list(rings.ravel()), shape, family)  # type: ignore[arg-type]
     return holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
 
 
@@ -608,7 +609,7 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
         return da.map_blocks(
             _framed_label_block,
             labels,
-            *frame_arrays(labels, family.halo),
+            frame_arrays(labels, family.halo),
             skip=skip,
             shape=tuple(int(n) for n in labels.shape),
             family=family,

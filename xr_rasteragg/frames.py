@@ -153,47 +153,36 @@ def _ring_block(block: NDArray[Any], halo: int, block_info: Any = None) -> NDArr
     return out
 
 
-def frame_arrays(labels: da.Array, halo: int) -> list[da.Array]:
-    """Object arrays on the block grid of ``labels`` ``(z, y, x)`` whose blocks ``(k, j, i)`` hold
-    the :class:`Ring` of each block around block ``(k, j, i)``, as far as ``halo`` pixels reach.
+def _joined_rings(rings: NDArray[Any]) -> NDArray[Any]:
+    """The rings of an object array of rings joined into one, in a ``(1, 1, 1)`` object array
+    (a ``map_blocks`` task)."""
+    parts = list(rings.ravel())
+    out = np.empty((1, 1, 1), dtype=object)
+    out[0, 0, 0] = Ring(
+        tuple(rect for ring in parts for rect in ring.rects),
+        tuple(values for ring in parts for values in ring.values),
+    )
+    return out
 
-    One task per block makes its ring; the arrays shifted by ``(dy, dx)`` blocks are stacks of
-    one-block slices of the rings (clipped at the grid's edges, where the frame lies beyond the
-    image anyway). Blocks at least ``halo`` pixels high (wide) need their neighbours one block
-    away; thinner blocks, up to ``halo`` blocks away.
+
+def frame_arrays(labels: da.Array, halo: int) -> da.Array:
+    """An object array on the block grid of ``labels`` ``(z, y, x)`` whose block ``(k, j, i)``
+    holds the :class:`Ring` of each block around block ``(k, j, i)``, its own included, as far
+    as ``halo`` pixels reach (an object array of rings, ``(1, 3, 3)`` or fewer at the grid's
+    edges).
+
+    One task per block makes its ring, and dask's ``overlap`` hands each block the rings of the
+    blocks next to it (one graph step, however many blocks; beyond the grid's edges the frame
+    lies beyond the image). Blocks at least ``halo`` pixels high and wide need nothing more;
+    for thinner blocks, the rings around each block are joined into one ring and handed on
+    again, until they reach ``halo`` blocks away.
     """
     one_each = tuple((1,) * n for n in labels.numblocks)
     meta = np.empty((0, 0, 0), dtype=object)
     rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
-    reach_y = 1 if min(labels.chunks[1]) >= halo else halo
-    reach_x = 1 if min(labels.chunks[2]) >= halo else halo
-    shifted_y = {dy: _shifted(rings, 1, dy) for dy in range(-reach_y, reach_y + 1)}
-    return [
-        _shifted(shifted_y[dy], 2, dx)
-        for dy in range(-reach_y, reach_y + 1)
-        for dx in range(-reach_x, reach_x + 1)
-        if (dy, dx) != (0, 0)
-    ]
-
-
-def _shifted(rings: da.Array, axis: int, step: int) -> da.Array:
-    """``rings`` (one element per block) with block ``j`` along ``axis`` taken from block
-    ``j + step``, clipped to the grid: the edge block repeated, then one slice of the rest (a few
-    graph steps, however many blocks)."""
-    n = rings.numblocks[axis]
-    if step == 0:
-        return rings
-
-    def part(start: int, stop: int) -> da.Array:
-        where = [slice(None)] * rings.ndim
-        where[axis] = slice(start, stop)
-        return rings[tuple(where)]
-
-    edge = min(abs(step), n)
-    if step > 0:
-        pieces = [part(edge, n)] if edge < n else []
-        pieces += [part(n - 1, n)] * edge
-    else:
-        pieces = [part(0, 1)] * edge
-        pieces += [part(0, n - edge)] if edge < n else []
-    return da.concatenate(pieces, axis=axis)
+    reach = 1 if min(labels.chunks[1]) >= halo and min(labels.chunks[2]) >= halo else halo
+    for step in range(reach):
+        if step:
+            rings = rings.map_blocks(_joined_rings, dtype=object, chunks=one_each, meta=meta)
+        rings = da.overlap.overlap(rings, depth={0: 0, 1: 1, 2: 1}, boundary="none")
+    return rings
