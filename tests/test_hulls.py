@@ -12,6 +12,7 @@ import pickle
 
 import numpy as np
 import pytest
+from numba.typed import List
 from numpy.typing import NDArray
 from scipy.spatial import ConvexHull, QhullError
 from skimage.morphology import convex_hull_image
@@ -82,12 +83,18 @@ def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
     for j in range(3):
         mine = [p[o == j] for p, o in zip(pixels, owner, strict=True)]  # sorted by (z, y, x)
         parts.append(Ragged(np.cumsum([0] + [len(p) for p in mine]), np.concatenate(mine)))
-    # A fourth part holds row 1 alone: its rows are copied.
+    # A fourth part holds row 1 alone: its rows are copied (from a view, read in place).
     alone = hull_of(np.argwhere(np.ones((3, 3), bool)).astype(np.int64))
-    parts.append(Ragged(np.array([0, len(alone)]), np.column_stack([np.full(len(alone), 5), alone])))
+    two = Ragged(
+        np.array([0, 2, 2 + len(alone)]),
+        np.column_stack([np.full(len(alone) + 2, 5), np.ones((2, 2), np.int64).tolist() + alone.tolist()]),
+    )
+    parts.append(two[1:2])
     together = Ragged.concatenate(parts)
     rows = np.concatenate([*slots, [1]]).astype(np.int64)
-    offsets, values, source = fold_hulls(together.offsets, together.values, rows, 5)
+    offsets, values, source = fold_hulls(
+        List([p.offsets for p in parts]), List([p.values for p in parts]), rows, 5
+    )
     merged = Ragged(offsets, values)
     np.testing.assert_array_equal(merged.row(1), together.row(9))
     np.testing.assert_array_equal(source, [-1, 9, -1, -1, -2])  # several parts, one, none

@@ -24,6 +24,7 @@ from typing import Any, ClassVar, cast
 import numba as nb
 import numpy as np
 from numba.extending import overload
+from numba.typed import List
 from numpy.typing import NDArray
 
 from .hulls import fold_hulls
@@ -516,9 +517,14 @@ class Hull(Family):
         # count of its convex hull image where its vertices come from one part row.
         out = cast(Ragged, merged["hull"])
         k = len(out)
-        together = Ragged.concatenate([out, *(cast(Ragged, p["hull"]) for p in parts)])
+        hulls = [out, *(cast(Ragged, p["hull"]) for p in parts)]
         targets = np.concatenate([np.arange(k), *rows]).astype(np.int64)
-        out.offsets, out.values, source = fold_hulls(together.offsets, together.values, targets, k)
+        out.offsets, out.values, source = fold_hulls(
+            List([np.ascontiguousarray(h.offsets, np.int64) for h in hulls]),
+            List([np.ascontiguousarray(h.values, np.int64) for h in hulls]),
+            targets,
+            k,
+        )
         convex = np.concatenate([merged["convex"], *(p["convex"] for p in parts)])
         merged["convex"][:] = np.where(source >= 0, convex[np.maximum(source, 0)], -1)
 

@@ -101,18 +101,28 @@ def _plane_hulls(points, n, out, at, ys, xs, hy, hx, oy, ox):  # type: ignore[no
 def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
     """Hull rows of ``k`` labels from rows of several parts, all folded at once.
 
-    Row ``r`` of the ragged array ``(offsets, values)`` (the parts' rows one after the other)
-    goes to row ``rows[r]``. A row whose points come from one part row is copied; the vertex
+    The parts are ragged arrays ``(offsets[p], values[p])`` (typed lists, read in place: their
+    points are not gathered into one array first); row ``r`` of the parts' rows one after the
+    other goes to row ``rows[r]``. A row whose points come from one part row is copied; the vertex
     lists of several (those of disjoint pixel sets, so their points are distinct) are merged in
     (z, y, x) order, in the order of the parts, and re-hulled plane by plane. Returns the new,
     compact ``(offsets, values)`` and, per row, the part row its points come from (-1 where
     several give points, -2 where none does).
     """
     n = rows.shape[0]
+    part = np.empty(n, np.int64)  # each part row's part, and where its points start and end
+    starts = np.empty(n, np.int64)
+    ends = np.empty(n, np.int64)
+    r = 0
+    for p in range(len(offsets)):
+        bounds = offsets[p]
+        for j in range(bounds.shape[0] - 1):
+            part[r], starts[r], ends[r] = p, bounds[j], bounds[j + 1]
+            r += 1
     holders = np.zeros(k + 1, np.int64)  # part rows with points, by row: a counting sort
     room = 0
     for r in range(n):
-        size = offsets[r + 1] - offsets[r]
+        size = ends[r] - starts[r]
         if size:
             holders[rows[r] + 1] += 1
             room += size
@@ -123,7 +133,7 @@ def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
     longest = 0
     sizes = np.zeros(k, np.int64)
     for r in range(n):
-        size = offsets[r + 1] - offsets[r]
+        size = ends[r] - starts[r]
         if size:
             i = rows[r]
             order[fill[i]] = r
@@ -147,24 +157,26 @@ def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
         if last - first == 1:
             r = order[first]
             source[i] = r
-            for p in range(offsets[r], offsets[r + 1]):
+            points = values[part[r]]
+            for p in range(starts[r], ends[r]):
                 for axis in range(3):
-                    out[at, axis] = values[p, axis]
+                    out[at, axis] = points[p, axis]
                 at += 1
         elif last - first > 1:  # merge the sorted vertex lists one by one, then re-hull each plane
             source[i] = -1
             n_union = 0
             for h in range(first, last):
                 r = order[h]
-                p, p_end, q, m = 0, n_union, offsets[r], 0
-                while p < p_end or q < offsets[r + 1]:
-                    if q >= offsets[r + 1] or (p < p_end and _before(union, p, values, q)):
+                points = values[part[r]]
+                p, p_end, q, m = 0, n_union, starts[r], 0
+                while p < p_end or q < ends[r]:
+                    if q >= ends[r] or (p < p_end and _before(union, p, points, q)):
                         for axis in range(3):
                             merged[m, axis] = union[p, axis]
                         p += 1
                     else:
                         for axis in range(3):
-                            merged[m, axis] = values[q, axis]
+                            merged[m, axis] = points[q, axis]
                         q += 1
                     m += 1
                 union, merged, n_union = merged, union, m
