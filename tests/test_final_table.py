@@ -155,13 +155,16 @@ def test_engine_with_small_pieces_matches_reference(
 
 
 def test_pieces_stay_within_dasks_chunk_size_with_many_channels() -> None:
-    """Many channels make pieces of fewer labels (one piece's rows of every statistic within
-    ``array.chunk-size``), every result chunked alike, with the values of one piece."""
+    """Many channels make pieces of fewer labels (one piece's rows, of the partials it merges or
+    of its values, whichever is larger, within ``array.chunk-size``), every result chunked
+    alike, with the values of one piece."""
     rng = np.random.default_rng(8)
     labels = rng.permutation(np.repeat(np.arange(400, dtype=np.int32), 8)).reshape(1, 40, 80)
     image = rng.integers(0, 2**16, size=(24, *labels.shape)).astype(np.uint16)
     stats = ("count", "mean", "var", "max", "center_of_mass")
-    row = 8 + 3 * 24 * 8 + 3 * 8  # bytes of one label's row of every statistic
+    # Bytes of one label's partials (the pixel count and index sums, the shift, shifted sum and
+    # M2 per channel, the extrema as float64), more than its values (8 + 3 * 24 * 8 + 3 * 8).
+    row = 8 + 3 * 8 + 3 * 24 * 8 + 2 * 24 * 8
     with dask.config.set({"array.chunk-size": f"{50 * row}B"}):
         result = aggregate(
             da.from_array(labels, chunks=(1, 16, 32)), da.from_array(image, chunks=(8, 1, 16, 32)), stats

@@ -289,7 +289,9 @@ def test_whole_label_and_moment_statistics_are_chunked_alike() -> None:
     so that the results make a Dataset with one chunking."""
     labels, image = _geometries(), _image(np.float64) + 300.0
     stats = ["median", "mean", "count"]
-    row = 8 * image.shape[0] * 2 + 8  # median and mean per channel, and the count
+    # The partials of mean and count (pixel count, index sums, shift and shifted sum per
+    # channel: more than their values), and the median per channel.
+    row = 8 + 3 * 8 + 2 * 8 * image.shape[0] + 8 * image.shape[0]
     with dask.config.set({"array.chunk-size": f"{4 * row}B"}):
         result = aggregate(
             da.from_array(labels, chunks=(1, 5, 7)),

@@ -22,7 +22,7 @@ from .partials import Needs
 from .stats import SHAPE_FEATURES, STATISTICS, Space, needs_of, validate_stats
 from .validation import InvalidStatisticError, check_image_dtype, integral_ids
 
-__all__ = ["RasterAggregator"]
+__all__ = ["KEEP_BYTES", "RasterAggregator"]
 
 log = logging.getLogger("xr_rasteragg")
 

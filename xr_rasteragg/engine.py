@@ -682,17 +682,24 @@ def merge_tree(groups: Sequence[da.Array], split_every: int, left: int, token: s
 
 
 def row_bytes(stats: Sequence[str], nchan: int, ndim: int = 3) -> int:
-    """Bytes of one label's values of these statistics, for ``nchan`` channels and ``ndim``-D labels."""
+    """Bytes of one label in a piece of finalization, for ``nchan`` channels and ``ndim``-D labels:
+    the larger of its partials (which the piece merges; fields of the image dtype counted as
+    float64, the widest) and its values of these statistics."""
     specs = [STATISTICS[name] for name in stats]
-    return sum(spec.dtype.itemsize * int(np.prod(spec.row_shape(nchan, ndim))) for spec in specs)
+    values = sum(spec.dtype.itemsize * int(np.prod(spec.row_shape(nchan, ndim))) for spec in specs)
+    fields = [field for family in needs_of(stats).families for field in family.fields()]
+    widths = [1 if f.width is None else nchan if f.width == "c" else int(f.width) for f in fields]
+    partials = sum(f.dtype(np.dtype(np.float64)).itemsize * w for f, w in zip(fields, widths, strict=True))
+    return max(values, partials)
 
 
 def piece_labels(row: int) -> int:
     """Labels per piece of finalization (and rows per chunk of the results) for rows of ``row`` bytes.
 
-    :data:`PIECE_LABELS`, or fewer, so that one piece's rows of every statistic stay within
-    dask's ``array.chunk-size`` (128 MiB by default): with 60 channels and every statistic, a
-    piece of :data:`PIECE_LABELS` labels would be 1.2 GiB in each task, and in the client for
+    :data:`PIECE_LABELS`, or fewer, so that one piece's rows (its partials, and its values of
+    every statistic: :func:`row_bytes`) stay within dask's ``array.chunk-size`` (128 MiB by
+    default): with 60 channels and the nine statistics, a piece of :data:`PIECE_LABELS` labels
+    would merge about 1 GiB of partials in each task, and hand 1 GiB of values to the client for
     each chunk that it computes.
 
     Examples
@@ -701,7 +708,7 @@ def piece_labels(row: int) -> int:
     262144
     >>> with dask.config.set({"array.chunk-size": "1 MiB"}):
     ...     piece_labels(row_bytes(["mean", "max"], nchan=64))
-    1024
+    504
     """
     budget = dask.utils.parse_bytes(dask.config.get("array.chunk-size"))
     return int(max(1, min(PIECE_LABELS, budget // max(row, 1))))

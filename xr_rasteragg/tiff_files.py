@@ -39,9 +39,11 @@ class FileChangedError(RuntimeError):
 
 
 class _OpenFile:
-    """An open ``tifffile.TiffFile``, closed when this is garbage."""
+    """An open ``tifffile.TiffFile``, closed when this is garbage; its file handle locks each seek
+    and read (dask's threads share it), the lock set here, before any reader can see the file."""
 
     def __init__(self, tif: Any) -> None:
+        tif.filehandle.set_lock(True)
         self.tif = tif
         weakref.finalize(self, tif.close)
 

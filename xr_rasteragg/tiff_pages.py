@@ -98,8 +98,7 @@ class TiffPages:
         """The pages and their keyframe, from the file as this copy opened it."""
         if self._opened is None:
             level = self.source.open()
-            pages = list(level.pages)
-            pages[0].parent.filehandle.set_lock(True)  # dask's threads share the file handle
+            pages = list(level.pages)  # their file handle locks each read (see tiff_files._OpenFile)
             self._opened = (pages, level.keyframe)
         return self._opened
 
