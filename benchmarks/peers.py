@@ -23,29 +23,17 @@ import dask.array as da
 import numpy as np
 from numpy.typing import NDArray
 
+from xr_rasteragg.stats import SHAPE_FEATURES
+
 __all__ = ["ALL_STATS", "MEDIAN_WORKS", "METHODS", "SHAPE", "Data", "Method", "Work"]
 
 Work = Literal["mean", "all", "median", "median-all", "shape"]
 ALL_STATS = ("sum", "mean", "count", "var", "skew", "kurtosis", "min", "max", "center_of_mass")
 #: Whole-label work: the median of every channel, and the median with the nine statistics in one call.
 MEDIAN_WORKS: tuple[Work, ...] = ("median", "median-all")
-#: Every shape feature of 2-D labels, named as in ``skimage.measure.regionprops``.
-SHAPE = (
-    "area",
-    "bbox",
-    "centroid",
-    "axis_major_length",
-    "axis_minor_length",
-    "eccentricity",
-    "orientation",
-    "inertia_tensor",
-    "inertia_tensor_eigvals",
-    "extent",
-    "equivalent_diameter_area",
-    "perimeter",
-    "solidity",
-    "centroid_weighted",
-)
+#: Every shape feature of 2-D labels, named as in ``skimage.measure.regionprops`` (the library's
+#: list, less harpy's radii and principal axes, which skimage does not have).
+SHAPE = tuple(name for name in SHAPE_FEATURES if name not in ("radii", "principal_axes"))
 #: The shape features of the labels alone (all but the intensity-weighted centroid).
 LABEL_SHAPE = tuple(name for name in SHAPE if name != "centroid_weighted")
 
