@@ -134,12 +134,9 @@ def _reference_job(spec: dict[str, Any], job: dict[str, Any], data: Data) -> dic
 
 
 def _table(result: Any) -> Any:
-    """``result`` with its values computed, as a user computes or writes the table (dask inputs
-    give dask results)."""
-    import dask
-
-    (result.values,) = dask.compute(result.values)
-    return result
+    """``result`` with its values computed, as a user of the engine computes the table (dask
+    inputs give dask results): :meth:`~xr_rasteragg.engine.Aggregation.compute`."""
+    return result.compute()
 
 
 def _scale_job(spec: dict[str, Any], job: dict[str, Any]) -> dict[str, Any]:

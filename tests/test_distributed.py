@@ -16,6 +16,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import cloudpickle
 import dask
@@ -26,6 +27,7 @@ import pytest
 import xarray as xr
 
 import xr_rasteragg  # importing it registers the accessor
+import xr_rasteragg.engine
 from xr_rasteragg import RasterAggregator, aggregate
 from xr_rasteragg.synthetic import make_cells
 
@@ -128,6 +130,20 @@ def test_class_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataAr
     local = threaded(lambda: RasterAggregator(mask, pixels, run_on_gpu=False).aggregate_stats(names))
     for got, expected in zip(on_cluster, local, strict=True):
         pd.testing.assert_frame_equal(got, expected)
+
+
+def test_aggregation_compute_on_the_cluster(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    """``Aggregation.compute`` under a client gathers the pieces with dask (a task on a worker
+    cannot write into the client's memory): the values of the threaded scheduler, bit for bit."""
+    image, labels = cells
+    with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", 64):
+        result = aggregate(labels.data[None], image.data[:, None], STATS)
+        local = threaded(lambda: aggregate(labels.data[None], image.data[:, None], STATS).compute())
+    assert len(result.values["mean"].chunks[0]) > 4
+    on_cluster = result.compute()
+    for name in STATS:
+        assert type(on_cluster.values[name]) is np.ndarray
+        np.testing.assert_array_equal(on_cluster.values[name], local.values[name], err_msg=name)
 
 
 # -- lazily generated images with known statistics ---------------------------------------------

@@ -39,6 +39,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .families import Family
 from .frames import Frame, frame_arrays
+from .in_memory import compute
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .object_arrays import holding, objects, pick, tree_reduce
 from .partials import Needs, Partials, concat_channels, label_union, merge
@@ -103,11 +104,28 @@ class Aggregation:
         The label ids, one per row of every result.
     values
         One array per statistic, with one row per label: NumPy arrays, or dask arrays when the
-        call was lazy.
+        call was lazy (compute them with :meth:`compute`).
     """
 
     labels: NDArray[np.integer]
     values: dict[str, Any]
+
+    def compute(self) -> Aggregation:
+        """The statistics with NumPy values, computed together: each piece of labels is finalized
+        once and, on the local schedulers, written into its place in the results as soon as it is
+        computed (:func:`xr_rasteragg.in_memory.compute`: the table is in memory once, where
+        ``dask.compute`` holds it twice at the end).
+
+        Examples
+        --------
+        >>> import dask.array as da
+        >>> labels = da.from_array(np.array([[[1, 1, 2]]]), chunks=1)
+        >>> image = da.from_array(np.array([[[[1.0, 3.0, 5.0]]]]), chunks=1)
+        >>> aggregate(labels, image, ["mean", "count"]).compute().values
+        {'mean': array([[2.],
+               [5.]]), 'count': array([2, 1])}
+        """
+        return Aggregation(self.labels, compute(self.values))
 
 
 def aggregate(
@@ -166,7 +184,7 @@ def aggregate(
         nothing has been computed yet; without one the pass has run and its merged partials are
         kept (on the cluster's workers, under ``dask.distributed``), so computing any of the
         arrays, together or one by one, only finalizes them. Compute them together
-        (``dask.compute(*result.values.values())``) to finalize each piece of labels once.
+        (:meth:`Aggregation.compute`) to finalize each piece of labels once.
         NumPy and CuPy inputs give NumPy arrays.
     """
     stats = () if wholes and not stats else validate_stats(stats)
@@ -301,7 +319,7 @@ def finalize_blocks(
         return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids), space))
     kept = da.from_array(blocks, chunks=1, name=f"rasteragg-partials-{uuid.uuid4().hex}")
     values = finalized(kept, ids, stats, nchan, space)
-    return Aggregation(ids, dict(zip(values, dask.compute(*values.values()), strict=True)))
+    return Aggregation(ids, compute(values))
 
 
 def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
