@@ -101,6 +101,8 @@ def median_table(section: dict[str, Any]) -> str:
 SHAPE_ROWS = (
     ("accessor", "all", "ours: the nine statistics"),
     ("accessor", "shape", "ours: the nine statistics and every shape feature, in one call"),
+    ("accessor-numpy", "all", "ours on NumPy-backed arrays: the nine statistics"),
+    ("accessor-numpy", "shape", "ours on NumPy-backed arrays: the nine and every shape feature"),
     ("labels-shape", "shape", "ours: the shape features of the labels alone"),
     ("skimage", "shape", "scikit-image regionprops_table, the same properties"),
 )
@@ -108,7 +110,8 @@ SHAPE_ROWS = (
 
 def shape_table(section: dict[str, Any]) -> str:
     """The shape features: ours with the nine statistics against the nine alone (DESIGN's target:
-    at most 1.3×), the labels alone, and regionprops_table with the same properties."""
+    at most 1.3×), the same on NumPy-backed arrays, the labels alone, and regionprops_table with
+    the same properties; ratios to ours on dask-backed arrays."""
     found = _by_method(section)
     nine, both = found.get(("accessor", "all")), found.get(("accessor", "shape"))
     rows = []
@@ -576,7 +579,9 @@ Versions: {versions}.
   ours also with `index=np.unique(mask)` (one `aggregate_stats` call, and harpy's four-call
   script: `aggregate_stats` of its six statistics, `aggregate_min`, `aggregate_max`,
   `center_of_mass`, each with that index, made beforehand and not timed),
-  ours through the `.rasteragg` accessor, flox `xarray_reduce` on the dask image (one call per
+  ours through the `.rasteragg` accessor on the same dask arrays and on NumPy-backed
+  `DataArray`s (as in a notebook: the engine splits them into blocks itself, and the results
+  are NumPy-backed), flox `xarray_reduce` on the dask image (one call per
   statistic, computed together), scipy.ndimage and xarray-spatial per channel, scikit-image
   `regionprops_table` on the channel-last image, NumPy `bincount` (two-pass central moments,
   `ufunc.at` for extrema). A method past the time cap is stopped and marked as not finished.

@@ -18,7 +18,9 @@ Sections (``--only`` picks some):
     (``--methods`` picks some), as ratios to the read limit (NumPy summing image and mask once,
     measured in the same process right before) and to ours, with peak memory. Ours runs three ways through the
     class: without an index, with ``index=np.unique(mask)``, and as harpy's four-call script
-    (aggregate_stats, aggregate_min, aggregate_max, center_of_mass) with that index.
+    (aggregate_stats, aggregate_min, aggregate_max, center_of_mass) with that index; and two
+    ways through the accessor: on dask-backed ``DataArray`` s (``accessor``) and on NumPy-backed
+    ones (``accessor-numpy``, every piece of work of ``accessor``).
 ``chunks``
     Ours on the same dataset with spatial chunks 512..4096 and channel chunks 1, 4, all.
 ``scale``
@@ -61,7 +63,8 @@ from benchmarks.peers import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "xr_rasteragg_bench"
-OWN = ("ours", "ours-index", "ours-script", "accessor", "read")  # methods whose failure fails the run
+#: Methods whose failure fails the run.
+OWN = ("ours", "ours-index", "ours-script", "accessor", "accessor-numpy", "read")
 
 __all__ = ["main", "plan"]
 

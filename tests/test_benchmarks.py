@@ -14,6 +14,7 @@ import benchmarks.datasets
 import benchmarks.quantify
 from benchmarks.datasets import CellGrid, image_block, lazy_image, lazy_labels
 from benchmarks.measure import best_of, peak_rss
+from benchmarks.peers import METHODS, Data
 from benchmarks.report import merge, tables, write_docs
 from benchmarks.suite import SECTIONS, _progress, failures, plan
 
@@ -237,6 +238,49 @@ def test_shape_table_compares_with_the_nine_alone() -> None:
     assert "not run" in rows["| ours: the shape features of the labels alone"]
     assert "did not finish" in rows["| scikit-image regionprops_table, the same properties"]
     assert "| labels-only title |" not in text  # a method of shape features alone: no row in the main table
+
+
+def test_shape_table_has_the_numpy_backed_accessor_beside_the_dask_backed_one() -> None:
+    results = _results()
+    section = results["reference"]
+    section["methods"]["accessor"] = {"title": "accessor", "computes": {"all": ["sum"], "shape": ["area"]}}
+    section["methods"]["accessor-numpy"] = {"title": "numpy", "computes": {"all": ["sum"], "shape": ["area"]}}
+    section["results"] += [
+        {
+            "job": {"method": method, "work": work},
+            "status": "ok",
+            "seconds": s,
+            "ratio_read": s / 0.05,
+            "read_seconds": 0.05,
+            "peak_mib": 1.0,
+        }
+        for method, work, s in (
+            ("accessor", "all", 0.2),
+            ("accessor", "shape", 0.25),
+            ("accessor-numpy", "all", 0.1),
+            ("accessor-numpy", "shape", 0.2),
+        )
+    ]
+    rows = {line.split(" | ")[0]: line for line in tables(results).splitlines()}
+    assert "| 100 | 2 | 0.5 | 0.4 |" in rows["| ours on NumPy-backed arrays: the nine statistics"]
+    assert "| 200 | 4 | 1 | 0.8 |" in rows["| ours on NumPy-backed arrays: the nine and every shape feature"]
+
+
+@pytest.mark.parametrize("work", ["mean", "all", "median", "shape"])
+def test_accessor_methods_on_numpy_and_dask_arrays_agree(work: str) -> None:
+    """The two accessor methods of the reference section do the same work: the NumPy-backed one
+    returns NumPy-backed tables equal to the dask-backed one's (a small dataset of the reference
+    kind, in one block both ways, so that the sums are added in the same order)."""
+    from xr_rasteragg.synthetic import make_cells
+
+    labels, image = make_cells((96, 80), n_channels=3, cell_diameter=12.0, seed=1)
+    data = Data(labels, image, spatial_chunk=128, channel_chunk=1)
+    assert METHODS["accessor-numpy"].computes == METHODS["accessor"].computes
+    mine, theirs = (METHODS[name].build(data, work)() for name in ("accessor-numpy", "accessor"))
+    for name in mine.data_vars if hasattr(mine, "data_vars") else [None]:
+        ours = mine if name is None else mine[name]
+        assert isinstance(ours.data, np.ndarray)
+        np.testing.assert_array_equal(ours.values, (theirs if name is None else theirs[name]).values)
 
 
 def test_failures_counts_our_jobs_only() -> None:
