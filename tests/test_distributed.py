@@ -29,6 +29,7 @@ import xarray as xr
 import xr_rasteragg  # importing it registers the accessor
 import xr_rasteragg.engine
 from xr_rasteragg import RasterAggregator, aggregate
+from xr_rasteragg.engine import as_dask
 from xr_rasteragg.synthetic import make_cells
 
 distributed = pytest.importorskip("distributed")
@@ -95,6 +96,20 @@ def test_accessor_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.Dat
     local = threaded(lambda: image.rasteragg.aggregate(labels, STATS))
     xr.testing.assert_equal(on_cluster, local)
     assert on_cluster.sizes["label"] > 300
+
+
+def test_numpy_backed_inputs_travel_block_by_block(
+    client: Any, cells: tuple[xr.DataArray, xr.DataArray]
+) -> None:
+    """On a cluster, NumPy inputs are sliced into the graph (one entry per block, no array behind
+    views that would travel whole to every worker), with the results of the threads."""
+    image, labels = (array.compute() for array in cells)
+    blocks = as_dask(image.data[:, None], "image")
+    assert len(dict(blocks.__dask_graph__())) == blocks.npartitions > 1
+    on_cluster = image.rasteragg.aggregate(labels, STATS)
+    local = threaded(lambda: image.rasteragg.aggregate(labels, STATS))
+    assert isinstance(on_cluster["mean"].data, np.ndarray)
+    xr.testing.assert_equal(on_cluster, local)
 
 
 def test_progress_shows_the_pass_on_the_cluster(

@@ -392,8 +392,9 @@ def as_dask(array: Any, name: str) -> da.Array:
         ``array`` itself if it is a dask array; otherwise a dask array over it, in blocks of about
         :data:`BLOCK_PIXELS` pixels (:data:`GPU_BLOCK_PIXELS` for CuPy arrays), whatever its size
         (including zero-sized dims), one channel per chunk (NumPy images whose rows are
-        contiguous) or all channels (others; see :func:`_channel_chunks`); its blocks view
-        ``array`` (:func:`~xr_rasteragg.block_views.view_blocks`): nothing is copied.
+        contiguous) or all channels (others; see :func:`_channel_chunks`). On the local
+        schedulers its blocks view ``array`` (:func:`~xr_rasteragg.block_views.view_blocks`):
+        nothing is copied; under a ``distributed.Client`` they are slices of a copy, in the graph.
     """
     if isinstance(array, da.Array):
         return array
@@ -403,9 +404,13 @@ def as_dask(array: Any, name: str) -> da.Array:
     if array.ndim in (3, 4):
         pixels = GPU_BLOCK_PIXELS if array_backend(array) == "cupy" else BLOCK_PIXELS
         chunks = (*_channel_chunks(array), *_spatial_chunks(array.shape[-3:], pixels))
-    # Blocks that view the array, under a fresh name: dask's from_array would copy it whole, and
-    # a token of the content reads it all (0.6 s for the reference dataset; for device arrays,
-    # through a copy to the host).
+    # A fresh name, not a token of the content: tokenizing reads the whole array (0.6 s for the
+    # reference dataset; for device arrays, through a copy to the host).
+    if distributed_client() is not None:
+        # On a cluster each block travels to its worker alone: dask slices (a copy of) the array
+        # into the graph, where the views' one array would travel whole to every worker.
+        return da.from_array(array, chunks=chunks, asarray=False, name=f"{name}-{uuid.uuid4().hex}")
+    # Locally, blocks that view the array: dask's from_array would copy it whole in every call.
     return view_blocks(array, chunks, name)
 
 
