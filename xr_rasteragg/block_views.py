@@ -1,10 +1,12 @@
 """Dask arrays over in-memory (NumPy, CuPy) arrays whose blocks view the array, never copy it.
 
-:func:`dask.array.from_array` copies an in-memory array whole before it splits it (dask 2024.12
-and later: ``x = x.copy()``, on the legacy graph and under array query planning alike), and
+:func:`dask.array.from_array` copies an in-memory array whole before it splits it (dask 2026.1:
+``x = x.copy()``, on the legacy graph and under array query planning alike), and
 under query planning it names the array by a token of its content, which reads it all. For
 the engine's NumPy inputs that copy cost as much as reading the data once more in every call
-(0.1 s for DESIGN's reference dataset: the image and its labels, into freshly mapped pages).
+(0.1 s for DESIGN's reference dataset: the image and its labels, into fresh memory, which NumPy
+advises the kernel to back with huge pages; see :mod:`xr_rasteragg.in_memory`), and more under
+memory pressure.
 :func:`view_blocks` hands ``from_array`` the array behind a small wrapper that has no ``copy``
 and a token of its own, so each block is a slice of the caller's array (a view, for NumPy and
 CuPy), taken when the block's task runs.
