@@ -18,10 +18,12 @@ from functools import cached_property
 from math import sqrt
 from typing import cast
 
+import numba as nb
 import numpy as np
 from numpy.typing import NDArray
 from scipy.spatial import ConvexHull, QhullError
 
+from .eigenvalues import eigvalsh_2x2
 from .families import PRODUCT_AXES
 from .hulls import convex_pixels_2d
 from .partials import Partials
@@ -101,16 +103,7 @@ class ShapeQuantities:
         assert self.p.origin is not None
         assert self.p.offsets is not None
         assert self.p.products is not None
-        n = self.n
-        s1, s2 = self.p.offsets, self.p.products
-        shift = np.round(s1 / n[:, None])
-        moved = s1 - n[:, None] * shift
-        products = np.empty_like(s2)
-        for q, (a, b) in enumerate(PRODUCT_AXES):
-            products[:, q] = (
-                s2[:, q] - shift[:, a] * s1[:, b] - shift[:, b] * s1[:, a] + n * shift[:, a] * shift[:, b]
-            )
-        return self.p.origin + shift, moved, products
+        return _recentre(self.n, self.p.origin, self.p.offsets, self.p.products, _PAIRS)
 
     @cached_property
     def centroid(self) -> NDArray[np.float64]:
@@ -124,28 +117,22 @@ class ShapeQuantities:
         the spacing, shape ``(k, ndim, ndim)`` (regionprops' ``moments_central`` of order 2); the
         terms that mix a flipped axis with another change sign (see :class:`Space`)."""
         _, moved, products = self._recentred
-        full = np.empty((moved.shape[0], 3, 3))
-        for q, (a, b) in enumerate(PRODUCT_AXES):
-            full[:, a, b] = full[:, b, a] = products[:, q] - moved[:, a] * moved[:, b] / self.n
-        axes = list(self.space.axes)
+        axes = np.asarray(self.space.axes, dtype=np.intp)
         signed = self.scale * np.where(np.asarray(self.space.flipped or [False] * len(axes)), -1.0, 1.0)
-        return full[:, axes][:, :, axes] * signed[:, None] * signed[None, :]
+        return _central(self.n, moved, products, _PAIRS, axes, signed)
 
     @cached_property
     def inertia_tensor(self) -> NDArray[np.float64]:
         """The inertia tensor of each label, as :func:`skimage.measure.inertia_tensor`."""
-        mu = self.central
-        n = self.n[:, None, None]
-        tensor = -mu / n
-        diagonal = np.einsum("kii->ki", mu)
-        idx = np.arange(mu.shape[1])
-        tensor[:, idx, idx] = (diagonal.sum(axis=1)[:, None] - diagonal) / self.n[:, None]
-        return tensor
+        return _inertia(self.central, self.n)
 
     @cached_property
     def eigvals(self) -> NDArray[np.float64]:
         """The inertia tensor's eigenvalues, clipped at 0, in descending order."""
-        values = np.clip(np.linalg.eigvalsh(self.inertia_tensor), 0, None)
+        tensor = self.inertia_tensor
+        # The 2 x 2 tensors in one compiled loop, with eigvalsh's bits (see eigenvalues.py).
+        ascending = eigvalsh_2x2(tensor) if tensor.shape[1] == 2 else np.linalg.eigvalsh(tensor)
+        values = np.clip(ascending, 0, None)
         return values[:, ::-1].copy()
 
     @cached_property
@@ -235,8 +222,7 @@ class ShapeQuantities:
         sums = [self.p.weighted_z, self.p.weighted_y, self.p.weighted_x]
         weight = self.p.weight
         assert weight is not None
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return np.stack([sums[a] / weight for a in self.space.axes], axis=-1)
+        return _weighted_centroids(weight, tuple(sums[a] for a in self.space.axes))
 
     @cached_property
     def principal(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
@@ -255,6 +241,82 @@ class ShapeQuantities:
         vectors = vectors * np.where(largest < 0, -1.0, 1.0)
         vectors[small] = np.eye(d)
         return np.sqrt(np.maximum(values, 0.0)), vectors
+
+
+#: :data:`~xr_rasteragg.families.PRODUCT_AXES` as an array, for the compiled loops.
+_PAIRS = np.asarray(PRODUCT_AXES, dtype=np.intp)
+
+
+@nb.njit(nogil=True, cache=True)
+def _recentre(n, origin, s1, s2, pairs):  # type: ignore[no-untyped-def]
+    """:attr:`ShapeQuantities._recentred` in one loop over the labels: each label's integer pixel
+    ``t`` nearest its centroid (``origin`` + the rounded mean offset), and its sums of offsets
+    ``s1`` and of their ``pairs`` of products ``s2`` moved from ``origin`` to ``t``, exactly
+    (all integers in float64), by the same operations, in the same order, as NumPy would."""
+    k = n.shape[0]
+    base = np.empty((k, 3))
+    moved = np.empty((k, 3))
+    products = np.empty((k, pairs.shape[0]))
+    shift = np.empty(3)
+    for i in range(k):
+        for a in range(3):
+            shift[a] = np.rint(s1[i, a] / n[i])  # np.round: halves to even
+            moved[i, a] = s1[i, a] - n[i] * shift[a]
+            base[i, a] = origin[i, a] + shift[a]
+        for q in range(pairs.shape[0]):
+            a, b = pairs[q, 0], pairs[q, 1]
+            products[i, q] = s2[i, q] - shift[a] * s1[i, b] - shift[b] * s1[i, a] + n[i] * shift[a] * shift[b]
+    return base, moved, products
+
+
+@nb.njit(nogil=True, cache=True)
+def _central(n, moved, products, pairs, axes, signed):  # type: ignore[no-untyped-def]
+    """:attr:`ShapeQuantities.central` in one loop over the labels: ``Σ (p - mean)_a (p - mean)_b``
+    from the recentred sums, on ``axes``, times ``signed[a] signed[b]`` (spacing and direction),
+    by NumPy's operations in NumPy's order."""
+    k, d = n.shape[0], axes.shape[0]
+    full = np.empty((3, 3))
+    out = np.empty((k, d, d))
+    for i in range(k):
+        for q in range(pairs.shape[0]):
+            a, b = pairs[q, 0], pairs[q, 1]
+            full[a, b] = full[b, a] = products[i, q] - moved[i, a] * moved[i, b] / n[i]
+        for u in range(d):
+            for v in range(d):
+                out[i, u, v] = full[axes[u], axes[v]] * signed[u] * signed[v]
+    return out
+
+
+@nb.njit(nogil=True, cache=True)
+def _inertia(mu, n):  # type: ignore[no-untyped-def]
+    """The inertia tensors from the central moments ``mu`` (``(k, d, d)``), as
+    :func:`skimage.measure.inertia_tensor`: ``-mu / n`` off the diagonal, and on it the sum of
+    the other axes' moments, ``(trace - mu_aa) / n`` (the trace summed in axis order)."""
+    k, d = mu.shape[0], mu.shape[1]
+    out = np.empty((k, d, d))
+    for i in range(k):
+        trace = 0.0
+        for a in range(d):
+            trace += mu[i, a, a]
+        for a in range(d):
+            for b in range(d):
+                out[i, a, b] = -mu[i, a, b] / n[i]
+            out[i, a, a] = (trace - mu[i, a, a]) / n[i]
+    return out
+
+
+@nb.njit(nogil=True, cache=True, error_model="numpy")  # x / 0 gives inf or NaN, as in NumPy
+def _weighted_centroids(weight, sums):  # type: ignore[no-untyped-def]
+    """``sums[j] / weight`` stacked on a last axis, ``(k, C, len(sums))``, written once (one output
+    rather than a quotient per axis and their stack)."""
+    k, nchan = weight.shape
+    d = len(sums)
+    out = np.empty((k, nchan, d))
+    for i in range(k):
+        for c in range(nchan):
+            for j in range(d):
+                out[i, c, j] = sums[j][i, c] / weight[i, c]
+    return out
 
 
 def _convex_volume(points: NDArray[np.int64], shape: tuple[int, ...]) -> int:
