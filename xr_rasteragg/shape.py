@@ -247,7 +247,7 @@ class ShapeQuantities:
 _PAIRS = np.asarray(PRODUCT_AXES, dtype=np.intp)
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, error_model="numpy")
 def _recentre(n, origin, s1, s2, pairs):  # type: ignore[no-untyped-def]
     """:attr:`ShapeQuantities._recentred` in one loop over the labels: each label's integer pixel
     ``t`` nearest its centroid (``origin`` + the rounded mean offset), and its sums of offsets
@@ -269,7 +269,7 @@ def _recentre(n, origin, s1, s2, pairs):  # type: ignore[no-untyped-def]
     return base, moved, products
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, error_model="numpy")
 def _central(n, moved, products, pairs, axes, signed):  # type: ignore[no-untyped-def]
     """:attr:`ShapeQuantities.central` in one loop over the labels: ``Σ (p - mean)_a (p - mean)_b``
     from the recentred sums, on ``axes``, times ``signed[a] signed[b]`` (spacing and direction),
@@ -287,7 +287,7 @@ def _central(n, moved, products, pairs, axes, signed):  # type: ignore[no-untype
     return out
 
 
-@nb.njit(nogil=True, cache=True)
+@nb.njit(nogil=True, cache=True, error_model="numpy")
 def _inertia(mu, n):  # type: ignore[no-untyped-def]
     """The inertia tensors from the central moments ``mu`` (``(k, d, d)``), as
     :func:`skimage.measure.inertia_tensor`: ``-mu / n`` off the diagonal, and on it the sum of
