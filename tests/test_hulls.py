@@ -3,7 +3,9 @@
 The pixel count of the convex hull image is checked against
 :func:`skimage.morphology.convex_hull_image` on masks of every kind (single pixels, lines of any
 slope, thin diagonals, random blobs); hulls and their merges against
-:class:`scipy.spatial.ConvexHull` of all the points.
+:class:`scipy.spatial.ConvexHull` of all the points. The label stage's hulls, and the solidity
+and perimeter through the accessor in random chunkings, are checked on adversarial label images
+(noise, one-pixel lines and diagonals, ellipses, scattered pixels, single pixels, random walks).
 """
 
 from __future__ import annotations
@@ -132,3 +134,99 @@ def test_ragged_rows() -> None:
         rows[::2]
     with pytest.raises(ValueError, match="'offsets' must be 1-D"):
         Ragged(np.zeros(0, np.int64), np.zeros((0, 3), np.int64))
+
+
+def adversarial_labels(rng: np.random.Generator, kind: int) -> NDArray[np.int32]:
+    """A small label image (0: background) of one of six kinds: random noise of a few labels;
+    thin lines (rows, columns, diagonals) of one pixel; overlapping ellipses; scattered pixels of
+    one or two labels (non-contiguous); a single pixel; random walks (thin, non-convex)."""
+    ny, nx = (int(n) for n in rng.integers(1, 40, 2))
+    labels = np.zeros((ny, nx), np.int32)
+    if kind == 0:
+        labels[:] = rng.integers(0, 4, (ny, nx))
+    elif kind == 1:
+        for j in range(int(rng.integers(1, 6))):
+            y0, x0 = rng.integers(0, [ny, nx])
+            dy, dx = rng.integers(-1, 2, 2)
+            steps = np.arange(int(rng.integers(1, 30)))
+            ys, xs = y0 + dy * steps, x0 + dx * steps
+            inside = (ys >= 0) & (ys < ny) & (xs >= 0) & (xs < nx)
+            labels[ys[inside], xs[inside]] = j + 1
+    elif kind == 2:
+        yy, xx = np.mgrid[:ny, :nx]
+        for j in range(int(rng.integers(1, 5))):
+            cy, cx, r = rng.uniform(0, ny), rng.uniform(0, nx), rng.uniform(0.5, 12)
+            labels[(yy - cy) ** 2 + rng.uniform(0.2, 3) * (xx - cx) ** 2 < r * r] = j + 1
+    elif kind == 3:
+        labels[:] = (rng.random((ny, nx)) < rng.uniform(0.02, 0.5)) * rng.integers(1, 3, (ny, nx))
+    elif kind == 4:
+        labels[rng.integers(0, ny), rng.integers(0, nx)] = 5
+    else:
+        y, x = (int(n) for n in rng.integers(0, [ny, nx]))
+        for _ in range(int(rng.integers(1, 200))):
+            labels[y, x] = 1 + (rng.random() < 0.2)
+            y, x = (
+                min(max(y + int(rng.integers(-1, 2)), 0), ny - 1),
+                min(max(x + int(rng.integers(-1, 2)), 0), nx - 1),
+            )
+    return labels
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_block_hulls_equal_scipy_and_skimage_on_adversarial_labels(seed: int) -> None:
+    """The compiled label stage's hulls (:func:`~xr_rasteragg.kernels.numba_shape._run_hulls`,
+    through the Hull family's update) on 50 label images of each kind: per label, its vertices
+    are qhull's and its convex pixel count skimage's, as is :func:`convex_pixels_2d`'s from the
+    vertices."""
+    from xr_rasteragg.families import Hull
+    from xr_rasteragg.kernels.numba import block_partials
+    from xr_rasteragg.kernels.numba_shape import SHAPE_UPDATES
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        labels = adversarial_labels(rng, seed)
+        offset = (0, int(rng.integers(0, 40000)), int(rng.integers(0, 40000)))
+        runs = block_partials.encode(labels[None], offset, 0)
+        parts = runs.parts.rows(0, runs.parts.size)
+        SHAPE_UPDATES[Hull](parts, None, runs, Hull())
+        hull, convex = parts.hull, parts.convex
+        assert isinstance(hull, Ragged)
+        assert convex is not None
+        np.testing.assert_array_equal(parts.labels, np.unique(labels[labels > 0]))
+        for row, label in enumerate(parts.labels):
+            mask = labels == label
+            vertices = hull.row(row)
+            assert np.all(vertices[:, 0] == 0)
+            points = np.argwhere(mask) + np.array(offset[1:])
+            assert [tuple(p) for p in vertices[:, 1:].tolist()] == sorted(scipy_vertices(points))
+            assert convex[row] == int(convex_hull_image(mask).sum())
+        np.testing.assert_array_equal(
+            convex_pixels_2d(hull.offsets, np.ascontiguousarray(hull.values[:, 1:])), convex
+        )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_solidity_and_perimeter_of_adversarial_labels_in_any_chunking(seed: int) -> None:
+    """Solidity and perimeter through the accessor equal regionprops_table's on 8 label images of
+    each kind, each cut into random chunks (of one pixel up to the whole image): labels in many
+    blocks, whose hulls are merged and whose border pixels see their neighbours' blocks."""
+    import dask.array as da
+    import xarray as xr
+    from skimage.measure import regionprops_table
+
+    import xr_rasteragg  # noqa: F401  (registers the accessor)
+
+    rng = np.random.default_rng(100 + seed)
+    props = ("perimeter", "solidity")
+    for _ in range(8):
+        labels = adversarial_labels(rng, seed)
+        if not labels.any():
+            continue
+        chunks = tuple(int(rng.integers(1, n + 1)) for n in labels.shape)
+        expected = regionprops_table(labels, properties=("label", *props))
+        result = xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x")).rasteragg.aggregate(
+            props
+        )
+        np.testing.assert_array_equal(result["label"], expected["label"])
+        for name in props:
+            np.testing.assert_allclose(result[name], expected[name], rtol=1e-9, atol=1e-9, err_msg=name)

@@ -204,22 +204,16 @@ def convex_pixels_2d(offsets, points):  # type: ignore[no-untyped-def]
     by the diamond ``|dy| + |dx| <= 1/2``; ``H``'s vertices lie on whole rows, so on each row
     ``y`` its right end is the largest of ``R(y) + 1/2``, ``(R(y) + R(y - 1)) / 2`` and
     ``(R(y) + R(y + 1)) / 2`` (where those rows are in ``H``), ``R`` the right end of ``H``; the
-    left end likewise, mirrored. The row holds the columns between the two ends, counted from
-    exact rationals (:func:`_widened_floors`).
+    left end likewise, mirrored. The row holds the columns between the two ends, counted in
+    exact integer arithmetic from the upper chains of ``H``'s right ends and mirrored left ends
+    (:func:`chain_pixels`).
     """
     k = offsets.shape[0] - 1
     longest = 1
-    tallest = 1
     for i in range(k):
         longest = max(longest, offsets[i + 1] - offsets[i])
-        if offsets[i + 1] > offsets[i]:
-            tallest = max(tallest, points[offsets[i + 1] - 1, 0] - points[offsets[i], 0] + 1)
     chain_y = np.empty((2, longest), np.int64)
     chain_v = np.empty((2, longest), np.int64)
-    q = np.empty(tallest, np.int64)
-    rem = np.empty(tallest, np.int64)
-    den = np.empty(tallest, np.int64)
-    right = np.empty(tallest, np.int64)
     out = np.zeros(k, np.int64)
     for i in range(k):
         a, b = offsets[i], offsets[i + 1]
@@ -228,38 +222,73 @@ def convex_pixels_2d(offsets, points):  # type: ignore[no-untyped-def]
         # The upper chains of the right ends (v = column) and of the mirrored left ends (v = -column).
         hr = _upper_chain(points, a, b, 1, chain_y[0], chain_v[0])
         hl = _upper_chain(points, a, b, -1, chain_y[1], chain_v[1])
-        out[i] = chain_pixels(chain_y[0], chain_v[0], hr, chain_y[1], chain_v[1], hl, q, rem, den, right)
+        out[i] = chain_pixels(chain_y[0], chain_v[0], hr, chain_y[1], chain_v[1], hl)
     return out
 
 
 @nb.njit(nogil=True, cache=True)
-def chain_pixels(right_y, right_v, hr, left_y, left_v, hl, q, rem, den, right):  # type: ignore[no-untyped-def]
+def chain_pixels(right_y, right_v, hr, left_y, left_v, hl):  # type: ignore[no-untyped-def]
     """Pixels of the convex hull image of a 2-D label from the two upper chains of its hull
     (:func:`convex_pixels_2d`): ``(right_y, right_v)`` (``hr`` vertices) over the rows' right
     ends, ``v`` = column, and ``(left_y, left_v)`` (``hl`` vertices) over their left ends, ``v``
-    = -column; each strictly clockwise, rows ascending from the label's first row to its last.
-    ``q, rem, den, right``: scratch of at least the label's rows."""
-    low, high = right_y[0], right_y[hr - 1]
-    rows = high - low + 1
-    total = rows
-    _chain_rows(right_y, right_v, hr, low, q, rem, den)
-    _widened_floors(q, rem, den, rows, right)
-    for t in range(rows):
-        total += right[t]
-    _chain_rows(left_y, left_v, hl, low, q, rem, den)
-    _widened_floors(q, rem, den, rows, q)
-    for t in range(rows):
-        total += q[t]
+    = -column; each strictly clockwise, one vertex per row, rows ascending from the label's
+    first row to its last. A row ``y`` holds the columns from ``-floor(L(y))`` to
+    ``floor(R(y))``, ``R`` and ``L`` the widened ends (:func:`_chain_floors`)."""
+    rows = right_y[hr - 1] - right_y[0] + 1
+    return rows + _chain_floors(right_y, right_v, hr) + _chain_floors(left_y, left_v, hl)
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
+    """``Σ floor(W(y))`` over the rows of an upper chain ``V`` (``h`` vertices, one per row, rows
+    ascending), ``W(y)`` the largest of ``V(y) + 1/2`` and ``(V(y) + V(y ± 1)) / 2`` (rows
+    ``y ± 1`` where the chain has them; see :func:`convex_pixels_2d`), in integers.
+
+    On an edge of ``d`` rows and ``w`` columns, ``V(y ± 1) = V(y) ± w / d`` between its ends:
+    at its ``t``-th row ``floor(W) = v + floor((max(d, |w|) + 2 w t) / 2d)``; at a vertex
+    between edges ``(d', w')`` and ``(d, w)``, ``floor(W) = v + max(0, floor(-w' / 2d'),
+    floor(w / 2d))`` (a term for each edge there is).
+    """
+    if h == 1:
+        return np.int64(chain_v[0])
+    total = np.int64(chain_v[0]) + max(0, _slope_floor(chain_y, chain_v, 0))
+    for j in range(h - 1):
+        v = np.int64(chain_v[j])
+        d = np.int64(chain_y[j + 1]) - np.int64(chain_y[j])
+        w = np.int64(chain_v[j + 1]) - v
+        rise = 2 * w
+        width = 2 * d
+        numerator = max(d, abs(w)) + rise
+        for _ in range(d - 1):  # the edge's rows between its ends
+            total += v + numerator // width
+            numerator += rise
+        end = max(0, (-w) // width)
+        if j + 2 < h:
+            end = max(end, _slope_floor(chain_y, chain_v, j + 1))
+        total += chain_v[j + 1] + end
     return total
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
+def _slope_floor(chain_y, chain_v, j):  # type: ignore[no-untyped-def]
+    """``floor(w / 2d)`` of the chain's edge from vertex ``j`` (``d`` rows, ``w`` columns)."""
+    return (np.int64(chain_v[j + 1]) - np.int64(chain_v[j])) // (
+        2 * (np.int64(chain_y[j + 1]) - np.int64(chain_y[j]))
+    )
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
 def _upper_chain(points, a, b, sign, chain_y, chain_v):  # type: ignore[no-untyped-def]
-    """The upper chain of the points ``(y, sign * x)`` of ``points[a:b]`` (sorted by (y, x)) into
-    ``chain_y, chain_v``; returns its number of vertices."""
+    """The upper chain of the points ``(y, sign * x)`` of ``points[a:b]`` (sorted by (y, x)), one
+    vertex per row (the largest ``v`` of the row), into ``chain_y, chain_v``; returns its number
+    of vertices."""
     h = 0
     for p in range(a, b):
         y, v = points[p, 0], sign * points[p, 1]
+        if h >= 1 and chain_y[h - 1] == y:
+            if v <= chain_v[h - 1]:
+                continue
+            h -= 1  # a larger value on the chain's last row
         while h >= 2 and _not_clockwise(chain_y, chain_v, h, y, v):
             h -= 1  # an upper chain turns clockwise at every vertex
         chain_y[h], chain_v[h] = y, v
@@ -271,52 +300,3 @@ def _upper_chain(points, a, b, sign, chain_y, chain_v):  # type: ignore[no-untyp
 def _not_clockwise(chain_y, chain_v, h, y, v):  # type: ignore[no-untyped-def]
     """Whether the chain's last two vertices and ``(y, v)`` turn anticlockwise or not at all."""
     return _cross(chain_y[h - 2], chain_v[h - 2], chain_y[h - 1], chain_v[h - 1], y, v) >= 0
-
-
-@nb.njit(nogil=True, cache=True)
-def _chain_rows(chain_y, chain_v, h, low, q, rem, den):  # type: ignore[no-untyped-def]
-    """The upper chain ``(chain_y, chain_v)`` (``h`` vertices, rows ascending) on each row from
-    ``low``: ``q + rem / den`` with ``0 <= rem < den``, stepped along each edge with one division
-    per edge; on a row with two vertices, the larger value."""
-    for j in range(h - 1):
-        d = chain_y[j + 1] - chain_y[j]
-        if d == 0:
-            continue
-        w = chain_v[j + 1] - chain_v[j]
-        step = w // d
-        extra = w - step * d
-        value, r = chain_v[j], 0
-        for y in range(chain_y[j] - low, chain_y[j + 1] - low):
-            q[y], rem[y], den[y] = value, r, d
-            value += step
-            r += extra
-            carry = r >= d  # without a branch (the carries of a slope follow no pattern)
-            value += carry
-            r -= carry * d
-    last = chain_y[h - 1] - low
-    top = chain_v[h - 1]
-    for j in range(h - 1):
-        if chain_y[j] - low == last:
-            top = max(top, chain_v[j])
-    q[last], rem[last], den[last] = top, 0, 1
-
-
-@nb.njit(nogil=True, cache=True)
-def _widened_floors(q, rem, den, rows, out):  # type: ignore[no-untyped-def]
-    """``floor(max(V(y) + 1/2, (V(y) + V(y ± 1)) / 2))`` on each of ``rows`` rows, ``V = q + rem / den``
-    (see :func:`convex_pixels_2d`), without a division: with ``S = q(y) + q(y')`` and the
-    fractions' sum ``f`` in [0, 2), ``floor((S + f) / 2)`` is ``S / 2`` for even ``S`` and
-    ``(S - 1) / 2 + [f >= 1]`` for odd ``S``. ``out`` may be ``q`` itself."""
-    previous = 0
-    for t in range(rows):
-        qt, rt, dt = q[t], rem[t], den[t]
-        best = qt + (2 * rt >= dt)
-        # Without branches on the parity (which no predictor learns): floor(S / 2) + [S odd][f >= 1].
-        if t > 0:
-            total, ru, du = qt + previous, rem[t - 1], den[t - 1]
-            best = max(best, (total >> 1) + (total & 1) * (rt * du + ru * dt >= dt * du))
-        if t + 1 < rows:
-            total, ru, du = qt + q[t + 1], rem[t + 1], den[t + 1]
-            best = max(best, (total >> 1) + (total & 1) * (rt * du + ru * dt >= dt * du))
-        previous = q[t]
-        out[t] = best

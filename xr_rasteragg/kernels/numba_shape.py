@@ -407,49 +407,36 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
         where[j + 1] = where[j] + right_top[i] - base[i] + left_top[i] - base[i]
     points = np.empty((where[k], 3), np.int64)
     convex = np.full(k, -1, np.int64)
-    tallest = 1
-    for i in range(k):
-        if right_top[i] > base[i]:
-            tallest = max(tallest, right_y[right_top[i] - 1] - right_y[base[i]] + 1)
-    q = np.empty(tallest, np.int64)
-    rem = np.empty(tallest, np.int64)
-    den = np.empty(tallest, np.int64)
-    right = np.empty(tallest, np.int64)
-    plane = run_z[0] if nruns else 0  # the plane of a block of one
+    plane = np.int64(run_z[0]) if nruns else np.int64(0)  # the plane of a block of one
+    last = np.iinfo(np.int64).max
     for j in range(k):
         i = local[j]
-        # Merge the chains' vertices by (z, y, x); on a row, the left end comes first.
+        # Merge the chains' vertices by (z, y, x), on a row the left end first: by a key of
+        # plane and row, each step's choice made without a branch (it follows no pattern).
         a, b, c, d = base[i], right_top[i], base[i], left_top[i]
         m = where[j]
+        before, before_x = np.int64(-1), np.int64(0)  # the key and column of the last vertex
         while a < b or c < d:
-            left_plane = left_z[c] if planes and c < d else plane
-            right_plane = right_z[a] if planes and a < b else plane
-            take_left = a >= b or (
-                c < d
-                and (
-                    left_plane < right_plane
-                    or (
-                        left_plane == right_plane
-                        and (left_y[c] < right_y[a] or (left_y[c] == right_y[a] and -left_v[c] <= right_v[a]))
-                    )
-                )
-            )
-            if take_left:
-                zz, yy, xx = left_plane + offset[0], left_y[c] + offset[1], -left_v[c] + offset[2]
-                c += 1
-            else:
-                zz, yy, xx = right_plane + offset[0], right_y[a] + offset[1], right_v[a] + offset[2]
-                a += 1
-            if m > where[j] and points[m - 1, 0] == zz and points[m - 1, 1] == yy and points[m - 1, 2] == xx:
-                continue  # a vertex of both chains (a row of one pixel at a plane's end)
-            points[m, 0], points[m, 1], points[m, 2] = zz, yy, xx
-            m += 1
+            p, q = min(a, b - 1), min(c, d - 1)  # each chain has a vertex per plane of the label
+            right_plane = np.int64(right_z[p]) if planes else plane
+            left_plane = np.int64(left_z[q]) if planes else plane
+            right_key = (right_plane << 32) + right_y[p] if a < b else last
+            left_key = (left_plane << 32) + left_y[q] if c < d else last
+            take_left = left_key <= right_key
+            key = min(left_key, right_key)
+            zz = left_plane if take_left else right_plane
+            yy = np.int64(left_y[q]) if take_left else np.int64(right_y[p])
+            xx = -np.int64(left_v[q]) if take_left else np.int64(right_v[p])
+            c += np.int64(take_left)
+            a += np.int64(not take_left)
+            points[m, 0], points[m, 1], points[m, 2] = zz + offset[0], yy + offset[1], xx + offset[2]
+            # A vertex of both chains (a row of one pixel at a plane's end) is kept once.
+            m += np.int64(key != before or xx != before_x)
+            before, before_x = key, xx
         where[j + 1] = m
-        if one_plane and right_top[i] > base[i]:
+        if one_plane:
             a, b, d = base[i], right_top[i], left_top[i]
-            convex[j] = chain_pixels(
-                right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a, q, rem, den, right
-            )
+            convex[j] = chain_pixels(right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a)
     return where, points[: where[k]], convex  # a view: the room of the vertices of both chains is small
 
 
@@ -457,17 +444,25 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
 def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-untyped-def]
     """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
     ``top``; planes kept where ``chain_z`` has room), popping the vertices it makes turn
-    anticlockwise or not at all; returns the new top."""
+    anticlockwise or not at all; returns the new top. The first pop is made without a branch
+    (whether a row's end makes the chain turn follows no pattern); a second one is rare."""
     h = top
-    while h - floor >= 2:
-        ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
-        if (chain_y[h - 1] - ay) * (v - av) - (chain_v[h - 1] - av) * (y - ay) < 0:
-            break
-        h -= 1
+    if h - floor >= 2:
+        h -= np.int64(_turn(chain_y, chain_v, h, y, v) >= 0)
+        while h - floor >= 2 and _turn(chain_y, chain_v, h, y, v) >= 0:
+            h -= 1
     chain_y[h], chain_v[h] = y, v
     if chain_z.shape[0]:  # several planes
         chain_z[h] = z
     return h + 1
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _turn(chain_y, chain_v, h, y, v):  # type: ignore[no-untyped-def]
+    """The cross product of the chain's last two vertices (below ``h``) and ``(y, v)``: negative
+    where they turn clockwise."""
+    ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
+    return (np.int64(chain_y[h - 1]) - ay) * (v - av) - (np.int64(chain_v[h - 1]) - av) * (y - ay)
 
 
 def _weighted(
