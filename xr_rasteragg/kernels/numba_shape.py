@@ -337,9 +337,12 @@ _LOW_BITS = np.uint64(0x0101010101010101)
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
     one_plane = runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
-    # Rows and columns within the block in the chain tables: int16 where they fit.
-    rows, columns, lengths = runs.runs.y, runs.runs.x, runs.runs.length
-    narrow = rows.size == 0 or max(int(rows.max()), int(columns.max()) + int(lengths.max())) < 2**15
+    # Planes, rows and columns within the block in the chain tables: int16 where they fit.
+    planes, rows, columns, lengths = runs.runs.z, runs.runs.y, runs.runs.x, runs.runs.length
+    narrow = (
+        rows.size == 0
+        or max(int(planes.max()), int(rows.max()), int(columns.max()) + int(lengths.max())) < 2**15
+    )
     offsets, points, convex = _run_hulls(
         *runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane, np.int16 if narrow else np.int32
     )
@@ -366,62 +369,60 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
         base[run_id[r] + 1] += 1
     for i in range(k):
         base[i + 1] += base[i]
-    # The right chain (v = column) and the left one (v = -column) of label i: entries
-    # base[i] to top[i] of their tables, the current plane's from floor[i].
-    # (In the dtype ``index``, int16 or int32: the tables are written once, and the cache
-    # misses of their first writes are most of the cost; the planes only where the block has
-    # several.)
-    planes = nruns if not one_plane else 0
-    right_z, right_y, right_v = np.zeros(planes, np.int32), np.empty(nruns, index), np.empty(nruns, index)
-    left_z, left_y, left_v = np.zeros(planes, np.int32), np.empty(nruns, index), np.empty(nruns, index)
-    right_top, left_top = base[:-1].copy(), base[:-1].copy()
-    right_floor, left_floor = base[:-1].copy(), base[:-1].copy()
-    row_z = np.full(k, -1, np.int64)  # each label's last row: plane, row, first and last column
-    row_y = np.empty(k, np.int64)
-    row_a = np.empty(k, np.int64)
-    row_b = np.empty(k, np.int64)
+    # The right chain (v = column) and the left one (v = -column) of label i: entries base[i]
+    # to its top of their tables (in the dtype ``index``, int16 or int32: the tables are
+    # written once, and the cache misses of their first writes are most of the cost; the
+    # planes only where the block has several).
+    planes = 0 if one_plane else nruns
+    right_z, right_y, right_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
+    left_z, left_y, left_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
+    # Per label, in one cache line (padded to 64 bytes): its last row (a key of plane and row,
+    # its first and last column), the tops of its chains and their current plane's first rows.
+    state = np.empty((k, 8), np.int64)
+    for i in range(k):
+        state[i, 0] = -1
+        state[i, 3] = state[i, 4] = state[i, 5] = state[i, 6] = base[i]
+    low = np.int64(0xFFFFFFFF)
     for r in range(nruns + k):
         if r < nruns:
             i = run_id[r]
-            z, y = np.int64(run_z[r]), np.int64(run_y[r])
-            if row_z[i] == z and row_y[i] == y:  # one more run of the label's row
-                row_b[i] = run_x[r] + run_len[r] - 1
+            key = (np.int64(run_z[r]) << 32) + run_y[r]
+            if state[i, 0] == key:  # one more run of the label's row
+                state[i, 2] = run_x[r] + run_len[r] - 1
                 continue
         else:  # the labels' last rows
             i = r - nruns
-            z = -1
-        if row_z[i] >= 0:
-            right_top[i] = _push(
-                right_z, right_y, right_v, right_top[i], right_floor[i], row_z[i], row_y[i], row_b[i]
-            )
-            left_top[i] = _push(
-                left_z, left_y, left_v, left_top[i], left_floor[i], row_z[i], row_y[i], -row_a[i]
-            )
-            if z != row_z[i]:  # the plane ends
-                right_floor[i], left_floor[i] = right_top[i], left_top[i]
+            key = -1
+        last = state[i, 0]
+        if last >= 0:
+            z, y = last >> 32, last & low
+            state[i, 3] = _push(right_z, right_y, right_v, state[i, 3], state[i, 5], z, y, state[i, 2])
+            state[i, 4] = _push(left_z, left_y, left_v, state[i, 4], state[i, 6], z, y, -state[i, 1])
+            if key >> 32 != z:  # the plane ends
+                state[i, 5], state[i, 6] = state[i, 3], state[i, 4]
         if r < nruns:
-            row_z[i], row_y[i], row_a[i], row_b[i] = z, y, run_x[r], run_x[r] + run_len[r] - 1
+            state[i, 0], state[i, 1], state[i, 2] = key, run_x[r], run_x[r] + run_len[r] - 1
     where = np.zeros(k + 1, np.int64)
     for j in range(k):
         i = local[j]
-        where[j + 1] = where[j] + right_top[i] - base[i] + left_top[i] - base[i]
+        where[j + 1] = where[j] + state[i, 3] - base[i] + state[i, 4] - base[i]
     points = np.empty((where[k], 3), np.int64)
     convex = np.full(k, -1, np.int64)
     plane = np.int64(run_z[0]) if nruns else np.int64(0)  # the plane of a block of one
-    last = np.iinfo(np.int64).max
+    none = np.iinfo(np.int64).max
     for j in range(k):
         i = local[j]
         # Merge the chains' vertices by (z, y, x), on a row the left end first: by a key of
         # plane and row, each step's choice made without a branch (it follows no pattern).
-        a, b, c, d = base[i], right_top[i], base[i], left_top[i]
+        a, b, c, d = base[i], state[i, 3], base[i], state[i, 4]
         m = where[j]
         before, before_x = np.int64(-1), np.int64(0)  # the key and column of the last vertex
         while a < b or c < d:
             p, q = min(a, b - 1), min(c, d - 1)  # each chain has a vertex per plane of the label
-            right_plane = np.int64(right_z[p]) if planes else plane
-            left_plane = np.int64(left_z[q]) if planes else plane
-            right_key = (right_plane << 32) + right_y[p] if a < b else last
-            left_key = (left_plane << 32) + left_y[q] if c < d else last
+            right_plane = plane if one_plane else np.int64(right_z[p])
+            left_plane = plane if one_plane else np.int64(left_z[q])
+            right_key = (right_plane << 32) + right_y[p] if a < b else none
+            left_key = (left_plane << 32) + left_y[q] if c < d else none
             take_left = left_key <= right_key
             key = min(left_key, right_key)
             zz = left_plane if take_left else right_plane
@@ -435,7 +436,7 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
             before, before_x = key, xx
         where[j + 1] = m
         if one_plane:
-            a, b, d = base[i], right_top[i], left_top[i]
+            a, b, d = base[i], state[i, 3], state[i, 4]
             convex[j] = chain_pixels(right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a)
     return where, points[: where[k]], convex  # a view: the room of the vertices of both chains is small
 
