@@ -39,20 +39,22 @@ __all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_counts"]
 
 def _geometry(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Geometry` from the runs."""
-    fields = _run_geometry(*runs.runs, runs.rank, np.asarray(runs.offset, np.int64))
+    fields = _run_geometry(*runs.runs, runs.local, np.asarray(runs.offset, np.int64))
     parts.add(family, **dict(zip(family.names(), fields, strict=True)))
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_geometry(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: ignore[no-untyped-def]
+def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset):  # type: ignore[no-untyped-def]
     """Origin (each label's first pixel), offset sums, product sums and bounding box, in label
-    order (local id ``i`` at row ``rank[i]``).
+    order (row ``j`` holds local id ``local[j]``).
 
     A run of length ``L`` at offsets ``(dz, dy, a..a+L-1)`` from its label's origin adds
     ``Σ dx = L a + L(L-1)/2`` and ``Σ dx² = L a² + a L(L-1) + (L-1) L (2L-1) / 6``; the other sums
-    are products of its constant ``dz`` and ``dy`` with these. Sums are int64 inside the block.
+    are products of its constant ``dz`` and ``dy`` with these. Sums are int64 inside the block,
+    made by local id (labels that appear together sit together, so neighbouring runs touch
+    neighbouring rows of the sums) and put in label order at the end.
     """
-    k = rank.shape[0]
+    k = local.shape[0]
     origin = np.zeros((k, 3), np.int64)
     seen = np.zeros(k, np.bool_)
     s1 = np.zeros((k, 3), np.int64)
@@ -60,7 +62,7 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: 
     low = np.empty((k, 3), np.int64)
     high = np.empty((k, 3), np.int64)
     for r in range(run_id.shape[0]):
-        i = rank[run_id[r]]
+        i = run_id[r]
         z, y, x0, n = np.int64(run_z[r]), np.int64(run_y[r]), np.int64(run_x[r]), np.int64(run_len[r])
         if not seen[i]:
             seen[i] = True
@@ -85,17 +87,21 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, rank, offset):  # type: 
         high[i, 0] = max(high[i, 0], z + 1)
         high[i, 1] = max(high[i, 1], y + 1)
         high[i, 2] = max(high[i, 2], x0 + n)
+    first = np.empty((k, 3), np.int64)
+    lows = np.empty((k, 3), np.int64)
+    highs = np.empty((k, 3), np.int64)
     offsets = np.empty((k, 3))
     products = np.empty((k, 6))
-    for i in range(k):
+    for j in range(k):
+        i = local[j]
         for a in range(3):
-            origin[i, a] += offset[a]
-            low[i, a] += offset[a]
-            high[i, a] += offset[a]
-            offsets[i, a] = s1[i, a]
+            first[j, a] = origin[i, a] + offset[a]
+            lows[j, a] = low[i, a] + offset[a]
+            highs[j, a] = high[i, a] + offset[a]
+            offsets[j, a] = s1[i, a]
         for q in range(6):
-            products[i, q] = s2[i, q]
-    return origin, offsets, products, low, high
+            products[j, q] = s2[i, q]
+    return first, offsets, products, lows, highs
 
 
 assert PRODUCT_AXES == ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2))  # the order of _run_geometry
