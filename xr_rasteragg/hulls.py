@@ -251,30 +251,32 @@ def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
     """
     if h == 1:
         return np.int64(chain_v[0])
-    total = np.int64(chain_v[0]) + max(0, _slope_floor(chain_y, chain_v, 0))
+    total = np.int64(0)
+    ahead = np.int64(0)  # the term of the edge before the vertex, max(0, floor(-w' / 2d'))
     for j in range(h - 1):
         v = np.int64(chain_v[j])
         d = np.int64(chain_y[j + 1]) - np.int64(chain_y[j])
         w = np.int64(chain_v[j + 1]) - v
-        rise = 2 * w
         width = 2 * d
-        numerator = max(d, abs(w)) + rise
-        for _ in range(d - 1):  # the edge's rows between its ends
-            total += v + numerator // width
-            numerator += rise
-        end = max(0, (-w) // width)
-        if j + 2 < h:
-            end = max(end, _slope_floor(chain_y, chain_v, j + 1))
-        total += chain_v[j + 1] + end
-    return total
-
-
-@nb.njit(nogil=True, cache=True, inline="always")
-def _slope_floor(chain_y, chain_v, j):  # type: ignore[no-untyped-def]
-    """``floor(w / 2d)`` of the chain's edge from vertex ``j`` (``d`` rows, ``w`` columns)."""
-    return (np.int64(chain_v[j + 1]) - np.int64(chain_v[j])) // (
-        2 * (np.int64(chain_y[j + 1]) - np.int64(chain_y[j]))
-    )
+        slope = w // width  # floor(w / 2d); floor(-w / 2d) is -slope, less 1 where inexact
+        rest = w - slope * width
+        total += v + max(ahead, slope)
+        ahead = max(0, -slope - (rest != 0))
+        if d > 1:  # the edge's rows between its ends: the quotients stepped, one division
+            numerator = max(d, abs(w)) + 2 * w
+            q = numerator // width
+            r = numerator - q * width
+            step, extra = 2 * slope, 2 * rest  # 2w = step * 2d + extra
+            if extra >= width:
+                step, extra = step + 1, extra - width
+            for _ in range(d - 1):
+                total += v + q
+                q += step
+                r += extra
+                carry = r >= width  # without a branch (the carries of a slope follow no pattern)
+                q += carry
+                r -= carry * width
+    return total + chain_v[h - 1] + ahead
 
 
 @nb.njit(nogil=True, cache=True, inline="always")

@@ -350,23 +350,32 @@ def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
         or max(int(planes.max()), int(rows.max()), int(columns.max()) + int(lengths.max())) < 2**15
     )
     offsets, points, convex = _run_hulls(
-        *runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane, np.int16 if narrow else np.int32
+        *runs.runs,
+        runs.local,
+        runs.rank,
+        np.asarray(runs.offset, np.int64),
+        one_plane,
+        np.int16 if narrow else np.int32,
     )
     parts.add(family, hull=Ragged(offsets, points), convex=convex)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, index):  # type: ignore[no-untyped-def]
-    """Per label (in label order: local id ``local[row]``) and z plane, the hull vertices of its
-    pixel centres, sorted by (z, y, x) (global indices), and where each label's vertices start;
-    and with ``one_plane``, the pixels of each label's convex hull image (-1 otherwise).
+def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_plane, index):  # type: ignore[no-untyped-def]
+    """Per label (in label order: local id ``local[row]``, at row ``rank[id]``) and z plane, the
+    hull vertices of its pixel centres, sorted by (z, y, x) (global indices), and where each
+    label's vertices start; and with ``one_plane``, the pixels of each label's convex hull image
+    (-1 otherwise).
 
     One pass over the runs, in their (z, y, x) order, keeps each label's last row (first and
     last column) and, as a row is complete, pushes its ends onto the label's two upper chains
     (Andrew's monotone chain, which takes points sorted by row): the right ends (``v`` =
     column) and the mirrored left ends (``v`` = -column), each in its own stretch of a table,
-    restarted at each plane. The hull's vertices are the vertices of the two chains, merged;
-    the convex hull image's pixels follow from the chains (:func:`~xr_rasteragg.hulls.chain_pixels`).
+    restarted at each plane. The hull's vertices are the vertices of the two chains, merged
+    (once each: the first and last row of a plane are in both, one vertex where the row is one
+    pixel); the convex hull image's pixels follow from the chains
+    (:func:`~xr_rasteragg.hulls.chain_pixels`). The chains are read label by label in the
+    order of their tables (local ids), each label's vertices written at its row.
     """
     k = local.shape[0]
     nruns = run_id.shape[0]
@@ -382,12 +391,14 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
     planes = 0 if one_plane else nruns
     right_z, right_y, right_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
     left_z, left_y, left_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
-    # Per label, in one cache line (padded to 64 bytes): its last row (a key of plane and row,
-    # its first and last column), the tops of its chains and their current plane's first rows.
+    # Per label, in one cache line: its last row (a key of plane and row, its first and last
+    # column), the tops of its chains, their current plane's first rows and the vertices in
+    # both chains.
     state = np.empty((k, 8), np.int64)
     for i in range(k):
         state[i, 0] = -1
         state[i, 3] = state[i, 4] = state[i, 5] = state[i, 6] = base[i]
+        state[i, 7] = 0
     low = np.int64(0xFFFFFFFF)
     for r in range(nruns + k):
         if r < nruns:
@@ -402,29 +413,32 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
         last = state[i, 0]
         if last >= 0:
             z, y = last >> 32, last & low
+            first = state[i, 3] == state[i, 5]  # the plane's first row
             state[i, 3] = _push(right_z, right_y, right_v, state[i, 3], state[i, 5], z, y, state[i, 2])
             state[i, 4] = _push(left_z, left_y, left_v, state[i, 4], state[i, 6], z, y, -state[i, 1])
-            if key >> 32 != z:  # the plane ends
+            ends = key >> 32 != z  # the plane's last row
+            state[i, 7] += np.int64((first or ends) and state[i, 1] == state[i, 2])
+            if ends:
                 state[i, 5], state[i, 6] = state[i, 3], state[i, 4]
         if r < nruns:
             state[i, 0], state[i, 1], state[i, 2] = key, run_x[r], run_x[r] + run_len[r] - 1
     where = np.zeros(k + 1, np.int64)
     for j in range(k):
         i = local[j]
-        where[j + 1] = where[j] + state[i, 3] - base[i] + state[i, 4] - base[i]
+        where[j + 1] = where[j] + state[i, 3] - base[i] + state[i, 4] - base[i] - state[i, 7]
     points = np.empty((where[k], 3), np.int64)
     convex = np.full(k, -1, np.int64)
     plane = np.int64(run_z[0]) if nruns else np.int64(0)  # the plane of a block of one
     none = np.iinfo(np.int64).max
-    for j in range(k):
-        i = local[j]
+    for i in range(k):
+        j = rank[i]
         # Merge the chains' vertices by (z, y, x), on a row the left end first: by a key of
         # plane and row, each step's choice made without a branch (it follows no pattern).
         a, b, c, d = base[i], state[i, 3], base[i], state[i, 4]
         m = where[j]
         before, before_x = np.int64(-1), np.int64(0)  # the key and column of the last vertex
         while a < b or c < d:
-            p, q = min(a, b - 1), min(c, d - 1)  # each chain has a vertex per plane of the label
+            p, q = min(a, b - 1), min(c, d - 1)  # in the label's stretch (each chain has a vertex)
             right_plane = plane if one_plane else np.int64(right_z[p])
             left_plane = plane if one_plane else np.int64(left_z[q])
             right_key = (right_plane << 32) + right_y[p] if a < b else none
@@ -436,15 +450,14 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
             xx = -np.int64(left_v[q]) if take_left else np.int64(right_v[p])
             c += np.int64(take_left)
             a += np.int64(not take_left)
-            points[m, 0], points[m, 1], points[m, 2] = zz + offset[0], yy + offset[1], xx + offset[2]
-            # A vertex of both chains (a row of one pixel at a plane's end) is kept once.
-            m += np.int64(key != before or xx != before_x)
+            if key != before or xx != before_x:  # a vertex of both chains is kept once
+                points[m, 0], points[m, 1], points[m, 2] = zz + offset[0], yy + offset[1], xx + offset[2]
+                m += 1
             before, before_x = key, xx
-        where[j + 1] = m
         if one_plane:
             a, b, d = base[i], state[i, 3], state[i, 4]
             convex[j] = chain_pixels(right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a)
-    return where, points[: where[k]], convex  # a view: the room of the vertices of both chains is small
+    return where, points, convex
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
