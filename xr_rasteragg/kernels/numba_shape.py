@@ -384,13 +384,12 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_pl
         base[run_id[r] + 1] += 1
     for i in range(k):
         base[i + 1] += base[i]
-    # The right chain (v = column) and the left one (v = -column) of label i: entries base[i]
-    # to its top of their tables (in the dtype ``index``, int16 or int32: the tables are
-    # written once, and the cache misses of their first writes are most of the cost; the
-    # planes only where the block has several).
-    planes = 0 if one_plane else nruns
-    right_z, right_y, right_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
-    left_z, left_y, left_v = np.empty(planes, index), np.empty(nruns, index), np.empty(nruns, index)
+    # The right chain (v = column) and the left one (v = -column) of label i: rows base[i] to
+    # its top of their tables, each vertex's (y, v, z) side by side (in the dtype ``index``,
+    # int16 or int32: the tables are written once, and the cache misses of their first writes
+    # are most of the cost; the plane is written whether the block has one or several, as a
+    # test would cost more).
+    right, left = np.empty((nruns, 3), index), np.empty((nruns, 3), index)
     # Per label, in one cache line: its last row (a key of plane and row, its first and last
     # column), the tops of its chains, their current plane's first rows and the vertices in
     # both chains.
@@ -414,8 +413,8 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_pl
         if last >= 0:
             z, y = last >> 32, last & low
             first = state[i, 3] == state[i, 5]  # the plane's first row
-            state[i, 3] = _push(right_z, right_y, right_v, state[i, 3], state[i, 5], z, y, state[i, 2])
-            state[i, 4] = _push(left_z, left_y, left_v, state[i, 4], state[i, 6], z, y, -state[i, 1])
+            state[i, 3] = _push(right, state[i, 3], state[i, 5], z, y, state[i, 2])
+            state[i, 4] = _push(left, state[i, 4], state[i, 6], z, y, -state[i, 1])
             ends = key >> 32 != z  # the plane's last row
             state[i, 7] += np.int64((first or ends) and state[i, 1] == state[i, 2])
             if ends:
@@ -428,7 +427,6 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_pl
         where[j + 1] = where[j] + state[i, 3] - base[i] + state[i, 4] - base[i] - state[i, 7]
     points = np.empty((where[k], 3), np.int64)
     convex = np.full(k, -1, np.int64)
-    plane = np.int64(run_z[0]) if nruns else np.int64(0)  # the plane of a block of one
     none = np.iinfo(np.int64).max
     for i in range(k):
         j = rank[i]
@@ -439,15 +437,14 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_pl
         before, before_x = np.int64(-1), np.int64(0)  # the key and column of the last vertex
         while a < b or c < d:
             p, q = min(a, b - 1), min(c, d - 1)  # in the label's stretch (each chain has a vertex)
-            right_plane = plane if one_plane else np.int64(right_z[p])
-            left_plane = plane if one_plane else np.int64(left_z[q])
-            right_key = (right_plane << 32) + right_y[p] if a < b else none
-            left_key = (left_plane << 32) + left_y[q] if c < d else none
+            right_plane, left_plane = np.int64(right[p, 2]), np.int64(left[q, 2])
+            right_key = (right_plane << 32) + right[p, 0] if a < b else none
+            left_key = (left_plane << 32) + left[q, 0] if c < d else none
             take_left = left_key <= right_key
             key = min(left_key, right_key)
             zz = left_plane if take_left else right_plane
-            yy = np.int64(left_y[q]) if take_left else np.int64(right_y[p])
-            xx = -np.int64(left_v[q]) if take_left else np.int64(right_v[p])
+            yy = np.int64(left[q, 0]) if take_left else np.int64(right[p, 0])
+            xx = -np.int64(left[q, 1]) if take_left else np.int64(right[p, 1])
             c += np.int64(take_left)
             a += np.int64(not take_left)
             if key != before or xx != before_x:  # a vertex of both chains is kept once
@@ -456,33 +453,31 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_pl
             before, before_x = key, xx
         if one_plane:
             a, b, d = base[i], state[i, 3], state[i, 4]
-            convex[j] = chain_pixels(right_y[a:b], right_v[a:b], b - a, left_y[a:d], left_v[a:d], d - a)
+            convex[j] = chain_pixels(right[a:b, 0], right[a:b, 1], b - a, left[a:d, 0], left[a:d, 1], d - a)
     return where, points, convex
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _push(chain_z, chain_y, chain_v, top, floor, z, y, v):  # type: ignore[no-untyped-def]
-    """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices from ``floor`` to
-    ``top``; planes kept where ``chain_z`` has room), popping the vertices it makes turn
-    anticlockwise or not at all; returns the new top. The first pop is made without a branch
-    (whether a row's end makes the chain turn follows no pattern); a second one is rare."""
+def _push(chain, top, floor, z, y, v):  # type: ignore[no-untyped-def]
+    """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices ``(y, v, z)`` in rows
+    ``floor`` to ``top`` of ``chain``), popping the vertices it makes turn anticlockwise or not
+    at all; returns the new top. The first pop is made without a branch (whether a row's end
+    makes the chain turn follows no pattern); a second one is rare."""
     h = top
     if h - floor >= 2:
-        h -= np.int64(_turn(chain_y, chain_v, h, y, v) >= 0)
-        while h - floor >= 2 and _turn(chain_y, chain_v, h, y, v) >= 0:
+        h -= np.int64(_turn(chain, h, y, v) >= 0)
+        while h - floor >= 2 and _turn(chain, h, y, v) >= 0:
             h -= 1
-    chain_y[h], chain_v[h] = y, v
-    if chain_z.shape[0]:  # several planes
-        chain_z[h] = z
+    chain[h, 0], chain[h, 1], chain[h, 2] = y, v, z
     return h + 1
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _turn(chain_y, chain_v, h, y, v):  # type: ignore[no-untyped-def]
+def _turn(chain, h, y, v):  # type: ignore[no-untyped-def]
     """The cross product of the chain's last two vertices (below ``h``) and ``(y, v)``: negative
     where they turn clockwise."""
-    ay, av = np.int64(chain_y[h - 2]), np.int64(chain_v[h - 2])
-    return (np.int64(chain_y[h - 1]) - ay) * (v - av) - (np.int64(chain_v[h - 1]) - av) * (y - ay)
+    ay, av = np.int64(chain[h - 2, 0]), np.int64(chain[h - 2, 1])
+    return (np.int64(chain[h - 1, 0]) - ay) * (v - av) - (np.int64(chain[h - 1, 1]) - av) * (y - ay)
 
 
 def _weighted(
