@@ -367,3 +367,21 @@ def test_geometry_of_the_compiled_kernel_equals_the_array_kernel(offset: tuple[i
     np.testing.assert_array_equal(got.labels, expected.labels)
     for name in Geometry().names():
         np.testing.assert_array_equal(getattr(got, name), getattr(expected, name), err_msg=name)
+
+
+def test_perimeter_of_runs_longer_than_the_packed_counts() -> None:
+    """Runs of more than 2**21 - 1 pixels (the width of a packed class count in the compiled
+    border kernel) in one block: their counts are taken in pieces, and equal skimage's."""
+    from skimage.measure import perimeter
+
+    width = 2**21 + 40
+    labels = np.zeros((4, width), np.int32)
+    labels[1] = 1
+    labels[2, 3:-7] = 1
+    labels[2, -5:] = 2
+    labels[0, 100:200] = 2
+    result = xr.DataArray(da.from_array(labels, chunks=labels.shape), dims=("y", "x")).rasteragg.aggregate(
+        ("perimeter",)
+    )
+    expected = [perimeter(labels == label) for label in (1, 2)]
+    np.testing.assert_allclose(result["perimeter"], expected, rtol=RTOL, atol=ATOL)

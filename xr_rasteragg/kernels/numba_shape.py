@@ -218,8 +218,9 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                 # The counts before the run's start and end, and before each 2**21 - 1 pixels of
                 # a longer run, so that the fields of each difference do not overflow.
                 low = at_end if a == end else _count_before(words, before, a)
-                for start in range(a, a + n, field):
-                    end = min(a + n, start + field)
+                end = a
+                while end < a + n:  # (not a range with a step: its trip count takes a division)
+                    end = min(a + n, end + field)
                     at_end = _count_before(words, before, end)
                     counts = at_end - low  # modulo 2**64, each field exact
                     out[i, 0] += np.int64(counts & np.uint64(field))
