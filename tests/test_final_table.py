@@ -23,15 +23,20 @@ from xr_rasteragg.stats import finalize, needs_of
 
 
 def final_table(
-    parts: Sequence[Partials], stats: Sequence[str], piece: int, index: Any = None
+    parts: Sequence[Partials], stats: Sequence[str], piece: int, index: Any = None, graph: str = "local"
 ) -> tuple[NDArray[Any], dict[str, NDArray[Any]]]:
     """The engine's finalization of ``parts`` (the partials left by the merge tree) for ``index``
-    (None: every label), in pieces of ``piece`` labels, computed."""
+    (None: every label), in pieces of ``piece`` labels, computed, by the graph that the engine
+    builds on the local schedulers or (``graph="cluster"``) under a ``distributed.Client``."""
     holder = np.empty((1, 1, len(parts)), dtype=object)
     holder[0, 0, :] = list(parts)
     ids = label_union([p.labels for p in parts]) if index is None else prepare_index(index)
     nchan = max((value.shape[1] for value in parts[0].channel_arrays().values()), default=0)
-    with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", piece):
+    client = None if graph == "local" else object()
+    with (
+        mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", piece),
+        mock.patch.object(xr_rasteragg.engine, "distributed_client", return_value=client),
+    ):
         values = xr_rasteragg.engine.finalized(da.from_array(holder, chunks=1, name=False), ids, stats, nchan)
     for value in values.values():
         assert value.chunks[0] == (tuple(min(piece, ids.size - s) for s in range(0, ids.size, piece)) or (0,))
@@ -87,9 +92,10 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("graph", ["local", "cluster"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("piece", [1, 2, 7, 100, 10**6])
-def test_pieces_agree_with_one_merge(case: str, piece: int) -> None:
+def test_pieces_agree_with_one_merge(case: str, piece: int, graph: str) -> None:
     stats, skipna = CASES[case]
     rng = np.random.default_rng(1)
     labels = rng.integers(-40, 200, size=(1, 48, 64)).astype(np.int32)
@@ -99,7 +105,7 @@ def test_pieces_agree_with_one_merge(case: str, piece: int) -> None:
     merged = merge(parts)
     every = np.arange(merged.size)
     expected = finalize(merged, stats, every, np.ones(merged.size, bool))
-    ids, values = final_table(parts, stats, piece)
+    ids, values = final_table(parts, stats, piece, graph=graph)
     np.testing.assert_array_equal(ids, merged.labels)
     assert set(values) == set(stats)
     for name in stats:
@@ -199,9 +205,10 @@ def test_one_merge_of_many_parts_equals_pairwise_merges(case: str) -> None:
         np.testing.assert_allclose(getattr(stacked, name), value, rtol=1e-12, equal_nan=True, err_msg=name)
 
 
+@pytest.mark.parametrize("graph", ["local", "cluster"])
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("piece", [1, 3, 50, 10**6])
-def test_pieces_for_an_index(case: str, piece: int) -> None:
+def test_pieces_for_an_index(case: str, piece: int, graph: str) -> None:
     """Requested ids in any order, repeated, absent, or none at all, from the pieces."""
     stats, skipna = CASES[case]
     rng = np.random.default_rng(6)
@@ -222,7 +229,7 @@ def test_pieces_for_an_index(case: str, piece: int) -> None:
     for name, index in indexes.items():
         rows, found = xr_rasteragg.engine.locate(present, index)
         expected = finalize(merged, stats, rows, found)
-        ids, values = final_table(parts, stats, piece, index)
+        ids, values = final_table(parts, stats, piece, index, graph)
         np.testing.assert_array_equal(ids, index)
         for stat in stats:
             assert values[stat].shape == expected[stat].shape, (name, stat)

@@ -606,19 +606,22 @@ def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
 
 
 def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], families: tuple[str, ...]) -> NDArray[Any]:
-    """One partial's rows of the labels ``ids`` (a piece of the result), in label order, with the
-    fields of the named ``families`` only (those that the piece's statistics read).
+    """One partial's rows of a piece of label ids (a ``blockwise`` task; see :func:`_rows_of`)."""
+    return holding(_rows_of(block.flat[0], ids, families), block.ndim + 1)
+
+
+def _rows_of(part: Partials, ids: NDArray[np.integer], families: tuple[str, ...]) -> Partials:
+    """The rows of the labels ``ids`` (a piece of the result) in the partial ``part``, in label
+    order, with the fields of the named ``families`` only (those that the piece's statistics read).
 
     Sorted ids take the partial's rows between the first and the last id (a view); ids in any
     other order (an ``index`` as the user gave it) take exactly the rows of their ids.
     """
-    part: Partials = block.flat[0].with_families(families)
+    part = part.with_families(families)
     if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
-        rows = part.rows(*rows_between(part.labels, int(ids[0]), int(ids[-1])))
-    else:
-        where, found = locate(part.labels, np.unique(ids))
-        rows = part.take(where[found])
-    return holding(rows, block.ndim + 1)
+        return part.rows(*rows_between(part.labels, int(ids[0]), int(ids[-1])))
+    where, found = locate(part.labels, np.unique(ids))
+    return part.take(where[found])
 
 
 def rows_between(ids: NDArray[np.integer], low: int, high: int) -> tuple[int, int]:
@@ -641,6 +644,20 @@ def _finalize_piece(
     """
     merged = merge(list(block.ravel()))
     return holding(finalize(merged, stats, *locate(merged.labels, ids), space), 1)
+
+
+def _finalize_parts(
+    block: NDArray[Any],
+    ids: NDArray[np.integer],
+    families: tuple[str, ...],
+    stats: Sequence[str],
+    space: Space,
+) -> NDArray[Any]:
+    """:func:`_finalize_piece` of the partials themselves (all of them, in ``block``): each one's
+    rows of the piece are taken here (a ``blockwise`` task, on the local schedulers)."""
+    rows = np.empty(block.size, dtype=object)
+    rows[:] = [_rows_of(part, ids, families) for part in block.ravel()]
+    return _finalize_piece(rows, ids, stats, space)
 
 
 def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
@@ -775,16 +792,22 @@ def finalized(
     """Dask arrays of the statistics for ``ids``, one task per piece of ``step`` ids (by default
     :func:`piece_labels` of the statistics' rows).
 
-    One task per partial and piece takes the partial's rows of the piece's ids where the partial
-    is; one task per piece gathers them, merges them and finalizes every statistic (those of the
-    labels alone, and the per-channel ones, in tasks of their own); each statistic takes its rows
-    from the pieces. Nothing but the ids goes through the client.
+    One task per piece merges every partial's rows of the piece's ids and finalizes every
+    statistic (those of the labels alone, and the per-channel ones, in tasks of their own); each
+    statistic takes its rows from the pieces. Under a ``distributed.Client`` the rows are cut
+    where each partial is, by a task per partial and piece, so that a piece's task receives only
+    its rows; on the local schedulers the piece's task cuts them itself. Nothing but the ids goes
+    through the client.
     """
     k = int(ids.shape[0])
     space = space or Space()
     step = step or piece_labels(row_bytes(stats, nchan, space.ndim))
     sizes = tuple(min(step, k - start) for start in range(0, k, step)) or (0,)
     token = uuid.uuid4().hex  # not a token of the ids, which would read them all
+    # On a cluster, a task per partial and piece sends each piece's task only its rows; locally
+    # (where every task sees every partial) those 2 x 64 x 39 tasks of the 10^7-label table
+    # cost more to schedule than to run.
+    local = distributed_client() is None
     pieces_of_ids = da.from_array(ids, chunks=(sizes,), name=f"rasteragg-ids-{token}")
     # Statistics of the labels alone (count, center of mass) are finalized from the label
     # families only, in pieces of their own: computing them (as the SpatialData adapter does for
@@ -801,18 +824,26 @@ def finalized(
         families = tuple(
             sorted({f.name for n in names for f in STATISTICS[n].needs.families} | {"counts", "valid"})
         )
-        rows = da.blockwise(
-            _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", families,  None,
-            dtype=object, meta=objects(4), align_arrays=False, adjust_chunks={"p": 1},
-        )  # fmt: skip
-        # Blockwise over the pieces with the partials' axes contracted: each piece's task gets its
-        # rows of every partial, concatenated.
-        pieces = da.blockwise(
-            _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
-            stats=tuple(names), space=space, dtype=object, meta=objects(1), concatenate=True,
-            align_arrays=False,
-            adjust_chunks={"p": 1},
-        )  # fmt: skip
+        if local:
+            # Blockwise over the pieces with the partials' axes contracted: each piece's task gets
+            # every partial (in this process's memory: nothing moves) and takes its rows itself.
+            pieces = da.blockwise(
+                _finalize_parts, "p", parts, "zyx", pieces_of_ids, "p", families,  None,
+                stats=tuple(names), space=space, dtype=object, meta=objects(1), concatenate=True,
+                align_arrays=False, adjust_chunks={"p": 1},
+            )  # fmt: skip
+        else:
+            rows = da.blockwise(
+                _piece_rows, "zyxp", parts, "zyx", pieces_of_ids, "p", families,  None,
+                dtype=object, meta=objects(4), align_arrays=False, adjust_chunks={"p": 1},
+            )  # fmt: skip
+            # As above, but each piece's task gets only its rows of every partial: a task per
+            # partial and piece cuts them where the partial is.
+            pieces = da.blockwise(
+                _finalize_piece, "p", rows, "zyxp", pieces_of_ids, "p",
+                stats=tuple(names), space=space, dtype=object, meta=objects(1), concatenate=True,
+                align_arrays=False, adjust_chunks={"p": 1},
+            )  # fmt: skip
         for name in names:
             width, dtype = STATISTICS[name].row_shape(nchan, space.ndim), STATISTICS[name].dtype
             trailing = list(range(1, 1 + len(width)))
