@@ -657,7 +657,7 @@ def _finalize_parts(
     rows of the piece are taken here (a ``blockwise`` task, on the local schedulers)."""
     rows = np.empty(block.size, dtype=object)
     rows[:] = [_rows_of(part, ids, families) for part in block.ravel()]
-    return _finalize_piece(rows, ids, stats, space)
+    return _finalize_piece(rows, ids, stats=stats, space=space)
 
 
 def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
