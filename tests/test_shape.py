@@ -384,4 +384,4 @@ def test_perimeter_of_runs_longer_than_the_packed_counts() -> None:
         ("perimeter",)
     )
     expected = [perimeter(labels == label) for label in (1, 2)]
-    np.testing.assert_allclose(result["perimeter"], expected, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(result["perimeter"].values, expected, rtol=RTOL, atol=ATOL)
