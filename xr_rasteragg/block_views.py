@@ -19,14 +19,14 @@ from typing import Any
 
 import dask.array as da
 
-__all__ = ["view_blocks"]
+__all__ = ["Held", "view_blocks"]
 
 
-class _Viewed:
-    """An in-memory array as :func:`dask.array.from_array` reads it: by slices, with a fixed token.
-
-    It has the ``shape``, ``dtype`` and ``ndim`` that dask looks for and no ``copy``, so dask
-    neither copies nor tokenizes the array (which would read it all).
+class Held:
+    """An in-memory array held in a graph under a token of its own: :func:`dask.array.from_array`
+    reads it by slices (it has the ``shape``, ``dtype`` and ``ndim`` that dask looks for and no
+    ``copy``), and tasks may write into it (:mod:`xr_rasteragg.in_memory`); dask neither copies
+    nor tokenizes the array (which would read it all).
     """
 
     def __init__(self, array: Any, token: str) -> None:
@@ -73,4 +73,4 @@ def view_blocks(array: Any, chunks: Any, name: str) -> da.Array:
     """
     token = f"{name}-{uuid.uuid4().hex}"
     meta = array[(slice(0, 0),) * array.ndim]
-    return da.from_array(_Viewed(array, token), chunks=chunks, asarray=False, meta=meta, name=token)
+    return da.from_array(Held(array, token), chunks=chunks, asarray=False, meta=meta, name=token)

@@ -33,6 +33,8 @@ import dask.threaded
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
+from .block_views import Held
+
 __all__ = ["MAPPED_BYTES", "compute", "empty"]
 
 #: Results of at least this many bytes are allocated on an anonymous memory map (NumPy advises
@@ -83,30 +85,19 @@ def _writes_here() -> bool:
     return dask.base.get_scheduler(cls=da.Array) in (dask.threaded.get, dask.local.get_sync)
 
 
-class _Target:
-    """An array that tasks write into, named by a token of its own (not hashed into the graph)."""
-
-    def __init__(self, array: NDArray[Any]) -> None:
-        self.array = array
-        self.token = uuid.uuid4().hex
-
-    def __dask_tokenize__(self) -> str:
-        return self.token
-
-
 def _writes(value: da.Array, target: NDArray[Any]) -> da.Array:
     """Tasks that write each chunk of ``value`` into its place in ``target``."""
     return da.map_blocks(
         _write_block,
         value,
-        target=_Target(target),
+        target=Held(target, f"rasteragg-target-{uuid.uuid4().hex}"),
         dtype=np.int8,
         chunks=tuple((1,) * n for n in value.numblocks),
         meta=np.empty((0,) * value.ndim, np.int8),
     )
 
 
-def _write_block(block: NDArray[Any], target: _Target, block_info: Any = None) -> NDArray[np.int8]:
+def _write_block(block: NDArray[Any], target: Held, block_info: Any = None) -> NDArray[np.int8]:
     """Write one chunk into its place (a ``map_blocks`` task)."""
     target.array[tuple(slice(start, stop) for start, stop in block_info[0]["array-location"])] = block
     return np.zeros((1,) * block.ndim, np.int8)
