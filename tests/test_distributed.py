@@ -161,6 +161,19 @@ def test_aggregation_compute_on_the_cluster(client: Any, cells: tuple[xr.DataArr
         np.testing.assert_array_equal(on_cluster.values[name], local.values[name], err_msg=name)
 
 
+def test_table_compute_on_the_cluster(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    """:func:`xr_rasteragg.compute` of an accessor's table under a client: dask's own gather, the
+    values of ``.compute()`` on the threaded scheduler."""
+    image, labels = cells
+    with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", 64):
+        table = image.rasteragg.aggregate(labels, STATS)
+        local = threaded(lambda: image.rasteragg.aggregate(labels, STATS).compute())
+    assert len(table["mean"].chunks[0]) > 4
+    on_cluster = xr_rasteragg.compute(table)
+    assert not any(isinstance(v.data, da.Array) for v in on_cluster.variables.values())
+    xr.testing.assert_identical(on_cluster, local)
+
+
 # -- lazily generated images with known statistics ---------------------------------------------
 
 #: Labels are square tiles of ``TILE`` pixels, numbered row by row from 1.

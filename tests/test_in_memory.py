@@ -63,11 +63,15 @@ def test_writes_in_place_only_on_the_local_schedulers() -> None:
             in_memory.compute(values)
         assert allocate.call_count == 1
     assert threads.sum() == 2**22
-    base = threads
+    assert _on_memory_map(threads)
+
+
+def _on_memory_map(array: np.ndarray) -> bool:
+    """Whether ``array`` views an anonymous memory map (see :func:`~xr_rasteragg.in_memory.empty`)."""
+    base: Any = array
     while isinstance(base, np.ndarray):
         base = base.base
-    assert isinstance(base, memoryview)
-    assert isinstance(base.obj, mmap.mmap)
+    return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
 def test_small_results_are_ordinary_arrays() -> None:
@@ -105,3 +109,74 @@ def test_aggregation_compute_equals_dask_compute(index: Any, piece: int) -> None
     assert list(got.values) == list(ALL_STATS)
     for name in ALL_STATS:
         np.testing.assert_array_equal(got.values[name], expected[name], err_msg=name)
+
+
+def _accessor_tables() -> dict[str, Any]:
+    """Accessor results on dask inputs: a Dataset without and with an index (absent ids and the
+    background in it), shape features of several dims among them, and a DataArray."""
+    import xarray as xr
+
+    import xr_rasteragg  # noqa: F401  (registers the accessor)
+
+    labels, image = make_cells((90, 70), n_channels=3, cell_diameter=9, seed=8)
+    lazy_labels = xr.DataArray(da.from_array(labels, chunks=(40, 30)), dims=("y", "x"))
+    lazy_image = xr.DataArray(da.from_array(image, chunks=(2, 40, 30)), dims=("c", "y", "x"))
+    stats = (*ALL_STATS, "bbox", "centroid_weighted", "inertia_tensor", "perimeter")
+    return {
+        "every label": lazy_image.rasteragg.aggregate(lazy_labels, stats),
+        "index": lazy_image.rasteragg.aggregate(lazy_labels, ALL_STATS, index=[7, 3, 10**6, 0, 12]),
+        "data array": lazy_image.rasteragg.mean(lazy_labels),
+    }
+
+
+@pytest.mark.parametrize("scheduler", ["threads", "sync", "processes"])
+def test_xarray_tables_same_as_their_compute(scheduler: str) -> None:
+    """An accessor's table computed by :func:`xr_rasteragg.compute` is its ``.compute()``,
+    variables, coordinates and attributes, and the table it was given stays lazy."""
+    import xarray as xr
+
+    import xr_rasteragg
+
+    with mock.patch.object(xr_rasteragg.engine, "PIECE_LABELS", 16):  # several pieces per result
+        tables = _accessor_tables()
+    with dask.config.set(scheduler=scheduler):
+        for name, table in tables.items():
+            lazy = [key for key, v in _variables(table).items() if isinstance(v.data, da.Array)]
+            assert lazy, name
+            got = xr_rasteragg.compute(table)
+            assert type(got) is type(table), name
+            xr.testing.assert_identical(got, table.compute())
+            assert not any(isinstance(v.data, da.Array) for v in _variables(got).values()), name
+            assert all(isinstance(_variables(table)[key].data, da.Array) for key in lazy), name
+
+
+def _variables(table: Any) -> dict[Any, Any]:
+    """The variables of a Dataset, or a DataArray's coordinates and its own (key None)."""
+    return (
+        dict(table.variables)
+        if hasattr(table, "data_vars")
+        else {**table.coords.variables, None: table.variable}
+    )
+
+
+def test_xarray_table_written_in_place() -> None:
+    """On the threaded scheduler each lazy variable of a table is allocated once and written
+    piece by piece (:func:`~xr_rasteragg.in_memory.empty`), large ones on a memory map."""
+    import xarray as xr
+
+    table = xr.Dataset(
+        {
+            "mean": (("label", "c"), da.ones((2**20, 4), chunks=(2**18, 4))),
+            "count": ("label", np.ones(2**20)),
+        },
+        coords={"label": np.arange(2**20), "first": ("label", da.arange(2**20, chunks=2**17))},
+    )
+    with (
+        mock.patch.object(in_memory, "empty", wraps=in_memory.empty) as allocate,
+        dask.config.set(scheduler="threads"),
+    ):
+        got = in_memory.compute(table)
+    assert allocate.call_count == 2
+    assert _on_memory_map(got["mean"].data)
+    np.testing.assert_array_equal(got["first"].values, np.arange(2**20))
+    assert got["count"].data is table["count"].data  # computed already: kept as it is

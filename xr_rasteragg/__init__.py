@@ -11,6 +11,7 @@ from __future__ import annotations
 from .accessor import RasterAggAccessor  # importing it registers DataArray.rasteragg
 from .aggregator import RasterAggregator
 from .engine import Aggregation, aggregate, progress
+from .in_memory import compute
 from .stats import STATISTICS, StatName
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "RasterAggregator",
     "StatName",
     "aggregate",
+    "compute",
     "progress",
 ]
 __version__ = "0.1.0.dev0"

@@ -24,13 +24,14 @@ from __future__ import annotations
 import mmap
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import dask
 import dask.array as da
 import dask.local
 import dask.threaded
 import numpy as np
+import xarray as xr
 from numpy.typing import DTypeLike, NDArray
 
 from .block_views import Held
@@ -40,6 +41,8 @@ __all__ = ["MAPPED_BYTES", "compute", "empty"]
 #: Results of at least this many bytes are allocated on an anonymous memory map (NumPy advises
 #: huge pages from 4 MiB on).
 MAPPED_BYTES = 4 * 2**20
+
+Table = TypeVar("Table", xr.Dataset, xr.DataArray)
 
 
 def empty(shape: tuple[int, ...], dtype: DTypeLike) -> NDArray[Any]:
@@ -58,10 +61,23 @@ def empty(shape: tuple[int, ...], dtype: DTypeLike) -> NDArray[Any]:
     return np.frombuffer(mmap.mmap(-1, count * dtype.itemsize), dtype, count).reshape(shape)
 
 
-def compute(values: Mapping[str, Any]) -> dict[str, Any]:
-    """The arrays of ``values`` computed together, by name: NumPy and other computed arrays as they
-    are, dask arrays of NumPy chunks written piece by piece into arrays of :func:`empty` on the
-    local schedulers, and ``dask.compute`` otherwise.
+@overload
+def compute(values: Table) -> Table: ...
+
+
+@overload
+def compute(values: Mapping[str, Any]) -> dict[str, Any]: ...
+
+
+def compute(values: Mapping[str, Any] | xr.Dataset | xr.DataArray) -> Any:
+    """Lazy results computed together into memory, each array allocated once.
+
+    An xarray table (what the ``.rasteragg`` accessor returns) gives a new table like its
+    ``.compute()``, with every dask-backed variable computed; a mapping of arrays gives a dict of
+    them computed, by name. NumPy and other computed arrays are kept as they are. On the local
+    schedulers, dask arrays of NumPy chunks are written piece by piece into arrays of
+    :func:`empty`, so that a large table is in memory once rather than twice at the end; elsewhere
+    (``dask.distributed``, the processes scheduler, non-NumPy chunks) this is ``dask.compute``.
 
     Examples
     --------
@@ -69,7 +85,12 @@ def compute(values: Mapping[str, Any]) -> dict[str, Any]:
     >>> out = compute(values)
     >>> out["a"], out["b"]
     (array([ 0,  2,  4,  6,  8, 10, 12, 14, 16, 18]), array([1., 1., 1.]))
+    >>> table = xr.Dataset({"mean": ("label", da.ones(4, chunks=2))}, coords={"label": [1, 2, 3, 5]})
+    >>> compute(table)["mean"].values
+    array([1., 1., 1., 1.])
     """
+    if isinstance(values, xr.Dataset | xr.DataArray):
+        return _computed_table(values)
     lazy = {name: value for name, value in values.items() if isinstance(value, da.Array)}
     in_place = _writes_here() and all(type(v._meta) is np.ndarray for v in lazy.values())
     if not in_place:
@@ -78,6 +99,17 @@ def compute(values: Mapping[str, Any]) -> dict[str, Any]:
         done = {name: empty(tuple(int(n) for n in value.shape), value.dtype) for name, value in lazy.items()}
         dask.compute(*(_writes(value, done[name]) for name, value in lazy.items()))
     return {name: done.get(name, value) for name, value in values.items()}
+
+
+def _computed_table(table: xr.Dataset | xr.DataArray) -> xr.Dataset | xr.DataArray:
+    """A copy of ``table`` whose variables (coordinates included) hold :func:`compute` of their data."""
+    out = table.copy(deep=False)
+    variables = out.variables if isinstance(out, xr.Dataset) else {**out.coords.variables, None: out.variable}
+    lazy = [variable for variable in variables.values() if isinstance(variable.data, da.Array)]
+    done = compute({str(i): variable.data for i, variable in enumerate(lazy)})
+    for i, variable in enumerate(lazy):
+        variable.data = done[str(i)]
+    return out
 
 
 def _writes_here() -> bool:
