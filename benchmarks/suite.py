@@ -13,7 +13,8 @@ Sections (``--only`` picks some):
     DESIGN §6's dataset (4096² px, 8 channels uint16, ~18.8k cells, chunks 2048² x 1 channel) in
     memory; "mean", all nine statistics, (for the methods that compute it) the median of the
     8 channels, alone and with the nine in one call, and the nine with every shape feature (ours
-    through the accessor, scikit-image's regionprops_table with the same properties) and the
+    through the accessor, with the nine alone timed in the same rounds for the ratio of the two;
+    scikit-image's regionprops_table with the same properties) and the
     shape features of the labels alone (ours), by each method of :mod:`benchmarks.peers`
     (``--methods`` picks some), as ratios to the read limit (NumPy summing image and mask once,
     measured in the same process right before) and to ours, with peak memory. Ours runs three ways through the
