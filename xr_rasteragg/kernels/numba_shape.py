@@ -144,15 +144,17 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
 
     The block (``shape``; row ``(z, y)`` is ``flat[starts[z, y]:][:w]``) widened by its frame
     of ``d`` (2) pixels (``pieces``, see :class:`~xr_rasteragg.frames.Frame`) is walked row by
-    row, never made whole. Each widened row's labels are compared once, with the pixel to the
-    right and with the next row (below and both diagonals), into a byte of flags per pixel
-    (:data:`_ACROSS` and the others, kept for four rows); the border flags of the row before
-    (a byte per pixel, kept for three rows), and the classes of the row before that, follow
-    from those bytes alone, in one-byte arithmetic, so that a vector instruction takes many
-    pixels. Then the runs of that row (block indices, local ids) count their pixels' classes
-    from the row's prefix counts (:func:`_word_counts`). ``valid`` says which widened rows and
+    row, never made whole: each widened row is copied next to its frame (:func:`_widened_row`),
+    and the labels of the row before are compared once, with the pixel to the right and with
+    this row (below and both diagonals), into a byte of flags per pixel (:func:`_flags`, kept
+    for four rows); the border flags of the row before that (a byte per pixel, kept for three
+    rows), and the classes of the row before that, follow from those bytes alone, in one-byte
+    arithmetic, so that a vector instruction takes many pixels. Then the runs of that row
+    (block indices, local ids) count their pixels' classes from the row's prefix counts
+    (:func:`_word_counts`, :func:`_add_classes`). ``valid`` says which widened rows and
     columns lie in the image (:meth:`~xr_rasteragg.frames.Frame.valid`). Loops index views
-    from 0 (no index can be negative), so the compiler vectorizes them.
+    from 0 (no index can be negative), and copy and fill element by element (Numba's slice
+    assignments are not vectorized), so that the compiler vectorizes them.
     """
     top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = pieces
     y0, y1, x0, x1 = valid
@@ -165,40 +167,32 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
     words = np.zeros(w // 8 + 1, np.uint64)  # the classes of a row, a byte per pixel
     classes = words.view(np.uint8)[:w]
     before = np.zeros(words.shape[0] + 1, np.uint64)  # the classes before each word, packed
-    field = (1 << _FIELD) - 1
     lo, hi = max(1, x0), min(nx - 1, x1)
     r = 0
     for z in range(nz):
         for t in range(ny + 2):
-            if t < ny:  # widened row t in, with its flags against itself and the row before
+            if t < ny:  # widened row t in, and the flags of the row before
                 row = rows[t % 2]
                 if t < d:
-                    row[:d], row[d : d + w], row[d + w :] = top_left[z, t], top[z, t], top_right[z, t]
+                    _widened_row(row, top_left[z, t], top[z, t], top_right[z, t])
                 elif t < d + h:
                     start = starts[z, t - d]
-                    row[:d], row[d : d + w], row[d + w :] = (
-                        left[z, t - d],
-                        flat[start : start + w],
-                        right[z, t - d],
-                    )
+                    _widened_row(row, left[z, t - d], flat[start : start + w], right[z, t - d])
                 else:
                     u = t - d - h
-                    row[:d], row[d : d + w], row[d + w :] = (
-                        bottom_left[z, u],
-                        bottom[z, u],
-                        bottom_right[z, u],
-                    )
-                _across(row, flags[t % 4])
+                    _widened_row(row, bottom_left[z, u], bottom[z, u], bottom_right[z, u])
                 if t >= 1:
-                    _below(rows[(t - 1) % 2], row, flags[(t - 1) % 4])
+                    _flags(rows[(t - 1) % 2], row, flags[(t - 1) % 4])
             y = t - 1  # border flags of widened row y
             if 1 <= y < ny - 1:
                 marks = edge[y % 3]
-                marks[:] = 0
+                for u in range(nx):
+                    marks[u] = 0
                 if y0 <= y < y1:
                     _border_row(flags[(y - 1) % 4, lo:hi], flags[y % 4, lo - 1 : hi], marks[lo:hi])
-                    if y == y0 or y == y1 - 1:
-                        marks[lo:hi] = 1
+                    if y == y0 or y == y1 - 1:  # the image's first and last rows
+                        for u in range(lo, hi):
+                            marks[u] = 1
                     marks[x0] |= x0 >= lo  # the image's first and last columns
                     marks[x1 - 1] |= x1 - 1 < hi
             y = t - 2  # classes and runs of widened row y
@@ -213,23 +207,41 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                 classes,
             )
             _word_counts(words, before)
-            end, at_end = -1, np.uint64(0)  # the last run's end and the counts before it
             while r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
-                a, n, i = run_x[r], run_len[r], run_id[r]
-                # The counts before the run's start and end, and before each 2**21 - 1 pixels of
-                # a longer run, so that the fields of each difference do not overflow.
-                low = at_end if a == end else _count_before(words, before, a)
-                end = a
-                while end < a + n:  # (not a range with a step: its trip count takes a division)
-                    end = min(a + n, end + field)
-                    at_end = _count_before(words, before, end)
-                    counts = at_end - low  # modulo 2**64, each field exact
-                    out[i, 0] += np.int64(counts & np.uint64(field))
-                    out[i, 1] += np.int64((counts >> np.uint64(_FIELD)) & np.uint64(field))
-                    out[i, 2] += np.int64(counts >> np.uint64(2 * _FIELD))
-                    low = at_end
+                _add_classes(out[run_id[r]], words, before, run_x[r], run_len[r])
                 r += 1
     return out
+
+
+@nb.njit(nogil=True, cache=True)
+def _widened_row(row, left, middle, right):  # type: ignore[no-untyped-def]
+    """Copy a row of the block (``middle``) and the frame's pixels left and right of it into
+    ``row``."""
+    d, w = left.shape[0], middle.shape[0]
+    for u in range(d):
+        row[u] = left[u]
+        row[d + w + u] = right[u]
+    body = row[d : d + w]
+    for u in range(w):
+        body[u] = middle[u]
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _add_classes(out, words, before, a, n):  # type: ignore[no-untyped-def]
+    """Add the pixels of each class among pixels ``a`` to ``a + n - 1`` of a row to ``out``
+    (three counts), from the row's prefix counts (:func:`_count_before`): each field of a
+    difference of packed counts is exact while it holds the run's pixels, so longer runs are
+    taken in pieces of 2**21 - 1 pixels."""
+    field = np.int64((1 << _FIELD) - 1)
+    a, n = np.int64(a), np.int64(n)
+    while n > 0:
+        step = min(n, field)
+        counts = _count_before(words, before, a + step) - _count_before(words, before, a)  # modulo 2**64
+        out[0] += np.int64(counts & np.uint64(field))
+        out[1] += np.int64((counts >> np.uint64(_FIELD)) & np.uint64(field))
+        out[2] += np.int64(counts >> np.uint64(2 * _FIELD))
+        a += step
+        n -= step
 
 
 #: Bits of a pixel's flags (see :func:`_border_classes`): whether it equals the pixel to its
@@ -239,27 +251,19 @@ _ACROSS, _DOWN, _FALL, _RISE = 1, 2, 4, 8
 
 
 @nb.njit(nogil=True, cache=True)
-def _across(row, flags):  # type: ignore[no-untyped-def]
-    """Set each pixel's flags to :data:`_ACROSS`, whether it equals the pixel to its right (the
-    last pixel: none)."""
-    for u in range(row.shape[0] - 1):
-        flags[u] = row[u] == row[u + 1]
-    flags[row.shape[0] - 1] = 0
-
-
-@nb.njit(nogil=True, cache=True)
-def _below(row, below, flags):  # type: ignore[no-untyped-def]
-    """Add to the flags of ``row`` whether each pixel equals the pixel below (:data:`_DOWN`) and
-    below right (:data:`_FALL`), and whether the pixel to its right equals the one below it
-    (:data:`_RISE`)."""
+def _flags(row, below, flags):  # type: ignore[no-untyped-def]
+    """Set the flags of ``row``: whether each pixel equals the pixel to its right
+    (:data:`_ACROSS`), below (:data:`_DOWN`) and below right (:data:`_FALL`), and whether the
+    pixel to its right equals the one below it (:data:`_RISE`) (of the last pixel: below only)."""
     n = row.shape[0] - 1
     for u in range(n):
-        flags[u] |= np.uint8(
-            np.uint8(row[u] == below[u]) * np.uint8(_DOWN)
+        flags[u] = np.uint8(
+            np.uint8(row[u] == row[u + 1])
+            | np.uint8(row[u] == below[u]) * np.uint8(_DOWN)
             | np.uint8(row[u] == below[u + 1]) * np.uint8(_FALL)
             | np.uint8(row[u + 1] == below[u]) * np.uint8(_RISE)
         )
-    flags[n] |= np.uint8(row[n] == below[n]) * np.uint8(_DOWN)
+    flags[n] = np.uint8(row[n] == below[n]) * np.uint8(_DOWN)
 
 
 @nb.njit(nogil=True, cache=True)
