@@ -168,7 +168,11 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
     classes = words.view(np.uint8)[:w]
     before = np.zeros(words.shape[0] + 1, np.uint64)  # the classes before each word, packed
     lo, hi = max(1, x0), min(nx - 1, x1)
-    r = 0
+    first = np.zeros(nz * h + 1, np.int64)  # the first run of each row of the block, and the end
+    for r in range(run_id.shape[0]):
+        first[run_z[r] * h + run_y[r] + 1] += 1
+    for q in range(nz * h):
+        first[q + 1] += first[q]
     for z in range(nz):
         for t in range(ny + 2):
             if t < ny:  # widened row t in, and the flags of the row before
@@ -196,7 +200,10 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                     marks[x0] |= x0 >= lo  # the image's first and last columns
                     marks[x1 - 1] |= x1 - 1 < hi
             y = t - 2  # classes and runs of widened row y
-            if not d <= y < d + h or not (r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y):
+            if not d <= y < d + h:
+                continue
+            row = z * h + y - d
+            if first[row] == first[row + 1]:  # no runs (background only)
                 continue
             _row_classes(
                 flags[(y - 1) % 4, d - 1 : d + w + 1],
@@ -207,9 +214,8 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                 classes,
             )
             _word_counts(words, before)
-            while r < run_id.shape[0] and run_z[r] == z and run_y[r] + d == y:
-                _add_classes(out[run_id[r]], words, before, run_x[r], run_len[r])
-                r += 1
+            for r in range(first[row], first[row + 1]):
+                _add_classes(out, run_id[r], words, before, run_x[r], run_len[r])
     return out
 
 
@@ -227,21 +233,27 @@ def _widened_row(row, left, middle, right):  # type: ignore[no-untyped-def]
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _add_classes(out, words, before, a, n):  # type: ignore[no-untyped-def]
-    """Add the pixels of each class among pixels ``a`` to ``a + n - 1`` of a row to ``out``
+def _add_classes(out, i, words, before, a, n):  # type: ignore[no-untyped-def]
+    """Add the pixels of each class among pixels ``a`` to ``a + n - 1`` of a row to ``out[i]``
     (three counts), from the row's prefix counts (:func:`_count_before`): each field of a
     difference of packed counts is exact while it holds the run's pixels, so longer runs are
     taken in pieces of 2**21 - 1 pixels."""
     field = np.int64((1 << _FIELD) - 1)
     a, n = np.int64(a), np.int64(n)
-    while n > 0:
-        step = min(n, field)
-        counts = _count_before(words, before, a + step) - _count_before(words, before, a)  # modulo 2**64
-        out[0] += np.int64(counts & np.uint64(field))
-        out[1] += np.int64((counts >> np.uint64(_FIELD)) & np.uint64(field))
-        out[2] += np.int64(counts >> np.uint64(2 * _FIELD))
-        a += step
-        n -= step
+    while n > field:
+        _add_packed(out, i, _count_before(words, before, a + field) - _count_before(words, before, a))
+        a += field
+        n -= field
+    _add_packed(out, i, _count_before(words, before, a + n) - _count_before(words, before, a))
+
+
+@nb.njit(nogil=True, cache=True, inline="always")
+def _add_packed(out, i, counts):  # type: ignore[no-untyped-def]
+    """Add the three fields of packed counts (:func:`_packed_counts`, modulo 2**64) to ``out[i]``."""
+    field = np.uint64((1 << _FIELD) - 1)
+    out[i, 0] += np.int64(counts & field)
+    out[i, 1] += np.int64((counts >> np.uint64(_FIELD)) & field)
+    out[i, 2] += np.int64(counts >> np.uint64(2 * _FIELD))
 
 
 #: Bits of a pixel's flags (see :func:`_border_classes`): whether it equals the pixel to its
