@@ -387,3 +387,86 @@ def test_perimeter_of_runs_longer_than_the_packed_counts() -> None:
     )  # (under query planning, dask's own np.asarray gives an array of dask arrays)
     expected = [perimeter(labels == label) for label in (1, 2)]
     np.testing.assert_allclose(result["perimeter"].values, expected, rtol=RTOL, atol=ATOL)
+
+
+def thin_chunks(rng: np.random.Generator, n: int) -> tuple[int, ...]:
+    """Random chunk sizes along an axis of ``n`` pixels, most of them 1 to 3 pixels wide."""
+    sizes: list[int] = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.choice([1, 2, 3, int(rng.integers(4, n + 1))], p=[0.3, 0.25, 0.25, 0.2])))
+    sizes[-1] -= sum(sizes) - n
+    return tuple(size for size in sizes if size)
+
+
+def edge_cases(rng: np.random.Generator) -> NDArray[np.int32]:
+    """Labels that meet the perimeter's edge cases: rows of background only between labelled
+    rows, one-pixel labels, labels on the image's edges and corners, diagonal chains (the √2
+    weights), runs the width of the image, and smoothed random cells."""
+    labels = irregular((30, 37), 6, int(rng.integers(2**16)), size=3)
+    labels[rng.integers(0, 30, size=4)] = 0
+    labels[:, 0] = 7
+    labels[-1, :] = 8
+    labels[0, 0] = labels[29, 36] = labels[15, 18] = 9
+    diagonal = np.arange(12)
+    labels[3 + diagonal, 5 + diagonal] = 10
+    labels[20, :] = 11
+    return labels
+
+
+def perimeters(labels: NDArray[np.integer], ids: NDArray[np.integer]) -> NDArray[np.float64]:
+    """:func:`skimage.measure.perimeter` of each label's mask."""
+    from skimage.measure import perimeter
+
+    return np.array([perimeter(labels == label) for label in ids])
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("background", [0, None])
+def test_perimeter_of_edge_cases_in_thin_random_blocks(seed: int, background: int | None) -> None:
+    """The perimeter of every label (the background's too, when it is kept) equals skimage's,
+    with the labels cut into random blocks mostly one to three pixels wide (a frame reaches
+    two pixels, so across several blocks)."""
+    rng = np.random.default_rng(seed)
+    labels = edge_cases(rng)
+    chunks = (thin_chunks(rng, labels.shape[0]), thin_chunks(rng, labels.shape[1]))
+    result = (
+        xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x"))
+        .rasteragg.aggregate(("perimeter",), background=background)
+        .compute()
+    )
+    ids = np.unique(labels if background is None else labels[labels != background])
+    np.testing.assert_array_equal(result["label"].values, ids)
+    np.testing.assert_allclose(result["perimeter"].values, perimeters(labels, ids), rtol=RTOL, atol=ATOL)
+
+
+def test_perimeter_classes_of_a_block_of_several_planes() -> None:
+    """The compiled kernel's class counts of a block of several planes (a frame of pixels
+    beyond the image) are each plane's own, summed: the pixels of each weight class that
+    skimage's perimeter weighs, by its own method (border pixels of the 4-connected erosion,
+    convolved with its weights)."""
+    from xr_rasteragg.families import Border
+    from xr_rasteragg.frames import Frame, Ring
+    from xr_rasteragg.kernels.numba import block_partials
+
+    rng = np.random.default_rng(5)
+    block = np.stack([edge_cases(rng) for _ in range(3)])
+    block[1, 4:9] = 0  # a plane with rows of background only where the others have labels
+    frame = Frame.around(block, (0, 0, 0), [Ring.of(block, (0, 0, 0), 2)], block.shape, Border())
+    runs = block_partials.encode_framed(block, (0, 0, 0), 0, frame)
+    assert runs.around is not None
+    kernel = np.array([[10, 2, 10], [2, 1, 2], [10, 2, 10]])
+    classes = ([5, 7, 15, 17, 25, 27], [21, 33], [13, 23])
+    for row, label in enumerate(runs.parts.labels):
+        expected = np.zeros(3, np.int64)
+        for plane in block:
+            mask = plane == label
+            border = mask & ~ndi.binary_erosion(mask, border_value=0)
+            codes = ndi.convolve(border.astype(np.int64), kernel, mode="constant")
+            expected += [np.isin(codes[border], c).sum() for c in classes]
+        np.testing.assert_array_equal(runs.around[runs.local[row]], expected, err_msg=str(label))
+
+
+def test_perimeter_of_3d_labels_is_refused() -> None:
+    labels = xr.DataArray(irregular((3, 8, 8), 3, 7, size=3), dims=("z", "y", "x"))
+    with pytest.raises(ValueError, match=r"\['perimeter'\] that are not defined for labels of 3 spatial dim"):
+        labels.rasteragg.aggregate(["perimeter"])
