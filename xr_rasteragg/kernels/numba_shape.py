@@ -321,11 +321,14 @@ def _word_counts(words, before):  # type: ignore[no-untyped-def]
     """``before[j]``: the pixels of each class in the words before word ``j`` of a row's
     classes (a byte per pixel, see :func:`_row_classes`), packed (:func:`_packed_counts`),
     modulo 2**64."""
+    n = words.shape[0]
+    for j in range(n):  # each word's counts (a loop the compiler vectorizes), then their sums
+        before[j + 1] = _packed_counts(words[j])
+    before[0] = 0
     total = np.uint64(0)
-    for j in range(words.shape[0]):
+    for j in range(n + 1):
+        total += before[j]
         before[j] = total
-        total += _packed_counts(words[j])
-    before[words.shape[0]] = total
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
