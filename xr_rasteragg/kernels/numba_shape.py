@@ -202,8 +202,8 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
             y = t - 2  # classes and runs of widened row y
             if not d <= y < d + h:
                 continue
-            row = z * h + y - d
-            if first[row] == first[row + 1]:  # no runs (background only)
+            line = z * h + y - d  # the row of the block
+            if first[line] == first[line + 1]:  # no runs (background only)
                 continue
             _row_classes(
                 flags[(y - 1) % 4, d - 1 : d + w + 1],
@@ -214,7 +214,7 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                 classes,
             )
             _word_counts(words, before)
-            for r in range(first[row], first[row + 1]):
+            for r in range(first[line], first[line + 1]):
                 _add_classes(out, run_id[r], words, before, run_x[r], run_len[r])
     return out
 
