@@ -5,8 +5,9 @@ perimeter's 2) needs, for each label block, the ``d`` rows above and below it, t
 columns left and right of it and the four ``d × d`` corners: its :class:`Frame`. The engine
 gets them with one cheap task per block: its :class:`Ring`, the block's own pixels within ``d``
 of its edges (:func:`frame_arrays`). Each label task receives the rings of its neighbouring
-blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that)
-and cuts its frame from them (:meth:`Frame.around`), so that the label stage reads its block
+blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that;
+on a grid of at most 3 × 3 blocks, the rings of every block, gathered by one task) and cuts
+its frame from them (:meth:`Frame.around`), so that the label stage reads its block
 once and nothing but thin rings travels between blocks. Pixels beyond the image stay 0 and are
 marked invalid (:meth:`Frame.valid`); blocks of any size, one pixel included, work alike.
 """
@@ -23,10 +24,14 @@ from numpy.typing import NDArray
 
 from .families import Family
 
-__all__ = ["PIECES", "Frame", "Ring", "frame_arrays"]
+__all__ = ["GATHERED", "PIECES", "Frame", "Ring", "frame_arrays"]
 
 #: A rectangle of the image: (first row, row after the last, first column, column after the last).
 Rect = tuple[int, int, int, int]
+
+#: The most blocks along y and along x of a grid whose rings are gathered in one task (see
+#: :func:`frame_arrays`): a block's neighbourhood spans three blocks each way.
+GATHERED = 3
 
 #: The frame's pieces, in the order of :class:`Frame`.
 PIECES = ("top", "bottom", "left", "right", "top_left", "top_right", "bottom_left", "bottom_right")
@@ -169,17 +174,23 @@ def frame_arrays(labels: da.Array, halo: int) -> da.Array:
     """An object array on the block grid of ``labels`` ``(z, y, x)`` whose block ``(k, j, i)``
     holds the :class:`Ring` of each block around block ``(k, j, i)``, its own included, as far
     as ``halo`` pixels reach (an object array of rings, ``(1, 3, 3)`` or fewer at the grid's
-    edges).
+    edges); or, for a grid of one block in z and at most :data:`GATHERED` blocks in y and x,
+    an object array of one block that holds the rings of every block (``map_blocks`` hands it
+    to every block).
 
-    One task per block makes its ring, and dask's ``overlap`` hands each block the rings of the
-    blocks next to it (one graph step, however many blocks; beyond the grid's edges the frame
-    lies beyond the image). Blocks at least ``halo`` pixels high and wide need nothing more;
-    for thinner blocks, the rings around each block are joined into one ring and handed on
-    again, until they reach ``halo`` blocks away.
+    One task per block makes its ring. On a small grid, one task gathers the rings: at most as
+    many as a block's neighbourhood holds, without the tasks that hand each block its
+    neighbours'. Otherwise dask's ``overlap`` hands each block the rings of the blocks next to
+    it (one graph step, however many blocks; beyond the grid's edges the frame lies beyond the
+    image). Blocks at least ``halo`` pixels high and wide need nothing more; for thinner
+    blocks, the rings around each block are joined into one ring and handed on again, until
+    they reach ``halo`` blocks away.
     """
     one_each = tuple((1,) * n for n in labels.numblocks)
     meta = np.empty((0, 0, 0), dtype=object)
     rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
+    if labels.numblocks[0] == 1 and max(labels.numblocks[1:]) <= GATHERED:
+        return rings.rechunk(rings.shape)
     reach = 1 if min(labels.chunks[1]) >= halo and min(labels.chunks[2]) >= halo else halo
     for step in range(reach):
         if step:
