@@ -35,7 +35,6 @@ from typing import Any, NamedTuple
 
 import numba as nb
 import numpy as np
-from numba.typed import List
 from numpy.typing import NDArray
 
 from ..families import Extrema, Family, Moments, Valid, Weighted
@@ -211,13 +210,14 @@ def _first_shift(row, a, b, zero):
 
 
 @nb.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
-def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
+def _sweep(chunk, c0, runs, prefix, flags, done, nvalid, moments, extremes):
     """Accumulate one block's image into per-label partials, run by run.
 
-    ``chunks`` is a typed list of (c_i, z, y, x) image arrays whose channels follow each other,
-    ``runs`` a :class:`Runs`, ``flags`` the :class:`Flags`, ``done`` a per-label scratch count,
-    ``nvalid`` the valid counts (written with ``skipna``), ``moments`` a :class:`MomentSums` and
-    ``extremes`` an :class:`Extremes`, all indexed by local label id.
+    ``chunk`` is a (c, z, y, x) image array, channels ``c0`` on of the partials (a block's
+    chunks are swept one by one), ``runs`` a :class:`Runs`, ``flags`` the :class:`Flags`,
+    ``done`` a per-label scratch count, ``nvalid`` the valid counts (written with ``skipna``),
+    ``moments`` a :class:`MomentSums` and ``extremes`` an :class:`Extremes`, all indexed by
+    local label id.
     A label's shift ``K`` in a channel is the first finite value of its first run there (see
     :class:`~xr_rasteragg.partials.Partials`), and every pixel enters as ``d = x - K``, taken
     exactly (:func:`~xr_rasteragg.partials.difference`). For each run and channel the pixels
@@ -234,109 +234,104 @@ def _sweep(chunks, runs, prefix, flags, done, nvalid, moments, extremes):
     lo, hi = extremes
     nruns = run_id.shape[0]
     zero = shift.dtype.type(0)
-    c0 = 0
-    for chunk in chunks:
-        cumulative = np.zeros(chunk.shape[3] + 1, np.int64)
-        for cc in range(chunk.shape[0]):
-            c = c0 + cc
-            done[:] = 0
-            r = 0
-            while r < nruns:
-                z = run_z[r]
-                y = run_y[r]
-                row = chunk[cc, z, y]  # one view per image row, shared by its runs
-                if prefix:
-                    total = np.int64(0)
-                    for p in range(row.shape[0]):
-                        total += row[p]
-                        cumulative[p + 1] = total
-                while r < nruns and run_z[r] == z and run_y[r] == y:
-                    i = run_id[r]
-                    a = run_x[r]
-                    b = a + run_len[r]
-                    r += 1
-                    na_all = done[i]
-                    nb_all = b - a
-                    done[i] = na_all + nb_all
-                    na = nvalid[i, c] if skipna else na_all
-                    if na == 0:
-                        shift[i, c] = _first_shift(row, a, b, zero)
-                    k = shift[i, c]
-                    acc = 0.0
-                    nb_ = nb_all
-                    if skipna:
-                        nb_ = 0
-                        for p in range(a, b):
-                            x = row[p]
-                            if x == x:
-                                acc += difference(x, k)
-                                nb_ += 1
-                        nvalid[i, c] = na + nb_
-                    elif prefix:
-                        acc = float(cumulative[b] - cumulative[a] - nb_all * np.int64(k))
-                    else:
-                        for p in range(a, b):
-                            acc += difference(row[p], k)
-                    ua = sums[i, c]
-                    sums[i, c] = ua + acc
-                    if not extrema and (order < 2 or nb_ == 0):
-                        continue
-                    # One loop over the run for the extrema and the moments about the run mean.
-                    mb = acc / max(nb_, 1)
-                    mn = lo[i, c]
-                    mx = hi[i, c]
-                    t2 = 0.0
-                    t3 = 0.0
-                    t4 = 0.0
+    cumulative = np.zeros(chunk.shape[3] + 1, np.int64)
+    for cc in range(chunk.shape[0]):
+        c = c0 + cc
+        done[:] = 0
+        r = 0
+        while r < nruns:
+            z = run_z[r]
+            y = run_y[r]
+            row = chunk[cc, z, y]  # one view per image row, shared by its runs
+            if prefix:
+                total = np.int64(0)
+                for p in range(row.shape[0]):
+                    total += row[p]
+                    cumulative[p + 1] = total
+            while r < nruns and run_z[r] == z and run_y[r] == y:
+                i = run_id[r]
+                a = run_x[r]
+                b = a + run_len[r]
+                r += 1
+                na_all = done[i]
+                nb_all = b - a
+                done[i] = na_all + nb_all
+                na = nvalid[i, c] if skipna else na_all
+                if na == 0:
+                    shift[i, c] = _first_shift(row, a, b, zero)
+                k = shift[i, c]
+                acc = 0.0
+                nb_ = nb_all
+                if skipna:
+                    nb_ = 0
                     for p in range(a, b):
                         x = row[p]
-                        if extrema:
-                            mn = min(mn, x)
-                            mx = max(mx, x)
-                        if order >= 2 and not (skipna and x != x):
-                            d = difference(x, k) - mb
-                            d2 = d * d
-                            t2 += d2
-                            if order >= 3:
-                                t3 += d2 * d
-                                t4 += d2 * d2
+                        if x == x:
+                            acc += difference(x, k)
+                            nb_ += 1
+                    nvalid[i, c] = na + nb_
+                elif prefix:
+                    acc = float(cumulative[b] - cumulative[a] - nb_all * np.int64(k))
+                else:
+                    for p in range(a, b):
+                        acc += difference(row[p], k)
+                ua = sums[i, c]
+                sums[i, c] = ua + acc
+                if not extrema and (order < 2 or nb_ == 0):
+                    continue
+                # One loop over the run for the extrema and the moments about the run mean.
+                mb = acc / max(nb_, 1)
+                mn = lo[i, c]
+                mx = hi[i, c]
+                t2 = 0.0
+                t3 = 0.0
+                t4 = 0.0
+                for p in range(a, b):
+                    x = row[p]
                     if extrema:
-                        if not skipna and acc != acc:
-                            # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
-                            for p in range(a, b):
-                                if row[p] != row[p]:
-                                    mn = row[p]
-                                    mx = row[p]
-                                    break
-                        lo[i, c] = mn
-                        hi[i, c] = mx
-                    if order < 2 or nb_ == 0:
-                        continue
-                    if na == 0:
-                        m2[i, c] = t2
-                        m3[i, c] = t3
-                        m4[i, c] = t4
-                        continue
-                    n = na + nb_
-                    delta = mb - ua / na
-                    dn = delta / n
-                    ab = float(na) * nb_
-                    a2 = m2[i, c]
-                    m2[i, c] = a2 + t2 + delta * dn * ab
-                    if order >= 3:
-                        a3 = m3[i, c]
-                        m3[i, c] = (
-                            a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
+                        mn = min(mn, x)
+                        mx = max(mx, x)
+                    if order >= 2 and not (skipna and x != x):
+                        d = difference(x, k) - mb
+                        d2 = d * d
+                        t2 += d2
+                        if order >= 3:
+                            t3 += d2 * d
+                            t4 += d2 * d2
+                if extrema:
+                    if not skipna and acc != acc:
+                        # The sum is NaN: from a NaN pixel (which wins, as in NumPy) or from +inf + -inf.
+                        for p in range(a, b):
+                            if row[p] != row[p]:
+                                mn = row[p]
+                                mx = row[p]
+                                break
+                    lo[i, c] = mn
+                    hi[i, c] = mx
+                if order < 2 or nb_ == 0:
+                    continue
+                if na == 0:
+                    m2[i, c] = t2
+                    m3[i, c] = t3
+                    m4[i, c] = t4
+                    continue
+                n = na + nb_
+                delta = mb - ua / na
+                dn = delta / n
+                ab = float(na) * nb_
+                a2 = m2[i, c]
+                m2[i, c] = a2 + t2 + delta * dn * ab
+                if order >= 3:
+                    a3 = m3[i, c]
+                    m3[i, c] = a3 + t3 + delta * dn * dn * ab * (na - nb_) + 3.0 * dn * (na * t2 - nb_ * a2)
+                    if order >= 4:
+                        m4[i, c] = (
+                            m4[i, c]
+                            + t4
+                            + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
+                            + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
+                            + 4.0 * dn * (na * t3 - nb_ * a3)
                         )
-                        if order >= 4:
-                            m4[i, c] = (
-                                m4[i, c]
-                                + t4
-                                + delta * dn * dn * dn * ab * (float(na) * na - ab + float(nb_) * nb_)
-                                + 6.0 * dn * dn * (float(na) * na * t2 + float(nb_) * nb_ * a2)
-                                + 4.0 * dn * (na * t3 - nb_ * a3)
-                            )
-        c0 += chunk.shape[0]
 
 
 @nb.njit(nogil=True, cache=True)
@@ -793,10 +788,6 @@ def _general_partials(
     local = runs.local
     dtype: Any = image[0].dtype
     k, nchan = parts.size, sum(chunk.shape[0] for chunk in image)
-    # The kernel only reads the chunks: typed as read-only, so that read-only blocks need no cast.
-    chunks = List.empty_list(nb.types.Array(nb.from_dtype(dtype), 4, "A", readonly=True))
-    for chunk in image:
-        chunks.append(chunk)
     lo_init, hi_init = _extrema_init(dtype)
     skipna = needs.skipna and np.issubdtype(dtype, np.floating)
     nvalid = np.zeros((k, nchan), np.int64)
@@ -804,16 +795,13 @@ def _general_partials(
     central = [np.zeros((k, nchan)) for _ in range(3)] if needs.order >= 2 else [sums] * 3
     moments = MomentSums(np.zeros((k, nchan), shift_dtype(dtype)), sums, *central)
     extremes = Extremes(np.full((k, nchan), lo_init, dtype), np.full((k, nchan), hi_init, dtype))
-    _sweep(
-        chunks,
-        runs.runs,
-        dtype.kind in "iu" and dtype.itemsize <= 4,  # exact int64 prefix sums of the rows
-        Flags(needs.order, needs.extrema, skipna),
-        np.zeros(k, np.int64),
-        nvalid,
-        moments,
-        extremes,
-    )
+    # Chunk by chunk, in Python: a typed list of the chunks would compile numba's list code in
+    # every process (it cannot be cached), 0.2 s on the first call.
+    prefix = dtype.kind in "iu" and dtype.itemsize <= 4  # exact int64 prefix sums of the rows
+    flags, done, c0 = Flags(needs.order, needs.extrema, skipna), np.zeros(k, np.int64), 0
+    for chunk in image:
+        _sweep(chunk, c0, runs.runs, prefix, flags, done, nvalid, moments, extremes)
+        c0 += chunk.shape[0]
     if needs.skipna:
         valid = _take_rows(nvalid, local) if skipna else np.repeat(parts.count[:, None], nchan, axis=1)
         parts.add(Valid(), nvalid=valid)
