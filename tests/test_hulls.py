@@ -14,7 +14,6 @@ import pickle
 
 import numpy as np
 import pytest
-from numba.typed import List
 from numpy.typing import NDArray
 from scipy.spatial import ConvexHull, QhullError
 from skimage.morphology import convex_hull_image
@@ -94,9 +93,7 @@ def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
     parts.append(two[1:2])
     together = Ragged.concatenate(parts)
     rows = np.concatenate([*slots, [1]]).astype(np.int64)
-    offsets, values, source = fold_hulls(
-        List([p.offsets for p in parts]), List([p.values for p in parts]), rows, 5
-    )
+    offsets, values, source = fold_hulls([p.offsets for p in parts], [p.values for p in parts], rows, 5)
     merged = Ragged(offsets, values)
     np.testing.assert_array_equal(merged.row(1), together.row(9))
     np.testing.assert_array_equal(source, [-1, 9, -1, -1, -2])  # several parts, one, none
@@ -231,3 +228,30 @@ def test_solidity_and_perimeter_of_adversarial_labels_in_any_chunking(seed: int)
         np.testing.assert_array_equal(result["label"], expected["label"])
         for name in props:
             np.testing.assert_allclose(result[name], expected[name], rtol=1e-9, atol=1e-9, err_msg=name)
+
+
+def test_no_numba_list_code_compiled_per_process() -> None:
+    """The kernels take no numba typed lists, whose code numba compiles in every process (it
+    cannot be cached): a fresh process's calls that merge hulls across blocks (solidity) and
+    sweep a float image compile none of it."""
+    import subprocess
+    import sys
+
+    script = """
+from numba.core import event
+compiled = []
+class Listener(event.Listener):
+    def on_start(self, ev): pass
+    def on_end(self, ev): compiled.append(getattr(ev.data["dispatcher"].py_func, "__module__", ""))
+event.register("numba:compile", Listener())
+import numpy as np, dask.array as da
+from xr_rasteragg.engine import aggregate
+from xr_rasteragg.synthetic import make_cells
+labels, image = make_cells((120, 100), n_channels=2, cell_diameter=15, seed=2)
+lazy = da.from_array(labels[None], chunks=(1, 50, 40))
+aggregate(lazy, da.from_array(image[:, None], chunks=(1, 1, 50, 40)), ["mean", "solidity"]).compute()
+aggregate(lazy, da.from_array(image[:, None].astype(np.float32), chunks=(1, 1, 50, 40)), ["var"]).compute()
+print(sorted({m for m in compiled if m.startswith("numba.typed")}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout

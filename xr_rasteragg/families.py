@@ -24,7 +24,6 @@ from typing import Any, ClassVar, cast
 import numba as nb
 import numpy as np
 from numba.extending import overload
-from numba.typed import List
 from numpy.typing import NDArray
 
 from .hulls import fold_hulls
@@ -520,8 +519,8 @@ class Hull(Family):
         hulls = [out, *(cast(Ragged, p["hull"]) for p in parts)]
         targets = np.concatenate([np.arange(k), *rows]).astype(np.int64)
         out.offsets, out.values, source = fold_hulls(
-            List([np.ascontiguousarray(h.offsets, np.int64) for h in hulls]),
-            List([np.ascontiguousarray(h.values, np.int64) for h in hulls]),
+            [np.ascontiguousarray(h.offsets, np.int64) for h in hulls],
+            [np.ascontiguousarray(h.values, np.int64) for h in hulls],
             targets,
             k,
         )

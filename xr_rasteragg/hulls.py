@@ -12,8 +12,11 @@ with no Python loop per label.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numba as nb
 import numpy as np
+from numpy.typing import NDArray
 
 __all__ = ["chain_pixels", "convex_pixels_2d", "fold_hulls", "monotone_chain", "sorted_hull"]
 
@@ -97,52 +100,98 @@ def _plane_hulls(points, n, out, at, ys, xs, hy, hx, oy, ox):  # type: ignore[no
     return at
 
 
-@nb.njit(nogil=True, cache=True)
-def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
+def fold_hulls(
+    offsets: Sequence[NDArray[np.int64]], values: Sequence[NDArray[np.int64]], rows: NDArray[np.int64], k: int
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Hull rows of ``k`` labels from rows of several parts, all folded at once.
 
-    The parts are ragged arrays ``(offsets[p], values[p])`` (typed lists, read in place: their
-    points are not gathered into one array first); row ``r`` of the parts' rows one after the
-    other goes to row ``rows[r]``. A row whose points come from one part row is copied; the vertex
-    lists of several (those of disjoint pixel sets, so their points are distinct) are merged in
-    (z, y, x) order, in the order of the parts, and re-hulled plane by plane. Returns the new,
-    compact ``(offsets, values)`` and, per row, the part row its points come from (-1 where
-    several give points, -2 where none does).
+    The parts are ragged arrays ``(offsets[p], values[p])`` (int64); row ``r`` of the parts'
+    rows one after the other goes to row ``rows[r]``. A row whose points come from one part row
+    is copied; the vertex lists of several (those of disjoint pixel sets, so their points are
+    distinct) are merged in (z, y, x) order, in the order of the parts, and re-hulled plane by
+    plane. Returns the new, compact ``(offsets, values)`` and, per row, the part row its points
+    come from (-1 where several give points, -2 where none does).
+
+    The parts are read in place, part by part (:func:`_scatter_points`): first the points of
+    the rows of several parts, which are gathered and re-hulled (:func:`_rehull_rows`), then,
+    their sizes known, the rows of one part, copied to their place. The loop over the parts is
+    Python's: a typed list of them would compile numba's list code in every process (it cannot
+    be cached; 0.4 s on the first call).
     """
-    n = rows.shape[0]
-    part = np.empty(n, np.int64)  # each part row's part, and where its points start and end
-    starts = np.empty(n, np.int64)
-    ends = np.empty(n, np.int64)
-    r = 0
-    for p in range(len(offsets)):
-        bounds = offsets[p]
-        for j in range(bounds.shape[0] - 1):
-            part[r], starts[r], ends[r] = p, bounds[j], bounds[j + 1]
-            r += 1
-    holders = np.zeros(k + 1, np.int64)  # part rows with points, by row: a counting sort
-    room = 0
-    for r in range(n):
-        size = ends[r] - starts[r]
-        if size:
-            holders[rows[r] + 1] += 1
-            room += size
-    for i in range(k):
-        holders[i + 1] += holders[i]
-    order = np.empty(holders[k], np.int64)
-    fill = holders[:-1].copy()
-    longest = 0
-    sizes = np.zeros(k, np.int64)
-    for r in range(n):
-        size = ends[r] - starts[r]
-        if size:
-            i = rows[r]
-            order[fill[i]] = r
-            fill[i] += 1
-            sizes[i] += size
-            longest = max(longest, sizes[i])
-    out_offsets = np.zeros(k + 1, np.int64)
-    out = np.empty((room, 3), np.int64)
+    bounds = np.cumsum([0] + [len(o) - 1 for o in offsets])
+    parts = [
+        (o, v, rows[bounds[p] : bounds[p + 1]], bounds[p])
+        for p, (o, v) in enumerate(zip(offsets, values, strict=True))
+    ]
+    sizes, holders = np.zeros(k, np.int64), np.zeros(k + 1, np.int64)
+    for part, _, part_rows, _ in parts:
+        _count_points(part, part_rows, sizes, holders)
+    np.cumsum(holders, out=holders)
+    several = np.diff(holders) > 1
+    # The rows of several parts, gathered (only theirs) and re-hulled.
+    starts = np.zeros(k + 1, np.int64)
+    np.cumsum(np.where(several, sizes, 0), out=starts[1:])
+    gathered = np.empty((starts[k], 3), np.int64)
+    fill, held = starts[:-1].copy(), holders[:-1].copy()
+    ends = np.empty(holders[k], np.int64)  # where each holder's points end in their row
     source = np.full(k, -2, np.int64)
+    for part, vertices, part_rows, first in parts:
+        _scatter_points(part, vertices, part_rows, first, several, fill, held, ends, gathered, source)
+    hulled = _rehull_rows(gathered, starts, holders, ends, several, int(sizes.max(initial=0)))
+    # Then every row in its place: the re-hulled ones from ``gathered``, the others from their part.
+    new_offsets = np.zeros(k + 1, np.int64)
+    np.cumsum(np.where(several, np.diff(hulled), sizes), out=new_offsets[1:])
+    out = np.empty((new_offsets[k], 3), np.int64)
+    for part, vertices, part_rows, first in parts:
+        _scatter_points(
+            part, vertices, part_rows, first, ~several, new_offsets[:-1].copy(), held, ends, out, source
+        )
+    _copy_rows(gathered, hulled, several, out, new_offsets)
+    return new_offsets, out, source
+
+
+@nb.njit(nogil=True, cache=True)
+def _count_points(offsets, rows, sizes, holders):  # type: ignore[no-untyped-def]
+    """Add the points of each part row to its new row's ``sizes``, and one to ``holders[row + 1]``
+    where it has points."""
+    for r in range(rows.shape[0]):
+        size = offsets[r + 1] - offsets[r]
+        if size:
+            sizes[rows[r]] += size
+            holders[rows[r] + 1] += 1
+
+
+@nb.njit(nogil=True, cache=True)
+def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, points, source):  # type: ignore[no-untyped-def]
+    """Copy the points of each part row whose new row is ``chosen`` to ``fill[row]`` of
+    ``points`` (moving it on) and note where they end in ``ends[held[row]]`` (moving that on);
+    note in ``source`` each row's holder, its index among all parts' rows from ``first`` (-1 for
+    a row of several holders)."""
+    for r in range(rows.shape[0]):
+        i = rows[r]
+        a, b = offsets[r], offsets[r + 1]
+        if a == b or not chosen[i]:
+            continue
+        at = fill[i]
+        for p in range(a, b):
+            for axis in range(3):
+                points[at, axis] = values[p, axis]
+            at += 1
+        fill[i] = at
+        ends[held[i]] = at
+        held[i] += 1
+        source[i] = first + r if source[i] == -2 else -1
+
+
+@nb.njit(nogil=True, cache=True)
+def _rehull_rows(points, starts, holders, ends, several, longest):  # type: ignore[no-untyped-def]
+    """Re-hull the rows of ``points`` that have ``several`` holders (row ``i`` from
+    ``starts[i]``, its holders' points ending at ``ends[holders[i]:holders[i + 1]]``, each
+    holder's sorted): their sorted points merged one holder after the other, then re-hulled
+    plane by plane, in place. Returns the rows' new offsets (with no points for other rows).
+    (A row's vertices never pass its points, so nothing is overwritten before it is read.)"""
+    k = starts.shape[0] - 1
+    out = np.zeros(k + 1, np.int64)
     union = np.empty((longest, 3), np.int64)
     merged = np.empty((longest, 3), np.int64)
     ys = np.empty(longest, np.int64)
@@ -153,24 +202,13 @@ def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
     hx = np.empty(longest + 1, np.int64)
     at = 0
     for i in range(k):
-        first, last = holders[i], holders[i + 1]
-        if last - first == 1:
-            r = order[first]
-            source[i] = r
-            points = values[part[r]]
-            for p in range(starts[r], ends[r]):
-                for axis in range(3):
-                    out[at, axis] = points[p, axis]
-                at += 1
-        elif last - first > 1:  # merge the sorted vertex lists one by one, then re-hull each plane
-            source[i] = -1
+        if several[i]:  # merge the sorted vertex lists one by one, then re-hull each plane
             n_union = 0
-            for h in range(first, last):
-                r = order[h]
-                points = values[part[r]]
-                p, p_end, q, m = 0, n_union, starts[r], 0
-                while p < p_end or q < ends[r]:
-                    if q >= ends[r] or (p < p_end and _before(union, p, points, q)):
+            q = starts[i]
+            for h in range(holders[i], holders[i + 1]):
+                p, p_end, m = 0, n_union, 0
+                while p < p_end or q < ends[h]:
+                    if q >= ends[h] or (p < p_end and _before(union, p, points, q)):
                         for axis in range(3):
                             merged[m, axis] = union[p, axis]
                         p += 1
@@ -180,9 +218,21 @@ def fold_hulls(offsets, values, rows, k):  # type: ignore[no-untyped-def]
                         q += 1
                     m += 1
                 union, merged, n_union = merged, union, m
-            at = _plane_hulls(union, n_union, out, at, ys, xs, hy, hx, oy, ox)
-        out_offsets[i + 1] = at
-    return out_offsets, out[:at], source  # a view: re-hulled rows leave little room unused
+            at = _plane_hulls(union, n_union, points, at, ys, xs, hy, hx, oy, ox)
+        out[i + 1] = at
+    return out
+
+
+@nb.njit(nogil=True, cache=True)
+def _copy_rows(points, offsets, chosen, out, out_offsets):  # type: ignore[no-untyped-def]
+    """Copy the ``chosen`` rows of ``(offsets, points)`` to their rows of ``(out_offsets, out)``."""
+    for i in range(chosen.shape[0]):
+        if chosen[i]:
+            at = out_offsets[i]
+            for p in range(offsets[i], offsets[i + 1]):
+                for axis in range(3):
+                    out[at, axis] = points[p, axis]
+                at += 1
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
