@@ -309,7 +309,22 @@ def _marked(ids: Sequence[NDArray[Any]], low: Any) -> tuple[NDArray[Any], NDArra
     seen = np.zeros(max(int(a[-1]) for a in ids) - int(low) + 1, np.bool_)
     for a in ids:
         _mark(seen, a, low)
-    return np.flatnonzero(seen).astype(ids[0].dtype) + low, seen
+    # The marked ids written in the ids' dtype at once (no index array of int64 first: for 10^7
+    # labels, 120 MB less of fresh memory on the calling thread, between the pass and the rest).
+    union = np.empty(int(np.count_nonzero(seen)), ids[0].dtype)
+    _marked_ids(seen, low, union)
+    return union, seen
+
+
+@nb.njit(nogil=True, cache=True)
+def _marked_ids(seen, low, out):  # type: ignore[no-untyped-def]
+    """Write ``low + i`` for each marked entry ``i`` of ``seen`` into ``out``, in order (in the
+    dtype of ``out`` and ``low``, so that uint64 ids do not overflow)."""
+    j = 0
+    for i in range(seen.shape[0]):
+        if seen[i]:
+            out[j] = low + out.dtype.type(i)
+            j += 1
 
 
 @nb.njit(nogil=True, cache=True)
