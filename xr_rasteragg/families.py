@@ -485,8 +485,8 @@ class Hull(Family):
 
     The hull of a union is the hull of the parts' hulls, so a merge re-hulls the vertex lists
     of a label's parts plane by plane, all parts at once (:func:`~xr_rasteragg.hulls.fold_hulls`,
-    compiled, which copies every other row once), and leaves the pixel count of the labels it
-    merges unknown; the 3-D hull of a label is the hull of its
+    compiled loops over each part in turn, which copy every other row once), and leaves the
+    pixel count of the labels it merges unknown; the 3-D hull of a label is the hull of its
     planes' vertices. Most labels lie in one block: their pixel count is made there, in
     parallel, and finalization counts only the others.
     """
