@@ -242,9 +242,9 @@ def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
         def __init__(self, kernel: Any) -> None:
             self.kernel = kernel
 
-        def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> Any:
+        def encode(self, labels: Any, offset: tuple[int, int, int], *args: Any) -> Any:
             calls.append(offset)
-            return self.kernel.encode(labels, offset, skip)
+            return self.kernel.encode(labels, offset, *args)
 
         def encode_framed(self, labels: Any, offset: tuple[int, int, int], *args: Any) -> Any:
             calls.append(offset)

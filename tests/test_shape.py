@@ -163,6 +163,36 @@ def test_features_with_the_image_in_one_pass_and_centroid_weighted() -> None:
     np.testing.assert_allclose(result["mean"], means, rtol=1e-12)
 
 
+def test_label_families_once_per_block_whatever_the_channel_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With each channel chunk in its own group, the kernel code of the families of the labels
+    alone (bounding box and moments, hull, perimeter classes) runs once per label block, in its
+    label stage, not once per group; the values still equal regionprops'."""
+    import xr_rasteragg.engine
+    from xr_rasteragg.families import Border, Geometry, Hull
+    from xr_rasteragg.kernels import numba as kernel
+
+    monkeypatch.setattr(xr_rasteragg.engine, "GROUP_BYTES", 1)
+    calls: dict[str, int] = {}
+    for family in (Geometry, Border, Hull):
+        update = kernel.FAMILY_UPDATES[family]
+
+        def counted(parts: Any, image: Any, runs: Any, one: Any, update: Any = update) -> None:
+            calls[one.name] = calls.get(one.name, 0) + 1
+            update(parts, image, runs, one)
+
+        monkeypatch.setitem(kernel.FAMILY_UPDATES, family, counted)
+    labels = irregular((30, 36), 5, 4)
+    image = np.random.default_rng(5).integers(0, 4000, size=(4, 30, 36)).astype(np.uint16)
+    xlabels = xr.DataArray(da.from_array(labels, chunks=(16, 20)), dims=("y", "x"))
+    ximage = xr.DataArray(da.from_array(image, chunks=(1, 16, 20)), dims=("c", "y", "x"))
+    result = ximage.rasteragg.aggregate(xlabels, ("mean", *SHAPE_2D)).compute()
+    assert calls == {"geometry": 4, "border": 4, "hull": 4}  # 2 x 2 label blocks, 4 channel groups each
+    expected = reference(labels, SHAPE_2D)
+    keep = expected["label"] != 0
+    np.testing.assert_array_equal(result["label"], expected["label"][keep])
+    check(result, {k: v[keep] for k, v in expected.items()}, SHAPE_2D)
+
+
 def test_coordinates_give_the_spacing() -> None:
     """Labels with coordinates: features in coordinate units, as regionprops' ``spacing=``."""
     labels = irregular((30, 40), 5, 4)

@@ -517,19 +517,25 @@ class LabelStage:
 
 
 def _label_task(
-    labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame | None = None
+    labels: Any,
+    offset: tuple[int, int, int],
+    skip: int | None,
+    families: tuple[Family, ...] = (),
+    frame: Frame | None = None,
 ) -> LabelStage:
-    """The label stage of one spatial block (a dask task); ``frame``: the pixels around it, for
-    a family whose kernel code reads a label's neighbourhood (staged kernels only)."""
+    """The label stage of one spatial block (a dask task); ``families``: those of the labels
+    alone, filled here by a staged kernel (once per block, whatever the number of channel
+    groups); ``frame``: the pixels around the block, for a family whose kernel code reads a
+    label's neighbourhood (staged kernels only)."""
     kernel = kernel_for(labels)
     if frame is not None:
         if not isinstance(kernel, FrameReader):
             raise TypeError(
                 f"the kernel for {array_backend(labels)} blocks cannot read a label's neighbourhood"
             )
-        block = kernel.encode_framed(labels, offset, skip, frame)
+        block = kernel.encode_framed(labels, offset, skip, frame, families)
     elif isinstance(kernel, StagedKernel):
-        block = kernel.encode(labels, offset, skip)
+        block = kernel.encode(labels, offset, skip, families)
     else:
         block = labels
     return LabelStage(array_backend(labels), kernel, block, offset, skip)
@@ -561,10 +567,12 @@ def channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
     return groups
 
 
-def _label_block(labels: Any, skip: int | None, block_info: Any = None) -> NDArray[Any]:
+def _label_block(
+    labels: Any, skip: int | None, families: tuple[Family, ...], block_info: Any = None
+) -> NDArray[Any]:
     """The label stage of one spatial block (a ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    return holding(_label_task(labels, offset, skip), 3)  # type: ignore[arg-type]
+    return holding(_label_task(labels, offset, skip, families), 3)  # type: ignore[arg-type]
 
 
 def _framed_label_block(
@@ -572,6 +580,7 @@ def _framed_label_block(
     rings: NDArray[Any],
     *,
     skip: int | None,
+    families: tuple[Family, ...],
     shape: tuple[int, int, int],
     family: Family,
     block_info: Any = None,
@@ -581,7 +590,7 @@ def _framed_label_block(
     ``map_blocks`` task)."""
     offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
     frame = Frame.around(labels, offset, list(rings.ravel()), shape, family)  # type: ignore[arg-type]
-    return holding(_label_task(labels, offset, skip, frame), 3)  # type: ignore[arg-type]
+    return holding(_label_task(labels, offset, skip, families, frame), 3)  # type: ignore[arg-type]
 
 
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
@@ -663,14 +672,18 @@ def _finalize_parts(
 def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
     """The label stage of every spatial block (:class:`LabelStage`), an object array of one per block.
 
-    Its tasks are named after the labels, ``skip`` and the family that reads a label's
-    neighbourhood (if ``needs`` has one) alone, so that graphs built on the same labels (the
-    moment statistics' pass and the whole-label gather) share them: computed together, each
-    label block is encoded once. When a family of ``needs`` reads a label's neighbourhood (the
-    perimeter's), each block's stage gets the frame of pixels around it, cut from the rings
-    (the pixels near the edges) of the blocks around it.
+    Its tasks are named after the labels, ``skip`` and the families of the labels alone in
+    ``needs`` (the shape features', which the stage fills once per block, whatever the number of
+    channel groups), so that graphs built on the same labels (the moment statistics' pass and
+    the whole-label gather of one call) share them: computed together, each label block is
+    encoded once. When a family of ``needs`` reads a label's neighbourhood (the perimeter's),
+    each block's stage gets the frame of pixels around it, cut from the rings (the pixels near
+    the edges) of the blocks around it.
     """
-    halo = [f for f in needs.more if f.halo] if needs is not None and labels.size else []
+    families = tuple(f for f in needs.more if not f.channel) if needs is not None else ()
+    halo = [f for f in families if f.halo] if labels.size else []
+    name = f"rasteragg-labels-{dask.base.tokenize(labels.name, skip, families)}"
+    blocks = tuple((1,) * n for n in labels.numblocks)
     if halo:
         (family,) = halo
         return da.map_blocks(
@@ -678,21 +691,16 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
             labels,
             frame_arrays(labels, family.halo),
             skip=skip,
+            families=families,
             shape=tuple(int(n) for n in labels.shape),
             family=family,
             dtype=object,
-            chunks=tuple((1,) * n for n in labels.numblocks),
+            chunks=blocks,
             meta=objects(3),
-            name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip, family)}",
+            name=name,
         )
     return da.map_blocks(
-        _label_block,
-        labels,
-        skip,
-        dtype=object,
-        chunks=tuple((1,) * n for n in labels.numblocks),
-        meta=objects(3),
-        name=f"rasteragg-labels-{dask.base.tokenize(labels.name, skip)}",
+        _label_block, labels, skip, families, dtype=object, chunks=blocks, meta=objects(3), name=name
     )
 
 

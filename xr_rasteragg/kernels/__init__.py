@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from ..partials import Needs, Partials
 
 if TYPE_CHECKING:
+    from ..families import Family
     from ..frames import Frame
     from .numba import LabelRuns
 
@@ -49,8 +50,18 @@ class BlockKernel(Protocol):
 class StagedKernel(BlockKernel, Protocol):
     """A block kernel that also runs in two stages: labels first, then groups of channels."""
 
-    def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> Any:
-        """What every group of channels of the block needs from its labels."""
+    def encode(
+        self,
+        labels: Any,
+        offset: tuple[int, int, int],
+        skip: int | None = None,
+        families: Sequence[Family] = (),
+    ) -> Any:
+        """What every group of channels of the block needs from its labels.
+
+        ``families`` are families of the labels alone (the shape features') that the block's
+        partials need: a kernel fills them here, once per block, or in :meth:`channels`.
+        """
 
     def channels(self, encoded: Any, image: Sequence[Any] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over the block encoded by :meth:`encode`."""
@@ -61,7 +72,14 @@ class FrameReader(StagedKernel, Protocol):
     """A staged kernel whose label stage can also read the pixels around each block, for families
     whose kernel code reads a label's neighbourhood (``Family.halo``)."""
 
-    def encode_framed(self, labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame) -> Any:
+    def encode_framed(
+        self,
+        labels: Any,
+        offset: tuple[int, int, int],
+        skip: int | None,
+        frame: Frame,
+        families: Sequence[Family] = (),
+    ) -> Any:
         """:meth:`encode`, with the block's :class:`~xr_rasteragg.frames.Frame`."""
 
 

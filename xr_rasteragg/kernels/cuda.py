@@ -307,11 +307,19 @@ class CudaRunKernel:
         self.segment = segment
         self.slots = slots
 
-    def encode(self, labels: Any, offset: tuple[int, int, int], skip: int | None = None) -> DeviceRuns:
+    def encode(
+        self,
+        labels: Any,
+        offset: tuple[int, int, int],
+        skip: int | None = None,
+        families: Sequence[Family] = (),
+    ) -> DeviceRuns:
         """Discover, number and count the labels of a block ``(z, y, x)`` on the device.
 
         ``offset`` is the global (z, y, x) index of the block's first pixel, and ``skip`` a label
-        whose pixels are ignored entirely (the background), or None.
+        whose pixels are ignored entirely (the background), or None. The kernels of the
+        ``families`` of the labels alone are launched with each group's (:meth:`channels`), whose
+        copies back to the host they join.
         """
         if labels.size >= 2**32:
             raise ValueError(f"a block of 'labels' must hold fewer than 2**32 pixels; got {labels.size}")
@@ -362,7 +370,12 @@ class CudaRunKernel:
         )
 
     def encode_framed(
-        self, labels: Any, offset: tuple[int, int, int], skip: int | None, frame: Frame
+        self,
+        labels: Any,
+        offset: tuple[int, int, int],
+        skip: int | None,
+        frame: Frame,
+        families: Sequence[Family] = (),
     ) -> DeviceRuns:
         """:meth:`encode`, and the compiled CPU kernel's encoding of a host copy of the block with
         its ``frame`` (:class:`~xr_rasteragg.frames.Frame`, on the host), whose neighbourhood

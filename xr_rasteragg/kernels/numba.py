@@ -701,24 +701,32 @@ class RunKernel:
     """
 
     def encode_framed(
-        self, labels: NDArray[np.integer], offset: tuple[int, int, int], skip: int | None, frame: Frame
+        self,
+        labels: NDArray[np.integer],
+        offset: tuple[int, int, int],
+        skip: int | None,
+        frame: Frame,
+        families: Sequence[Family] = (),
     ) -> LabelRuns:
         """:meth:`encode`, with the pixels around the block for the family whose kernel code reads
         them (:data:`NEIGHBOURHOODS`), which then runs here, once per block."""
-        return self.encode(labels, offset, skip, frame)
+        return self.encode(labels, offset, skip, families, frame)
 
     def encode(
         self,
         labels: NDArray[np.integer],
         offset: tuple[int, int, int],
         skip: int | None = None,
+        families: Sequence[Family] = (),
         frame: Frame | None = None,
     ) -> LabelRuns:
         """Run-length encode a label block ``(z, y, x)`` of any integer dtype.
 
         ``offset`` is the global (z, y, x) index of the block's first pixel, ``skip`` a label
-        whose pixels are ignored entirely (the background), or None, and ``frame`` the pixels
-        around the block (see :meth:`encode_framed`).
+        whose pixels are ignored entirely (the background), or None, ``families`` families of
+        the labels alone (``Family.channel`` False: the shape features') whose kernel code
+        (:data:`FAMILY_UPDATES`) runs here, once per block, rather than in each group of
+        channels, and ``frame`` the pixels around the block (see :meth:`encode_framed`).
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
         flat, starts = _flat_rows(labels)
@@ -735,7 +743,12 @@ class RunKernel:
         around = None
         if frame is not None:
             around = NEIGHBOURHOODS[type(frame.family)](frame, labels, offset, runs, int(keys.shape[0]))
-        return LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, around)
+        block = LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, around)
+        for family in families:
+            if family.channel:
+                raise ValueError(f"the label stage fills families of the labels alone; got {family.name!r}")
+            _update(family)(parts, None, block, family)
+        return block
 
     def channels(self, runs: LabelRuns, image: Sequence[NDArray[np.number]] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks over an encoded label block.
@@ -753,11 +766,8 @@ class RunKernel:
                 _general_partials(parts, image, runs, needs)
         filled = {f.name for f in parts.families}
         for family in needs.more:
-            if family.name in filled:  # filled by the sweep above
-                continue
-            if type(family) not in FAMILY_UPDATES:
-                raise TypeError(f"the Numba kernel has no update for the family {family.name!r}")
-            FAMILY_UPDATES[type(family)](parts, image, runs, family)
+            if family.name not in filled:  # not filled by the label stage or the sweep above
+                _update(family)(parts, image, runs, family)
         return parts
 
     def __call__(
@@ -888,11 +898,18 @@ def _add_moments(parts: Partials, order: int, moments: list[NDArray[Any]]) -> No
     parts.add(family, **dict(zip(family.names(), moments, strict=True)))
 
 
-#: Kernel code for the families beyond counts, moments and extrema, by family type: each fills
-#: its family's fields into the block's partials from the runs (and the image chunks, or None).
-FAMILY_UPDATES: dict[
-    type[Family], Callable[[Partials, Sequence[NDArray[np.number]] | None, LabelRuns, Any], None]
-] = {}
+#: The kernel code of a family: it fills the family's fields into a block's partials from the
+#: runs (and the image chunks, or None).
+Update = Callable[[Partials, Sequence[NDArray[np.number]] | None, LabelRuns, Any], None]
+#: Kernel code for the families beyond counts, moments and extrema, by family type.
+FAMILY_UPDATES: dict[type[Family], Update] = {}
+
+
+def _update(family: Family) -> Update:
+    """The kernel code of ``family`` (:data:`FAMILY_UPDATES`)."""
+    if type(family) not in FAMILY_UPDATES:
+        raise TypeError(f"the Numba kernel has no update for the family {family.name!r}")
+    return FAMILY_UPDATES[type(family)]
 
 
 def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generic]:
