@@ -616,20 +616,29 @@ def _block_labels(block: NDArray[Any]) -> NDArray[Any]:
 
 def _piece_rows(block: NDArray[Any], ids: NDArray[np.integer], families: tuple[str, ...]) -> NDArray[Any]:
     """One partial's rows of a piece of label ids (a ``blockwise`` task; see :func:`_rows_of`)."""
-    return holding(_rows_of(block.flat[0], ids, families), block.ndim + 1)
+    return holding(_rows_of(block.flat[0], *_sorted_piece(ids), families), block.ndim + 1)
 
 
-def _rows_of(part: Partials, ids: NDArray[np.integer], families: tuple[str, ...]) -> Partials:
-    """The rows of the labels ``ids`` (a piece of the result) in the partial ``part``, in label
-    order, with the fields of the named ``families`` only (those that the piece's statistics read).
+def _sorted_piece(ids: NDArray[np.integer]) -> tuple[NDArray[np.integer], bool]:
+    """A piece's ids sorted and unique (for :func:`_rows_of`), and whether they came so: the
+    ids of every label do, an ``index`` as the user gave it may not. Checked once per piece,
+    not once per partial."""
+    ordered = bool(np.all(ids[1:] > ids[:-1]))
+    return (ids if ordered else np.unique(ids)), ordered
 
-    Sorted ids take the partial's rows between the first and the last id (a view); ids in any
-    other order (an ``index`` as the user gave it) take exactly the rows of their ids.
+
+def _rows_of(part: Partials, ids: NDArray[np.integer], ordered: bool, families: tuple[str, ...]) -> Partials:
+    """The rows of the labels ``ids`` (a piece of the result, sorted and unique: see
+    :func:`_sorted_piece`) in the partial ``part``, in label order, with the fields of the named
+    ``families`` only (those that the piece's statistics read).
+
+    Ids that came ``ordered`` take the partial's rows between the first and the last id (a view);
+    others (an ``index`` as the user gave it) take exactly the rows of their ids.
     """
     part = part.with_families(families)
-    if ids.shape[0] and np.all(ids[1:] > ids[:-1]):
+    if ordered and ids.shape[0]:
         return part.rows(*rows_between(part.labels, int(ids[0]), int(ids[-1])))
-    where, found = locate(part.labels, np.unique(ids))
+    where, found = locate(part.labels, ids)
     return part.take(where[found])
 
 
@@ -665,7 +674,8 @@ def _finalize_parts(
     """:func:`_finalize_piece` of the partials themselves (all of them, in ``block``): each one's
     rows of the piece are taken here (a ``blockwise`` task, on the local schedulers)."""
     rows = np.empty(block.size, dtype=object)
-    rows[:] = [_rows_of(part, ids, families) for part in block.ravel()]
+    piece = _sorted_piece(ids)
+    rows[:] = [_rows_of(part, *piece, families) for part in block.ravel()]
     return _finalize_piece(rows, ids, stats=stats, space=space)
 
 
