@@ -180,3 +180,21 @@ def test_xarray_table_written_in_place() -> None:
     assert _on_memory_map(got["mean"].data)
     np.testing.assert_array_equal(got["first"].values, np.arange(2**20))
     assert got["count"].data is table["count"].data  # computed already: kept as it is
+
+
+def test_numpy_backed_table_is_kept_as_it_is() -> None:
+    """A table of the accessor on NumPy-backed arrays has nothing to compute: a shallow copy of
+    it comes back, every variable's data the same array (nothing is copied or computed)."""
+    import xarray as xr
+
+    import xr_rasteragg
+
+    labels, image = make_cells((60, 70), n_channels=2, cell_diameter=12, seed=4)
+    table = xr.DataArray(image, dims=("c", "y", "x")).rasteragg.aggregate(
+        xr.DataArray(labels, dims=("y", "x")), ["mean", "count", "solidity"]
+    )
+    assert not any(isinstance(v.data, da.Array) for v in table.variables.values())
+    got = xr_rasteragg.compute(table)
+    assert got is not table
+    xr.testing.assert_identical(got, table)
+    assert all(got[key].data is table[key].data for key in table.variables)
