@@ -402,6 +402,34 @@ def test_perimeter_and_solidity_equal_the_cpu_kernel_and_regionprops(
     shape.check(got.values, expected, props)
 
 
+def test_label_families_once_per_block_whatever_the_channel_groups(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With each channel chunk in its own group, the updates of the families of the labels alone
+    run once per label block, in its label stage (as on the CPU), with the CPU kernel's values."""
+    from xr_rasteragg.families import Border, Hull
+
+    monkeypatch.setattr(xr_rasteragg.engine, "GROUP_BYTES", 1)
+    calls: dict[str, int] = {}
+    for family in (Geometry, Border, Hull):
+        update = cuda_kernel.FAMILY_UPDATES[family]
+
+        def counted(parts: Any, image: Any, runs: Any, one: Any, update: Any = update) -> Any:
+            calls[one.name] = calls.get(one.name, 0) + 1
+            return update(parts, image, runs, one)
+
+        monkeypatch.setitem(cuda_kernel.FAMILY_UPDATES, family, counted)
+    grid, chunks = (1, 8, 9), (1, 4, 9)
+    labels = shape.irregular(grid, 4, seed=31, size=3)
+    image = values(3, grid, "uint16", seed=32)
+    stats = ("mean", "area", "bbox", "perimeter", "solidity")
+    space = Space((1, 2), (1.0, 1.0))
+    got = _engine(KERNEL, labels, image, chunks, stats, background=0, space=space)
+    assert calls == {"geometry": 2, "border": 2, "hull": 2}  # 2 label blocks, 3 channel groups each
+    cpu = _engine(KERNELS["numba"], labels, image, chunks, stats, background=0, space=space)
+    np.testing.assert_array_equal(got.labels, cpu.labels)
+    for name in stats:
+        np.testing.assert_array_equal(got.values[name], cpu.values[name], err_msg=name)
+
+
 def test_the_perimeter_needs_the_frame() -> None:
     """The perimeter's family from a label stage without a frame is an error, as on the CPU."""
     from xr_rasteragg.families import Border

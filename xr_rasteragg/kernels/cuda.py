@@ -317,9 +317,9 @@ class CudaRunKernel:
         """Discover, number and count the labels of a block ``(z, y, x)`` on the device.
 
         ``offset`` is the global (z, y, x) index of the block's first pixel, and ``skip`` a label
-        whose pixels are ignored entirely (the background), or None. The kernels of the
-        ``families`` of the labels alone are launched with each group's (:meth:`channels`), whose
-        copies back to the host they join.
+        whose pixels are ignored entirely (the background), or None. The ``families`` of the
+        labels alone (the shape features') are filled here, once per block rather than in each
+        group of channels: their kernels launched, then their fields copied to the host.
         """
         if labels.size >= 2**32:
             raise ValueError(f"a block of 'labels' must hold fewer than 2**32 pixels; got {labels.size}")
@@ -352,7 +352,7 @@ class CudaRunKernel:
         coords += np.asarray(offset, dtype=np.float64) * count[:, None]
         parts = Partials(keys[local], count, coords)
         start = (int(offset[0]), int(offset[1]), int(offset[2]))
-        return DeviceRuns(
+        runs = DeviceRuns(
             parts,
             block,
             use_skip,
@@ -368,6 +368,7 @@ class CudaRunKernel:
             labels,
             skip,
         )
+        return _filled(runs, families)
 
     def encode_framed(
         self,
@@ -384,9 +385,8 @@ class CudaRunKernel:
         from .numba import block_partials as cpu
 
         runs = self.encode(labels, offset, skip)
-        return replace(
-            runs, framed=_checked(cpu.encode_framed(to_numpy(labels), offset, skip, frame), runs.parts)
-        )
+        framed = _checked(cpu.encode_framed(to_numpy(labels), offset, skip, frame), runs.parts)
+        return _filled(replace(runs, framed=framed), families)
 
     def channels(self, runs: DeviceRuns, image: Sequence[Any] | None, needs: Needs) -> Partials:
         """Partials of a group of channel chunks ``(c_i, z, y, x)`` over an encoded label block.
@@ -395,14 +395,11 @@ class CudaRunKernel:
         launched first and their fields copied to the host last, so that no launch of the stage
         waits for a copy.
         """
-        for family in needs.more:
-            if type(family) not in FAMILY_UPDATES:
-                raise TypeError(
-                    f"the CUDA kernel has no update for the family {family.name!r}; compute the "
-                    "statistics that need it from NumPy blocks (cupy.asnumpy)"
-                )
         parts = runs.parts.rows(0, runs.parts.size)
-        copies = [FAMILY_UPDATES[type(family)](parts, image, runs, family) for family in needs.more]
+        filled = {f.name for f in parts.families}  # by the label stage
+        copies = [
+            _update(family)(parts, image, runs, family) for family in needs.more if family.name not in filled
+        ]
         if image is not None and (needs.order >= 1 or needs.extrema):
             stacked = _stacked(image)
             dtype = np.dtype(stacked.dtype)
@@ -426,6 +423,30 @@ class CudaRunKernel:
     ) -> Partials:
         """Partials of one block, both stages in turn (as every block kernel is called)."""
         return self.channels(self.encode(labels, offset, skip), image, needs)
+
+
+def _update(
+    family: Family,
+) -> Callable[[Partials, Sequence[Any] | None, DeviceRuns, Any], Callable[[], None]]:
+    """The device code of ``family`` (:data:`FAMILY_UPDATES`)."""
+    if type(family) not in FAMILY_UPDATES:
+        raise TypeError(
+            f"the CUDA kernel has no update for the family {family.name!r}; compute the "
+            "statistics that need it from NumPy blocks (cupy.asnumpy)"
+        )
+    return FAMILY_UPDATES[type(family)]
+
+
+def _filled(runs: DeviceRuns, families: Sequence[Family]) -> DeviceRuns:
+    """``runs`` with the ``families`` of the labels alone added to its partials: every kernel
+    launched first, their fields copied to the host last."""
+    for family in families:
+        if family.channel:
+            raise ValueError(f"the label stage fills families of the labels alone; got {family.name!r}")
+    copies = [_update(family)(runs.parts, None, runs, family) for family in families]
+    for copy in copies:
+        copy()
+    return runs
 
 
 #: The kernel for CuPy blocks.
