@@ -88,9 +88,12 @@ BLOCK_PIXELS = 2**22
 #: and one copy of its label tables to the host.
 GPU_BLOCK_PIXELS = 2**26
 #: Labels per piece of the final merge and finalization, and rows per chunk of every result, at
-#: most (10^7 labels, all statistics: 2**16 took 1.8x as long to finalize, in 4x as many tasks);
-#: fewer where a piece's rows would pass dask's ``array.chunk-size`` (:func:`piece_labels`).
-PIECE_LABELS = 2**18
+#: most; fewer where a piece's rows would pass dask's ``array.chunk-size`` (:func:`piece_labels`).
+#: 10^7 labels, all statistics, 4 channels: pieces of 2**18 labels made 230-300k page faults of
+#: fresh temporaries in their tasks (glibc hands a task's freed heaps back to the kernel once its
+#: working set passes their 64 MiB), 2**17 almost none, with 0.4-2.3 s less CPU per call
+#: (3 alternating pairs); 2**16 took 1.5-1.8x as long to finalize, in 4x as many tasks.
+PIECE_LABELS = 2**17
 #: Whether a progress bar is shown for a pass that runs inside a call (see :func:`progress`).
 _PASS_PROGRESS: ContextVar[bool] = ContextVar("rasteragg_pass_progress", default=False)
 
@@ -784,13 +787,13 @@ def piece_labels(row: int) -> int:
     :data:`PIECE_LABELS`, or fewer, so that one piece's rows (its partials, and its values of
     every statistic: :func:`row_bytes`) stay within dask's ``array.chunk-size`` (128 MiB by
     default): with 60 channels and the nine statistics, a piece of :data:`PIECE_LABELS` labels
-    would merge about 1 GiB of partials in each task, and hand 1 GiB of values to the client for
-    each chunk that it computes.
+    would merge almost 0.5 GiB of partials in each task, and hand as much of values to the client
+    for each chunk that it computes.
 
     Examples
     --------
     >>> piece_labels(row_bytes(["mean"], nchan=4))
-    262144
+    131072
     >>> with dask.config.set({"array.chunk-size": "1 MiB"}):
     ...     piece_labels(row_bytes(["mean", "max"], nchan=64))
     504
