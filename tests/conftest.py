@@ -228,6 +228,22 @@ def _assert_scaled(name: str, got: NDArray[Any], expected: NDArray[Any], toleran
     assert not bad.any(), f"{name}: got {got[bad]}, expected {expected[bad]}, tolerance {tolerance[bad]}"
 
 
+def counted_updates(
+    monkeypatch: pytest.MonkeyPatch, updates: dict[Any, Any], families: Sequence[type]
+) -> dict[str, int]:
+    """Calls of a kernel's family updates (``updates``: its ``FAMILY_UPDATES``), by family name,
+    for the ``families`` types, counted by wrappers put in their place for the test."""
+    calls: dict[str, int] = {}
+    for family in families:
+
+        def counted(parts: Any, image: Any, runs: Any, one: Any, update: Any = updates[family]) -> Any:
+            calls[one.name] = calls.get(one.name, 0) + 1
+            return update(parts, image, runs, one)
+
+        monkeypatch.setitem(updates, family, counted)
+    return calls
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, int]]:
     """Offsets of the label blocks that the engine's kernels read, in call order.

@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import test_properties as props
 import test_shape as shape
-from conftest import ALL_STATS, KERNELS, assert_all_stats, assert_partials_close, reference
+from conftest import ALL_STATS, KERNELS, assert_all_stats, assert_partials_close, counted_updates, reference
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
@@ -408,15 +408,7 @@ def test_label_families_once_per_block_whatever_the_channel_groups(monkeypatch: 
     from xr_rasteragg.families import Border, Hull
 
     monkeypatch.setattr(xr_rasteragg.engine, "GROUP_BYTES", 1)
-    calls: dict[str, int] = {}
-    for family in (Geometry, Border, Hull):
-        update = cuda_kernel.FAMILY_UPDATES[family]
-
-        def counted(parts: Any, image: Any, runs: Any, one: Any, update: Any = update) -> Any:
-            calls[one.name] = calls.get(one.name, 0) + 1
-            return update(parts, image, runs, one)
-
-        monkeypatch.setitem(cuda_kernel.FAMILY_UPDATES, family, counted)
+    calls = counted_updates(monkeypatch, cuda_kernel.FAMILY_UPDATES, (Geometry, Border, Hull))
     grid, chunks = (1, 8, 9), (1, 4, 9)
     labels = shape.irregular(grid, 4, seed=31, size=3)
     image = values(3, grid, "uint16", seed=32)

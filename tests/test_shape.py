@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.ndimage as ndi
 import xarray as xr
+from conftest import counted_updates
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.typing import NDArray
@@ -172,15 +173,7 @@ def test_label_families_once_per_block_whatever_the_channel_groups(monkeypatch: 
     from xr_rasteragg.kernels import numba as kernel
 
     monkeypatch.setattr(xr_rasteragg.engine, "GROUP_BYTES", 1)
-    calls: dict[str, int] = {}
-    for family in (Geometry, Border, Hull):
-        update = kernel.FAMILY_UPDATES[family]
-
-        def counted(parts: Any, image: Any, runs: Any, one: Any, update: Any = update) -> None:
-            calls[one.name] = calls.get(one.name, 0) + 1
-            update(parts, image, runs, one)
-
-        monkeypatch.setitem(kernel.FAMILY_UPDATES, family, counted)
+    calls = counted_updates(monkeypatch, kernel.FAMILY_UPDATES, (Geometry, Border, Hull))
     labels = irregular((30, 36), 5, 4)
     image = np.random.default_rng(5).integers(0, 4000, size=(4, 30, 36)).astype(np.uint16)
     xlabels = xr.DataArray(da.from_array(labels, chunks=(16, 20)), dims=("y", "x"))
