@@ -60,7 +60,8 @@ class StagedKernel(BlockKernel, Protocol):
         """What every group of channels of the block needs from its labels.
 
         ``families`` are families of the labels alone (the shape features') that the block's
-        partials need: a kernel fills them here, once per block, or in :meth:`channels`.
+        partials need: the kernel fills them here, once per block, whatever the number of groups
+        of channels (:meth:`channels` fills the families of its ``needs`` not filled yet).
         """
 
     def channels(self, encoded: Any, image: Sequence[Any] | None, needs: Needs) -> Partials:
