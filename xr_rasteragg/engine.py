@@ -91,8 +91,9 @@ GPU_BLOCK_PIXELS = 2**26
 #: most; fewer where a piece's rows would pass dask's ``array.chunk-size`` (:func:`piece_labels`).
 #: 10^7 labels, all statistics, 4 channels: pieces of 2**18 labels made 230-300k page faults of
 #: fresh temporaries in their tasks (glibc hands a task's freed heaps back to the kernel once its
-#: working set passes their 64 MiB), 2**17 almost none, with 0.4-2.3 s less CPU per call
-#: (3 alternating pairs); 2**16 took 1.5-1.8x as long to finalize, in 4x as many tasks.
+#: working set passes their 64 MiB), 2**17 almost none, with 0.4-3.4 s less CPU in the
+#: finalization and writes of each call (3 alternating pairs); 2**16 took 1.5-1.8x as long to
+#: finalize, in 4x as many tasks.
 PIECE_LABELS = 2**17
 #: Whether a progress bar is shown for a pass that runs inside a call (see :func:`progress`).
 _PASS_PROGRESS: ContextVar[bool] = ContextVar("rasteragg_pass_progress", default=False)
