@@ -745,8 +745,6 @@ class RunKernel:
             around = NEIGHBOURHOODS[type(frame.family)](frame, labels, offset, runs, int(keys.shape[0]))
         block = LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, around)
         for family in families:
-            if family.channel:
-                raise ValueError(f"the label stage fills families of the labels alone; got {family.name!r}")
             _update(family)(parts, None, block, family)
         return block
 
