@@ -370,118 +370,100 @@ _LOW_BITS = np.uint64(0x0101010101010101)
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
     one_plane = runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
-    # Planes, rows and columns within the block in the chain tables: int16 where they fit.
+    # Planes, rows and columns within the block in the table of rows: int16 where they fit.
     planes, rows, columns, lengths = runs.runs.z, runs.runs.y, runs.runs.x, runs.runs.length
     narrow = (
         rows.size == 0
         or max(int(planes.max()), int(rows.max()), int(columns.max()) + int(lengths.max())) < 2**15
     )
     offsets, points, convex = _run_hulls(
-        *runs.runs,
-        runs.local,
-        runs.rank,
-        np.asarray(runs.offset, np.int64),
-        one_plane,
-        np.int16 if narrow else np.int32,
+        *runs.runs, runs.local, np.asarray(runs.offset, np.int64), one_plane, np.int16 if narrow else np.int32
     )
     parts.add(family, hull=Ragged(offsets, points), convex=convex)
 
 
 @nb.njit(nogil=True, cache=True)
-def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, rank, offset, one_plane, index):  # type: ignore[no-untyped-def]
-    """Per label (in label order: local id ``local[row]``, at row ``rank[id]``) and z plane, the
-    hull vertices of its pixel centres, sorted by (z, y, x) (global indices), and where each
-    label's vertices start; and with ``one_plane``, the pixels of each label's convex hull image
-    (-1 otherwise).
+def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, index):  # type: ignore[no-untyped-def]
+    """Per label (in label order: local id ``local[row]``) and z plane, the hull vertices of its
+    pixel centres, sorted by (z, y, x) (global indices), and where each label's vertices start;
+    and with ``one_plane``, the pixels of each label's convex hull image (-1 otherwise).
 
-    One pass over the runs, in their (z, y, x) order, keeps each label's last row (first and
-    last column) and, as a row is complete, pushes its ends onto the label's two upper chains
-    (Andrew's monotone chain, which takes points sorted by row): the right ends (``v`` =
-    column) and the mirrored left ends (``v`` = -column), each in its own stretch of a table,
-    restarted at each plane. The hull's vertices are the vertices of the two chains, merged
-    (once each: the first and last row of a plane are in both, one vertex where the row is one
-    pixel); the convex hull image's pixels follow from the chains
-    (:func:`~xr_rasteragg.hulls.chain_pixels`). The chains are read label by label in the
-    order of their tables (local ids), each label's vertices written at its row.
+    One pass over the runs, in their (z, y, x) order, writes each label's rows (plane, row,
+    first and last column) into its own stretch of a table (in the dtype ``index``, int16 or
+    int32: the table is written once, and its first writes are much of the cost). Then label by
+    label, in label order, each plane's rows are pushed onto two upper chains (Andrew's
+    monotone chain, which takes points sorted by row): the right ends (``v`` = column) and the
+    mirrored left ends (``v`` = -column), in small tables that stay in the cache. The plane's
+    hull vertices are the two chains' vertices merged (once each: the first and last row are in
+    both, one vertex where the row is one pixel); the convex hull image's pixels follow from the
+    chains (:func:`~xr_rasteragg.hulls.chain_pixels`). (Pushing the rows label by label rather
+    than run by run, as the runs come, keeps each label's chains in a few cache lines: 1.7x
+    faster on 2048 x 2048 blocks of cells 30 pixels across.)
     """
     k = local.shape[0]
     nruns = run_id.shape[0]
-    base = np.zeros(k + 1, np.int64)  # a label's chains hold at most one vertex per run
+    base = np.zeros(k + 1, np.int64)  # a label has at most one row per run
     for r in range(nruns):
         base[run_id[r] + 1] += 1
     for i in range(k):
         base[i + 1] += base[i]
-    # The right chain (v = column) and the left one (v = -column) of label i: rows base[i] to
-    # its top of their tables, each vertex's (y, v, z) side by side (in the dtype ``index``,
-    # int16 or int32: the tables are written once, and the cache misses of their first writes
-    # are most of the cost; the plane is written whether the block has one or several, as a
-    # test would cost more).
-    right, left = np.empty((nruns, 3), index), np.empty((nruns, 3), index)
-    # Per label, in one cache line: its last row (a key of plane and row, its first and last
-    # column), the tops of its chains, their current plane's first rows and the vertices in
-    # both chains.
-    state = np.empty((k, 8), np.int64)
+    rows = np.empty((nruns, 4), index)
+    top = base[:k].copy()  # the row after the label's last one so far
+    last = np.full(k, -1, np.int64)  # a key of plane and row of the label's last row so far
+    for r in range(nruns):
+        i = run_id[r]
+        key = (np.int64(run_z[r]) << 32) + run_y[r]
+        end = run_x[r] + run_len[r] - 1
+        if last[i] == key:  # one more run of the label's row
+            rows[top[i] - 1, 3] = end
+        else:
+            t = top[i]
+            rows[t, 0], rows[t, 1], rows[t, 2], rows[t, 3] = run_z[r], run_y[r], run_x[r], end
+            top[i] = t + 1
+            last[i] = key
+    longest = 1
     for i in range(k):
-        state[i, 0] = -1
-        state[i, 3] = state[i, 4] = state[i, 5] = state[i, 6] = base[i]
-        state[i, 7] = 0
-    low = np.int64(0xFFFFFFFF)
-    for r in range(nruns + k):
-        if r < nruns:
-            i = run_id[r]
-            key = (np.int64(run_z[r]) << 32) + run_y[r]
-            if state[i, 0] == key:  # one more run of the label's row
-                state[i, 2] = run_x[r] + run_len[r] - 1
-                continue
-        else:  # the labels' last rows
-            i = r - nruns
-            key = -1
-        last = state[i, 0]
-        if last >= 0:
-            z, y = last >> 32, last & low
-            first = state[i, 3] == state[i, 5]  # the plane's first row
-            state[i, 3] = _push(right, state[i, 3], state[i, 5], z, y, state[i, 2])
-            state[i, 4] = _push(left, state[i, 4], state[i, 6], z, y, -state[i, 1])
-            ends = key >> 32 != z  # the plane's last row
-            state[i, 7] += np.int64((first or ends) and state[i, 1] == state[i, 2])
-            if ends:
-                state[i, 5], state[i, 6] = state[i, 3], state[i, 4]
-        if r < nruns:
-            state[i, 0], state[i, 1], state[i, 2] = key, run_x[r], run_x[r] + run_len[r] - 1
+        longest = max(longest, top[i] - base[i])
+    # Each chain's vertices (y, v, z); the two chains of a plane together have at most two
+    # vertices per row, so the label's vertices are at most two per run.
+    right, left = np.empty((longest, 3), np.int64), np.empty((longest, 3), np.int64)
+    points = np.empty((2 * nruns, 3), np.int64)
     where = np.zeros(k + 1, np.int64)
+    convex = np.full(k, -1, np.int64)
+    m = 0
     for j in range(k):
         i = local[j]
-        where[j + 1] = where[j] + state[i, 3] - base[i] + state[i, 4] - base[i] - state[i, 7]
-    points = np.empty((where[k], 3), np.int64)
-    convex = np.full(k, -1, np.int64)
-    none = np.iinfo(np.int64).max
-    for i in range(k):
-        j = rank[i]
-        # Merge the chains' vertices by (z, y, x), on a row the left end first: by a key of
-        # plane and row, each step's choice made without a branch (it follows no pattern).
-        a, b, c, d = base[i], state[i, 3], base[i], state[i, 4]
-        m = where[j]
-        before, before_x = np.int64(-1), np.int64(0)  # the key and column of the last vertex
-        while a < b or c < d:
-            p, q = min(a, b - 1), min(c, d - 1)  # in the label's stretch (each chain has a vertex)
-            right_plane, left_plane = np.int64(right[p, 2]), np.int64(left[q, 2])
-            right_key = (right_plane << 32) + right[p, 0] if a < b else none
-            left_key = (left_plane << 32) + left[q, 0] if c < d else none
-            take_left = left_key <= right_key
-            key = min(left_key, right_key)
-            zz = left_plane if take_left else right_plane
-            yy = np.int64(left[q, 0]) if take_left else np.int64(right[p, 0])
-            xx = -np.int64(left[q, 1]) if take_left else np.int64(right[p, 1])
-            c += np.int64(take_left)
-            a += np.int64(not take_left)
-            if key != before or xx != before_x:  # a vertex of both chains is kept once
-                points[m, 0], points[m, 1], points[m, 2] = zz + offset[0], yy + offset[1], xx + offset[2]
-                m += 1
-            before, before_x = key, xx
+        p, end = base[i], top[i]
+        h_right = h_left = 0
+        while p < end:  # plane by plane, each plane's chains after the last's
+            z = np.int64(rows[p, 0])
+            floor_right, floor_left = h_right, h_left
+            while p < end and rows[p, 0] == z:
+                y = np.int64(rows[p, 1])
+                h_right = _push(right, h_right, floor_right, z, y, np.int64(rows[p, 3]))
+                h_left = _push(left, h_left, floor_left, z, y, -np.int64(rows[p, 2]))
+                p += 1
+            # Merge the chains' vertices by (y, x), on a row the left end first; a vertex of
+            # both chains (a one-pixel first or last row) is kept once.
+            a, c = floor_right, floor_left
+            before_y, before_x = np.int64(-1), np.int64(0)
+            while a < h_right or c < h_left:
+                if c < h_left and (a >= h_right or left[c, 0] <= right[a, 0]):
+                    y, x = left[c, 0], -left[c, 1]
+                    c += 1
+                else:
+                    y, x = right[a, 0], right[a, 1]
+                    a += 1
+                if y != before_y or x != before_x:
+                    points[m, 0], points[m, 1], points[m, 2] = z + offset[0], y + offset[1], x + offset[2]
+                    m += 1
+                before_y, before_x = y, x
         if one_plane:
-            a, b, d = base[i], state[i, 3], state[i, 4]
-            convex[j] = chain_pixels(right[a:b, 0], right[a:b, 1], b - a, left[a:d, 0], left[a:d, 1], d - a)
-    return where, points, convex
+            convex[j] = chain_pixels(
+                right[:h_right, 0], right[:h_right, 1], h_right, left[:h_left, 0], left[:h_left, 1], h_left
+            )
+        where[j + 1] = m
+    return where, points[:m], convex
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
