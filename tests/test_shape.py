@@ -466,28 +466,31 @@ def test_perimeter_of_edge_cases_in_thin_random_blocks(seed: int, background: in
     "dtype", [np.int8, np.uint8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.uint64]
 )
 def test_perimeter_of_every_label_dtype_across_words(dtype: Any) -> None:
-    """The compiled border kernel compares 64 labels at once into a word of bits: labels of every
-    integer dtype, with ids at the ends of its range (that differ only in their high bits), in
-    blocks wider than a word whose frames straddle words, give skimage's perimeters."""
+    """The compiled border kernel compares 64 labels at once into a word of bits, reading the
+    words inside a block's rows in place: labels of every integer dtype, with ids at the ends of
+    its range (that differ only in their high bits), in blocks narrower and wider than a few
+    words, whose frames straddle words, and in one block, give skimage's perimeters."""
     rng = np.random.default_rng(21)
     small = np.concatenate([edge_cases(rng), edge_cases(rng)], axis=1)[:, :70]
-    small = np.concatenate([small, small[:, ::-1] + 12 * (small[:, ::-1] > 0)], axis=1)
+    small = np.concatenate([small, small[:, ::-1] + 12 * (small[:, ::-1] > 0), small], axis=1)
     info = np.iinfo(dtype)
     ids = np.unique(small[small > 0])
     ends = [int(info.max) - int(i) if i % 2 or info.min == 0 else int(info.min) + int(i) for i in ids]
     values = np.zeros(int(small.max()) + 1, dtype=np.int64 if info.min < 0 else np.uint64)
     values[ids] = ends
     labels = values[small].astype(dtype)
-    result = (
-        xr.DataArray(da.from_array(labels, chunks=(17, 67)), dims=("y", "x"))
-        .rasteragg.aggregate(("perimeter",))
-        .compute()
-    )
     expected_ids = np.unique(labels[labels != 0])
-    np.testing.assert_array_equal(result["label"].values, expected_ids)
-    np.testing.assert_allclose(
-        result["perimeter"].values, perimeters(labels, expected_ids), rtol=RTOL, atol=ATOL
-    )
+    expected = perimeters(labels, expected_ids)
+    for chunks in ((17, 67), (17, 150), labels.shape):
+        result = (
+            xr.DataArray(da.from_array(labels, chunks=chunks), dims=("y", "x"))
+            .rasteragg.aggregate(("perimeter",))
+            .compute()
+        )
+        np.testing.assert_array_equal(result["label"].values, expected_ids)
+        np.testing.assert_allclose(
+            result["perimeter"].values, expected, rtol=RTOL, atol=ATOL, err_msg=str(chunks)
+        )
 
 
 def test_perimeter_classes_of_a_block_of_several_planes() -> None:
