@@ -326,7 +326,10 @@ def _equal_mask(typingctx: Any, a: Any, i: Any, b: Any, j: Any) -> Any:
     contiguous arrays of one integer dtype, each with 64 elements from there): one vector
     comparison of 64 elements, whose 64 results are the word's bits (a few instructions on
     CPUs with mask registers)."""
-    if not (isinstance(a, nb.types.Array) and isinstance(b, nb.types.Array) and a.dtype == b.dtype):
+    arrays = (a, b)
+    if not all(isinstance(x, nb.types.Array) and x.ndim == 1 and x.layout == "C" for x in arrays):
+        return None  # (a typing error: the loads below read contiguous memory)
+    if a.dtype != b.dtype or not isinstance(a.dtype, nb.types.Integer):
         return None
 
     def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
