@@ -169,6 +169,33 @@ def adversarial_labels(rng: np.random.Generator, kind: int) -> NDArray[np.int32]
     return labels
 
 
+def test_fold_hulls_keeps_the_rows_of_one_holder_where_asked() -> None:
+    """With ``keep``, a row of one holder keeps its points only where its part row says so (the
+    lean last merge: rows whose pixels its part did not count); rows of several holders are
+    re-hulled either way, and every row's source is noted."""
+    square = hull_of(np.argwhere(np.ones((3, 3), bool)).astype(np.int64))
+    square = np.column_stack([np.zeros(len(square), np.int64), square])
+    line = np.array([[0, 5, 1], [0, 5, 4]], np.int64)
+    first = Ragged(np.array([0, len(square), len(square) + 2]), np.concatenate([square, line]))
+    second = Ragged(np.array([0, 2, 2]), line + np.array([0, 1, 0]))
+    offsets = [first.offsets, second.offsets]
+    values = [first.values, second.values]
+    rows = np.array([0, 1, 1, 2], np.int64)  # first: rows 0 and 1; second: rows 1 and 2 (empty)
+    for keep, kept in (
+        (None, True),
+        (np.array([True, False, False, False]), True),
+        (np.zeros(4, bool), False),
+    ):
+        new_offsets, new_values, source = fold_hulls(offsets, values, rows, 3, keep=keep)
+        merged = Ragged(new_offsets, new_values)
+        np.testing.assert_array_equal(source, [0, -1, -2])
+        assert len(merged.row(0)) == (len(square) if kept else 0)
+        if kept:
+            np.testing.assert_array_equal(merged.row(0), square)
+        np.testing.assert_array_equal(merged.row(1), [[0, 5, 1], [0, 5, 4], [0, 6, 1], [0, 6, 4]])
+        assert len(merged.row(2)) == 0
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_block_hulls_equal_scipy_and_skimage_on_adversarial_labels(seed: int) -> None:
     """The compiled label stage's hulls (:func:`~xr_rasteragg.kernels.numba_shape._run_hulls`,

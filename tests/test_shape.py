@@ -135,6 +135,25 @@ def test_solidity_of_blocks_wider_than_int16_columns() -> None:
         check(result, expected, ("solidity", "perimeter"))
 
 
+def test_solidity_after_the_tree_merge_of_many_blocks() -> None:
+    """More blocks than the tree merge leaves (``split_every``² = 64): labels merged within one
+    branch of the tree reach the last merge from one part, their pixels not counted yet; that
+    merge (lean for 2-D labels: only the vertices of such labels are kept) re-counts them, and
+    solidity equals regionprops."""
+    labels = irregular((12, 120), 30, 3, size=3)  # labels everywhere, in many of the tree's parts
+    labels[:, :48] = 0
+    for row in range(2, 6):  # within one branch (blocks of 1 x 2 merged 8 at a time along x)
+        labels[row, 3 : 4 + row] = 31  # a triangle
+    labels[7:10, 20:24] = 32
+    labels[9, 24:28] = 32  # an L
+    labels[1:5, 40:44] = np.array([[33, 0, 0, 0], [33, 33, 0, 33], [0, 33, 33, 33], [0, 0, 33, 0]])
+    expected = reference(labels, ("solidity", "area"))
+    xlabels = xr.DataArray(da.from_array(labels, chunks=(1, 2)), dims=("y", "x"))
+    check(xlabels.rasteragg.aggregate(["solidity", "area"]).compute(), expected, ("solidity", "area"))
+    numpy_backed = xr.DataArray(labels, dims=("y", "x"))
+    check(numpy_backed.rasteragg.aggregate(["solidity"]), expected, ("solidity",))
+
+
 def test_flat_3d_label_has_no_convex_hull_as_in_skimage() -> None:
     """A 3-D label in one plane: skimage's hull fails and its solidity is inf; so is ours."""
     labels = np.zeros((3, 6, 6), np.int32)

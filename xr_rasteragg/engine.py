@@ -38,7 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from .block_views import view_blocks
-from .families import Family
+from .families import Family, Hull
 from .frames import Frame, frame_arrays
 from .in_memory import compute
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
@@ -322,7 +322,7 @@ def finalize_blocks(
     found = list(blocks.ravel())
     ids = label_union([part.labels for part in found]) if wanted is None else wanted
     if ids.shape[0] <= 2 * PIECE_LABELS:
-        merged = merge(found)
+        merged = merge(final_parts(found, space))
         return Aggregation(ids, finalize(merged, stats, *locate(merged.labels, ids), space))
     kept = da.from_array(blocks, chunks=1, name=f"rasteragg-partials-{uuid.uuid4().hex}")
     values = finalized(kept, ids, stats, nchan, space)
@@ -666,8 +666,20 @@ def _finalize_piece(
     ``block`` holds each partial's rows for the piece (see :func:`_piece_rows`) and ``ids`` the
     ids of the piece; the result is a dict of one array per statistic, one row per id.
     """
-    merged = merge(list(block.ravel()))
+    merged = merge(final_parts(list(block.ravel()), space))
     return holding(finalize(merged, stats, *locate(merged.labels, ids), space), 1)
+
+
+def final_parts(parts: list[Partials], space: Space) -> list[Partials]:
+    """Partials for the last merge before finalization: for labels in (y, x), whose solidity
+    reads the vertices only of the labels whose pixels no block counted, their hulls merge lean
+    (:attr:`~xr_rasteragg.families.Hull.lean`)."""
+    if space.axes != (1, 2):
+        return parts
+    lean = Hull(lean=True)
+    return [
+        part.with_family(lean) if any(f.name == lean.name for f in part.families) else part for part in parts
+    ]
 
 
 def _finalize_parts(

@@ -489,8 +489,17 @@ class Hull(Family):
     pixel count of the labels it merges unknown; the 3-D hull of a label is the hull of its
     planes' vertices. Most labels lie in one block: their pixel count is made there, in
     parallel, and finalization counts only the others.
+
+    Attributes
+    ----------
+    lean
+        For the last merge before the features of 2-D labels (in (y, x)) are finalized, which
+        read only the vertices of the labels whose pixels are not counted yet: a label whose
+        vertices come from one part that counted its pixels keeps that count and no vertices
+        (their copy was most of that merge's cost).
     """
 
+    lean: bool = False
     name: ClassVar[str] = "hull"
     channel: ClassVar[bool] = False
     at_once: ClassVar[bool] = True
@@ -518,13 +527,14 @@ class Hull(Family):
         k = len(out)
         hulls = [out, *(cast(Ragged, p["hull"]) for p in parts)]
         targets = np.concatenate([np.arange(k), *rows]).astype(np.int64)
+        convex = np.concatenate([merged["convex"], *(p["convex"] for p in parts)])
         out.offsets, out.values, source = fold_hulls(
             [np.ascontiguousarray(h.offsets, np.int64) for h in hulls],
             [np.ascontiguousarray(h.values, np.int64) for h in hulls],
             targets,
             k,
+            keep=convex < 0 if self.lean else None,  # lean: the rows whose pixels are not counted
         )
-        convex = np.concatenate([merged["convex"], *(p["convex"] for p in parts)])
         merged["convex"][:] = np.where(source >= 0, convex[np.maximum(source, 0)], -1)
 
 

@@ -101,13 +101,19 @@ def _plane_hulls(points, n, out, at, ys, xs, hy, hx, oy, ox):  # type: ignore[no
 
 
 def fold_hulls(
-    offsets: Sequence[NDArray[np.int64]], values: Sequence[NDArray[np.int64]], rows: NDArray[np.int64], k: int
+    offsets: Sequence[NDArray[np.int64]],
+    values: Sequence[NDArray[np.int64]],
+    rows: NDArray[np.int64],
+    k: int,
+    keep: NDArray[np.bool_] | None = None,
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """Hull rows of ``k`` labels from rows of several parts, all folded at once.
 
     The parts are ragged arrays ``(offsets[p], values[p])`` (int64); row ``r`` of the parts'
     rows one after the other goes to row ``rows[r]``. A row whose points come from one part row
-    is copied; the vertex lists of several (those of disjoint pixel sets, so their points are
+    is copied where ``keep`` (a flag per part row, None: all) holds, left empty elsewhere (for a
+    merge whose result needs only the hulls it makes); the vertex lists of several (those of
+    disjoint pixel sets, so their points are
     distinct) are merged in (z, y, x) order, in the order of the parts, and re-hulled plane by
     plane. Returns the new, compact ``(offsets, values)`` and, per row, the part row its points
     come from (-1 where several give points, -2 where none does).
@@ -136,15 +142,32 @@ def fold_hulls(
     ends = np.empty(holders[k], np.int64)  # where each holder's points end in their row
     source = np.full(k, -2, np.int64)
     for part, vertices, part_rows, first in parts:
-        _scatter_points(part, vertices, part_rows, first, several, fill, held, ends, gathered, source)
+        _scatter_points(
+            part, vertices, part_rows, first, several, fill, held, ends, gathered, source, several
+        )
     hulled = _rehull_rows(gathered, starts, holders, ends, several, int(sizes.max(initial=0)))
     # Then every row in its place: the re-hulled ones from ``gathered``, the others from their part.
+    single = ~several
+    if keep is not None:  # the rows of one holder that keep their points
+        kept = np.zeros(k, np.bool_)
+        kept[rows[keep]] = True
+        single &= kept
     new_offsets = np.zeros(k + 1, np.int64)
-    np.cumsum(np.where(several, np.diff(hulled), sizes), out=new_offsets[1:])
+    np.cumsum(np.where(several, np.diff(hulled), np.where(single, sizes, 0)), out=new_offsets[1:])
     out = np.empty((new_offsets[k], 3), np.int64)
     for part, vertices, part_rows, first in parts:
         _scatter_points(
-            part, vertices, part_rows, first, ~several, new_offsets[:-1].copy(), held, ends, out, source
+            part,
+            vertices,
+            part_rows,
+            first,
+            ~several,
+            new_offsets[:-1].copy(),
+            held,
+            ends,
+            out,
+            source,
+            single,
         )
     _copy_rows(gathered, hulled, several, out, new_offsets)
     return new_offsets, out, source
@@ -162,15 +185,18 @@ def _count_points(offsets, rows, sizes, holders):  # type: ignore[no-untyped-def
 
 
 @nb.njit(nogil=True, cache=True)
-def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, points, source):  # type: ignore[no-untyped-def]
-    """Copy the points of each part row whose new row is ``chosen`` to ``fill[row]`` of
-    ``points`` (moving it on) and note where they end in ``ends[held[row]]`` (moving that on);
-    note in ``source`` each row's holder, its index among all parts' rows from ``first`` (-1 for
-    a row of several holders)."""
+def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, points, source, copy):  # type: ignore[no-untyped-def]
+    """Copy the points of each part row whose new row is ``chosen`` (and ``copy``) to
+    ``fill[row]`` of ``points`` (moving it on) and note where they end in ``ends[held[row]]``
+    (moving that on); note in ``source`` each ``chosen`` row's holder, its index among all
+    parts' rows from ``first`` (-1 for a row of several holders)."""
     for r in range(rows.shape[0]):
         i = rows[r]
         a, b = offsets[r], offsets[r + 1]
         if a == b or not chosen[i]:
+            continue
+        source[i] = first + r if source[i] == -2 else -1
+        if not copy[i]:
             continue
         at = fill[i]
         for p in range(a, b):
@@ -180,7 +206,6 @@ def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, poin
         fill[i] = at
         ends[held[i]] = at
         held[i] += 1
-        source[i] = first + r if source[i] == -2 else -1
 
 
 @nb.njit(nogil=True, cache=True)

@@ -187,6 +187,14 @@ class Partials:
         out.families = kept
         return out
 
+    def with_family(self, family: Family) -> Partials:
+        """The same partials with ``family`` in place of the family of its name (no copy): one
+        that folds the same fields otherwise (:attr:`~xr_rasteragg.families.Hull.lean`)."""
+        out = Partials.__new__(Partials)
+        out.__dict__.update(self.__dict__)
+        out.families = tuple(family if f.name == family.name else f for f in self.families)
+        return out
+
     @property
     def size(self) -> int:
         """Number of labels held."""
