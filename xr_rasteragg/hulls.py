@@ -111,12 +111,12 @@ def fold_hulls(
 
     The parts are ragged arrays ``(offsets[p], values[p])`` (int64); row ``r`` of the parts'
     rows one after the other goes to row ``rows[r]``. A row whose points come from one part row
-    is copied where ``keep`` (a flag per part row, None: all) holds, left empty elsewhere (for a
-    merge whose result needs only the hulls it makes); the vertex lists of several (those of
-    disjoint pixel sets, so their points are
-    distinct) are merged in (z, y, x) order, in the order of the parts, and re-hulled plane by
-    plane. Returns the new, compact ``(offsets, values)`` and, per row, the part row its points
-    come from (-1 where several give points, -2 where none does).
+    is copied where ``keep`` (a flag per part row, None: all) holds, and left empty elsewhere
+    (for a merge whose result needs only the hulls it makes); the vertex lists of several (those
+    of disjoint pixel sets, so their points are distinct) are merged in (z, y, x) order, in the
+    order of the parts, and re-hulled plane by plane. Returns the new, compact ``(offsets,
+    values)`` and, per row, the part row its points come from (-1 where several give points, -2
+    where none does).
 
     The parts are read in place, part by part (:func:`_scatter_points`): first the points of
     the rows of several parts, which are gathered and re-hulled (:func:`_rehull_rows`), then,
@@ -147,13 +147,13 @@ def fold_hulls(
         )
     hulled = _rehull_rows(gathered, starts, holders, ends, several, int(sizes.max(initial=0)))
     # Then every row in its place: the re-hulled ones from ``gathered``, the others from their part.
-    single = ~several
-    if keep is not None:  # the rows of one holder that keep their points
+    copied = ~several  # the rows of one holder that keep their points
+    if keep is not None:
         kept = np.zeros(k, np.bool_)
         kept[rows[keep]] = True
-        single &= kept
+        copied &= kept
     new_offsets = np.zeros(k + 1, np.int64)
-    np.cumsum(np.where(several, np.diff(hulled), np.where(single, sizes, 0)), out=new_offsets[1:])
+    np.cumsum(np.where(several, np.diff(hulled), np.where(copied, sizes, 0)), out=new_offsets[1:])
     out = np.empty((new_offsets[k], 3), np.int64)
     for part, vertices, part_rows, first in parts:
         _scatter_points(
@@ -167,7 +167,7 @@ def fold_hulls(
             ends,
             out,
             source,
-            single,
+            copied,
         )
     _copy_rows(gathered, hulled, several, out, new_offsets)
     return new_offsets, out, source
