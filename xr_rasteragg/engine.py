@@ -676,10 +676,7 @@ def final_parts(parts: list[Partials], space: Space) -> list[Partials]:
     (:attr:`~xr_rasteragg.families.Hull.lean`)."""
     if space.axes != (1, 2):
         return parts
-    lean = Hull(lean=True)
-    return [
-        part.with_family(lean) if any(f.name == lean.name for f in part.families) else part for part in parts
-    ]
+    return [part.with_family(Hull(lean=True)) for part in parts]
 
 
 def _finalize_parts(

@@ -188,8 +188,9 @@ class Partials:
         return out
 
     def with_family(self, family: Family) -> Partials:
-        """The same partials with ``family`` in place of the family of its name (no copy): one
-        that folds the same fields otherwise (:attr:`~xr_rasteragg.families.Hull.lean`)."""
+        """The same partials with ``family`` in place of the family of its name, if they hold
+        one (no copy): one that folds the same fields otherwise
+        (:attr:`~xr_rasteragg.families.Hull.lean`)."""
         out = Partials.__new__(Partials)
         out.__dict__.update(self.__dict__)
         out.families = tuple(family if f.name == family.name else f for f in self.families)

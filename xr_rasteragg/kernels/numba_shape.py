@@ -214,6 +214,8 @@ def _border_classes(flat, starts, shape, pieces, valid, d, run_z, run_y, run_x, 
                     above, here = rows[(t - 1) % 2], row
                     at_above, at_here = at[(t - 1) % 2], at[t % 2]
                     out_masks = masks[(t - 1) % 4]
+                    # Each source spelled out: ``flat`` (read-only) and a widened row (writable)
+                    # are of two Numba types, which one variable cannot hold.
                     _row_masks(above, 0, here, 0, 0, inner_lo, ends, out_masks)
                     if in_place[(t - 1) % 2] and in_place[t % 2]:
                         _row_masks(flat, at_above, flat, at_here, inner_lo, inner_hi, ends, out_masks)
@@ -508,9 +510,10 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
     longest = 1
     for i in range(k):
         longest = max(longest, top[i] - base[i])
-    # Each chain's vertices (y, v, z); the two chains of a plane together have at most two
-    # vertices per row, so the label's vertices are at most two per run.
-    right, left = np.empty((longest, 3), np.int64), np.empty((longest, 3), np.int64)
+    # Each chain's vertices (y, v) (a plane's rows at a time, whose z is known); the two chains
+    # of a plane together have at most two vertices per row, so the label's vertices are at
+    # most two per run.
+    right, left = np.empty((longest, 2), np.int64), np.empty((longest, 2), np.int64)
     points = np.empty((2 * nruns, 3), np.int64)
     where = np.zeros(k + 1, np.int64)
     convex = np.full(k, -1, np.int64)
@@ -524,8 +527,8 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
             floor_right, floor_left = h_right, h_left
             while p < end and rows[p, 0] == z:
                 y = np.int64(rows[p, 1])
-                h_right = _push(right, h_right, floor_right, z, y, np.int64(rows[p, 3]))
-                h_left = _push(left, h_left, floor_left, z, y, -np.int64(rows[p, 2]))
+                h_right = _push(right, h_right, floor_right, y, np.int64(rows[p, 3]))
+                h_left = _push(left, h_left, floor_left, y, -np.int64(rows[p, 2]))
                 p += 1
             # Merge the chains' vertices by (y, x), on a row the left end first; a vertex of
             # both chains (a one-pixel first or last row) is kept once.
@@ -551,9 +554,9 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, i
 
 
 @nb.njit(nogil=True, cache=True, inline="always")
-def _push(chain, top, floor, z, y, v):  # type: ignore[no-untyped-def]
-    """Push ``(y, v)`` of plane ``z`` onto an upper chain (its vertices ``(y, v, z)`` in rows
-    ``floor`` to ``top`` of ``chain``), popping the vertices it makes turn anticlockwise or not
+def _push(chain, top, floor, y, v):  # type: ignore[no-untyped-def]
+    """Push ``(y, v)`` onto an upper chain (its vertices ``(y, v)`` in rows ``floor`` to
+    ``top`` of ``chain``), popping the vertices it makes turn anticlockwise or not
     at all; returns the new top. The first pop is made without a branch (whether a row's end
     makes the chain turn follows no pattern); a second one is rare."""
     h = top
@@ -561,7 +564,7 @@ def _push(chain, top, floor, z, y, v):  # type: ignore[no-untyped-def]
         h -= np.int64(_turn(chain, h, y, v) >= 0)
         while h - floor >= 2 and _turn(chain, h, y, v) >= 0:
             h -= 1
-    chain[h, 0], chain[h, 1], chain[h, 2] = y, v, z
+    chain[h, 0], chain[h, 1] = y, v
     return h + 1
 
 
