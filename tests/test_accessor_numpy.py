@@ -15,8 +15,10 @@ channels in several channel groups, uint16 as in the reference dataset, channel-
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import pytest
@@ -69,6 +71,35 @@ def arrays(case: str) -> tuple[xr.DataArray, xr.DataArray]:
         image = xr.DataArray(np.ascontiguousarray(np.moveaxis(values, 0, -1)), dims=(*spatial, "c"))
         image = image.transpose("c", ...)
     return image, xr.DataArray(labels, dims=spatial)
+
+
+@pytest.mark.parametrize("case", ["2d", "uint16", "3d"])
+def test_shape_features_finalized_in_a_thread_of_their_own(
+    case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With per-channel statistics beside them, NumPy-backed results finalize the shape features
+    in the engine's finalizer thread while the calling thread finalizes the others; the table is
+    the one that dask's synchronous scheduler makes in the calling thread alone, and without
+    shape features nothing goes to that thread."""
+    names = ["mean", "var", "max", "count", *(SHAPE_2D if case != "3d" else SHAPE_3D), "centroid_weighted"]
+    sent: list[str] = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            sent.append(fn.__name__)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(xr_rasteragg.engine, "_finalizer", lambda: Recording(1))
+    image, labels = arrays(case)
+    threaded = image.rasteragg.aggregate(labels, names)
+    assert sent == ["_finalize_parts"]
+    with dask.config.set(scheduler="sync"):
+        alone = image.rasteragg.aggregate(labels, names)
+    xr.testing.assert_identical(threaded, alone)
+    assert sent == ["_finalize_parts"]
+    image.rasteragg.aggregate(labels, ["mean", "count", "center_of_mass"])
+    labels.rasteragg.aggregate(SHAPE_2D if case != "3d" else SHAPE_3D)
+    assert sent == ["_finalize_parts"]
 
 
 def twin(array: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:
