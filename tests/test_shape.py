@@ -219,6 +219,15 @@ def test_coordinates_give_the_spacing() -> None:
     check(result, reference(labels, props, spacing=(0.25, 0.5)), props)
     with pytest.raises(ValueError, match="'perimeter' needs the same pixel spacing"):
         anisotropic.rasteragg.aggregate("perimeter")
+    # Far from 0 the coordinates' steps differ from 0.3 in their last bits (0.29999999999995453
+    # here), and from those of the other axis: the same spacing to rounding.
+    far = xlabels.assign_coords(y=1000.25 + np.arange(30) * 0.3, x=np.arange(40) * 0.3)
+    assert np.diff(far["y"].values)[0] != np.diff(far["x"].values)[0]
+    perimeter = far.rasteragg.aggregate("perimeter", background=None)["perimeter"]
+    expected = reference(labels, ("perimeter",), spacing=(0.3, 0.3))["perimeter"]
+    np.testing.assert_allclose(perimeter, expected, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="'perimeter' needs the same pixel spacing"):
+        far.assign_coords(x=np.arange(40) * 0.3 * (1 + 1e-8)).rasteragg.aggregate("perimeter")
     with pytest.raises(ValueError, match="evenly spaced coordinates"):
         xlabels.assign_coords(x=np.arange(40) ** 2.0).rasteragg.aggregate("area")
 
@@ -357,6 +366,30 @@ def test_centroid_weighted_every_sweep(dtype: Any, with_moments: bool) -> None:
     keep = expected["label"] != 0
     expected_values = np.swapaxes(expected["centroid_weighted"], 1, 2)[keep]
     np.testing.assert_allclose(result["centroid_weighted"], expected_values, rtol=RTOL, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "dask"])
+def test_centroid_weighted_outside_the_label_in_coordinates(backend: str) -> None:
+    """Pixels of both signs (a background-subtracted image) put a label's intensity-weighted
+    centroid anywhere on the lines through its pixels, before the image's first pixel and after
+    its last too: in coordinates (evenly spaced, increasing or decreasing), it is the position in
+    pixels mapped by the same steps, as regionprops' ``spacing=`` gives it, not clamped to the
+    image."""
+    labels = np.zeros((6, 9), np.int32)
+    image = np.zeros((1, 6, 9), np.float64)
+    labels[0, 0:2], image[0, 0, 0:2] = 1, (-1.0, 2.0)  # x = 2: past the label, inside the image
+    labels[3, 0:2], image[0, 3, 0:2] = 2, (3.0, -1.0)  # x = -0.5: before the first column
+    labels[4:6, 7:9], image[0, 4:6, 7:9] = 3, ((-1.0, -1.0), (2.0, 2.0))  # y = 6: after the last row
+    expected = reference(labels, ("centroid_weighted",), intensity_image=image[0])["centroid_weighted"]
+    np.testing.assert_array_equal(expected, [[0.0, 2.0], [3.0, -0.5], [6.0, 7.5]])
+    coords = {"y": 100.0 - 0.5 * np.arange(6), "x": -3.0 + 0.25 * np.arange(9)}
+    ximage = xr.DataArray(image, dims=("c", "y", "x"), coords=coords)
+    xlabels = xr.DataArray(labels, dims=("y", "x"), coords=coords)
+    if backend == "dask":
+        ximage, xlabels = ximage.chunk({"y": 2, "x": 4}), xlabels.chunk({"y": 2, "x": 4})
+    result = ximage.rasteragg.aggregate(xlabels, "centroid_weighted")["centroid_weighted"].values
+    in_units = np.stack([100.0 - 0.5 * expected[:, 0], -3.0 + 0.25 * expected[:, 1]], axis=1)
+    np.testing.assert_allclose(result[:, 0], in_units, rtol=RTOL, atol=ATOL)
 
 
 def test_2d_labels_on_other_axes() -> None:

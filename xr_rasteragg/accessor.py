@@ -749,16 +749,37 @@ def _spacing(
 
 
 def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Positions in pixel indices as coordinate values, interpolated between the pixels' ``values``.
+    """Positions in pixel indices as coordinate values, interpolated between the pixels' ``values``
+    and extrapolated beyond the first and last pixel along the first and last step.
 
-    NaN (a label without pixels) stays NaN, and so does every position on a zero-length dim:
-    :func:`numpy.interp` would clamp NaN to the only coordinate of a one-pixel dim, and fails on
-    an empty one.
+    A position may lie outside the pixels: the intensity-weighted centroid of a label whose
+    pixels have values of both signs (a background-subtracted image) is anywhere on the line
+    through them, as in pixel units. :func:`numpy.interp` alone would clamp it to the end
+    pixels' coordinates.
+
+    NaN (a label without pixels) stays NaN, and so does every position on a zero-length dim;
+    on a one-pixel dim, every position is that pixel's (its index is 0 for every pixel), and
+    the coordinate without a step is taken as it is.
+
+    Examples
+    --------
+    >>> _pixel_to_coordinate(np.array([-1.0, 0.5, 3.0, np.nan]), np.array([10.0, 12.0, 13.0]))
+    array([ 8., 11., 14., nan])
     """
     out = np.full(x.shape, np.nan)
     known = ~np.isnan(x)
-    if values.shape[0] and known.any():
-        out[known] = np.interp(x[known], np.arange(values.shape[0], dtype=np.float64), values)
+    n = values.shape[0]
+    if not n or not known.any():
+        return out
+    at = x[known]
+    if n == 1:
+        out[known] = values[0]
+        return out
+    with np.errstate(invalid="ignore"):  # an infinite position (weights summing to 0) stays infinite
+        below = values[0] + at * (values[1] - values[0])
+        above = values[-1] + (at - (n - 1)) * (values[-1] - values[-2])
+    inside = np.interp(at, np.arange(n, dtype=np.float64), values)
+    out[known] = np.where(at < 0, below, np.where(at > n - 1, above, inside))
     return out
 
 

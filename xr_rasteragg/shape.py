@@ -184,7 +184,8 @@ class ShapeQuantities:
 
     def perimeter(self) -> NDArray[np.float64]:
         """Perimeter as :func:`skimage.measure.perimeter` with 4-connectivity, in units of the
-        (isotropic) spacing (2-D)."""
+        (isotropic: the same to 1e-9, see :func:`~xr_rasteragg.stats.check_space`) spacing, that
+        of the first axis (2-D)."""
         assert self.p.border is not None
         weights = np.array([1.0, sqrt(2), (1 + sqrt(2)) / 2])
         return (self.p.border.astype(np.float64) @ weights) * float(self.scale[0])
