@@ -229,6 +229,37 @@ def test_block_hulls_equal_scipy_and_skimage_on_adversarial_labels(seed: int) ->
         )
 
 
+def test_block_hulls_stay_when_the_thread_reuses_its_tables(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread keeps the hull's tables for its next block
+    (:func:`~xr_rasteragg.kernels.numba_shape._scratch`): hulls made before stay as they were
+    after blocks of other sizes, and equal those made in fresh tables (blocks beyond the kept
+    size, here all of them)."""
+    import xr_rasteragg.kernels.numba_shape as shape
+    from xr_rasteragg.families import Hull
+    from xr_rasteragg.kernels.numba import block_partials
+
+    def hulls(labels: NDArray[np.int32]) -> tuple[Ragged, NDArray[np.int64]]:
+        runs = block_partials.encode(labels[None], (0, 7, 3), 0)
+        parts = runs.parts.rows(0, runs.parts.size)
+        shape.SHAPE_UPDATES[Hull](parts, None, runs, Hull())
+        assert isinstance(parts.hull, Ragged)
+        assert parts.convex is not None
+        return parts.hull, parts.convex
+
+    rng = np.random.default_rng(7)
+    images = [adversarial_labels(rng, seed) for seed in range(6)]
+    images.sort(key=lambda labels: -labels.size)
+    images = images[1::2] + images[::2]  # smaller blocks after larger ones, and larger after smaller
+    kept = [hulls(labels) for labels in images]
+    assert not any(np.shares_memory(hull.values, shape._SCRATCH.points) for hull, _ in kept)
+    monkeypatch.setattr(shape, "SCRATCH_BYTES", 0)
+    for labels, (hull, convex) in zip(images, kept, strict=True):
+        fresh, fresh_convex = hulls(labels)
+        np.testing.assert_array_equal(hull.offsets, fresh.offsets)
+        np.testing.assert_array_equal(hull.values, fresh.values)
+        np.testing.assert_array_equal(convex, fresh_convex)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_solidity_and_perimeter_of_adversarial_labels_in_any_chunking(seed: int) -> None:
     """Solidity and perimeter through the accessor equal regionprops_table's on 8 label images of
