@@ -232,6 +232,26 @@ def test_coordinates_give_the_spacing() -> None:
         xlabels.assign_coords(x=np.arange(40) ** 2.0).rasteragg.aggregate("area")
 
 
+def test_a_square_grid_up_to_rounding_is_square() -> None:
+    """Coordinates far from 0 step by 0.3 up to their last bits, differently on each axis: the
+    grid is square, and labels whose second moments tie (squares, discs) have regionprops'
+    orientation (-π/4) and eccentricity (0) with ``spacing=(0.3, 0.3)``, not those of a grid a
+    hair wider (0 and 5.5e-7)."""
+    labels = np.zeros((12, 14), np.int32)
+    labels[1:3, 1:3] = 1
+    labels[5:10, 4:9] = 2
+    labels[8:11, 10:13] = 3
+    coords = {"y": 10.0 + np.arange(12) * 0.3, "x": 1000.25 + np.arange(14) * 0.3}
+    assert np.diff(coords["y"])[0] != np.diff(coords["x"])[0]
+    result = xr.DataArray(labels, dims=("y", "x"), coords=coords).rasteragg.aggregate(SHAPE_2D)
+    expected = reference(labels, SHAPE_2D, spacing=(0.3, 0.3))
+    np.testing.assert_allclose(result["orientation"], -np.pi / 4, rtol=0, atol=1e-12)
+    np.testing.assert_array_equal(result["eccentricity"], 0.0)
+    check(result, expected, tuple(name for name in SHAPE_2D if name != "centroid"))
+    # positions are coordinate values: skimage's centroid (from index 0, in units) plus the origin
+    np.testing.assert_allclose(result["centroid"], expected["centroid"] + [10.0, 1000.25], rtol=1e-12)
+
+
 def test_far_from_the_origin_and_huge_ids() -> None:
     """Cells far from the image origin: central moments from exact integer sums, no cancellation."""
     labels = np.zeros((3, 5000), np.uint64)
