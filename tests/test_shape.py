@@ -252,25 +252,6 @@ def test_a_square_grid_up_to_rounding_is_square() -> None:
     np.testing.assert_allclose(result["centroid"], expected["centroid"] + [10.0, 1000.25], rtol=1e-12)
 
 
-def test_a_dim_of_one_pixel_takes_the_spacing_of_the_others() -> None:
-    """A dim of one pixel has a coordinate but no step: it takes the spacing of the other dims
-    where they agree (a one-plane stack of square pixels, a strip one pixel wide: perimeter
-    included), and 1 where they do not."""
-    labels = irregular((1, 9, 11), 4, 13, size=3)
-    # (The minor axis of a flat label is the root of an eigenvalue 0 up to rounding: 1e-8 either way.)
-    props = tuple(name for name in SHAPE_3D if name not in ("centroid", "solidity", "axis_minor_length"))
-    coords = {"z": [4.0], "y": 0.5 * np.arange(9), "x": 2.0 + 0.5 * np.arange(11)}
-    cubic = xr.DataArray(labels, dims=("z", "y", "x"), coords=coords).rasteragg.aggregate(props)
-    check(cubic, reference(labels, props, spacing=(0.5, 0.5, 0.5)), props)
-    anisotropic = xr.DataArray(labels, dims=("z", "y", "x"), coords={**coords, "x": 0.25 * np.arange(11)})
-    check(anisotropic.rasteragg.aggregate(props), reference(labels, props, spacing=(1.0, 0.5, 0.25)), props)
-    strip = labels[0, :, :1]
-    flat = tuple(name for name in SHAPE_2D if name not in ("centroid", "solidity"))
-    xstrip = xr.DataArray(strip, dims=("y", "x"), coords={"y": 3.0 * np.arange(9), "x": [7.0]})
-    result = xstrip.rasteragg.aggregate(flat)
-    check(result, reference(strip, flat, spacing=(3.0, 3.0)), flat)
-
-
 def test_far_from_the_origin_and_huge_ids() -> None:
     """Cells far from the image origin: central moments from exact integer sums, no cancellation."""
     labels = np.zeros((3, 5000), np.uint64)

@@ -124,9 +124,8 @@ class RasterAggAccessor:
             ``equivalent_diameter_area``, ``perimeter`` (2-D, dims y and x), ``solidity``,
             ``centroid_weighted``, and harpy's ``radii`` and ``principal_axes`` (see
             :doc:`/statistics`). Shape features are in units of the labels' coordinate spacing
-            when they carry coordinates (or a SpatialData scale), as regionprops' ``spacing=``
-            (a dim of one pixel takes the spacing of the others where they agree); positions
-            (centroids) are coordinate values, as for ``center_of_mass``.
+            when they carry coordinates (or a SpatialData scale), as regionprops' ``spacing=``;
+            positions (centroids) are coordinate values, as for ``center_of_mass``.
         index
             Label ids to report, in this order; absent ids get count 0, sum 0 and NaN otherwise.
             None reports every label present, sorted. With dask inputs and an ``index``, the
@@ -715,10 +714,6 @@ def _spacing(
     decrease: from a SpatialData scale (its sign), or from the step of their coordinates (1, and
     not flipped, on dims without coordinates).
 
-    A dim of one pixel has a coordinate but no step: it takes the spacing of the dims with steps
-    where they agree (square or cubic pixels: a one-plane stack of square pixels, a one-pixel
-    wide strip), and 1 where they do not.
-
     Raises
     ------
     ValueError
@@ -735,11 +730,10 @@ def _spacing(
             )
         scale = np.diag(linear)[::-1][-len(axes) :]  # in the order of ``axes``
         return _equal_to_rounding([float(abs(v)) for v in scale]), tuple(bool(v < 0) for v in scale)
-    spacing: list[float | None] = []
-    flipped = []
+    spacing, flipped = [], []
     for dim in axes:
         if dim not in labels.coords or labels.sizes[dim] < 2:
-            spacing.append(1.0 if dim not in labels.coords else None)
+            spacing.append(1.0)
             flipped.append(False)
             continue
         values = np.asarray(labels[dim].values, dtype=np.float64)
@@ -751,10 +745,7 @@ def _spacing(
             )
         spacing.append(abs(float(values[-1] - values[0])) / (values.shape[0] - 1))  # the mean step
         flipped.append(bool(steps[0] < 0))
-    with_steps = [s for s, dim in zip(spacing, axes, strict=True) if s is not None and dim in labels.coords]
-    stepped = _equal_to_rounding(with_steps)
-    square = stepped[0] if len(set(stepped)) == 1 else 1.0  # for the dims of one pixel
-    return _equal_to_rounding([square if s is None else s for s in spacing]), tuple(flipped)
+    return _equal_to_rounding(spacing), tuple(flipped)
 
 
 def _equal_to_rounding(spacing: Sequence[float]) -> tuple[float, ...]:
