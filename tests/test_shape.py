@@ -252,6 +252,20 @@ def test_a_square_grid_up_to_rounding_is_square() -> None:
     np.testing.assert_allclose(result["centroid"], expected["centroid"] + [10.0, 1000.25], rtol=1e-12)
 
 
+def test_a_dim_of_one_pixel_counts_with_spacing_1() -> None:
+    """A dim of one pixel has a coordinate but no step: it counts with spacing 1, so that the
+    volumes of a stack of one plane are the areas of its plane (regionprops' ``spacing=(1, sy,
+    sx)``)."""
+    labels = irregular((1, 9, 11), 4, 13, size=3)
+    # (The minor axis of a flat label is the root of an eigenvalue 0 up to rounding: 1e-8 either way.)
+    props = tuple(name for name in SHAPE_3D if name not in ("centroid", "solidity", "axis_minor_length"))
+    coords = {"z": [4.0], "y": 0.5 * np.arange(9), "x": 2.0 + 0.25 * np.arange(11)}
+    stack = xr.DataArray(labels, dims=("z", "y", "x"), coords=coords).rasteragg.aggregate(props)
+    check(stack, reference(labels, props, spacing=(1.0, 0.5, 0.25)), props)
+    plane = xr.DataArray(labels[0], dims=("y", "x"), coords={"y": coords["y"], "x": coords["x"]})
+    np.testing.assert_array_equal(stack["area"], plane.rasteragg.aggregate("area")["area"])
+
+
 def test_far_from_the_origin_and_huge_ids() -> None:
     """Cells far from the image origin: central moments from exact integer sums, no cancellation."""
     labels = np.zeros((3, 5000), np.uint64)

@@ -712,7 +712,8 @@ def _spacing(
 ) -> tuple[tuple[float, ...], tuple[bool, ...]]:
     """The pixel spacing of the labels on ``axes``, and along which of them the coordinates
     decrease: from a SpatialData scale (its sign), or from the step of their coordinates (1, and
-    not flipped, on dims without coordinates).
+    not flipped, on dims without coordinates, and on a dim of one pixel, whose coordinate has no
+    step: the volumes of a stack of one plane are the areas of its plane).
 
     Raises
     ------
