@@ -283,7 +283,8 @@ def check_space(stats: Sequence[str], space: Space) -> None:
     # The same to rounding: steps of coordinates far from 0 differ in their last bits.
     if "perimeter" in stats and not np.allclose(space.spacing, space.spacing[0], rtol=1e-9, atol=0):
         raise ValueError(
-            f"'perimeter' needs the same pixel spacing on both axes; got spacing {space.spacing}"
+            f"'perimeter' needs the same pixel spacing on both axes; got spacing {space.spacing} (a dim "
+            "without coordinates, or of one pixel, counts with spacing 1)"
         )
 
 
