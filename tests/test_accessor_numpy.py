@@ -14,6 +14,7 @@ channels in several channel groups, uint16 as in the reference dataset, channel-
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -100,6 +101,34 @@ def test_shape_features_finalized_in_a_thread_of_their_own(
     image.rasteragg.aggregate(labels, ["mean", "count", "center_of_mass"])
     labels.rasteragg.aggregate(SHAPE_2D if case != "3d" else SHAPE_3D)
     assert sent == ["_finalize_parts"]
+
+
+def _finalize_in_a_child(queue: Any) -> None:
+    """Work for the finalizer thread, given in a forked process."""
+    queue.put(xr_rasteragg.engine._finalizer().submit(int, "7").result(timeout=30))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_process_has_a_finalizer_thread_of_its_own() -> None:
+    """A process forked after this one finalized shape features (as ``multiprocessing`` forks on
+    Linux) has a finalizer thread of its own: the parent's does not run in the child, whose copy
+    of the executor would take the work and never do it. (dask's thread pool has the same
+    trouble, so the child here gives the thread its work directly, as it would under the
+    synchronous scheduler or a ``distributed.Client`` of its own.)"""
+    import multiprocessing
+
+    image, labels = arrays("2d")
+    image.rasteragg.aggregate(labels, ["mean", *SHAPE_2D])  # the parent's finalizer thread runs
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_finalize_in_a_child, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=60) == 7
+    finally:
+        child.join(timeout=60)
+        if child.is_alive():
+            child.kill()
 
 
 def twin(array: xr.DataArray, dims: Sequence[str]) -> xr.DataArray:

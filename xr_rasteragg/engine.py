@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -367,8 +368,13 @@ def _finalize_here(
 @functools.cache
 def _finalizer() -> ThreadPoolExecutor:
     """The thread that finalizes the shape features of a table made in this process (see
-    :func:`_finalize_here`)."""
+    :func:`_finalize_here`). A process forked from this one makes its own: the parent's thread
+    does not run in the child, whose copy of the executor would take work and never do it."""
     return ThreadPoolExecutor(1, thread_name_prefix="rasteragg-finalize")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_finalizer.cache_clear)
 
 
 def prepare_index(index: ArrayLike) -> NDArray[np.integer]:
