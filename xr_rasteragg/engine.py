@@ -356,8 +356,7 @@ def _finalize_here(
         or set(alone[1]) <= {"counts", "valid"}  # count and center of mass: little to do
         or dask.base.get_scheduler() is dask.local.get_sync
     ):
-        merged = merge(final_parts(list(blocks.ravel()), space))
-        return finalize(merged, stats, *locate(merged.labels, ids), space)
+        return dict(_finalize_piece(blocks, ids, stats, space).flat[0])
     shapes = _finalizer().submit(_finalize_parts, blocks, ids, alone[1], alone[0], space)
     names, families = groups[True]
     values = dict(_finalize_parts(blocks, ids, families, names, space).flat[0])
