@@ -250,6 +250,15 @@ def test_a_square_grid_up_to_rounding_is_square() -> None:
     check(result, expected, tuple(name for name in SHAPE_2D if name != "centroid"))
     # positions are coordinate values: skimage's centroid (from index 0, in units) plus the origin
     np.testing.assert_allclose(result["centroid"], expected["centroid"] + [10.0, 1000.25], rtol=1e-12)
+    # The engine's own callers, whose Space holds the coordinates' steps as they come, alike.
+    steps = (float(np.diff(coords["y"])[0]), float(np.diff(coords["x"])[0]))
+    space = Space((1, 2), steps)
+    assert space.spacing[0] == space.spacing[1]
+    blocks = da.from_array(labels[None], chunks=(1, 5, 6))
+    engine = aggregate(blocks, None, SHAPE_2D, background=0, space=space)
+    values = dask.compute(engine.values)[0]
+    np.testing.assert_allclose(values["orientation"], -np.pi / 4, rtol=0, atol=1e-12)
+    check(values, expected, tuple(name for name in SHAPE_2D if name != "centroid"))
 
 
 def test_a_dim_of_one_pixel_counts_with_spacing_1() -> None:

@@ -730,7 +730,7 @@ def _spacing(
                 f"got a rotation, shear or swap of axes (linear part {linear.tolist()})"
             )
         scale = np.diag(linear)[::-1][-len(axes) :]  # in the order of ``axes``
-        return _equal_to_rounding([float(abs(v)) for v in scale]), tuple(bool(v < 0) for v in scale)
+        return tuple(float(abs(v)) for v in scale), tuple(bool(v < 0) for v in scale)
     spacing, flipped = [], []
     for dim in axes:
         if dim not in labels.coords or labels.sizes[dim] < 2:
@@ -746,27 +746,7 @@ def _spacing(
             )
         spacing.append(abs(float(values[-1] - values[0])) / (values.shape[0] - 1))  # the mean step
         flipped.append(bool(steps[0] < 0))
-    return _equal_to_rounding(spacing), tuple(flipped)
-
-
-def _equal_to_rounding(spacing: Sequence[float]) -> tuple[float, ...]:
-    """``spacing`` with the spacings that agree to 1e-9 replaced by their mean.
-
-    The steps of floating-point coordinates differ in their last bits (``1000.25 + 0.3 i`` steps
-    by 0.29999999999995, ``0.3 i`` by 0.3), and a label's features read a square grid's
-    rounding as an anisotropy: the orientation of a label whose second moments tie (a square,
-    a disc) is π/4 on a square grid, 0 on one a hair wider.
-
-    Examples
-    --------
-    >>> _equal_to_rounding([2.0, 0.30000000000000004, 0.29999999999995453])
-    (2.0, 0.2999999999999773, 0.2999999999999773)
-    """
-    out = list(spacing)
-    for i, value in enumerate(spacing):
-        same = [j for j, other in enumerate(spacing) if abs(other - value) <= 1e-9 * abs(value)]
-        out[i] = float(np.mean([spacing[j] for j in same]))
-    return tuple(out)
+    return tuple(spacing), tuple(flipped)
 
 
 def _pixel_to_coordinate(x: NDArray[np.float64], values: NDArray[np.float64]) -> NDArray[np.float64]:
