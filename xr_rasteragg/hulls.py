@@ -333,14 +333,21 @@ def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
         d = np.int64(chain_y[j + 1]) - np.int64(chain_y[j])
         w = np.int64(chain_v[j + 1]) - v
         width = 2 * d
-        slope = w // width  # floor(w / 2d); floor(-w / 2d) is -slope, less 1 where inexact
+        steep = abs(w) <= d
+        # floor(w / 2d), without a division on a steep edge, where it is -1 or 0; floor(-w / 2d)
+        # is -slope, less 1 where inexact
+        slope = -np.int64(w < 0) if steep else w // width
         rest = w - slope * width
         total += v + max(ahead, slope)
         ahead = max(0, -slope - (rest != 0))
-        if d > 1:  # the edge's rows between its ends: the quotients stepped, one division
-            numerator = max(d, abs(w)) + 2 * w
-            q = numerator // width
-            r = numerator - q * width
+        if d > 1:  # the edge's rows between its ends: the quotients stepped, without a division
+            # max(d, |w|) + 2w is a * slope * 2d + b: (a, b) = (2, d + 2 rest) on a steep edge,
+            # (3, 3 rest) where w > d, (1, rest) where w < -d; and 0 <= b < 3 * 2d
+            a = np.int64(2) if steep else (np.int64(3) if w > 0 else np.int64(1))
+            b = d + 2 * rest if steep else (3 * rest if w > 0 else rest)
+            f = np.int64(b >= width) + np.int64(b >= 2 * width)
+            q = a * slope + f
+            r = b - f * width
             step, extra = 2 * slope, 2 * rest  # 2w = step * 2d + extra
             if extra >= width:
                 step, extra = step + 1, extra - width

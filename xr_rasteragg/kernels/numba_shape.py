@@ -42,12 +42,17 @@ __all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_counts"]
 
 def _geometry(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Geometry` from the runs."""
-    fields = _run_geometry(*runs.runs, runs.local, np.asarray(runs.offset, np.int64))
+    fields = _run_geometry(*runs.runs, runs.local, np.asarray(runs.offset, np.int64), _one_plane(runs))
     parts.add(family, **dict(zip(family.names(), fields, strict=True)))
 
 
+def _one_plane(runs: LabelRuns) -> bool:
+    """Whether the runs of a block with labels lie in one z plane (as in every block of 2-D labels)."""
+    return runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
+
+
 @nb.njit(nogil=True, cache=True)
-def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset):  # type: ignore[no-untyped-def]
+def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane):  # type: ignore[no-untyped-def]
     """Origin (each label's first pixel), offset sums, product sums and bounding box, in label
     order (row ``j`` holds local id ``local[j]``).
 
@@ -56,6 +61,12 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset):  # type:
     are products of its constant ``dz`` and ``dy`` with these. Sums are int64 inside the block,
     made by local id (labels that appear together sit together, so neighbouring runs touch
     neighbouring rows of the sums) and put in label order at the end.
+
+    The runs come in (z, y, x) order, so a label's first run has its first plane and, within a
+    plane, its rows ascend. In a block of ``one_plane`` every ``dz`` is 0 and the rows ascend
+    throughout: the sums with ``dz`` stay 0 and the bounds along z and y are the first and the
+    last run's, so half the updates of a run are left out (the reference dataset's geometry,
+    2048 x 2048 blocks of cells 30 pixels across: 1.0 against 1.3 ms a block).
     """
     k = local.shape[0]
     origin = np.zeros((k, 3), np.int64)
@@ -72,24 +83,27 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset):  # type:
             origin[i, 0], origin[i, 1], origin[i, 2] = z, y, x0
             low[i, 0], low[i, 1], low[i, 2] = z, y, x0
             high[i, 0], high[i, 1], high[i, 2] = z + 1, y + 1, x0 + n
-        dz, dy, a = z - origin[i, 0], y - origin[i, 1], x0 - origin[i, 2]
+        dy, a = y - origin[i, 1], x0 - origin[i, 2]
         sx = n * a + n * (n - 1) // 2
         sxx = n * a * a + a * n * (n - 1) + (n - 1) * n * (2 * n - 1) // 6
-        s1[i, 0] += n * dz
         s1[i, 1] += n * dy
         s1[i, 2] += sx
-        s2[i, 0] += n * dz * dz
         s2[i, 1] += n * dy * dy
         s2[i, 2] += sxx
-        s2[i, 3] += n * dz * dy
-        s2[i, 4] += dz * sx
         s2[i, 5] += dy * sx
-        low[i, 0] = min(low[i, 0], z)
-        low[i, 1] = min(low[i, 1], y)
         low[i, 2] = min(low[i, 2], x0)
-        high[i, 0] = max(high[i, 0], z + 1)
-        high[i, 1] = max(high[i, 1], y + 1)
         high[i, 2] = max(high[i, 2], x0 + n)
+        if one_plane:
+            high[i, 1] = y + 1
+        else:
+            dz = z - origin[i, 0]
+            s1[i, 0] += n * dz
+            s2[i, 0] += n * dz * dz
+            s2[i, 3] += n * dz * dy
+            s2[i, 4] += dz * sx
+            low[i, 1] = min(low[i, 1], y)
+            high[i, 0] = z + 1
+            high[i, 1] = max(high[i, 1], y + 1)
     first = np.empty((k, 3), np.int64)
     lows = np.empty((k, 3), np.int64)
     highs = np.empty((k, 3), np.int64)
@@ -456,7 +470,7 @@ _FIELD = 21
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
-    one_plane = runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
+    one_plane = _one_plane(runs)
     # Planes, rows and columns within the block in the table of rows: int16 where they fit.
     planes, rows, columns, lengths = runs.runs.z, runs.runs.y, runs.runs.x, runs.runs.length
     narrow = (
