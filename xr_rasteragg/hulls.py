@@ -163,8 +163,8 @@ def fold_hulls(
             first,
             ~several,
             new_offsets[:-1].copy(),
-            held,
-            ends,
+            None,  # (a row of one holder needs no note of where its points end)
+            None,
             out,
             source,
             copied,
@@ -187,9 +187,10 @@ def _count_points(offsets, rows, sizes, holders):  # type: ignore[no-untyped-def
 @nb.njit(nogil=True, cache=True)
 def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, points, source, copy):  # type: ignore[no-untyped-def]
     """Copy the points of each part row whose new row is ``chosen`` (and ``copy``) to
-    ``fill[row]`` of ``points`` (moving it on) and note where they end in ``ends[held[row]]``
-    (moving that on); note in ``source`` each ``chosen`` row's holder, its index among all
-    parts' rows from ``first`` (-1 for a row of several holders)."""
+    ``fill[row]`` of ``points`` (moving it on) and, unless ``held`` and ``ends`` are None, note
+    where they end in ``ends[held[row]]`` (moving that on); note in ``source`` each ``chosen``
+    row's holder, its index among all parts' rows from ``first`` (-1 for a row of several
+    holders)."""
     for r in range(rows.shape[0]):
         i = rows[r]
         a, b = offsets[r], offsets[r + 1]
@@ -204,8 +205,9 @@ def _scatter_points(offsets, values, rows, first, chosen, fill, held, ends, poin
                 points[at, axis] = values[p, axis]
             at += 1
         fill[i] = at
-        ends[held[i]] = at
-        held[i] += 1
+        if ends is not None and held is not None:
+            ends[held[i]] = at
+            held[i] += 1
 
 
 @nb.njit(nogil=True, cache=True)
