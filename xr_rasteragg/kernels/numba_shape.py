@@ -14,6 +14,12 @@ Each update fills one family's fields into a block's partials from the runs of i
   extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`), and in a block
   of one plane the pixels of each label's convex hull image;
 - :class:`~xr_rasteragg.families.Weighted`: per run and channel, ``Σ I`` and ``Σ I x``.
+
+In the loops over runs and labels, an index read from an array or made by a subtraction is
+made unsigned (``np.uint64``): Numba wraps a negative signed index around the array's end, a
+compare and a select at each access that LLVM leaves in unless it proves the index
+non-negative. On the reference dataset's 2048 x 2048 blocks that was a fifth of the hull's time
+(3.4 against 4.3 ms a block) and a fourth of the geometry's (0.9 against 1.3 ms).
 """
 
 from __future__ import annotations
@@ -76,7 +82,7 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane
     low = np.empty((k, 3), np.int64)
     high = np.empty((k, 3), np.int64)
     for r in range(run_id.shape[0]):
-        i = run_id[r]
+        i = np.uint64(run_id[r])
         z, y, x0, n = np.int64(run_z[r]), np.int64(run_y[r]), np.int64(run_x[r]), np.int64(run_len[r])
         if not seen[i]:
             seen[i] = True
@@ -110,7 +116,7 @@ def _run_geometry(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane
     offsets = np.empty((k, 3))
     products = np.empty((k, 6))
     for j in range(k):
-        i = local[j]
+        i = np.uint64(local[j])
         for a in range(3):
             first[j, a] = origin[i, a] + offset[a]
             lows[j, a] = low[i, a] + offset[a]
@@ -533,20 +539,21 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, r
     nruns = run_id.shape[0]
     base = np.zeros(k + 1, np.int64)  # a label has at most one row per run
     for r in range(nruns):
-        base[run_id[r] + 1] += 1
+        base[np.uint64(run_id[r] + 1)] += 1
     for i in range(k):
         base[i + 1] += base[i]
     top = base[:k].copy()  # the row after the label's last one so far
     last = np.full(k, -1, np.int64)  # a key of plane and row of the label's last row so far
     for r in range(nruns):
-        i = run_id[r]
+        i = np.uint64(run_id[r])
         key = (np.int64(run_z[r]) << 32) + run_y[r]
         end = run_x[r] + run_len[r] - 1
         if last[i] == key:  # one more run of the label's row
-            rows[top[i] - 1, 3] = end
+            rows[np.uint64(top[i] - 1), 3] = end
         else:
             t = top[i]
-            rows[t, 0], rows[t, 1], rows[t, 2], rows[t, 3] = run_z[r], run_y[r], run_x[r], end
+            u = np.uint64(t)
+            rows[u, 0], rows[u, 1], rows[u, 2], rows[u, 3] = run_z[r], run_y[r], run_x[r], end
             top[i] = t + 1
             last[i] = key
     longest = 1
@@ -560,30 +567,33 @@ def _run_hulls(run_z, run_y, run_x, run_len, run_id, local, offset, one_plane, r
     convex = np.full(k, -1, np.int64)
     m = 0
     for j in range(k):
-        i = local[j]
+        i = np.uint64(local[j])
         p, end = base[i], top[i]
         h_right = h_left = 0
         while p < end:  # plane by plane, each plane's chains after the last's
-            z = np.int64(rows[p, 0])
+            z = np.int64(rows[np.uint64(p), 0])
             floor_right, floor_left = h_right, h_left
-            while p < end and rows[p, 0] == z:
-                y = np.int64(rows[p, 1])
-                h_right = _push(right, h_right, floor_right, y, np.int64(rows[p, 3]))
-                h_left = _push(left, h_left, floor_left, y, -np.int64(rows[p, 2]))
+            while p < end and rows[np.uint64(p), 0] == z:
+                u = np.uint64(p)
+                y = np.int64(rows[u, 1])
+                h_right = _push(right, h_right, floor_right, y, np.int64(rows[u, 3]))
+                h_left = _push(left, h_left, floor_left, y, -np.int64(rows[u, 2]))
                 p += 1
             # Merge the chains' vertices by (y, x), on a row the left end first; a vertex of
             # both chains (a one-pixel first or last row) is kept once.
             a, c = floor_right, floor_left
             before_y, before_x = np.int64(-1), np.int64(0)
             while a < h_right or c < h_left:
-                if c < h_left and (a >= h_right or left[c, 0] <= right[a, 0]):
-                    y, x = left[c, 0], -left[c, 1]
+                ua, uc = np.uint64(a), np.uint64(c)
+                if c < h_left and (a >= h_right or left[uc, 0] <= right[ua, 0]):
+                    y, x = left[uc, 0], -left[uc, 1]
                     c += 1
                 else:
-                    y, x = right[a, 0], right[a, 1]
+                    y, x = right[ua, 0], right[ua, 1]
                     a += 1
                 if y != before_y or x != before_x:
-                    points[m, 0], points[m, 1], points[m, 2] = z + offset[0], y + offset[1], x + offset[2]
+                    um = np.uint64(m)
+                    points[um, 0], points[um, 1], points[um, 2] = z + offset[0], y + offset[1], x + offset[2]
                     m += 1
                 before_y, before_x = y, x
         if one_plane:
@@ -605,7 +615,8 @@ def _push(chain, top, floor, y, v):  # type: ignore[no-untyped-def]
         h -= np.int64(_turn(chain, h, y, v) >= 0)
         while h - floor >= 2 and _turn(chain, h, y, v) >= 0:
             h -= 1
-    chain[h, 0], chain[h, 1] = y, v
+    u = np.uint64(h)
+    chain[u, 0], chain[u, 1] = y, v
     return h + 1
 
 
@@ -613,8 +624,9 @@ def _push(chain, top, floor, y, v):  # type: ignore[no-untyped-def]
 def _turn(chain, h, y, v):  # type: ignore[no-untyped-def]
     """The cross product of the chain's last two vertices (below ``h``) and ``(y, v)``: negative
     where they turn clockwise."""
-    ay, av = np.int64(chain[h - 2, 0]), np.int64(chain[h - 2, 1])
-    return (np.int64(chain[h - 1, 0]) - ay) * (v - av) - (np.int64(chain[h - 1, 1]) - av) * (y - ay)
+    a, b = np.uint64(h - 2), np.uint64(h - 1)
+    ay, av = np.int64(chain[a, 0]), np.int64(chain[a, 1])
+    return (np.int64(chain[b, 0]) - ay) * (v - av) - (np.int64(chain[b, 1]) - av) * (y - ay)
 
 
 def _weighted(
