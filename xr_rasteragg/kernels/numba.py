@@ -126,7 +126,9 @@ def _encode_runs(flat, starts, nx, nmax, kmax, skip, use_skip):
     ``nmax`` bounds the number of runs and ``kmax`` the number of labels (see
     :func:`_count_runs`). Runs of the label ``skip`` are dropped when ``use_skip`` is set.
     A run takes the id of the previous run or of the pixel above when its label is theirs;
-    only the others are looked up in the hash table.
+    only the others are looked up in the hash table. Indices that LLVM cannot prove
+    non-negative are made unsigned: Numba wraps a negative signed index around, a compare and a
+    select at each access (a 2048 x 2048 block of the reference dataset: 6.0 against 7.2 ms).
     """
     nz, ny = starts.shape
     # Open addressing, at most half full (kmax bounds the labels), each slot holding its id and
@@ -158,17 +160,17 @@ def _encode_runs(flat, starts, nx, nmax, kmax, skip, use_skip):
             above, row_start = (row_start if y > 0 else nruns), nruns
             x0 = 0
             while x0 < nx:
-                key = row[x0]
+                key = row[np.uint64(x0)]
                 x1 = x0 + 1
-                while x1 < nx and row[x1] == key:
+                while x1 < nx and row[np.uint64(x1)] == key:
                     x1 += 1
                 if not (use_skip and key == skip):
-                    if key != last_key and above < row_start and up[x0] == key:
+                    if key != last_key and above < row_start and up[np.uint64(x0)] == key:
                         # The label of the pixel above: its run there gives the id without a
                         # look-up in the table (whose random reads miss the cache).
-                        while run_x[above] + run_len[above] <= x0:
+                        while run_x[np.uint64(above)] + run_len[np.uint64(above)] <= x0:
                             above += 1
-                        last_id = run_id[above]
+                        last_id = run_id[np.uint64(above)]
                         last_key = key
                     elif key != last_key or last_id < 0:
                         s = _slot(key, mask)
@@ -190,10 +192,11 @@ def _encode_runs(flat, starts, nx, nmax, kmax, skip, use_skip):
                     run_len[nruns] = length
                     run_id[nruns] = last_id
                     nruns += 1
-                    count[last_id] += length
-                    coords[last_id, 0] += z * length
-                    coords[last_id, 1] += y * length
-                    coords[last_id, 2] += 0.5 * (x0 + x1 - 1) * length
+                    at = np.uint64(last_id)
+                    count[at] += length
+                    coords[at, 0] += z * length
+                    coords[at, 1] += y * length
+                    coords[at, 2] += 0.5 * (x0 + x1 - 1) * length
                 x0 = x1
     runs = Runs(run_z[:nruns], run_y[:nruns], run_x[:nruns], run_len[:nruns], run_id[:nruns])
     return keys[:k], count[:k], coords[:k], runs
