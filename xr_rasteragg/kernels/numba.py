@@ -366,13 +366,13 @@ def _power_sweep(flats, rows, runs, flags, power, extremes, positions):
     order, extrema = flags.order, flags.extrema
     lo, hi = extremes
     for r in range(run_id.shape[0]):
-        i = run_id[r]
+        i = np.uint64(run_id[r])  # (unsigned: no wraparound at each access)
         z = run_z[r]
         y = run_y[r]
         a = run_x[r]
         b = a + run_len[r]
         for j in range(rows.shape[0]):
-            c = rows[j, 1]
+            c = np.uint64(rows[j, 1])
             start = rows[j, 2] + rows[j, 3] * z + rows[j, 4] * y
             row = flats[rows[j, 0]][start + a : start + b]
             mn = lo[i, c]
