@@ -12,6 +12,7 @@ import itertools
 import os
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -242,6 +243,21 @@ def counted_updates(
 
         monkeypatch.setitem(updates, family, counted)
     return calls
+
+
+@pytest.fixture
+def finalizer_work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions given to the engine's finalizer thread, in order (a fresh
+    thread for the test, which records what it is given)."""
+    sent: list[str] = []
+
+    class Recording(ThreadPoolExecutor):
+        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+            sent.append(fn.__name__)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(xr_rasteragg.engine, "_finalizer", lambda: Recording(1))
+    return sent
 
 
 @pytest.fixture

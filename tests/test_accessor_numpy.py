@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask
@@ -75,32 +74,22 @@ def arrays(case: str) -> tuple[xr.DataArray, xr.DataArray]:
 
 
 @pytest.mark.parametrize("case", ["2d", "uint16", "3d"])
-def test_shape_features_finalized_in_a_thread_of_their_own(
-    case: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_shape_features_finalized_in_a_thread_of_their_own(case: str, finalizer_work: list[str]) -> None:
     """With per-channel statistics beside them, NumPy-backed results finalize the shape features
     in the engine's finalizer thread while the calling thread finalizes the others; the table is
     the one that dask's synchronous scheduler makes in the calling thread alone, and without
     shape features nothing goes to that thread."""
     names = ["mean", "var", "max", "count", *(SHAPE_2D if case != "3d" else SHAPE_3D), "centroid_weighted"]
-    sent: list[str] = []
-
-    class Recording(ThreadPoolExecutor):
-        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-            sent.append(fn.__name__)
-            return super().submit(fn, *args, **kwargs)
-
-    monkeypatch.setattr(xr_rasteragg.engine, "_finalizer", lambda: Recording(1))
     image, labels = arrays(case)
     threaded = image.rasteragg.aggregate(labels, names)
-    assert sent == ["_finalize_parts"]
+    assert finalizer_work == ["_finalize_parts"]
     with dask.config.set(scheduler="sync"):
         alone = image.rasteragg.aggregate(labels, names)
     xr.testing.assert_identical(threaded, alone)
-    assert sent == ["_finalize_parts"]
+    assert finalizer_work == ["_finalize_parts"]
     image.rasteragg.aggregate(labels, ["mean", "count", "center_of_mass"])
     labels.rasteragg.aggregate(SHAPE_2D if case != "3d" else SHAPE_3D)
-    assert sent == ["_finalize_parts"]
+    assert finalizer_work == ["_finalize_parts"]
 
 
 def _finalize_in_a_child(queue: Any) -> None:

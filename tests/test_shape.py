@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from numpy.typing import NDArray
 from skimage.measure import regionprops_table
 
-import xr_rasteragg  # (importing registers the accessor)
+import xr_rasteragg  # noqa: F401  (registers the accessor)
 from xr_rasteragg.engine import aggregate
 from xr_rasteragg.stats import Space
 
@@ -395,23 +395,13 @@ def test_raster_aggregator_radii_axes_and_shape_stats() -> None:
 
 
 def test_raster_aggregator_finalizes_shape_features_in_the_finalizer_thread(
-    monkeypatch: pytest.MonkeyPatch,
+    finalizer_work: list[str],
 ) -> None:
     """``RasterAggregator`` finalizes as NumPy-backed accessor results do: the shape features in
     the engine's finalizer thread beside the per-channel statistics, to the frames that dask's
     synchronous scheduler makes in the calling thread alone, and equal to regionprops."""
-    from concurrent.futures import ThreadPoolExecutor
-
     from xr_rasteragg import RasterAggregator
 
-    sent: list[str] = []
-
-    class Recording(ThreadPoolExecutor):
-        def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-            sent.append(fn.__name__)
-            return super().submit(fn, *args, **kwargs)
-
-    monkeypatch.setattr(xr_rasteragg.engine, "_finalizer", lambda: Recording(1))
     labels = irregular((1, 26, 31), 5, 9)
     labels[0, :3] = 0  # background
     image = np.random.default_rng(3).integers(0, 900, size=(2, 1, 26, 31)).astype(np.uint16)
@@ -423,10 +413,10 @@ def test_raster_aggregator_finalizes_shape_features_in_the_finalizer_thread(
     names = ("mean", "eccentricity", "solidity", "perimeter")
     ids = np.unique(labels)[1:]  # regionprops' labels
     threaded = aggregator.aggregate_stats(names, index=ids)
-    assert sent == ["_finalize_parts"]
+    assert finalizer_work == ["_finalize_parts"]
     with dask.config.set(scheduler="sync"):
         alone = aggregator.aggregate_stats(names, index=ids)
-    assert sent == ["_finalize_parts"]
+    assert finalizer_work == ["_finalize_parts"]
     for one, other in zip(threaded, alone, strict=True):
         pd.testing.assert_frame_equal(one, other)
     expected = reference(labels[0], ("eccentricity", "solidity", "perimeter"))
