@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, NamedTuple
 
 import numba as nb
@@ -695,6 +696,11 @@ class LabelRuns:
     pixels: int
     offset: tuple[int, int, int] = (0, 0, 0)
     around: NDArray[Any] | None = None
+
+    @cached_property
+    def one_plane(self) -> bool:
+        """Whether the runs lie in one z plane (as in every block of 2-D labels; False without runs)."""
+        return self.parts.size > 0 and int(self.runs.z.max()) == int(self.runs.z.min())
 
 
 class RunKernel:

@@ -48,13 +48,8 @@ __all__ = ["SHAPE_NEIGHBOURHOODS", "SHAPE_UPDATES", "border_counts"]
 
 def _geometry(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Geometry` from the runs."""
-    fields = _run_geometry(*runs.runs, runs.local, np.asarray(runs.offset, np.int64), _one_plane(runs))
+    fields = _run_geometry(*runs.runs, runs.local, np.asarray(runs.offset, np.int64), runs.one_plane)
     parts.add(family, **dict(zip(family.names(), fields, strict=True)))
-
-
-def _one_plane(runs: LabelRuns) -> bool:
-    """Whether the runs of a block with labels lie in one z plane (as in every block of 2-D labels)."""
-    return runs.parts.size > 0 and int(runs.runs.z.max()) == int(runs.runs.z.min())
 
 
 @nb.njit(nogil=True, cache=True)
@@ -476,7 +471,7 @@ _FIELD = 21
 
 def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
     """Fill :class:`~xr_rasteragg.families.Hull` from the runs."""
-    one_plane = _one_plane(runs)
+    one_plane = runs.one_plane
     # Planes, rows and columns within the block in the table of rows: int16 where they fit.
     planes, rows, columns, lengths = runs.runs.z, runs.runs.y, runs.runs.x, runs.runs.length
     narrow = (
