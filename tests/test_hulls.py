@@ -75,6 +75,29 @@ def test_convex_pixels_equal_skimage(mask: NDArray[np.bool_]) -> None:
     np.testing.assert_array_equal(counts, [expected, 0, 4])
 
 
+def long_edge_masks() -> list[NDArray[np.bool_]]:
+    """Masks whose hulls have edges of more than 32 rows or columns, beside short ones (the rows
+    of an edge of at most 32 rows and columns are looked up, of a longer one counted)."""
+    rng = np.random.default_rng(1)
+    out = []
+    for shape in [(70, 45), (90, 3), (3, 90), (40, 40), (100, 60)]:
+        y, x = np.indices(shape)
+        out.append(x * shape[0] <= y * shape[1])  # a right triangle: its hypotenuse one edge
+    for _ in range(8):  # a few scattered pixels: long edges of every slope
+        shape = tuple(rng.integers(33, 120, size=2))
+        mask = np.zeros(shape, bool)
+        mask[rng.integers(0, shape[0], 6), rng.integers(0, shape[1], 6)] = True
+        out.append(mask)
+    return out
+
+
+@pytest.mark.parametrize("mask", long_edge_masks(), ids=lambda m: f"{m.shape}-{int(m.sum())}")
+def test_convex_pixels_of_long_edges_equal_skimage(mask: NDArray[np.bool_]) -> None:
+    vertices = hull_of(np.argwhere(mask).astype(np.int64))
+    counts = convex_pixels_2d(np.array([0, len(vertices)]), vertices)
+    assert counts[0] == int(convex_hull_image(mask).sum())
+
+
 def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
     rng = np.random.default_rng(1)
     slots = [np.array([0, 2, 3])] * 3  # three parts over disjoint pixels, each holding rows 0, 2 and 3

