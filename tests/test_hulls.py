@@ -2,7 +2,8 @@
 
 The pixel count of the convex hull image is checked against
 :func:`skimage.morphology.convex_hull_image` on masks of every kind (single pixels, lines of any
-slope, thin diagonals, random blobs); hulls and their merges against
+slope, thin diagonals, random blobs, hulls with edges longer than the table of row floors
+covers) and, edge by edge, against its definition in exact fractions; hulls and their merges against
 :class:`scipy.spatial.ConvexHull` of all the points. The label stage's hulls, and the solidity
 and perimeter through the accessor in random chunkings, are checked on adversarial label images
 (noise, one-pixel lines and diagonals, ellipses, scattered pixels, single pixels, random walks).
@@ -10,7 +11,9 @@ and perimeter through the accessor in random chunkings, are checked on adversari
 
 from __future__ import annotations
 
+import math
 import pickle
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from numpy.typing import NDArray
 from scipy.spatial import ConvexHull, QhullError
 from skimage.morphology import convex_hull_image
 
-from xr_rasteragg.hulls import convex_pixels_2d, fold_hulls, sorted_hull
+from xr_rasteragg.hulls import _chain_floors, convex_pixels_2d, fold_hulls, sorted_hull
 from xr_rasteragg.ragged import Ragged
 
 
@@ -96,6 +99,23 @@ def test_convex_pixels_of_long_edges_equal_skimage(mask: NDArray[np.bool_]) -> N
     vertices = hull_of(np.argwhere(mask).astype(np.int64))
     counts = convex_pixels_2d(np.array([0, len(vertices)]), vertices)
     assert counts[0] == int(convex_hull_image(mask).sum())
+
+
+def test_an_edge_rows_floors_equal_their_definition_in_fractions() -> None:
+    """Every edge of up to 40 rows and columns: the ones looked up in the table and the longer ones
+    stepped, against ``Σ floor(W(y))`` over the edge's rows computed in exact fractions."""
+
+    def floors(d: int, w: int) -> int:
+        ends = [Fraction(w * y, d) for y in range(d + 1)]
+        total = 0
+        for y, v in enumerate(ends):
+            widened = [v + Fraction(1, 2)] + [(v + ends[u]) / 2 for u in (y - 1, y + 1) if 0 <= u <= d]
+            total += math.floor(max(widened))
+        return total
+
+    for d in range(1, 41):
+        for w in range(-40, 41):
+            assert _chain_floors(np.array([0, d]), np.array([0, w]), 2) == floors(d, w), (d, w)
 
 
 def test_fold_hulls_rehulls_each_plane_of_a_union() -> None:
