@@ -395,10 +395,10 @@ def _power_sweep(flats, rows, runs, flags, power, extremes, positions):
                 d = np.uint64(row[p])  # negative values wrap: exact modulo 2**64
                 t1 += d
                 if positions is not None:
-                    # p < 2**32 (see _weighted_family): a product of 32-bit halves, a cheap
-                    # vector instruction, where a 64-bit product takes three micro-ops (or three
-                    # instructions without AVX-512) (a 2048 x 2048 block of 8 channels: the
-                    # weighted centroid 3.0 against 5.0 ms)
+                    # p < 2**32 (see _weighted_family): a product of 32-bit halves, one cheap
+                    # vector instruction, where a 64-bit product is three 32-bit products and
+                    # their sums (a 2048 x 2048 block of 8 channels: the weighted centroid 3.0
+                    # against 5.0 ms)
                     tj += d * np.uint64(np.uint32(p))
                 if order >= 2:
                     d2 = d * d
