@@ -98,6 +98,24 @@ def test_accessor_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.Dat
     assert on_cluster.sizes["label"] > 300
 
 
+def test_shape_features_same_as_threads(client: Any, cells: tuple[xr.DataArray, xr.DataArray]) -> None:
+    """The perimeter reads the pixels around each label block: on a cluster from the rings of the
+    blocks around it (only they travel between workers), on the threads of a small grid from the
+    blocks themselves. The answers are equal."""
+    from xr_rasteragg.engine import label_stages
+    from xr_rasteragg.stats import needs_of
+
+    image, labels = cells
+    labels = labels.chunk({"y": 384, "x": 320})  # a grid of 2 x 2 blocks
+    stats = ["perimeter", "solidity", "area", "centroid_weighted"]
+    on_cluster = image.rasteragg.aggregate(labels, stats).compute()
+    local = threaded(lambda: image.rasteragg.aggregate(labels, stats).compute())
+    xr.testing.assert_equal(on_cluster, local)
+    blocks = da.from_array(labels.values[None], chunks=(1, 384, 320))
+    stages = label_stages(blocks, 0, needs_of(["perimeter"], False))
+    assert len(dict(stages.__dask_graph__())) > 3 * 4  # the rings' tasks (see test_frames)
+
+
 def test_numpy_backed_inputs_travel_block_by_block(
     client: Any, cells: tuple[xr.DataArray, xr.DataArray]
 ) -> None:

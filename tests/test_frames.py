@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from xr_rasteragg.families import Border
-from xr_rasteragg.frames import Frame, frame_arrays
+from xr_rasteragg.frames import Frame, Ring, block_offsets, frame_arrays, frame_in_grid, gathers
 
 CHUNKS = [
     (2, 9, 11),
@@ -75,3 +75,60 @@ def test_small_grids_gather_the_rings_in_one_task(chunks: Any, gathered: bool) -
     assert gathered == (array.numblocks[0] == 1 and max(array.numblocks[1:]) <= GATHERED)
     if gathered:
         assert len(around.compute().ravel()) == int(np.prod(array.numblocks))
+
+
+class _OnDevice:
+    """A stand-in for a block on a device (as CuPy's arrays: sliced lazily, ``get`` copies to the host)."""
+
+    def __init__(self, values: np.ndarray) -> None:
+        self.values = values
+        self.shape = values.shape
+
+    def __getitem__(self, key: Any) -> _OnDevice:
+        return _OnDevice(self.values[key])
+
+    def get(self) -> np.ndarray:
+        return self.values.copy()
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["numpy", "device"])
+@pytest.mark.parametrize("chunks", [c for c in CHUNKS if gathers(da.ones((2, 9, 11), chunks=c))], ids=str)
+def test_frame_in_grid_equals_the_frame_from_rings(chunks: Any, device: bool) -> None:
+    """A small grid's frame cut from the blocks around it (read in place, or a device block's
+    ring) equals the frame cut from every block's ring, thin blocks included."""
+    labels = np.arange(2 * 9 * 11, dtype=np.int32).reshape(2, 9, 11) + 1
+    array = da.from_array(labels, chunks=chunks)
+    offsets = block_offsets(array)
+    blocks = np.empty(array.numblocks, dtype=object)
+    for index in np.ndindex(*array.numblocks):
+        where = zip(offsets[index], array.chunks, index, strict=True)
+        blocks[index] = labels[tuple(slice(start, start + sizes[i]) for start, sizes, i in where)]
+    rings = [Ring.of(blocks[i], offsets[i], 2) for i in np.ndindex(*array.numblocks)]
+    grid = [[[_OnDevice(b) if device else b for b in row] for row in plane] for plane in blocks.tolist()]
+    for index in np.ndindex(*array.numblocks):
+        block, offset = blocks[index], offsets[index]
+        assert offset == tuple(int(np.sum(c[:i])) for c, i in zip(array.chunks, index, strict=True))
+        expected = Frame.around(block, offset, rings, labels.shape, Border())
+        frame = frame_in_grid(block, offset, grid, labels.shape, Border())
+        for piece, want in zip(frame.pieces, expected.pieces, strict=True):
+            np.testing.assert_array_equal(piece, want)
+
+
+@pytest.mark.parametrize(
+    ("chunks", "in_grid"), [((1, 5, 6), True), ((1, 9, 11), True), ((1, 3, 3), False)], ids=str
+)
+def test_small_grids_label_tasks_read_the_blocks_around(chunks: Any, in_grid: bool) -> None:
+    """On the local schedulers, the label tasks of a small grid get every label block and cut their
+    frames from them: no ring tasks, and the tasks keep their name. A larger grid's get rings (as
+    every grid's do on a cluster: ``test_distributed``)."""
+    from xr_rasteragg.engine import label_stages
+    from xr_rasteragg.stats import needs_of
+
+    labels = da.from_array(np.ones((1, 9, 11), np.int32), chunks=chunks)
+    stages = label_stages(labels, 0, needs_of(["perimeter"], False))
+    # Per block: its labels, its offset and its label task; the rings add tasks of their own.
+    blocks = int(np.prod(labels.numblocks))
+    assert (len(dict(stages.__dask_graph__())) <= 3 * blocks) == in_grid
+    assert stages.numblocks == labels.numblocks
+    if in_grid:
+        assert stages.name.startswith("rasteragg-labels-")

@@ -43,7 +43,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .block_views import view_blocks
 from .families import Family, Hull
-from .frames import Frame, frame_arrays
+from .frames import Frame, block_offsets, frame_arrays, frame_in_grid, gathers
 from .in_memory import compute
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .object_arrays import holding, objects, pick, tree_reduce
@@ -646,6 +646,24 @@ def _framed_label_block(
     return holding(_label_task(labels, offset, skip, families, frame), 3)  # type: ignore[arg-type]
 
 
+def _label_block_in_grid(
+    labels: Any,
+    offset: NDArray[Any],
+    grid: list[Any],
+    *,
+    skip: int | None,
+    families: tuple[Family, ...],
+    shape: tuple[int, int, int],
+    family: Family,
+) -> NDArray[Any]:
+    """The label stage of one spatial block of a small grid, whose frame is cut from the blocks
+    around it in ``grid`` (every block; see :func:`~xr_rasteragg.frames.frame_in_grid`), at the
+    offset that ``offset`` holds (a ``blockwise`` task)."""
+    at = offset.flat[0]
+    frame = frame_in_grid(labels, at, grid, shape, family)
+    return holding(_label_task(labels, at, skip, families, frame), 3)
+
+
 def _channel_block(stage: NDArray[Any], image: list[Any] | None = None, *, needs: Needs) -> NDArray[Any]:
     """Partials of one spatial block over a group of channel chunks, or of its labels alone (a
     ``blockwise`` task)."""
@@ -750,7 +768,9 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
     the whole-label gather of one call) share them: computed together, each label block is
     encoded once. When a family of ``needs`` reads a label's neighbourhood (the perimeter's),
     each block's stage gets the frame of pixels around it, cut from the rings (the pixels near
-    the edges) of the blocks around it.
+    the edges) of the blocks around it; on the local schedulers, a small grid's label tasks
+    (:func:`~xr_rasteragg.frames.gathers`) get every label block instead, and cut the frame
+    from the blocks around theirs.
     """
     families = tuple(f for f in needs.more if not f.channel) if needs is not None else ()
     halo = [f for f in families if f.halo] if labels.size else []
@@ -758,13 +778,28 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
     blocks = tuple((1,) * n for n in labels.numblocks)
     if halo:
         (family,) = halo
+        shape = tuple(int(n) for n in labels.shape)
+        if gathers(labels) and distributed_client() is None:
+            # The blocks are in this process, where handing a task every block costs nothing,
+            # and all of them are read before the first label task either way (the gathered
+            # rings need them all). The rings' tasks, and the one that gathered them, ran before
+            # any label task: without them, the reference dataset's shape call on NumPy-backed
+            # arrays starts its label tasks 3 ms sooner (7.0 against 10.0 ms into the call). On
+            # a cluster only the rings travel.
+            offsets = da.from_array(block_offsets(labels), chunks=1, name=f"{name}-offsets")
+            return da.blockwise(
+                _label_block_in_grid, "zyx", labels, "zyx", offsets, "zyx", labels, "ZYX",
+                skip=skip, families=families, shape=shape, family=family, token="rasteragg-labels",
+                dtype=object, meta=objects(3), concatenate=False, align_arrays=False,
+                adjust_chunks={"z": 1, "y": 1, "x": 1},
+            )  # fmt: skip
         return da.map_blocks(
             _framed_label_block,
             labels,
             frame_arrays(labels, family.halo),
             skip=skip,
             families=families,
-            shape=tuple(int(n) for n in labels.shape),
+            shape=shape,
             family=family,
             dtype=object,
             chunks=blocks,

@@ -8,8 +8,11 @@ of its edges (:func:`frame_arrays`). Each label task receives the rings of its n
 blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that;
 on a grid of at most 3 × 3 blocks, the rings of every block, gathered by one task) and cuts
 its frame from them (:meth:`Frame.around`), so that the label stage reads its block
-once and nothing but thin rings travels between blocks. Pixels beyond the image stay 0 and are
-marked invalid (:meth:`Frame.valid`); blocks of any size, one pixel included, work alike.
+once and nothing but thin rings travels between blocks. On the local schedulers, where nothing
+travels, the label tasks of such a small grid get the blocks themselves instead and cut their
+frames from the blocks around theirs (:func:`frame_in_grid`), without the rings' tasks. Pixels
+beyond the image stay 0 and are marked invalid (:meth:`Frame.valid`); blocks of any size, one
+pixel included, work alike.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from numpy.typing import NDArray
 
 from .families import Family
 
-__all__ = ["GATHERED", "PIECES", "Frame", "Ring", "frame_arrays"]
+__all__ = ["GATHERED", "PIECES", "Frame", "Ring", "block_offsets", "frame_arrays", "frame_in_grid", "gathers"]
 
 #: A rectangle of the image: (first row, row after the last, first column, column after the last).
 Rect = tuple[int, int, int, int]
@@ -170,6 +173,54 @@ def _joined_rings(rings: NDArray[Any]) -> NDArray[Any]:
     return out
 
 
+def gathers(labels: da.Array) -> bool:
+    """Whether the block grid of ``labels`` ``(z, y, x)`` is small enough for each label block to
+    see every other (one block in z, at most :data:`GATHERED` in y and in x; see
+    :func:`frame_arrays` and :func:`frame_in_grid`)."""
+    return labels.numblocks[0] == 1 and max(labels.numblocks[1:]) <= GATHERED
+
+
+def block_offsets(labels: da.Array) -> NDArray[Any]:
+    """The offset ``(z, y, x)`` of each block of ``labels``, in an object array on its block grid."""
+    starts = [np.cumsum((0, *chunks[:-1])).tolist() for chunks in labels.chunks]
+    offsets = np.empty(labels.numblocks, dtype=object)
+    for index in np.ndindex(*labels.numblocks):
+        offsets[index] = tuple(start[i] for start, i in zip(starts, index, strict=True))
+    return offsets
+
+
+def frame_in_grid(
+    block: Any, offset: tuple[int, int, int], grid: Sequence[Any], shape: tuple[int, int, int], family: Family
+) -> Frame:
+    """The frame of the block at ``offset``, cut from the blocks around it in ``grid``: every
+    block of a label image of one block in z (nested lists by z, y and x, as ``blockwise`` hands
+    the blocks of an array whose axes it contracts; see :func:`gathers`).
+
+    On the local schedulers, where a task's inputs are the blocks themselves, the label task of
+    a small grid reads the pixels around its block in place (NumPy blocks) rather than from
+    rings that tasks of their own copied: those tasks, and the task that gathered them, delayed
+    every label task (see :func:`xr_rasteragg.engine.label_stages`). A block on a device gives
+    its ring (a copy of its pixels near the edges, to the host) instead.
+    """
+    d = family.halo
+    _, h, w = block.shape
+    _, y0, x0 = offset
+    near = []
+    top = 0
+    for row in grid[0]:
+        left = 0
+        for other in row:
+            _, oh, ow = other.shape
+            if top < y0 + h + d and y0 - d < top + oh and left < x0 + w + d and x0 - d < left + ow:
+                if isinstance(other, np.ndarray):
+                    near.append(Ring(((top, top + oh, left, left + ow),), (other,)))
+                else:
+                    near.append(Ring.of(other, (0, top, left), d))
+            left += ow
+        top += row[0].shape[1]
+    return Frame.around(block, offset, near, shape, family)
+
+
 def frame_arrays(labels: da.Array, halo: int) -> da.Array:
     """An object array on the block grid of ``labels`` ``(z, y, x)`` whose block ``(k, j, i)``
     holds the :class:`Ring` of each block around block ``(k, j, i)``, its own included, as far
@@ -189,7 +240,7 @@ def frame_arrays(labels: da.Array, halo: int) -> da.Array:
     one_each = tuple((1,) * n for n in labels.numblocks)
     meta = np.empty((0, 0, 0), dtype=object)
     rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
-    if labels.numblocks[0] == 1 and max(labels.numblocks[1:]) <= GATHERED:
+    if gathers(labels):
         return rings.rechunk(rings.shape)
     reach = 1 if min(labels.chunks[1]) >= halo and min(labels.chunks[2]) >= halo else halo
     for step in range(reach):
