@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from conftest import tree_hash
 from numpy.typing import NDArray
+from scipy import ndimage
 
 spatialdata = pytest.importorskip("spatialdata")
 from spatialdata.models import (  # noqa: E402
@@ -337,11 +338,13 @@ def test_dask_elements_give_dask_x_and_layers_written_in_one_computation(tmp_pat
     np.testing.assert_array_equal(stored.layers["max"], reference(image, labels, "max")[1])
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 def test_each_piece_of_per_channel_statistics_is_finalized_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, weighted: bool
 ) -> None:
-    """The table's obs (areas, centroids) come from pieces of the label families alone, so the
-    per-channel statistics are finalized once, when the table is written."""
+    """The table's obs and obsm (areas, centroids, and the intensity-weighted centroids, which
+    read no moments) come from pieces of their own, so the intensity statistics are finalized
+    once, when the table is written."""
     import xr_rasteragg.engine as engine
 
     finalized: list[tuple[str, ...]] = []
@@ -358,13 +361,19 @@ def test_each_piece_of_per_channel_statistics_is_finalized_once(
     path = tmp_path / "data.zarr"
     sdata_2d(labels, image).write(path)
     sdata = spatialdata.read_zarr(path)
-    table = aggregate(sdata, "img", "cells", ["mean", "var"])
+    extra = ("centroid_weighted",) if weighted else ()
+    table = aggregate(sdata, "img", "cells", ["mean", "var", *extra])
     pieces = -(-table.n_obs // 4)
-    assert finalized == [("count", "center_of_mass")] * pieces
+    assert finalized == [(*extra, "count", "center_of_mass")] * pieces
     adapter.store_table(sdata, "t", table)
-    assert sorted(finalized) == sorted([("count", "center_of_mass"), ("mean", "var")] * pieces)
+    assert sorted(finalized) == sorted([(*extra, "count", "center_of_mass"), ("mean", "var")] * pieces)
     stored = spatialdata.read_zarr(path).tables["t"]
     np.testing.assert_allclose(stored.layers["var"], reference(image, labels, "var")[1], rtol=1e-9)
+    if weighted:  # per cell, each channel's (y, x), with scipy.ndimage
+        ids = reference(image, labels, "mean")[0]
+        expected = [[ndimage.center_of_mass(plane, labels, i) for plane in image] for i in ids]
+        got = stored.obsm["centroid_weighted"]
+        np.testing.assert_allclose(got, np.reshape(expected, got.shape), rtol=1e-12)
 
 
 @pytest.mark.parametrize("existing", [False, True])

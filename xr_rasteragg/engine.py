@@ -896,32 +896,37 @@ def piece_labels(row: int) -> int:
     return int(max(1, min(PIECE_LABELS, budget // max(row, 1))))
 
 
-def stat_groups(stats: Sequence[str]) -> dict[bool, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """``stats`` in the groups that are finalized apart, by whether they are per channel: their
-    names, and the names of the families they read (the counts always, and the valid counts
-    where NaNs are skipped).
+#: The families of the intensity statistics proper (a table's ``X`` and ``layers``).
+INTENSITY_FAMILIES = frozenset({"moments", "extrema"})
 
-    The statistics of the labels alone (count, center of mass, the shape features but the
-    intensity-weighted centroid) are finalized from the label families only: computing them (as
-    the SpatialData adapter does for the table's obs) does not finalize the per-channel
-    statistics, which are computed once, when the table is written; and the per-channel
-    statistics do not merge the shape features' hulls, nor the labels' the moments.
+
+def stat_groups(stats: Sequence[str]) -> dict[bool, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``stats`` in the groups that are finalized apart, by whether they read the intensity
+    moments or extrema (:data:`INTENSITY_FAMILIES`): their names, and the names of the families
+    they read (the counts always, and the valid counts where NaNs are skipped).
+
+    The other statistics (count, center of mass, the shape features, the intensity-weighted
+    centroid among them) are finalized without the moments: computing them (as the SpatialData
+    adapter does for the table's ``obs`` and ``obsm``) does not finalize the intensity statistics,
+    which are computed once, when the table is written; and the intensity statistics do not merge
+    the shape features' hulls, nor the others the moments.
 
     Examples
     --------
-    >>> groups = stat_groups(["mean", "area", "count"])
+    >>> groups = stat_groups(["mean", "area", "count", "centroid_weighted"])
     >>> groups[True]
     (('mean',), ('counts', 'moments', 'valid'))
     >>> groups[False]
-    (('area', 'count'), ('counts', 'geometry', 'valid'))
+    (('area', 'count', 'centroid_weighted'), ('counts', 'geometry', 'valid', 'weighted'))
     """
     groups: dict[bool, list[str]] = {}
     for name in stats:
-        groups.setdefault(any(f.channel for f in STATISTICS[name].needs.families), []).append(name)
+        intensity = any(f.name in INTENSITY_FAMILIES for f in STATISTICS[name].needs.families)
+        groups.setdefault(intensity, []).append(name)
     read = {True: {"counts", "valid"}, False: {"counts", "valid"}}
-    for channel, names in groups.items():
-        read[channel].update(f.name for name in names for f in STATISTICS[name].needs.families)
-    return {channel: (tuple(names), tuple(sorted(read[channel]))) for channel, names in groups.items()}
+    for intensity, names in groups.items():
+        read[intensity].update(f.name for name in names for f in STATISTICS[name].needs.families)
+    return {key: (tuple(names), tuple(sorted(read[key]))) for key, names in groups.items()}
 
 
 def finalized(
