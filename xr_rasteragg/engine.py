@@ -339,26 +339,29 @@ def _finalize_here(
     """The values of ``stats`` for ``ids`` from computed partials, finalized in this process.
 
     With shape features beside per-channel statistics, the statistics of the labels alone (the
-    shape features among them: :func:`stat_groups`) are finalized in a thread of their own while
-    this thread finalizes the per-channel ones, each group merging only the families it reads;
-    otherwise everything is merged and finalized here, at once (always with dask's synchronous
-    scheduler). One thread is kept for that work rather than dask's pool, whose threads ran the
-    pass: the reference dataset's nine statistics and every shape feature through the accessor
-    on NumPy-backed arrays, medians of 11 alternating calls in one process (two runs), took
-    132.9 and 140.2 ms against 140.6 and 145.7 ms finalized at once, where both groups in dask's
-    pool made as many more page faults as they saved time.
+    shape features among them: the ``"labels"`` group of :func:`stat_groups`) are finalized in
+    a thread of their own while this thread finalizes the per-channel ones (the other groups, at
+    once), each merging only the families it reads; otherwise everything is merged and
+    finalized here, at once (always with dask's synchronous scheduler). One thread is kept for
+    that work rather than dask's pool, whose threads ran the pass: the reference dataset's nine
+    statistics and every shape feature through the accessor on NumPy-backed arrays, medians of
+    11 alternating calls in one process (two runs), took 132.9 and 140.2 ms against 140.6 and
+    145.7 ms finalized at once, where both groups in dask's pool made as many more page faults
+    as they saved time. (The intensity-weighted centroid goes with this thread's statistics:
+    with the labels' it made this function 1.1-1.3 ms slower, 10.9 against 9.5-9.7 ms.)
     """
     groups = stat_groups(stats)
-    alone = groups.get(False)
+    alone = groups.pop("labels", None)
     if (
-        True not in groups
-        or alone is None
+        alone is None
+        or not groups
         or set(alone[1]) <= {"counts", "valid"}  # count and center of mass: little to do
         or dask.base.get_scheduler() is dask.local.get_sync
     ):
         return dict(_finalize_piece(blocks, ids, stats, space).flat[0])
     shapes = _finalizer().submit(_finalize_parts, blocks, ids, alone[1], alone[0], space)
-    names, families = groups[True]
+    names = tuple(name for name in stats if name not in alone[0])
+    families = tuple(sorted({family for _, read in groups.values() for family in read}))
     values = dict(_finalize_parts(blocks, ids, families, names, space).flat[0])
     values.update(shapes.result().flat[0])
     return {name: values[name] for name in stats}
@@ -896,36 +899,40 @@ def piece_labels(row: int) -> int:
     return int(max(1, min(PIECE_LABELS, budget // max(row, 1))))
 
 
-#: The families of the intensity statistics proper (a table's ``X`` and ``layers``).
-INTENSITY_FAMILIES = frozenset({"moments", "extrema"})
+def stat_groups(stats: Sequence[str]) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+    """``stats`` in the groups that are finalized apart, by the families they read: their names,
+    and the names of those families (the counts always, and the valid counts where NaNs are
+    skipped).
 
-
-def stat_groups(stats: Sequence[str]) -> dict[bool, tuple[tuple[str, ...], tuple[str, ...]]]:
-    """``stats`` in the groups that are finalized apart, by whether they read the intensity
-    moments or extrema (:data:`INTENSITY_FAMILIES`): their names, and the names of the families
-    they read (the counts always, and the valid counts where NaNs are skipped).
-
-    The other statistics (count, center of mass, the shape features, the intensity-weighted
-    centroid among them) are finalized without the moments: computing them (as the SpatialData
-    adapter does for the table's ``obs`` and ``obsm``) does not finalize the intensity statistics,
-    which are computed once, when the table is written; and the intensity statistics do not merge
-    the shape features' hulls, nor the others the moments.
+    The groups are ``"moments"``, the statistics that read the intensity moments or extrema;
+    ``"weighted"``, those that read other per-channel sums (the intensity-weighted centroid);
+    and ``"labels"``, those of the labels alone (count, center of mass, the other shape
+    features). Computing the last two (as the SpatialData adapter does for the table's ``obs``
+    and ``obsm``) does not finalize the intensity statistics, which are computed once, when the
+    table is written; and no group merges another's families (the shape features' hulls, the
+    moments).
 
     Examples
     --------
     >>> groups = stat_groups(["mean", "area", "count", "centroid_weighted"])
-    >>> groups[True]
+    >>> groups["moments"]
     (('mean',), ('counts', 'moments', 'valid'))
-    >>> groups[False]
-    (('area', 'count', 'centroid_weighted'), ('counts', 'geometry', 'valid', 'weighted'))
+    >>> groups["labels"]
+    (('area', 'count'), ('counts', 'geometry', 'valid'))
+    >>> groups["weighted"]
+    (('centroid_weighted',), ('counts', 'valid', 'weighted'))
     """
-    groups: dict[bool, list[str]] = {}
+    groups: dict[str, list[str]] = {}
     for name in stats:
-        intensity = any(f.name in INTENSITY_FAMILIES for f in STATISTICS[name].needs.families)
-        groups.setdefault(intensity, []).append(name)
-    read = {True: {"counts", "valid"}, False: {"counts", "valid"}}
-    for intensity, names in groups.items():
-        read[intensity].update(f.name for name in names for f in STATISTICS[name].needs.families)
+        families = STATISTICS[name].needs.families
+        if any(f.name in ("moments", "extrema") for f in families):
+            group = "moments"
+        else:
+            group = "weighted" if any(f.channel for f in families) else "labels"
+        groups.setdefault(group, []).append(name)
+    read = {key: {"counts", "valid"} for key in groups}
+    for key, names in groups.items():
+        read[key].update(f.name for name in names for f in STATISTICS[name].needs.families)
     return {key: (tuple(names), tuple(sorted(read[key]))) for key, names in groups.items()}
 
 
