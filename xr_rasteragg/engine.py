@@ -43,7 +43,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .block_views import view_blocks
 from .families import Family, Hull
-from .frames import Frame, block_offsets, frame_arrays, frame_in_grid, gathers
+from .frames import Frame, frame_arrays, frame_in_grid, gathers, offset_array
 from .in_memory import compute
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .object_arrays import holding, objects, pick, tree_reduce
@@ -624,29 +624,29 @@ def channel_groups(image: da.Array | None) -> list[tuple[int, int]]:
 
 
 def _label_block(
-    labels: Any, skip: int | None, families: tuple[Family, ...], block_info: Any = None
+    labels: Any, offset: NDArray[Any], *, skip: int | None, families: tuple[Family, ...]
 ) -> NDArray[Any]:
-    """The label stage of one spatial block (a ``map_blocks`` task)."""
-    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    return holding(_label_task(labels, offset, skip, families), 3)  # type: ignore[arg-type]
+    """The label stage of one spatial block, at the offset that ``offset`` holds (a ``blockwise``
+    task)."""
+    return holding(_label_task(labels, offset.flat[0], skip, families), 3)
 
 
 def _framed_label_block(
     labels: Any,
+    offset: NDArray[Any],
     rings: NDArray[Any],
     *,
     skip: int | None,
     families: tuple[Family, ...],
     shape: tuple[int, int, int],
     family: Family,
-    block_info: Any = None,
 ) -> NDArray[Any]:
     """The label stage of one spatial block with the pixels around it, its
     :class:`~xr_rasteragg.frames.Frame`, cut from the rings of the blocks around it (a
-    ``map_blocks`` task)."""
-    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
-    frame = Frame.around(labels, offset, list(rings.ravel()), shape, family)  # type: ignore[arg-type]
-    return holding(_label_task(labels, offset, skip, families, frame), 3)  # type: ignore[arg-type]
+    ``blockwise`` task)."""
+    at = offset.flat[0]
+    frame = Frame.around(labels, at, list(rings.ravel()), shape, family)
+    return holding(_label_task(labels, at, skip, families, frame), 3)
 
 
 def _label_block_in_grid(
@@ -660,8 +660,8 @@ def _label_block_in_grid(
     family: Family,
 ) -> NDArray[Any]:
     """The label stage of one spatial block of a small grid, whose frame is cut from the blocks
-    around it in ``grid`` (every block; see :func:`~xr_rasteragg.frames.frame_in_grid`), at the
-    offset that ``offset`` holds (a ``blockwise`` task)."""
+    around it in ``grid`` (every block; see :func:`~xr_rasteragg.frames.frame_in_grid`) (a
+    ``blockwise`` task)."""
     at = offset.flat[0]
     frame = frame_in_grid(labels, at, grid, shape, family)
     return holding(_label_task(labels, at, skip, families, frame), 3)
@@ -765,9 +765,11 @@ def _finalize_parts(
 def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None) -> da.Array:
     """The label stage of every spatial block (:class:`LabelStage`), an object array of one per block.
 
-    Its tasks are named after the labels, ``skip`` and the families of the labels alone in
-    ``needs`` (the shape features', which the stage fills once per block, whatever the number of
-    channel groups), so that graphs built on the same labels (the moment statistics' pass and
+    Its tasks (``rasteragg-labels-…``, under dask's array query planning as well) are named
+    after the labels, ``skip`` and the families of the labels alone in ``needs`` (the shape
+    features', which the stage fills once per block, whatever the number of channel groups),
+    each reading its block's offset from :func:`~xr_rasteragg.frames.offset_array`, so that
+    graphs built on the same labels (the moment statistics' pass and
     the whole-label gather of one call) share them: computed together, each label block is
     encoded once. When a family of ``needs`` reads a label's neighbourhood (the perimeter's),
     each block's stage gets the frame of pixels around it, cut from the rings (the pixels near
@@ -777,41 +779,30 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
     """
     families = tuple(f for f in needs.more if not f.channel) if needs is not None else ()
     halo = [f for f in families if f.halo] if labels.size else []
-    name = f"rasteragg-labels-{dask.base.tokenize(labels.name, skip, families)}"
-    blocks = tuple((1,) * n for n in labels.numblocks)
-    if halo:
-        (family,) = halo
-        shape = tuple(int(n) for n in labels.shape)
-        if gathers(labels) and distributed_client() is None:
-            # The blocks are in this process, where handing a task every block costs nothing,
-            # and all of them are read before the first label task either way (the gathered
-            # rings need them all). The rings' tasks, and the one that gathered them, ran before
-            # any label task: without them, the reference dataset's shape call on NumPy-backed
-            # arrays starts its label tasks 3 ms sooner (7.0 against 10.0 ms into the call). On
-            # a cluster only the rings travel.
-            offsets = da.from_array(block_offsets(labels), chunks=1, name=f"{name}-offsets")
-            return da.blockwise(
-                _label_block_in_grid, "zyx", labels, "zyx", offsets, "zyx", labels, "ZYX",
-                skip=skip, families=families, shape=shape, family=family, token="rasteragg-labels",
-                dtype=object, meta=objects(3), concatenate=False, align_arrays=False,
-                adjust_chunks={"z": 1, "y": 1, "x": 1},
-            )  # fmt: skip
-        return da.map_blocks(
-            _framed_label_block,
-            labels,
-            frame_arrays(labels, family.halo),
-            skip=skip,
-            families=families,
-            shape=shape,
-            family=family,
-            dtype=object,
-            chunks=blocks,
-            meta=objects(3),
-            name=name,
-        )
-    return da.map_blocks(
-        _label_block, labels, skip, families, dtype=object, chunks=blocks, meta=objects(3), name=name
-    )
+    offsets = offset_array(labels)
+    common = {
+        "skip": skip, "families": families, "token": "rasteragg-labels", "dtype": object, "meta": objects(3),
+        "concatenate": False, "align_arrays": False, "adjust_chunks": {"z": 1, "y": 1, "x": 1},
+    }  # fmt: skip
+    if not halo:
+        return da.blockwise(_label_block, "zyx", labels, "zyx", offsets, "zyx", **common)
+    (family,) = halo
+    shape = tuple(int(n) for n in labels.shape)
+    if gathers(labels) and distributed_client() is None:
+        # The blocks are in this process, where handing a task every block costs nothing, and
+        # all of them are read before the first label task either way (gathered rings need them
+        # all). The rings' tasks, and the one that gathered them, ran before any label task:
+        # without them, the reference dataset's shape call on NumPy-backed arrays starts its
+        # label tasks 3 ms sooner (7.0 against 10.0 ms into the call). On a cluster only the
+        # rings travel.
+        return da.blockwise(
+            _label_block_in_grid, "zyx", labels, "zyx", offsets, "zyx", labels, "ZYX",
+            shape=shape, family=family, **common,
+        )  # fmt: skip
+    return da.blockwise(
+        _framed_label_block, "zyx", labels, "zyx", offsets, "zyx", frame_arrays(labels, family.halo), "zyx",
+        shape=shape, family=family, **common,
+    )  # fmt: skip
 
 
 def _merged_partials(

@@ -5,12 +5,12 @@ perimeter's 2) needs, for each label block, the ``d`` rows above and below it, t
 columns left and right of it and the four ``d × d`` corners: its :class:`Frame`. The engine
 gets them with one cheap task per block: its :class:`Ring`, the block's own pixels within ``d``
 of its edges (:func:`frame_arrays`). Each label task receives the rings of its neighbouring
-blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that;
-on a grid of at most 3 × 3 blocks, the rings of every block, gathered by one task) and cuts
-its frame from them (:meth:`Frame.around`), so that the label stage reads its block
+blocks (as many blocks away as it takes to reach ``d`` pixels, for blocks thinner than that)
+and cuts its frame from them (:meth:`Frame.around`), so that the label stage reads its block
 once and nothing but thin rings travels between blocks. On the local schedulers, where nothing
-travels, the label tasks of such a small grid get the blocks themselves instead and cut their
-frames from the blocks around theirs (:func:`frame_in_grid`), without the rings' tasks. Pixels
+travels, the label tasks of a grid of at most 3 × 3 blocks get the blocks themselves instead
+and cut their frames from the blocks around theirs (:func:`frame_in_grid`), without the rings'
+tasks. Pixels
 beyond the image stay 0 and are marked invalid (:meth:`Frame.valid`); blocks of any size, one
 pixel included, work alike.
 """
@@ -27,13 +27,23 @@ from numpy.typing import NDArray
 
 from .families import Family
 
-__all__ = ["GATHERED", "PIECES", "Frame", "Ring", "block_offsets", "frame_arrays", "frame_in_grid", "gathers"]
+__all__ = [
+    "GATHERED",
+    "PIECES",
+    "Frame",
+    "Ring",
+    "block_offsets",
+    "frame_arrays",
+    "frame_in_grid",
+    "gathers",
+    "offset_array",
+]
 
 #: A rectangle of the image: (first row, row after the last, first column, column after the last).
 Rect = tuple[int, int, int, int]
 
-#: The most blocks along y and along x of a grid whose rings are gathered in one task (see
-#: :func:`frame_arrays`): a block's neighbourhood spans three blocks each way.
+#: The most blocks along y and along x of a grid whose label tasks get every block (see
+#: :func:`frame_in_grid`): a block's neighbourhood spans three blocks each way.
 GATHERED = 3
 
 #: The frame's pieces, in the order of :class:`Frame`.
@@ -153,11 +163,11 @@ def _paste(out: NDArray[Any], rect: Rect, values: NDArray[Any], source: Rect) ->
         ]
 
 
-def _ring_block(block: NDArray[Any], halo: int, block_info: Any = None) -> NDArray[Any]:
-    """The :class:`Ring` of one label block (a ``map_blocks`` task), in a ``(1, 1, 1)`` object array."""
-    offset = tuple(int(start) for start, _ in block_info[0]["array-location"])
+def _ring_block(block: NDArray[Any], offset: NDArray[Any], halo: int) -> NDArray[Any]:
+    """The :class:`Ring` of one label block, at the offset that ``offset`` holds (a
+    ``blockwise`` task), in a ``(1, 1, 1)`` object array."""
     out = np.empty((1, 1, 1), dtype=object)
-    out[0, 0, 0] = Ring.of(block, offset, halo)  # type: ignore[arg-type]
+    out[0, 0, 0] = Ring.of(block, offset.flat[0], halo)
     return out
 
 
@@ -176,7 +186,7 @@ def _joined_rings(rings: NDArray[Any]) -> NDArray[Any]:
 def gathers(labels: da.Array) -> bool:
     """Whether the block grid of ``labels`` ``(z, y, x)`` is small enough for each label block to
     see every other (one block in z, at most :data:`GATHERED` in y and in x; see
-    :func:`frame_arrays` and :func:`frame_in_grid`)."""
+    :func:`frame_in_grid`)."""
     return labels.numblocks[0] == 1 and max(labels.numblocks[1:]) <= GATHERED
 
 
@@ -187,6 +197,15 @@ def block_offsets(labels: da.Array) -> NDArray[Any]:
     for index in np.ndindex(*labels.numblocks):
         offsets[index] = tuple(start[i] for start, i in zip(starts, index, strict=True))
     return offsets
+
+
+def offset_array(labels: da.Array) -> da.Array:
+    """:func:`block_offsets` as a dask array of one offset per block, for the ``blockwise`` tasks
+    of each block (which get no ``block_info``; ``map_blocks`` with it loses its task names
+    under dask's array query planning). Named after ``labels``, so that the graphs of one call
+    share it; its tasks are fused into the ones that read them."""
+    name = f"rasteragg-offsets-{labels.name}"
+    return da.from_array(block_offsets(labels), chunks=1, name=name)
 
 
 def frame_in_grid(
@@ -225,23 +244,21 @@ def frame_arrays(labels: da.Array, halo: int) -> da.Array:
     """An object array on the block grid of ``labels`` ``(z, y, x)`` whose block ``(k, j, i)``
     holds the :class:`Ring` of each block around block ``(k, j, i)``, its own included, as far
     as ``halo`` pixels reach (an object array of rings, ``(1, 3, 3)`` or fewer at the grid's
-    edges); or, for a grid of one block in z and at most :data:`GATHERED` blocks in y and x,
-    an object array of one block that holds the rings of every block (``map_blocks`` hands it
-    to every block).
+    edges).
 
-    One task per block makes its ring. On a small grid, one task gathers the rings: at most as
-    many as a block's neighbourhood holds, without the tasks that hand each block its
-    neighbours'. Otherwise dask's ``overlap`` hands each block the rings of the blocks next to
-    it (one graph step, however many blocks; beyond the grid's edges the frame lies beyond the
-    image). Blocks at least ``halo`` pixels high and wide need nothing more; for thinner
-    blocks, the rings around each block are joined into one ring and handed on again, until
-    they reach ``halo`` blocks away.
+    One task per block makes its ring; dask's ``overlap`` hands each block the rings of the
+    blocks next to it (one graph step, however many blocks; beyond the grid's edges the frame
+    lies beyond the image). Blocks at least ``halo`` pixels high and wide need nothing more; for
+    thinner blocks, the rings around each block are joined into one ring and handed on again,
+    until they reach ``halo`` blocks away.
     """
     one_each = tuple((1,) * n for n in labels.numblocks)
     meta = np.empty((0, 0, 0), dtype=object)
-    rings = da.map_blocks(_ring_block, labels, halo, dtype=object, chunks=one_each, meta=meta)
-    if gathers(labels):
-        return rings.rechunk(rings.shape)
+    rings = da.blockwise(
+        _ring_block, "zyx", labels, "zyx", offset_array(labels), "zyx", halo, None,
+        token="rasteragg-rings", dtype=object, meta=meta, concatenate=False, align_arrays=False,
+        adjust_chunks={"z": 1, "y": 1, "x": 1},
+    )  # fmt: skip
     reach = 1 if min(labels.chunks[1]) >= halo and min(labels.chunks[2]) >= halo else halo
     for step in range(reach):
         if step:
