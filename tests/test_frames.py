@@ -35,7 +35,8 @@ def test_each_block_sees_its_neighbourhood(chunks: Any) -> None:
     for k, j, i in np.ndindex(*array.numblocks):
         (z0, z1), (y0, y1), (x0, x1) = ((s[n], s[n + 1]) for s, n in zip(starts, (k, j, i), strict=True))
         block = labels[z0:z1, y0:y1, x0:x1]
-        rings = list(everything[at[0][k] : at[0][k + 1], at[1][j] : at[1][j + 1], at[2][i] : at[2][i + 1]].ravel())
+        near = everything[at[0][k] : at[0][k + 1], at[1][j] : at[1][j + 1], at[2][i] : at[2][i + 1]]
+        rings = list(near.ravel())
         frame = Frame.around(block, (z0, y0, x0), rings, labels.shape, Border())
         top, bottom, left, right, top_left, top_right, bottom_left, bottom_right = frame.pieces
         widened = np.block(
