@@ -938,9 +938,9 @@ def finalized(
     """Dask arrays of the statistics for ``ids``, one task per piece of ``step`` ids (by default
     :func:`piece_labels` of the statistics' rows).
 
-    One task per piece merges every partial's rows of the piece's ids and finalizes every
-    statistic (those of the labels alone, and the per-channel ones, in tasks of their own); each
-    statistic takes its rows from the pieces. Under a ``distributed.Client`` the rows are cut
+    One task per piece and group of statistics (:func:`stat_groups`) merges every partial's rows
+    of the piece's ids and finalizes the group's statistics; each statistic takes its rows from
+    the pieces. Under a ``distributed.Client`` the rows are cut
     where each partial is, by a task per partial and piece, so that a piece's task receives only
     its rows; on the local schedulers the piece's task cuts them itself. Nothing but the ids goes
     through the client.
