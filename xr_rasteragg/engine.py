@@ -43,7 +43,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from .block_views import view_blocks
 from .families import Family, Hull
-from .frames import Frame, frame_arrays, frame_in_grid, gathers, offset_array
+from .frames import Frame, FrameCut, frame_arrays, frame_from_rings, frame_in_grid, gathers, offset_array
 from .in_memory import compute
 from .kernels import BlockKernel, FrameReader, StagedKernel, array_backend, kernel_for
 from .object_arrays import holding, objects, pick, tree_reduce
@@ -634,36 +634,20 @@ def _label_block(
 def _framed_label_block(
     labels: Any,
     offset: NDArray[Any],
-    rings: NDArray[Any],
+    around: Any,
     *,
+    cut: FrameCut,
     skip: int | None,
     families: tuple[Family, ...],
     shape: tuple[int, int, int],
     family: Family,
 ) -> NDArray[Any]:
     """The label stage of one spatial block with the pixels around it, its
-    :class:`~xr_rasteragg.frames.Frame`, cut from the rings of the blocks around it (a
-    ``blockwise`` task)."""
+    :class:`~xr_rasteragg.frames.Frame`, which ``cut`` cuts from ``around`` (the rings of the
+    blocks around it, or every block of a small grid: see :func:`label_stages`), at the offset
+    that ``offset`` holds (a ``blockwise`` task)."""
     at = offset.flat[0]
-    frame = Frame.around(labels, at, list(rings.ravel()), shape, family)
-    return holding(_label_task(labels, at, skip, families, frame), 3)
-
-
-def _label_block_in_grid(
-    labels: Any,
-    offset: NDArray[Any],
-    grid: list[Any],
-    *,
-    skip: int | None,
-    families: tuple[Family, ...],
-    shape: tuple[int, int, int],
-    family: Family,
-) -> NDArray[Any]:
-    """The label stage of one spatial block of a small grid, whose frame is cut from the blocks
-    around it in ``grid`` (every block; see :func:`~xr_rasteragg.frames.frame_in_grid`) (a
-    ``blockwise`` task)."""
-    at = offset.flat[0]
-    frame = frame_in_grid(labels, at, grid, shape, family)
+    frame = cut(labels, at, around, shape, family)
     return holding(_label_task(labels, at, skip, families, frame), 3)
 
 
@@ -769,11 +753,11 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
     after the labels, ``skip`` and the families of the labels alone in ``needs`` (the shape
     features', which the stage fills once per block, whatever the number of channel groups),
     each reading its block's offset from :func:`~xr_rasteragg.frames.offset_array`, so that
-    graphs built on the same labels (the moment statistics' pass and
-    the whole-label gather of one call) share them: computed together, each label block is
-    encoded once. When a family of ``needs`` reads a label's neighbourhood (the perimeter's),
-    each block's stage gets the frame of pixels around it, cut from the rings (the pixels near
-    the edges) of the blocks around it; on the local schedulers, a small grid's label tasks
+    graphs built on the same labels (the moment statistics' pass and the whole-label gather of
+    one call) share them: computed together, each label block is encoded once. When a family
+    of ``needs`` reads a label's neighbourhood (the perimeter's), each block's stage gets the
+    frame of pixels around it, cut from the rings (the pixels near the edges) of the blocks
+    around it; on the local schedulers, a small grid's label tasks
     (:func:`~xr_rasteragg.frames.gathers`) get every label block instead, and cut the frame
     from the blocks around theirs.
     """
@@ -789,19 +773,17 @@ def label_stages(labels: da.Array, skip: int | None, needs: Needs | None = None)
     (family,) = halo
     shape = tuple(int(n) for n in labels.shape)
     if gathers(labels) and distributed_client() is None:
-        # The blocks are in this process, where handing a task every block costs nothing, and
-        # all of them are read before the first label task either way (gathered rings need them
-        # all). The rings' tasks, and the one that gathered them, ran before any label task:
-        # without them, the reference dataset's shape call on NumPy-backed arrays starts its
-        # label tasks 3 ms sooner (7.0 against 10.0 ms into the call). On a cluster only the
-        # rings travel.
+        # The blocks are in this process, where handing a task every block costs nothing. The
+        # rings' tasks ran before any label task: without them, the reference dataset's shape
+        # call on NumPy-backed arrays starts its label tasks 3 ms sooner (7.0 against 10.0 ms
+        # into the call). On a cluster only the rings travel.
         return da.blockwise(
-            _label_block_in_grid, "zyx", labels, "zyx", offsets, "zyx", labels, "ZYX",
-            shape=shape, family=family, **common,
+            _framed_label_block, "zyx", labels, "zyx", offsets, "zyx", labels, "ZYX",
+            cut=frame_in_grid, shape=shape, family=family, **common,
         )  # fmt: skip
     return da.blockwise(
         _framed_label_block, "zyx", labels, "zyx", offsets, "zyx", frame_arrays(labels, family.halo), "zyx",
-        shape=shape, family=family, **common,
+        cut=frame_from_rings, shape=shape, family=family, **common,
     )  # fmt: skip
 
 

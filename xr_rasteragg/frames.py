@@ -10,14 +10,13 @@ and cuts its frame from them (:meth:`Frame.around`), so that the label stage rea
 once and nothing but thin rings travels between blocks. On the local schedulers, where nothing
 travels, the label tasks of a grid of at most 3 × 3 blocks get the blocks themselves instead
 and cut their frames from the blocks around theirs (:func:`frame_in_grid`), without the rings'
-tasks. Pixels
-beyond the image stay 0 and are marked invalid (:meth:`Frame.valid`); blocks of any size, one
-pixel included, work alike.
+tasks. Pixels beyond the image stay 0 and are marked invalid (:meth:`Frame.valid`); blocks of
+any size, one pixel included, work alike.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +30,11 @@ __all__ = [
     "GATHERED",
     "PIECES",
     "Frame",
+    "FrameCut",
     "Ring",
     "block_offsets",
     "frame_arrays",
+    "frame_from_rings",
     "frame_in_grid",
     "gathers",
     "offset_array",
@@ -206,6 +207,20 @@ def offset_array(labels: da.Array) -> da.Array:
     share it; its tasks are fused into the ones that read them."""
     name = f"rasteragg-offsets-{labels.name}"
     return da.from_array(block_offsets(labels), chunks=1, name=name)
+
+
+#: How a label task gets its block's frame: from the block, its offset, what it was handed
+#: around the block, the image's shape and the family (:func:`frame_from_rings`,
+#: :func:`frame_in_grid`).
+FrameCut = Callable[[Any, tuple[int, int, int], Any, tuple[int, int, int], Family], Frame]
+
+
+def frame_from_rings(
+    block: Any, offset: tuple[int, int, int], rings: NDArray[Any], shape: tuple[int, int, int], family: Family
+) -> Frame:
+    """The frame of the block at ``offset``, cut from ``rings``: the object array of the rings
+    around it that :func:`frame_arrays` hands each block."""
+    return Frame.around(block, offset, list(rings.ravel()), shape, family)
 
 
 def frame_in_grid(
