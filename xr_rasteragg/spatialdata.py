@@ -116,7 +116,8 @@ def aggregate(
         and centroid are always in the table (``obs["area"]``, ``obsm["spatial"]``). Shape
         features (:doc:`/statistics`) may be named too, in pixel units of the labels element:
         scalar ones go to ``obs[name]``, the others to ``obsm[name]`` (one row per cell, their
-        values flattened; ``area`` is ``obs["area"]`` already). At least one per-channel
+        values flattened; ``area`` is ``obs["area"]`` already; ``centroid_weighted``, per
+        channel, is dask-backed like ``X`` for dask-backed elements). At least one per-channel
         statistic is needed, for ``X``.
     table_name
         Put the table in ``sdata.tables[table_name]``.
@@ -264,12 +265,13 @@ def compute_table(resolved: Plan, *, progress: bool = False) -> AnnData:
     """Run the one pass over the planned pixels and build the table.
 
     With dask-backed elements (as read from a store) the pass runs here and its merged partials
-    stay where dask computed them (on the workers, under ``dask.distributed``); ``X`` and
-    ``layers`` are dask arrays over them, computed when the table is written
-    (:func:`store_table`) or when you compute them (compute them together, as
-    ``dask.compute(table.X, *table.layers.values())``, to finalize each piece of labels once).
-    ``obs`` and ``obsm["spatial"]`` (one row per label) are computed here, in memory. NumPy-backed
-    elements give NumPy ``X`` and ``layers``.
+    stay where dask computed them (on the workers, under ``dask.distributed``); ``X``,
+    ``layers`` and the per-channel shape feature ``obsm["centroid_weighted"]`` are dask arrays
+    over them, computed when the table is written (:func:`store_table`) or when you compute them
+    (compute them together, as ``dask.compute(table.X, *table.layers.values())``, to finalize
+    each piece of labels once). ``obs`` and the rest of ``obsm`` (one row per label: areas,
+    centroids, the shape features of the labels alone) are computed here, in memory. NumPy-backed
+    elements give NumPy arrays throughout.
 
     Parameters
     ----------
@@ -401,11 +403,15 @@ def _table(resolved: Plan, result: xr.Dataset, *, progress: bool) -> AnnData:
     if ids.dtype.itemsize == 1:  # TableModel admits no 8-bit instance ids; widening keeps every id
         ids = ids.astype(np.int16 if ids.dtype.kind == "i" else np.uint16)
     channels = [str(c) for c in resolved.image["c"].values]
-    # One computation for both, so that each piece of labels is finalized once for them.
+    # The features of the labels alone in one computation, so that each piece of labels is
+    # finalized once for them; those per channel (the intensity-weighted centroid) are finalized
+    # with X and layers, as they read the same partials, and stay lazy with them.
+    per_channel = [name for name in resolved.shape if "c" in STATISTICS[name].dims]
+    alone = [name for name in resolved.shape if name not in per_channel]
     area, centroids, *shape = _compute(
         result["count"].data,
         result["center_of_mass"].data,
-        *(result[name].data for name in resolved.shape),
+        *(result[name].data for name in alone),
         progress=progress,
     )
     layers = {name: _as_float64(result[name].data) for name in resolved.stats}
@@ -420,12 +426,15 @@ def _table(resolved: Plan, result: xr.Dataset, *, progress: bool) -> AnnData:
         index=pd.Index(ids.astype(str)),
     )
     obsm = {"spatial": to_coordinate_system(np.asarray(centroids), resolved.affine)}
-    for name, value in zip(resolved.shape, shape, strict=True):
+    for name, value in zip(alone, shape, strict=True):
         value = np.asarray(value)
         if value.ndim == 1:
             obs[name] = value
         else:
             obsm[name] = value.reshape(value.shape[0], -1)
+    for name in per_channel:
+        value = result[name].data
+        obsm[name] = value.reshape(value.shape[0], -1)
     first, *others = resolved.stats
     table = ad.AnnData(
         X=layers[first],
@@ -462,8 +471,8 @@ def store_table(
     Should anything fail, the store's metadata files are restored, a replaced table moved back,
     and the store is byte for byte as before.
 
-    A dask-backed ``X`` and ``layers`` (as :func:`compute_table` makes them from dask-backed
-    elements) are computed and written chunk by chunk by whoever runs dask's tasks, in one
+    A dask-backed ``X``, ``layers`` and ``obsm`` entries (as :func:`compute_table` makes them
+    from dask-backed elements) are computed and written chunk by chunk by whoever runs dask's tasks, in one
     computation: on a ``dask.distributed`` cluster the workers write them (the staging folder
     must then be reachable from the workers at the same path, as the store is), and the client
     never holds them. (anndata writes dask arrays on the local threads whatever the scheduler,
@@ -703,14 +712,15 @@ def _compute(*values: Any, progress: bool) -> tuple[Any, ...]:
 
 
 def _without_dask_arrays(table: AnnData) -> tuple[AnnData, dict[str, da.Array]]:
-    """``table`` without its dask-backed ``X`` and ``layers``, and those arrays by their path in
-    the table's group (``X``, ``layers/<name>``)."""
+    """``table`` without its dask-backed ``X``, ``layers`` and ``obsm`` entries, and those arrays
+    by their path in the table's group (``X``, ``layers/<name>``, ``obsm/<name>``)."""
     import anndata as ad
 
     lazy: dict[str, da.Array] = {}
     if isinstance(table.X, da.Array):
         lazy["X"] = table.X
     lazy.update({f"layers/{k}": v for k, v in table.layers.items() if isinstance(v, da.Array)})
+    lazy.update({f"obsm/{k}": v for k, v in table.obsm.items() if isinstance(v, da.Array)})
     if not lazy:
         return table, lazy
     skeleton = ad.AnnData(
@@ -718,7 +728,7 @@ def _without_dask_arrays(table: AnnData) -> tuple[AnnData, dict[str, da.Array]]:
         obs=table.obs,
         var=table.var,
         uns=dict(table.uns),
-        obsm=dict(table.obsm),
+        obsm={k: v for k, v in table.obsm.items() if f"obsm/{k}" not in lazy},
         varm=dict(table.varm),
         obsp=dict(table.obsp),
         varp=dict(table.varp),
