@@ -117,3 +117,37 @@ def test_label_tasks_keep_their_name(chunks: Any, stats: list[str], in_grid: boo
     assert any("rasteragg-rings" in str(key) for key in keys) == (stats == ["perimeter"] and not in_grid)
     offsets = [stage.offset for stage in stages.compute().ravel()]
     assert offsets == list(block_offsets(labels).ravel())
+
+
+@pytest.mark.parametrize("width", [1, 2, 63, 64, 65, 130])
+@pytest.mark.parametrize("kind", ["random", "blocky", "one label"])
+def test_the_perimeter_reading_counts_the_runs_as_the_encoding_does(width: int, kind: str) -> None:
+    """The perimeter's kernel code reads the block and its frame before the block is encoded,
+    and gives the encoding its bounds on runs and labels from its own bit masks: the very
+    counts of the pass it spares (``_count_runs``), for blocks across 64-pixel words, at every
+    position in the image (frames cut at its edges), planes of one row included."""
+    from xr_rasteragg.kernels.numba import _count_runs, _flat_rows
+    from xr_rasteragg.kernels.numba_shape import border_rows
+
+    rng = np.random.default_rng(width)
+    shape = (1, 7, 3 * width)
+    if kind == "random":
+        labels = rng.integers(0, 4, shape).astype(np.int32)
+    elif kind == "blocky":
+        labels = np.repeat(np.repeat(rng.integers(0, 5, (1, 3, 3 * width)), 3, axis=1), 1, axis=2)[:, :7]
+        labels = np.ascontiguousarray(labels).astype(np.uint16)
+    else:
+        labels = np.full(shape, 9, np.int64)
+    array = da.from_array(labels, chunks=(1, (1, 3, 3), width))
+    offsets = block_offsets(array)
+    rings = []
+    blocks = {}
+    for index in np.ndindex(*array.numblocks):
+        block = np.ascontiguousarray(array.blocks[index].compute())
+        blocks[index] = block
+        rings.append(Ring.of(block, offsets[index], 2))
+    for index, block in blocks.items():
+        frame = Frame.around(block, offsets[index], rings, labels.shape, Border())
+        _, nmax, kmax = border_rows(frame, block, offsets[index])
+        flat, starts = _flat_rows(block)
+        assert (nmax, kmax) == tuple(int(n) for n in _count_runs(flat, starts, block.shape[2])), index

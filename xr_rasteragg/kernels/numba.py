@@ -742,12 +742,19 @@ class RunKernel:
         whose pixels are ignored entirely (the background), or None, ``families`` families of
         the labels alone (``Family.channel`` False: the shape features') whose kernel code
         (:data:`FAMILY_UPDATES`) runs here, once per block, rather than in each group of
-        channels, and ``frame`` the pixels around the block (see :meth:`encode_framed`).
+        channels, and ``frame`` the pixels around the block (see :meth:`encode_framed`), whose
+        family's kernel code (:data:`NEIGHBOURHOODS`) reads the block first and gives the
+        encoding its bounds on the block's runs and labels.
         """
         use_skip, skip_value = _as_label_value(skip, labels.dtype)
         flat, starts = _flat_rows(labels)
         nx = labels.shape[2]
-        nmax, kmax = _count_runs(flat, starts, nx) if labels.size else (0, 0)
+        offset = tuple(int(o) for o in offset)  # type: ignore[assignment]
+        reader = None if frame is None else NEIGHBOURHOODS[type(frame.family)]
+        if reader is not None and frame is not None:
+            read, nmax, kmax = reader.read(frame, labels, offset)
+        else:
+            nmax, kmax = _count_runs(flat, starts, nx) if labels.size else (0, 0)
         keys, count, coords, runs = _encode_runs(flat, starts, nx, nmax, kmax, skip_value, use_skip)
         # The sweeps use the ids in order of first appearance, so that neighbouring runs touch
         # neighbouring rows of the accumulators; the rows come out sorted by label id.
@@ -755,10 +762,7 @@ class RunKernel:
         rank = np.empty_like(local)
         rank[local] = np.arange(local.shape[0])
         parts = Partials(*_in_label_order(local, keys, count, coords, np.asarray(offset, dtype=np.float64)))
-        offset = tuple(int(o) for o in offset)  # type: ignore[assignment]
-        around = None
-        if frame is not None:
-            around = NEIGHBOURHOODS[type(frame.family)](frame, labels, offset, runs, int(keys.shape[0]))
+        around = None if reader is None else reader.counts(read, runs, int(keys.shape[0]))
         block = LabelRuns(parts, runs, local, rank, count, int(labels.size), offset, around)
         for family in families:
             _update(family)(parts, None, block, family)
@@ -938,11 +942,20 @@ def _as_label_value(value: int | None, dtype: np.dtype) -> tuple[bool, np.generi
     return True, dtype.type(value)
 
 
-#: Kernel code that reads a label block's frame (:class:`~xr_rasteragg.frames.Frame`), by the
-#: type of the family it serves: per local id of the block's runs, what the family counts.
-NEIGHBOURHOODS: dict[
-    type[Family], Callable[[Frame, NDArray[np.integer], tuple[int, int, int], Runs, int], NDArray[Any]]
-] = {}
+class Neighbourhood(NamedTuple):
+    """Kernel code of a family that reads a label block's frame
+    (:class:`~xr_rasteragg.frames.Frame`), in two steps around the block's encoding: ``read``
+    takes the frame, the block and its offset, and returns what ``counts`` needs and the bounds
+    on the block's runs and labels that the encoding needs (as :func:`_count_runs` counts them,
+    so that the block is not read for them again); ``counts`` then takes that, the block's runs
+    and its number of labels, and returns per local id what the family counts."""
+
+    read: Callable[[Frame, NDArray[np.integer], tuple[int, int, int]], tuple[Any, int, int]]
+    counts: Callable[[Any, Runs, int], NDArray[Any]]
+
+
+#: The kernel code that reads a label block's frame, by the type of the family it serves.
+NEIGHBOURHOODS: dict[type[Family], Neighbourhood] = {}
 
 
 def _register_shape_updates() -> None:
@@ -950,7 +963,7 @@ def _register_shape_updates() -> None:
     from .numba_shape import SHAPE_NEIGHBOURHOODS, SHAPE_UPDATES
 
     FAMILY_UPDATES.update(SHAPE_UPDATES)
-    NEIGHBOURHOODS.update(SHAPE_NEIGHBOURHOODS)
+    NEIGHBOURHOODS.update({family: Neighbourhood(*code) for family, code in SHAPE_NEIGHBOURHOODS.items()})
 
 
 _register_shape_updates()
