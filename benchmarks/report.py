@@ -112,8 +112,9 @@ def shape_table(section: dict[str, Any]) -> str:
     """The shape features: ours with the nine statistics against the nine alone (DESIGN's target:
     at most 1.3×), the same on NumPy-backed arrays, the labels alone, and regionprops_table with
     the same properties; ratios to ours on dask-backed arrays, and for ours with the nine and the
-    shape features, to the nine alone timed in the same rounds (after each run, in one process:
-    the ratio that a burst of load on a shared machine moves least)."""
+    shape features, to the nine alone timed in the same rounds (after each run, each behind
+    reads of the read limit as the run is, in one process: the ratio that a burst of load on a
+    shared machine moves least)."""
     found = _by_method(section)
     nine, both = found.get(("accessor", "all")), found.get(("accessor", "shape"))
     rows = []
