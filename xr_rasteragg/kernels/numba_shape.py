@@ -12,8 +12,8 @@ Each update fills one family's fields into a block's partials from the runs of i
   (:class:`~xr_rasteragg.frames.Frame`), in the label stage: the classes as bit masks of each
   row before the block is encoded (:func:`border_rows`, which also counts the runs the
   encoding needs, so that the stage reads the block twice rather than three times: on the
-  reference dataset's 2048 x 2048 blocks the shape call's label task took 17.4 against 19.6 ms,
-  medians alone), then the pixels of each run's classes (:func:`border_counts`);
+  reference dataset's 2048 x 2048 blocks the shape call's label task took 17.4-17.7 against
+  19.5-19.7 ms, medians alone), then the pixels of each run's classes (:func:`border_counts`);
 - :class:`~xr_rasteragg.families.Hull`: per label and z plane, the convex hull of its row
   extremes, sorted, in a ragged array (:class:`~xr_rasteragg.ragged.Ragged`), and in a block
   of one plane the pixels of each label's convex hull image;
@@ -561,7 +561,7 @@ def _hull(parts: Partials, image: Any, runs: LabelRuns, family: Family) -> None:
 
 #: Bytes of a scratch table that a thread keeps for its next block, at most (:func:`_scratch`):
 #: the hull's two tables of a block of 2048 x 2048 pixels (:data:`~xr_rasteragg.engine.BLOCK_PIXELS`)
-#: of cells 30 pixels across take 1.2 and 7.3 MiB.
+#: of cells 30 pixels across take 1.2 and 7.3 MiB, the perimeter's class masks 1.7 MiB.
 SCRATCH_BYTES = 8 * 2**20
 _SCRATCH = threading.local()
 
