@@ -30,7 +30,7 @@ from numpy.typing import NDArray
 
 from .accessor import RasterAggAccessor  # noqa: F401  (registers DataArray.rasteragg)
 from .alignment import locate, scale0, to_coordinate_system
-from .engine import distributed_client
+from .engine import distributed_client, stat_groups
 from .engine import progress as progress_bars
 from .stats import SHAPE_FEATURES, STATISTICS
 from .validation import InputDataError
@@ -405,8 +405,8 @@ def _table(resolved: Plan, result: xr.Dataset, *, progress: bool) -> AnnData:
     channels = [str(c) for c in resolved.image["c"].values]
     # The features of the labels alone in one computation, so that each piece of labels is
     # finalized once for them; those per channel (the intensity-weighted centroid) are finalized
-    # with X and layers, as they read the same partials, and stay lazy with them.
-    per_channel = [name for name in resolved.shape if "c" in STATISTICS[name].dims]
+    # with X and layers, in the engine's group of theirs (stat_groups), and stay lazy with them.
+    per_channel = stat_groups(resolved.shape).get("channels", ((), ()))[0]
     alone = [name for name in resolved.shape if name not in per_channel]
     area, centroids, *shape = _compute(
         result["count"].data,
